@@ -1,0 +1,156 @@
+"""The Teacher interface: a VP schedule plus a denoiser with a declared parameterization.
+
+A solver only ever calls `teacher.eps(x, t)`, `teacher.x0(x, t)` or `teacher.v(x, t)`.
+x: [B, ...] (any dtype); t: scalar or [B] schedule time. Outputs have x's shape and dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from dsno.schedules import VPSchedule
+
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def batch_times(t: Any, x: torch.Tensor) -> torch.Tensor:
+    """t (scalar or [B]) as a float64 tensor of shape [B]."""
+    t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must be a scalar or have shape [{x.shape[0]}], got {tuple(t.shape)}")
+    return t
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def convert(pred: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+            src: str, dst: str) -> torch.Tensor:
+    """Convert a prediction between eps / x0 / v, given x = alpha x0 + sigma eps.
+
+    alpha, sigma: [B] (float64 is fine); v = alpha eps - sigma x0.
+    """
+    if src == dst:
+        return pred
+    a, s = _bcast(alpha, x), _bcast(sigma, x)
+    if src == "eps":
+        eps = pred
+        x0 = (x - s * eps) / a
+    elif src == "x0":
+        x0 = pred
+        eps = (x - a * x0) / s
+    elif src == "v":
+        eps = s * x + a * pred
+        x0 = a * x - s * pred
+    else:
+        raise ValueError(f"unknown prediction {src!r}; use one of {PREDICTIONS}")
+    if dst == "eps":
+        return eps
+    if dst == "x0":
+        return x0
+    if dst == "v":
+        return a * eps - s * x0
+    raise ValueError(f"unknown prediction {dst!r}; use one of {PREDICTIONS}")
+
+
+class Teacher(torch.nn.Module):
+    """Base class. Subclasses set `schedule`, `prediction` and implement `forward(x, t)`.
+
+    `forward` returns the raw prediction of kind `self.prediction`; t is a float64 [B] tensor.
+    """
+
+    schedule: VPSchedule
+    prediction: str
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor, t: Any, kind: str) -> torch.Tensor:
+        tb = batch_times(t, x)
+        raw = self(x, tb)
+        if raw.shape != x.shape:
+            raise ValueError(f"teacher returned shape {tuple(raw.shape)} for input {tuple(x.shape)}")
+        raw = raw.to(x.dtype)
+        if kind == self.prediction:
+            return raw
+        return convert(raw, x, self.schedule.alpha(tb), self.schedule.sigma(tb), self.prediction, kind)
+
+    def eps(self, x: torch.Tensor, t: Any) -> torch.Tensor:
+        return self.predict(x, t, "eps")
+
+    def x0(self, x: torch.Tensor, t: Any) -> torch.Tensor:
+        return self.predict(x, t, "x0")
+
+    def v(self, x: torch.Tensor, t: Any) -> torch.Tensor:
+        return self.predict(x, t, "v")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this teacher in a data set's manifest (JSON-serialisable)."""
+        return {"class": type(self).__name__, "prediction": self.prediction,
+                "schedule": _schedule_summary(self.schedule)}
+
+
+def _schedule_summary(s: VPSchedule) -> dict[str, Any]:
+    d = s.to_dict()
+    if s.kind == "discrete":
+        import hashlib
+        import json
+        betas = d.pop("betas")
+        d["num_steps"] = len(betas)
+        d["betas_sha256"] = hashlib.sha256(json.dumps(betas).encode()).hexdigest()[:16]
+    return d
+
+
+class WrappedTeacher(Teacher):
+    """Any callable fn(x, t_model) -> prediction, with its schedule and parameterization.
+
+    time_input: "continuous" passes schedule time t in [0, 1]; "discrete" passes the
+    DDPM step index t * N - 1 (float) of a discrete schedule with N steps; or a callable
+    mapping the float64 [B] time to whatever the model takes.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: VPSchedule,
+                 prediction: str = "eps", time_input: str | Callable[[torch.Tensor], torch.Tensor] = "continuous",
+                 name: str | None = None):
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if time_input == "discrete" and schedule.kind != "discrete":
+            raise ValueError("time_input='discrete' needs a discrete schedule (VPSchedule.discrete(betas))")
+        if not (callable(time_input) or time_input in ("continuous", "discrete")):
+            raise ValueError(f"time_input must be 'continuous', 'discrete' or a callable, got {time_input!r}")
+        self.fn = fn
+        if isinstance(fn, torch.nn.Module):
+            self.add_module("model", fn)
+        self.schedule = schedule
+        self.prediction = prediction
+        self.time_input = time_input
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        if callable(self.time_input):
+            return self.time_input(t)
+        if self.time_input == "discrete":
+            return t * self.schedule.num_steps - 1.0
+        return t
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tm = self.model_time(t)
+        return self.fn(x, tm.to(x.dtype if x.is_floating_point() else torch.float32))
+
+    def fingerprint(self) -> dict[str, Any]:
+        fp = super().fingerprint()
+        fp["name"] = self.name
+        return fp
+
+
+def wrap(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: VPSchedule,
+         prediction: str = "eps", time_input: str | Callable = "continuous", name: str | None = None
+         ) -> WrappedTeacher:
+    """Turn any callable fn(x, t) predicting eps, x0 or v into a Teacher."""
+    return WrappedTeacher(fn, schedule, prediction, time_input, name)

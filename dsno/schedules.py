@@ -59,7 +59,6 @@ class VPSchedule:
             self.num_steps = n
             self._t_grid = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)[1:]
             self._log_alpha_grid = torch.from_numpy(0.5 * np.cumsum(np.log1p(-betas)))
-            self._lam_grid = _log_alpha_to_lam(self._log_alpha_grid)
             self.T, self.t_min = 1.0, 1.0 / n
         else:
             raise ValueError(f"unknown schedule kind {kind!r}; use linear, cosine or discrete")
@@ -154,8 +153,8 @@ class VPSchedule:
         if self.kind == "cosine":
             s = self.params["s"]
             return 2.0 * (1 + s) / math.pi * torch.arccos(torch.exp(log_alpha + self._log_alpha_0)) - s
-        # lambda decreases in t: interpolate t against the increasing flipped lambda grid
-        return _interp(lam, torch.flip(self._lam_grid, [0]), torch.flip(self._t_grid, [0]))
+        # log alpha is piecewise linear in t and decreasing: invert it cell by cell, exactly
+        return _interp(log_alpha, torch.flip(self._log_alpha_grid, [0]), torch.flip(self._t_grid, [0]))
 
     def t_of_sigma_over_alpha(self, rho: Any) -> torch.Tensor:
         """Inverse of rho_t = sigma_t / alpha_t = exp(-lambda_t) (the EDM sigma)."""

@@ -1,0 +1,92 @@
+"""Build the objects a run config describes: the teacher and the DSNO student."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsno.config import RunConfig, TeacherConfig, build_schedule
+from dsno.teachers.base import Teacher
+
+
+def build_teacher(tc: TeacherConfig) -> Teacher:
+    """The teacher of a TeacherConfig (kind: mnist_gmm | gmm_file | unet | diffusers)."""
+    schedule = build_schedule(tc.schedule)
+    if tc.kind == "mnist_gmm":
+        from dsno.teachers.mnist_gmm import load_mnist_gmm
+        return load_mnist_gmm(tc.size, tc.components, schedule=schedule, path=tc.path)
+    if tc.kind == "gmm_file":
+        from safetensors.torch import load_file
+        from dsno.teachers.gmm import GaussianMixture
+        p = Path(tc.path)
+        t = load_file(str(p))
+        missing = {"means", "variances", "weights"} - set(t)
+        if missing:
+            raise ValueError(f"mixture file {p} lacks tensors {sorted(missing)}; it needs means [K,...], "
+                             "variances [K,...] and weights [K]")
+        return GaussianMixture(t["means"], t["variances"], t["weights"], schedule=schedule, name=p.stem)
+    if tc.kind == "unet":
+        from dsno.teachers.unet import load_unet_teacher
+        return load_unet_teacher(tc.path, schedule=schedule, size=tc.size)
+    if tc.kind == "diffusers":
+        from dsno.teachers.diffusers import load_diffusers_teacher
+        return load_diffusers_teacher(tc.path)
+    raise ValueError(f"unknown teacher.kind {tc.kind!r}")
+
+
+def sample_shape(teacher: Teacher, tc: TeacherConfig) -> tuple[int, ...]:
+    """[C, H, W] of one image of this teacher."""
+    shape = getattr(teacher, "shape", None) or getattr(teacher, "sample_shape", None)
+    if shape is None:
+        shape = (1, tc.size, tc.size)
+    return tuple(int(s) for s in shape)
+
+
+def skip_scales(schedule, times, sigma_data: float) -> list[float]:
+    """Gaussian-optimal linear part of the ODE map x_T -> x_t for data of std sigma_data:
+    s_t / s_T with s_t^2 = alpha_t^2 sigma_data^2 + sigma_t^2 (exact for a single Gaussian)."""
+    t = torch.tensor([schedule.T, *times], dtype=torch.float64)
+    s = torch.sqrt(schedule.alpha(t) ** 2 * sigma_data**2 + schedule.sigma(t) ** 2)
+    return (s[1:] / s[0]).tolist()
+
+
+def student_config(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The JSON build config of the DSNO student (see dsno.nn.build_dsno)."""
+    times = [float(t) for t in rc.data.times]
+    bb = rc.model.backbone
+    if bb.type == "teacher":
+        backbone = teacher_backbone_config(teacher)
+        time_input = getattr(teacher, "time_input_spec", "continuous")
+    else:
+        backbone = {"type": "unet", "kwargs": {
+            "in_channels": shape[0], "out_channels": shape[0], "image_size": shape[-1],
+            "base_channels": bb.base_channels, "channel_mult": list(bb.channel_mult),
+            "num_res_blocks": bb.num_res_blocks, "attn_resolutions": list(bb.attn_resolutions),
+            "dropout": bb.dropout}}
+        time_input = "continuous"
+    return {"format_version": 1, "backbone": backbone, "time_input": time_input, "times": times,
+            "modes": rc.model.modes, "skip": skip_scales(teacher.schedule, times, rc.model.sigma_data),
+            "image_shape": list(shape), "data_range": [-1.0, 1.0], "schedule": teacher.schedule.to_dict(),
+            "experiment": rc.experiment}
+
+
+def teacher_backbone_config(teacher: Teacher) -> dict[str, Any]:
+    cfg = getattr(teacher, "backbone_config", None)
+    if cfg is None:
+        raise ValueError(f"model.backbone.type=teacher needs a neural teacher; {type(teacher).__name__} has no "
+                         "network to copy. Use model.backbone.type=unet")
+    return cfg
+
+
+def build_student(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]):
+    """(DSNO module, its build config). With backbone.type=teacher the student starts from the
+    teacher's weights (every non-temporal layer copied)."""
+    from dsno.nn import build_dsno
+    config = student_config(rc, teacher, shape)
+    model = build_dsno(config)
+    if rc.model.backbone.type == "teacher":
+        from dsno.nn.dsno import load_backbone_weights
+        load_backbone_weights(model, teacher.network)
+    return model, config

@@ -1,0 +1,279 @@
+"""Typed run configuration: the schema Hydra configs are checked against, and range checks.
+
+`validate(cfg)` merges a composed Hydra config into the schema (unknown keys and wrong types
+fail there, naming the key) and then range-checks every value before any work starts.
+Each mistake is reported as one line: the key, the bad value, and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong. The message names the key, the value and what is allowed."""
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "linear"            # linear | cosine | ddpm_linear
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    s: float = 0.008
+    num_steps: int = 1000           # ddpm_linear only
+    beta_start: float = 1e-4        # ddpm_linear only
+    beta_end: float = 0.02          # ddpm_linear only
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "mnist_gmm"         # mnist_gmm | gmm_file | unet | diffusers
+    size: int = 16                  # image side, pixels (mnist_gmm, unet)
+    components: int = 64            # mixture components (mnist_gmm)
+    path: Optional[str] = None      # weights file or folder (gmm_file, unet, diffusers)
+    prediction: str = "eps"         # what a neural teacher predicts: eps | x0 | v
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+@dataclass
+class SolverConfig:
+    name: str = "dpm_solver_pp"
+    order: int = 3
+    steps: int = 60                 # grid steps of the teacher solve (output times are added to the grid)
+    spacing: str = "logsnr"
+    t_end: float = 1e-3
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    dir: str = "${run_dir}/trajectories"
+    num_trajectories: int = 4096
+    shard_size: int = 1024
+    batch_size: int = 512           # trajectories per teacher solve
+    times: list = field(default_factory=lambda: [0.5625, 0.25, 0.0625, 0.001])
+    repair: bool = False
+    verify: str = "quick"           # none | quick | full
+    val_fraction: float = 0.05
+    num_workers: int = 0
+
+
+@dataclass
+class BackboneConfig:
+    type: str = "unet"              # unet | teacher (copy the neural teacher's network)
+    base_channels: int = 32
+    channel_mult: list = field(default_factory=lambda: [1, 2])
+    num_res_blocks: int = 1
+    attn_resolutions: list = field(default_factory=lambda: [8])
+    dropout: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    modes: int = 2                  # Fourier modes kept over the M time points, <= M // 2 + 1
+    sigma_data: float = 0.5         # data std used for the skip connection
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    loss: str = "l2"                # l2 | l1
+    weight_min: float = 1.0
+    weight_max: float = 1e4
+    grad_clip: float = 1.0
+    resume: bool = True             # continue from checkpoints/last.ckpt when it exists
+    checkpoint_every: int = 100     # steps
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1500
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    log_every_n_steps: int = 20
+    val_check_interval: int = 250
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"             # wandb | csv
+    mode: str = "offline"           # wandb: offline | online | disabled
+    project: str = "dsno"
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 256
+    batch_size: int = 256
+    nfe: list = field(default_factory=lambda: [1, 2, 3, 5, 10, 20])
+    solvers: list = field(default_factory=lambda: [
+        {"name": "ddim", "order": 1}, {"name": "deis", "order": 3}, {"name": "dpm_solver_pp", "order": 3}])
+    spacing: str = "logsnr"
+    reference_steps: int = 1000
+    fidelity: bool = True
+    grid_samples: int = 64
+    seed: int = 1234
+
+
+@dataclass
+class ExportConfig:
+    forms: list = field(default_factory=lambda: ["safetensors", "pt2", "onnx"])
+
+
+@dataclass
+class RunConfig:
+    experiment: str = "mnist_gmm"
+    run_dir: str = "runs/${experiment}"
+    seed: int = 0
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config error: {key}={value!r}: {allowed}")
+
+
+def _choice(key: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        _fail(key, value, f"must be one of {', '.join(map(str, options))}")
+
+
+def _positive_int(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(key, value, "must be a positive integer")
+
+
+def _in_range(key: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        _fail(key, value, f"must lie in {lb}{lo:g}, {hi:g}{rb}")
+
+
+def validate(cfg: DictConfig | dict) -> RunConfig:
+    """Type-check `cfg` against RunConfig and range-check it. Raises ConfigError (one line)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        rc: RunConfig = OmegaConf.to_object(merged)  # resolves interpolations
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"config error: {key}: {msg}") from None
+    _check(rc)
+    return rc
+
+
+def _check(c: RunConfig) -> None:
+    from dsno.solvers import SPACINGS, available
+
+    _choice("teacher.kind", c.teacher.kind, ("mnist_gmm", "gmm_file", "unet", "diffusers"))
+    _choice("teacher.prediction", c.teacher.prediction, ("eps", "x0", "v"))
+    _choice("teacher.schedule.kind", c.teacher.schedule.kind, ("linear", "cosine", "ddpm_linear"))
+    _in_range("teacher.size", c.teacher.size, 4, 64)
+    _positive_int("teacher.components", c.teacher.components)
+    if c.teacher.kind in ("gmm_file", "unet", "diffusers") and c.teacher.path and not os.path.exists(c.teacher.path):
+        _fail("teacher.path", c.teacher.path, "does not exist; give the teacher's weights file or folder")
+    if c.teacher.kind in ("gmm_file", "diffusers") and not c.teacher.path:
+        _fail("teacher.path", c.teacher.path, f"teacher.kind={c.teacher.kind} needs teacher.path=FILE_OR_DIR")
+    sc = c.teacher.schedule
+    if sc.kind == "linear" and not 0 < sc.beta_min < sc.beta_max:
+        _fail("teacher.schedule.beta_max", sc.beta_max, f"needs 0 < beta_min ({sc.beta_min}) < beta_max")
+
+    _choice("solver.name", c.solver.name, tuple(available()))
+    _positive_int("solver.steps", c.solver.steps)
+    _choice("solver.spacing", c.solver.spacing, tuple(SPACINGS))
+    _in_range("solver.t_end", c.solver.t_end, 0.0, 1.0, lo_open=True, hi_open=True)
+
+    _positive_int("data.num_trajectories", c.data.num_trajectories)
+    _positive_int("data.shard_size", c.data.shard_size)
+    _positive_int("data.batch_size", c.data.batch_size)
+    _choice("data.verify", c.data.verify, ("none", "quick", "full"))
+    _in_range("data.val_fraction", c.data.val_fraction, 0.0, 0.5, hi_open=True)
+    if c.data.num_workers < 0:
+        _fail("data.num_workers", c.data.num_workers, "must be >= 0")
+    times = list(c.data.times)
+    if len(times) < 2:
+        _fail("data.times", times, "needs at least 2 output times (M >= 2)")
+    if any(not isinstance(t, (int, float)) for t in times) or any(a <= b for a, b in zip(times, times[1:])):
+        _fail("data.times", times, "must be numbers in strictly decreasing order (t_1 > ... > t_M)")
+    sched = build_schedule(sc)
+    if times[0] > sched.T or times[-1] < sched.t_min:
+        _fail("data.times", times, f"must lie inside the schedule's time range [{sched.t_min:g}, {sched.T:g}]")
+    if abs(times[-1] - c.solver.t_end) > 1e-12:
+        _fail("data.times", times, f"the last output time must equal solver.t_end ({c.solver.t_end:g})")
+
+    m = len(times)
+    _positive_int("model.modes", c.model.modes)
+    if c.model.modes > m // 2 + 1:
+        _fail("model.modes", c.model.modes, f"must be <= M // 2 + 1 = {m // 2 + 1} for M = {m} output times")
+    _choice("model.backbone.type", c.model.backbone.type, ("unet", "teacher"))
+    _positive_int("model.backbone.base_channels", c.model.backbone.base_channels)
+    _positive_int("model.backbone.num_res_blocks", c.model.backbone.num_res_blocks)
+    if not c.model.backbone.channel_mult or any(not isinstance(v, int) or v < 1 for v in c.model.backbone.channel_mult):
+        _fail("model.backbone.channel_mult", c.model.backbone.channel_mult, "must be a non-empty list of positive integers")
+    _in_range("model.backbone.dropout", c.model.backbone.dropout, 0.0, 1.0, hi_open=True)
+    _in_range("model.sigma_data", c.model.sigma_data, 0.0, 1e3, lo_open=True)
+
+    _positive_int("train.batch_size", c.train.batch_size)
+    _in_range("train.lr", c.train.lr, 0.0, 1.0, lo_open=True)
+    if c.train.warmup_steps < 0:
+        _fail("train.warmup_steps", c.train.warmup_steps, "must be >= 0")
+    _in_range("train.ema_decay", c.train.ema_decay, 0.0, 1.0, hi_open=True)
+    _choice("train.loss", c.train.loss, ("l2", "l1"))
+    _in_range("train.weight_min", c.train.weight_min, 0.0, c.train.weight_max, lo_open=True)
+    _positive_int("train.checkpoint_every", c.train.checkpoint_every)
+    if c.train.grad_clip < 0:
+        _fail("train.grad_clip", c.train.grad_clip, "must be >= 0 (0 turns clipping off)")
+
+    _positive_int("trainer.max_steps", c.trainer.max_steps)
+    _positive_int("trainer.num_nodes", c.trainer.num_nodes)
+    _positive_int("trainer.log_every_n_steps", c.trainer.log_every_n_steps)
+    _positive_int("trainer.val_check_interval", c.trainer.val_check_interval)
+    _choice("trainer.precision", c.trainer.precision, ("32-true", "32", "bf16-mixed", "16-mixed", "64-true"))
+
+    _choice("logger.kind", c.logger.kind, ("wandb", "csv"))
+    _choice("logger.mode", c.logger.mode, ("offline", "online", "disabled"))
+
+    _positive_int("eval.num_samples", c.eval.num_samples)
+    _positive_int("eval.batch_size", c.eval.batch_size)
+    if not c.eval.nfe or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in c.eval.nfe):
+        _fail("eval.nfe", c.eval.nfe, "must be a non-empty list of positive integers")
+    for i, s in enumerate(c.eval.solvers):
+        if not isinstance(s, dict) or "name" not in s:
+            _fail(f"eval.solvers[{i}]", s, "must be a mapping with at least a 'name'")
+        _choice(f"eval.solvers[{i}].name", s["name"], tuple(available()))
+    _choice("eval.spacing", c.eval.spacing, tuple(SPACINGS))
+    _positive_int("eval.reference_steps", c.eval.reference_steps)
+    for f in c.export.forms:
+        _choice("export.forms", f, ("safetensors", "pt2", "onnx"))
+
+
+def build_schedule(sc: ScheduleConfig):
+    """The VPSchedule a ScheduleConfig describes."""
+    from dsno.schedules import VPSchedule
+    if sc.kind == "linear":
+        return VPSchedule.linear(sc.beta_min, sc.beta_max)
+    if sc.kind == "cosine":
+        return VPSchedule.cosine(sc.s)
+    if sc.kind == "ddpm_linear":
+        return VPSchedule.ddpm_linear(sc.num_steps, sc.beta_start, sc.beta_end)
+    raise ConfigError(f"config error: teacher.schedule.kind={sc.kind!r}: must be one of linear, cosine, ddpm_linear")

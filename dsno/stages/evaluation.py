@@ -1,0 +1,167 @@
+"""The evaluation stage: DSNO next to every solver on the same noise, scored against a
+float64 reference solution of the teacher's ODE and with torch-fidelity; a report out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dsno.builders import build_teacher, sample_shape
+from dsno.config import RunConfig
+from dsno.stages import trajectories
+from dsno.teachers.base import Teacher
+
+log = logging.getLogger("dsno")
+
+
+def timed(fn: Callable[[], torch.Tensor], repeats: int = 1) -> tuple[torch.Tensor, float]:
+    """(fn(), best wall-clock seconds over `repeats` calls after one warm-up call)."""
+    out = fn()
+    best = math.inf
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Root mean squared error over samples and pixels (float64)."""
+    return float((x.double() - ref.double()).square().mean().sqrt())
+
+
+def solver_runs(rc: RunConfig, teacher: Teacher) -> list[dict[str, Any]]:
+    """(method label, solver, order, options, steps, nfe) for every eval solver and NFE it can meet."""
+    from dsno.solvers import nfe as nfe_of, steps_for_nfe
+    runs = []
+    for spec in rc.eval.solvers:
+        spec = dict(spec)
+        name, order = spec.pop("name"), spec.pop("order", None)
+        label = name if order is None else f"{name}-{order}"
+        kwargs = {} if order is None else {"order": order}
+        for budget in rc.eval.nfe:
+            try:
+                steps = steps_for_nfe(name, budget, **kwargs, **spec)
+            except ValueError as e:
+                runs.append({"method": label, "nfe": budget, "skipped": str(e)})
+                continue
+            runs.append({"method": label, "solver": name, "kwargs": {**kwargs, **spec}, "steps": steps,
+                         "nfe": nfe_of(name, steps, **kwargs, **spec)})
+    return runs
+
+
+def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate the run's exported sampler and the solvers; write metrics.json, report.md, PNGs."""
+    from dsno.sampler import load_sampler
+    from dsno.solvers import sample, timesteps
+
+    run_dir = Path(rc.run_dir)
+    out = run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    sampler_path = Path(sampler_path) if sampler_path else run_dir / "sampler"
+    sampler = load_sampler(sampler_path)
+    teacher = build_teacher(rc.teacher)
+    shape = sample_shape(teacher, rc.teacher)
+    if list(sampler.config.get("image_shape", shape)) != list(shape):
+        raise ValueError(f"sampler at {sampler_path} makes images of shape {sampler.config['image_shape']}, "
+                         f"the teacher of experiment {rc.experiment} {list(shape)}")
+    if abs(sampler.times[-1] - rc.solver.t_end) > 1e-12:
+        raise ValueError(f"sampler's last time {sampler.times[-1]} differs from solver.t_end {rc.solver.t_end}")
+    n, dtype = rc.eval.num_samples, trajectories.working_dtype(teacher)
+    x_T = torch.randn(n, *shape, generator=torch.Generator().manual_seed(rc.eval.seed))
+    t_end = rc.solver.t_end
+
+    log.info("eval: float64 reference (%d steps of 3rd-order DPM-Solver++) on %d samples", rc.eval.reference_steps, n)
+    ref_grid = timesteps(teacher.schedule, steps=rc.eval.reference_steps, spacing="logsnr", t_end=t_end)
+    with torch.no_grad():
+        ref = sample(teacher.double(), x_T.double(), ref_grid, solver="dpm_solver_pp", order=3).float()
+    teacher.to(dtype)
+
+    finals: dict[str, torch.Tensor] = {"reference": ref}
+    rows: list[dict[str, Any]] = []
+
+    def add_row(method: str, nfe: int, x: torch.Tensor, seconds: float, **extra: Any) -> None:
+        rows.append({"method": method, "nfe": nfe, "rmse_vs_reference": rmse(x, ref),
+                     "sec_per_sample": seconds / n, **extra})
+        finals[f"{method}@{nfe}"] = x
+
+    with torch.no_grad():
+        traj, sec = timed(lambda: sampler(x_T))
+        add_row("dsno", 1, traj[:, -1], sec, note=f"one pass, backbone on M={len(sampler.times)} time points")
+
+        times = [float(t) for t in rc.data.times]
+        grid = trajectories.solver_grid(teacher, rc.solver, times)
+        from dsno.solvers import nfe as nfe_of
+        teacher_nfe = nfe_of(rc.solver.name, len(grid) - 1, order=rc.solver.order, **rc.solver.options)
+        xt, sec = timed(lambda: sample(teacher, x_T.to(dtype), grid, solver=rc.solver.name,
+                                       order=rc.solver.order, **rc.solver.options).float())
+        add_row(f"teacher ({rc.solver.name}-{rc.solver.order})", teacher_nfe, xt, sec,
+                note="the solver that made DSNO's training trajectories")
+
+        for r in solver_runs(rc, teacher):
+            if "skipped" in r:
+                rows.append({"method": r["method"], "nfe": r["nfe"], "skipped": r["skipped"]})
+                continue
+            g = timesteps(teacher.schedule, steps=r["steps"], spacing=rc.eval.spacing, t_end=t_end)
+            x, sec = timed(lambda: sample(teacher, x_T.to(dtype), g, solver=r["solver"], **r["kwargs"]).float())
+            add_row(r["method"], r["nfe"], x, sec)
+
+    if rc.eval.fidelity:
+        _add_fidelity(rows, finals, shape, run_dir)
+    result = {"experiment": rc.experiment, "num_samples": n, "reference": {
+        "solver": "dpm_solver_pp-3", "steps": rc.eval.reference_steps, "dtype": "float64"},
+        "device": _device_name(), "rows": rows}
+    from dsno.stages.report import write_report
+    write_report(result, finals, out, rc.eval.grid_samples)
+    if logger is not None:
+        _log_to_logger(logger, result, out)
+    return result
+
+
+def _add_fidelity(rows: list[dict[str, Any]], finals: dict[str, torch.Tensor], shape, run_dir: Path) -> None:
+    from dsno.metrics.fidelity import compute_fidelity, reference_digits
+    if shape[0] == 1:
+        reference, extractor = reference_digits(shape[-1]), "digits"
+    else:
+        raise NotImplementedError("FID for RGB teachers needs the CIFAR reference images; set eval.fidelity=false")
+    cache = run_dir.parent / ".fidelity_cache"
+    for row in rows:
+        if "skipped" in row:
+            continue
+        m = compute_fidelity(finals[f"{row['method']}@{row['nfe']}"], reference, extractor=extractor,
+                             cache_dir=str(cache), cache_name=f"mnist{shape[-1]}-{extractor}")
+        row.update({k: m[k] for k in ("fid", "kid", "is_mean") if k in m})
+
+
+def _device_name() -> str:
+    import platform
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
+def _log_to_logger(logger, result: dict[str, Any], out: Path) -> None:
+    try:
+        import wandb
+        from lightning.pytorch.loggers import WandbLogger
+    except ImportError:
+        return
+    if not isinstance(logger, WandbLogger):
+        return
+    cols = ["method", "nfe", "rmse_vs_reference", "sec_per_sample", "fid", "kid", "is_mean"]
+    table = [[r.get(c) for c in cols] for r in result["rows"] if "skipped" not in r]
+    logger.log_table("eval/metrics", columns=cols, data=table)
+    images = sorted(out.glob("*.png"))
+    if images:
+        logger.experiment.log({f"eval/{p.stem}": wandb.Image(str(p)) for p in images})

@@ -1,0 +1,124 @@
+"""Write an evaluation result: metrics.json, report.md, sample grids and plots (pure I/O)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def equal_nfe_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one line per (method, NFE): RMSE vs reference, FID, KID, IS, seconds per sample."""
+    lines = ["| method | NFE | RMSE vs reference | FID | KID | IS | ms / sample |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['method']} | {r['nfe']} | skipped: {r['skipped']} | | | | |")
+            continue
+        lines.append(f"| {r['method']} | {r['nfe']} | {r['rmse_vs_reference']:.4f} | {_fmt(r.get('fid'), '.2f')} | "
+                     f"{_fmt(r.get('kid'), '.4f')} | {_fmt(r.get('is_mean'), '.2f')} | {1e3 * r['sec_per_sample']:.3f} |")
+    return "\n".join(lines)
+
+
+def equal_time_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: every run sorted by measured wall-clock per sample, with DSNO's place among them."""
+    done = sorted((r for r in rows if "skipped" not in r), key=lambda r: r["sec_per_sample"])
+    lines = ["| ms / sample | method | NFE | RMSE vs reference | FID |", "|---:|---|---:|---:|---:|"]
+    for r in done:
+        name = f"**{r['method']}**" if r["method"] == "dsno" else r["method"]
+        lines.append(f"| {1e3 * r['sec_per_sample']:.3f} | {name} | {r['nfe']} | {r['rmse_vs_reference']:.4f} | "
+                     f"{_fmt(r.get('fid'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def at_dsno_cost(rows: list[dict[str, Any]]) -> str:
+    """One sentence: the best solver run no slower than DSNO, against DSNO."""
+    done = [r for r in rows if "skipped" not in r]
+    dsno = next((r for r in done if r["method"] == "dsno"), None)
+    if dsno is None:
+        return ""
+    peers = [r for r in done if r["method"] != "dsno" and not r["method"].startswith("teacher")
+             and r["sec_per_sample"] <= dsno["sec_per_sample"]]
+    if not peers:
+        return (f"No solver run was as fast as DSNO ({1e3 * dsno['sec_per_sample']:.3f} ms/sample); "
+                "DSNO is the only method at its cost.")
+    best = min(peers, key=lambda r: r["rmse_vs_reference"])
+    return (f"At DSNO's measured cost ({1e3 * dsno['sec_per_sample']:.3f} ms/sample), the most accurate solver run "
+            f"no slower is {best['method']} at {best['nfe']} NFE ({1e3 * best['sec_per_sample']:.3f} ms/sample): "
+            f"RMSE {best['rmse_vs_reference']:.4f} against DSNO's {dsno['rmse_vs_reference']:.4f}.")
+
+
+def grid_file(key: str) -> str:
+    """'deis-3@5' -> 'grid_deis-3_nfe5.png' (no spaces or brackets)."""
+    name = key.replace("@", "_nfe").replace(" ", "_").replace("(", "").replace(")", "")
+    return f"grid_{name}.png"
+
+
+def save_grid(x: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    """x: [N, C, H, W] in [-1, 1] -> PNG grid."""
+    import torchvision
+    torchvision.utils.save_image(((x.float().clamp(-1, 1) + 1) / 2), str(path), nrow=nrow, padding=1)
+
+
+def save_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    done = [r for r in rows if "skipped" not in r]
+    methods = sorted({r["method"] for r in done})
+    paths = []
+    metrics = [("rmse_vs_reference", "RMSE vs float64 reference")] + \
+        ([("fid", "FID (digit features)")] if any(r.get("fid") is not None for r in done) else [])
+    for key, label in metrics:
+        for xkey, xlabel, name in (("nfe", "NFE (model evaluations)", "nfe"),
+                                   ("sec_per_sample", "measured seconds per sample", "wallclock")):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for m in methods:
+                pts = sorted((r[xkey], r[key]) for r in done if r["method"] == m and r.get(key) is not None)
+                if pts:
+                    xs, ys = zip(*pts)
+                    style = dict(marker="*", markersize=14, linestyle="none") if m == "dsno" else dict(marker="o")
+                    ax.plot(xs, ys, label=m, **style)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            p = out / f"plot_{key.split('_')[0]}_vs_{name}.png"
+            fig.savefig(p, dpi=110)
+            plt.close(fig)
+            paths.append(p)
+    return paths
+
+
+def write_report(result: dict[str, Any], finals: dict[str, torch.Tensor], out: Path, grid_samples: int = 64) -> None:
+    """metrics.json, report.md, grid_<method>_nfe<k>.png for every run, and the plots, into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    for key, x in finals.items():
+        save_grid(x[:grid_samples], out / grid_file(key))
+    plots = save_plots(result["rows"], out)
+    _atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+    md = [f"# Evaluation: {result['experiment']}", "",
+          f"{result['num_samples']} samples from the same noise for every method; reference: "
+          f"{result['reference']['solver']} with {result['reference']['steps']} steps in float64. "
+          f"Device: {result['device']}.", "",
+          "## Quality at equal NFE", "", equal_nfe_table(result["rows"]), "",
+          "## Quality at equal wall-clock", "", at_dsno_cost(result["rows"]), "", equal_time_table(result["rows"]), "",
+          "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + \
+         ["", "## Samples (same noise)", ""] + \
+         [f"- {k}: ![{k}]({grid_file(k)})" for k in finals]
+    _atomic_write_text(out / "report.md", "\n".join(md) + "\n")

@@ -1,0 +1,111 @@
+"""The training stage: trajectories in (made first if missing), a DSNO checkpoint and sampler out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from dsno.builders import build_student, build_teacher, sample_shape
+from dsno.config import RunConfig
+from dsno.stages import trajectories
+from dsno.training.data import StepTrajectoryData
+from dsno.training.losses import TrajectoryLoss, time_weights
+from dsno.training.module import DSNOModule
+
+log = logging.getLogger("dsno")
+
+
+def _dataset_complete(data_dir: Path) -> bool:
+    m = data_dir / "manifest.json"
+    if not m.is_file():
+        return False
+    try:
+        return bool(json.loads(m.read_text()).get("complete"))
+    except ValueError:
+        return False
+
+
+def make_logger(rc: RunConfig, run_dir: Path, config: dict[str, Any]):
+    if rc.logger.kind == "csv":
+        return L.pytorch.loggers.CSVLogger(str(run_dir), name="logs")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    from lightning.pytorch.loggers import WandbLogger
+    lg = WandbLogger(project=rc.logger.project, name=rc.experiment, save_dir=str(run_dir), mode=rc.logger.mode,
+                     config=config)
+    return lg
+
+
+def make_trainer(rc: RunConfig, run_dir: Path, logger, extra_callbacks=()) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+                           every_n_train_steps=rc.train.checkpoint_every)
+    t = rc.trainer
+    return L.Trainer(max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+                     strategy=t.strategy, precision=t.precision, logger=logger,
+                     callbacks=[ckpt, *extra_callbacks], log_every_n_steps=t.log_every_n_steps,
+                     val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
+                     gradient_clip_val=rc.train.grad_clip or None, use_distributed_sampler=False,
+                     enable_model_summary=False, default_root_dir=str(run_dir), num_sanity_val_steps=0)
+
+
+def save_student(module: DSNOModule, config: dict[str, Any], ckpt_dir: Path) -> Path:
+    """Write the EMA weights (safetensors) and build config (JSON) atomically; return the weights path."""
+    from safetensors.torch import save_file
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    w, c = ckpt_dir / "dsno_ema.safetensors", ckpt_dir / "dsno_config.json"
+    save_file(module.ema_state_dict(), str(w) + ".tmp")
+    c.with_suffix(".json.tmp").write_text(json.dumps(config, indent=2))
+    os.replace(str(w) + ".tmp", w)
+    os.replace(c.with_suffix(".json.tmp"), c)
+    return w
+
+
+def run(rc: RunConfig, config_for_logging: dict[str, Any] | None = None, evaluate: bool = True) -> Path:
+    """Train DSNO for `rc`; then export the sampler and (optionally) evaluate. Returns the run dir."""
+    run_dir = Path(rc.run_dir)
+    L.seed_everything(rc.seed, workers=True, verbose=False)
+    teacher = build_teacher(rc.teacher)
+    shape = sample_shape(teacher, rc.teacher)
+    data_dir = Path(rc.data.dir)
+    if rc.data.repair or not _dataset_complete(data_dir):
+        if not rc.data.repair:
+            log.warning("trajectories missing or incomplete at %s: generating them first "
+                        "(python -m data_gen experiment=%s)", data_dir, rc.experiment)
+        trajectories.generate(rc, teacher, shape)
+    expected = trajectories.expected_fingerprint(rc, teacher, shape)
+
+    model, config = build_student(rc, teacher, shape)
+    weights = time_weights(teacher.schedule, rc.data.times, rc.train.weight_min, rc.train.weight_max)
+    module = DSNOModule(model, TrajectoryLoss(weights, rc.train.loss), rc.train.lr, rc.train.warmup_steps,
+                        rc.train.ema_decay)
+    data = StepTrajectoryData(rc.data.dir, rc.train.batch_size, rc.seed, rc.data.val_fraction,
+                              rc.data.num_workers, rc.data.verify, expected)
+    trainer = make_trainer(rc, run_dir, make_logger(rc, run_dir, config_for_logging or {}))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if rc.train.resume and last.is_file() else None
+    if ckpt_path:
+        log.warning("resuming from %s", last)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    except RuntimeError as e:
+        if ckpt_path and "state_dict" in str(e):
+            raise RuntimeError(f"{last} was written by a run with another model config; use another "
+                               f"run_dir or train.resume=false to start over\n{e}") from e
+        raise
+    if trainer.global_rank != 0:
+        return run_dir
+    save_student(module, config, run_dir / "checkpoints")
+    from dsno.export import export_sampler
+    module.ema.shadow.cpu()
+    export_sampler(module.ema.shadow, config, run_dir / "sampler", forms=tuple(rc.export.forms))
+    if evaluate:
+        from dsno.stages import evaluation
+        evaluation.run(rc, logger=trainer.logger)
+    return run_dir
+

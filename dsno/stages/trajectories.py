@@ -1,0 +1,82 @@
+"""The teacher stage: solve the teacher's ODE from noise and store the states at the output times."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dsno.config import RunConfig, SolverConfig
+from dsno.teachers.base import Teacher
+
+
+def solver_grid(teacher: Teacher, sc: SolverConfig, times: list[float]) -> torch.Tensor:
+    """The solver's grid (sc.steps steps, sc.spacing, from schedule.T to sc.t_end) with the
+    output times inserted: float64 [N+1], strictly decreasing."""
+    from dsno.solvers import timesteps
+    grid = timesteps(teacher.schedule, steps=sc.steps, spacing=sc.spacing, t_end=sc.t_end)
+    merged = torch.cat([grid, torch.tensor(times, dtype=torch.float64)]).unique()   # ascending
+    keep = torch.cat([torch.tensor([True]), merged[1:] - merged[:-1] > 1e-9 * merged[1:].abs().clamp_min(1e-3)])
+    return torch.flip(merged[keep], [0])
+
+
+def output_indices(grid: torch.Tensor, times: list[float]) -> list[int]:
+    idx = [int(torch.argmin((grid - t).abs())) for t in times]
+    for t, i in zip(times, idx):
+        if abs(float(grid[i]) - t) > 1e-9:
+            raise ValueError(f"output time {t} is not on the solver grid")
+    return idx
+
+
+def solver_spec(sc: SolverConfig) -> dict[str, Any]:
+    return {"name": sc.name, "order": sc.order, "steps": sc.steps, "spacing": sc.spacing,
+            "t_end": sc.t_end, "options": dict(sc.options)}
+
+
+def working_dtype(teacher: Teacher) -> torch.dtype:
+    """Exact teachers are solved in float64; neural ones in float32."""
+    from dsno.teachers.gmm import GaussianMixture
+    return torch.float64 if isinstance(teacher, GaussianMixture) else torch.float32
+
+
+def make_solve(teacher: Teacher, sc: SolverConfig, grid: torch.Tensor, times: list[float],
+               device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """solve(x_T: [b, C, H, W]) -> states [b, M, C, H, W] float32 at the output times."""
+    from dsno.solvers import sample
+    idx = output_indices(grid, times)
+    dtype = working_dtype(teacher)
+
+    @torch.no_grad()
+    def solve(x_T: torch.Tensor) -> torch.Tensor:
+        x = x_T.to(device=device, dtype=dtype)
+        traj = sample(teacher, x, grid, solver=sc.name, order=sc.order, return_trajectory=True, **sc.options)
+        return traj[idx].transpose(0, 1).to(torch.float32).cpu()
+
+    return solve
+
+
+def fingerprint(rc: RunConfig, teacher: Teacher, grid: torch.Tensor, shape: tuple[int, ...]) -> dict[str, Any]:
+    """What a trajectory data set must match to be used with this config."""
+    return {"teacher": teacher.fingerprint(), "solver": solver_spec(rc.solver),
+            "grid": [float(t) for t in grid], "times": [float(t) for t in rc.data.times],
+            "sample_shape": list(shape), "dtype": "float32"}
+
+
+def generate(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...], progress: bool = True):
+    """Write (or resume, or repair) the trajectory data set of `rc` into rc.data.dir."""
+    from dsno.data import generate_dataset
+    times = [float(t) for t in rc.data.times]
+    grid = solver_grid(teacher, rc.solver, times)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher.to(device)
+    return generate_dataset(
+        Path(rc.data.dir), solve=make_solve(teacher, rc.solver, grid, times, device),
+        fingerprint=fingerprint(rc, teacher, grid, shape), num_trajectories=rc.data.num_trajectories,
+        shard_size=rc.data.shard_size, sample_shape=shape, seed=rc.seed, batch_size=rc.data.batch_size,
+        repair=rc.data.repair, progress=progress)
+
+
+def expected_fingerprint(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> dict[str, Any]:
+    times = [float(t) for t in rc.data.times]
+    return fingerprint(rc, teacher, solver_grid(teacher, rc.solver, times), shape)

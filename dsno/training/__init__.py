@@ -1,0 +1,1 @@
+"""Training: the trajectory loss, EMA weights, a step-indexed sampler and the LightningModule."""

@@ -1,0 +1,65 @@
+"""The LightningModule that trains a DSNO operator on teacher trajectories."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from dsno.training.ema import EMA
+from dsno.training.losses import TrajectoryLoss
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf."""
+
+
+class DSNOModule(L.LightningModule):
+    """Regression of the M trajectory states from x_T, with EMA weights and linear warm-up.
+
+    Batches are (x_T: [B, C, H, W], states: [B, M, C, H, W]). Validation scores the EMA model.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss: TrajectoryLoss, lr: float = 2e-4,
+                 warmup_steps: int = 100, ema_decay: float = 0.999):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.ema = EMA(model, ema_decay)
+        self.lr, self.warmup_steps = lr, warmup_steps
+
+    def forward(self, x_T: torch.Tensor) -> torch.Tensor:
+        return self.model(x_T)
+
+    def training_step(self, batch, batch_idx):
+        x_T, states = batch
+        loss, per_time = self.loss(self.model(x_T), states)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step}; stopping. The last good "
+                "checkpoint (checkpoints/last.ckpt) is kept: lower train.lr, enable train.grad_clip, "
+                "or check the trajectories for NaNs (data.verify=full)")
+        self.log("train/loss", loss, prog_bar=True)
+        for m, v in enumerate(per_time):
+            self.log(f"train/err_t{m}", v)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.ema.update(self.model)
+
+    def validation_step(self, batch, batch_idx):
+        x_T, states = batch
+        pred = self.ema(x_T)
+        loss, per_time = self.loss(pred, states)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/rmse_final", per_time[-1].sqrt() if self.loss.kind == "l2" else per_time[-1], sync_dist=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        warm = max(1, self.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA weights with the keys of the bare DSNO model."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.ema.shadow.state_dict().items()}
+

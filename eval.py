@@ -1,0 +1,17 @@
+"""Evaluate a trained DSNO sampler next to the solvers: `python eval.py experiment=mnist_gmm`.
+
+Writes runs/<experiment>/eval/{metrics.json, report.md, *.png}."""
+
+import hydra
+from omegaconf import DictConfig
+
+from dsno.cli import run_stage
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_stage("eval", cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Trajectory data sets: teacher trajectories stored as checksummed, memory-mappable shards.
+
+    manifest = generate_dataset(out_dir, solve=solve, fingerprint=fp, num_trajectories=N,
+                                shard_size=S, sample_shape=(C, H, W), seed=0, batch_size=B)
+    verify_dataset(out_dir)                      # sha256 of every shard, or CorruptShardError
+    ds = TrajectoryDataset(out_dir)              # ds[i] -> (x_T [C, H, W], states [M, C, H, W])
+    dm = TrajectoryDataModule(out_dir, batch_size=64)
+
+The reading side (`dsno.data.dataset`, which imports Lightning) loads on first use, so the
+generation side starts fast.
+"""
+
+from typing import Any
+
+from dsno.data.generate import generate_dataset, merge_manifest, resolve_rank, trajectory_noise
+from dsno.data.manifest import (
+    CorruptShardError,
+    DatasetError,
+    DatasetNotFoundError,
+    FingerprintMismatchError,
+    InsufficientDiskSpaceError,
+    Manifest,
+    check_fingerprint,
+    load_manifest,
+    make_fingerprint,
+)
+from dsno.data.shards import verify_dataset
+
+__all__ = [
+    "CorruptShardError", "DatasetError", "DatasetNotFoundError", "FingerprintMismatchError",
+    "InsufficientDiskSpaceError", "Manifest", "TrajectoryDataModule", "TrajectoryDataset",
+    "check_fingerprint", "generate_dataset", "load_manifest", "make_fingerprint", "merge_manifest",
+    "resolve_rank", "trajectory_noise", "verify_dataset",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("TrajectoryDataset", "TrajectoryDataModule"):
+        from dsno.data import dataset
+
+        return getattr(dataset, name)
+    raise AttributeError(f"module 'dsno.data' has no attribute {name!r}")

@@ -1,0 +1,223 @@
+"""Shard files: atomic, checksummed, memory-mappable `.npy` arrays.
+
+A shard `i` is two files in the data set folder:
+    shard-0000i.x_T.npy     float32 [n, *sample_shape]       the noise x_T
+    shard-0000i.states.npy  float32 [n, M, *sample_shape]    the states at the M output times
+Plain NumPy `.npy` (version 1.0 header, little-endian, C order), so `np.load(path, mmap_mode="r")`
+reads them and `sha256sum` reproduces the manifest's checksums.
+
+Writing streams batches into `<name>.tmp` while hashing, fsyncs, then renames onto `<name>`:
+a file under its final name is always whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import mmap
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from dsno.data.manifest import (
+    ROLES,
+    CorruptShardError,
+    DatasetError,
+    FileRecord,
+    Manifest,
+    ShardRecord,
+    fsync_dir,
+    load_manifest,
+    shard_file_name,
+)
+
+NPY_DTYPE = np.dtype("<f4")
+TEMP_SUFFIX = ".tmp"
+_HASH_CHUNK = 1 << 22
+
+
+def npy_header(shape: Sequence[int]) -> bytes:
+    """The `.npy` (v1.0) header of a C-ordered little-endian float32 array of `shape`."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(NPY_DTYPE), "fortran_order": False,
+              "shape": tuple(int(s) for s in shape)})
+    return buf.getvalue()
+
+
+def npy_file_size(shape: Sequence[int]) -> int:
+    """Bytes of the `.npy` file holding a float32 array of `shape`."""
+    return len(npy_header(shape)) + int(np.prod(shape, dtype=np.int64)) * NPY_DTYPE.itemsize
+
+
+def shard_file_sizes(manifest: Manifest, index: int) -> dict[str, int]:
+    return {role: npy_file_size(manifest.expected_shape(index, role)) for role in ROLES}
+
+
+class NpyStreamWriter:
+    """Write one float32 array of known shape in row batches to `<path>.tmp`, hashing as it goes.
+
+    `commit()` checks every row arrived, fsyncs and renames to `path`; `abort()` removes the temp
+    file. The temp file is created exclusively: a second writer of the same file fails loudly.
+    """
+
+    def __init__(self, path: Path, shape: Sequence[int]):
+        self.path = Path(path)
+        self.shape = tuple(int(s) for s in shape)
+        self.temp_path = self.path.with_name(self.path.name + TEMP_SUFFIX)
+        self.rows = 0
+        self._hash = hashlib.sha256()
+        self._bytes = 0
+        try:
+            self._file = open(self.temp_path, "xb")
+        except FileExistsError:
+            raise DatasetError(f"{self.temp_path} exists: another process is writing this shard into "
+                               f"the same folder; run one generation per folder") from None
+        self._write(npy_header(self.shape))
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self._bytes += len(data)
+
+    def write(self, rows: np.ndarray) -> None:
+        """Append rows of shape [b, *shape[1:]] (cast to little-endian float32)."""
+        if tuple(rows.shape[1:]) != self.shape[1:]:
+            raise ValueError(f"rows of shape {tuple(rows.shape)} do not fit array {self.shape}")
+        if self.rows + rows.shape[0] > self.shape[0]:
+            raise ValueError(f"{self.path.name}: {self.rows + rows.shape[0]} rows for {self.shape[0]}")
+        self._write(memoryview(np.ascontiguousarray(rows, dtype=NPY_DTYPE)).cast("B"))
+        self.rows += rows.shape[0]
+
+    def commit(self) -> FileRecord:
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path.name}: {self.rows} of {self.shape[0]} rows written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.temp_path, self.path)
+        return FileRecord(self.path.name, self._bytes, self._hash.hexdigest())
+
+    def abort(self) -> None:
+        self._file.close()
+        self.temp_path.unlink(missing_ok=True)
+
+
+def write_shard(folder: Path, manifest: Manifest, index: int,
+                batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> ShardRecord:
+    """Write shard `index` from (x_T [b, *shape], states [b, M, *shape]) batches; both files whole or
+    neither renamed. Returns the record to put in the manifest."""
+    writers: dict[str, NpyStreamWriter] = {}
+    try:
+        for role in ROLES:
+            writers[role] = NpyStreamWriter(folder / shard_file_name(index, role),
+                                            manifest.expected_shape(index, role))
+        for x_T, states in batches:
+            writers["x_T"].write(x_T)
+            writers["states"].write(states)
+        files = {role: writers[role].commit() for role in ROLES}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    fsync_dir(folder)
+    return ShardRecord(index, manifest.expected_count(index), files)
+
+
+def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, fortran_order, data offset) of a `.npy` file, without reading its data."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        return shape, dtype, fortran, f.tell()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_shard_file(folder: Path, manifest: Manifest, record: ShardRecord, role: str,
+                     full: bool) -> str | None:
+    """What is wrong with one shard file, or None. `full` also recomputes its sha256."""
+    rec = record.files[role]
+    path = folder / rec.name
+    expected_shape = manifest.expected_shape(record.index, role)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "file is missing"
+    if size != rec.bytes:
+        return f"size {size} bytes, manifest says {rec.bytes}"
+    try:
+        shape, dtype, fortran, offset = read_npy_header(path)
+    except (ValueError, OSError) as e:
+        return f"not a readable .npy file ({e})"
+    if shape != expected_shape or dtype != NPY_DTYPE or fortran:
+        return (f"holds {dtype} {shape}{' (Fortran order)' if fortran else ''}, "
+                f"expected float32 {expected_shape}")
+    if offset + int(np.prod(shape, dtype=np.int64)) * NPY_DTYPE.itemsize != size:
+        return f"size {size} bytes does not fit its header (shape {shape})"
+    if full:
+        digest = sha256_file(path)
+        if digest != rec.sha256:
+            return f"sha256 {digest[:16]}... differs from the manifest's {rec.sha256[:16]}..."
+    return None
+
+
+def find_bad_shards(folder: str | os.PathLike, manifest: Manifest, full: bool,
+                    indices: Iterable[int] | None = None,
+                    on_checked: Callable[[int], None] | None = None) -> list[tuple[int, str, str]]:
+    """(shard index, file name, problem) for every bad file among the listed shards `indices`
+    (default: all listed); `full` checks sha256, else sizes and headers only."""
+    folder = Path(folder)
+    by_index = {s.index: s for s in manifest.shards}
+    problems = []
+    for i in sorted(by_index if indices is None else set(indices) & set(by_index)):
+        for role in ROLES:
+            what = check_shard_file(folder, manifest, by_index[i], role, full)
+            if what is not None:
+                problems.append((i, by_index[i].files[role].name, what))
+        if on_checked is not None:
+            on_checked(i)
+    return problems
+
+
+def verify_dataset(folder: str | os.PathLike, full: bool = True) -> Manifest:
+    """Check every listed shard file (sizes, headers; with `full` also sha256) and that the data
+    set is complete. Raises `CorruptShardError` naming each bad file; returns the manifest."""
+    manifest = load_manifest(folder)
+    problems = find_bad_shards(folder, manifest, full)
+    listed = {s.index for s in manifest.shards}
+    problems += [(i, shard_file_name(i, "x_T"), "shard is not in the manifest (generation unfinished)")
+                 for i in range(manifest.num_shards) if i not in listed]
+    if problems:
+        raise CorruptShardError(folder, sorted(problems))
+    return manifest
+
+
+def map_npy(path: Path, shape: Sequence[int]) -> np.ndarray:
+    """Read-only memory map of a float32 `.npy` file of the given shape (no data is read).
+
+    Advises the kernel of random access, so a shuffled reader does not pull in read-ahead pages.
+    """
+    file_shape, dtype, fortran, offset = read_npy_header(path)
+    if file_shape != tuple(shape) or dtype != NPY_DTYPE or fortran:
+        raise DatasetError(f"{path} holds {dtype} {file_shape}, expected float32 {tuple(shape)}; "
+                           f"check the data set with verify_dataset({str(path.parent)!r})")
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(mm, dtype=NPY_DTYPE, count=count, offset=offset).reshape(shape)

@@ -1,7 +1,9 @@
 """dsno: distill diffusion models into one-pass neural operators, with verified fast solvers."""
 
-from dsno import teachers
+from dsno import solvers, teachers
+from dsno.sampler import load_sampler
 from dsno.schedules import VPSchedule
+from dsno.solvers import sample, timesteps
 
-__all__ = ["VPSchedule", "teachers"]
+__all__ = ["VPSchedule", "load_sampler", "sample", "solvers", "teachers", "timesteps"]
 __version__ = "0.1.0"

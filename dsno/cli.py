@@ -19,6 +19,8 @@ def run_stage(stage: str, cfg: DictConfig) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
     logging.getLogger("dsno").setLevel(logging.INFO)
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         rc = validate(cfg)
     except ConfigError as e:

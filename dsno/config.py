@@ -121,7 +121,7 @@ class EvalConfig:
     solvers: list = field(default_factory=lambda: [
         {"name": "ddim", "order": 1}, {"name": "deis", "order": 3}, {"name": "dpm_solver_pp", "order": 3}])
     spacing: str = "logsnr"
-    reference_steps: int = 1000
+    reference_steps: int = 500
     fidelity: bool = True
     grid_samples: int = 64
     seed: int = 1234

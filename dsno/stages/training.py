@@ -14,6 +14,7 @@ import torch
 from dsno.builders import build_student, build_teacher, sample_shape
 from dsno.config import RunConfig
 from dsno.stages import trajectories
+from dsno.training.checkpoint_io import AtomicCheckpointIO
 from dsno.training.data import StepTrajectoryData
 from dsno.training.losses import TrajectoryLoss, time_weights
 from dsno.training.module import DSNOModule
@@ -51,7 +52,8 @@ def make_trainer(rc: RunConfig, run_dir: Path, logger, extra_callbacks=()) -> L.
                      callbacks=[ckpt, *extra_callbacks], log_every_n_steps=t.log_every_n_steps,
                      val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
                      gradient_clip_val=rc.train.grad_clip or None, use_distributed_sampler=False,
-                     enable_model_summary=False, default_root_dir=str(run_dir), num_sanity_val_steps=0)
+                     enable_model_summary=False, default_root_dir=str(run_dir), num_sanity_val_steps=0,
+                     plugins=[AtomicCheckpointIO()])
 
 
 def save_student(module: DSNOModule, config: dict[str, Any], ckpt_dir: Path) -> Path:

@@ -12,13 +12,23 @@ from dsno.teachers.base import Teacher
 
 
 def solver_grid(teacher: Teacher, sc: SolverConfig, times: list[float]) -> torch.Tensor:
-    """The solver's grid (sc.steps steps, sc.spacing, from schedule.T to sc.t_end) with the
-    output times inserted: float64 [N+1], strictly decreasing."""
+    """The teacher solve's grid through every output time: float64 [N+1], strictly decreasing.
+
+    The sc.steps steps are shared among the segments [T, t_1], [t_1, t_2], ..., [t_{M-1}, t_M] in
+    proportion to their log-SNR length (at least one each), each segment spaced by sc.spacing,
+    so the output times are grid points without creating the tiny steps that merging two grids
+    would (multistep methods lose accuracy on abrupt step-size ratios)."""
     from dsno.solvers import timesteps
-    grid = timesteps(teacher.schedule, steps=sc.steps, spacing=sc.spacing, t_end=sc.t_end)
-    merged = torch.cat([grid, torch.tensor(times, dtype=torch.float64)]).unique()   # ascending
-    keep = torch.cat([torch.tensor([True]), merged[1:] - merged[:-1] > 1e-9 * merged[1:].abs().clamp_min(1e-3)])
-    return torch.flip(merged[keep], [0])
+    sched = teacher.schedule
+    bounds = [sched.T, *times] if times[0] < sched.T else list(times)
+    lam = sched.lam(torch.tensor(bounds, dtype=torch.float64))
+    lengths = (lam[1:] - lam[:-1]).tolist()
+    if sc.steps < len(lengths):
+        raise ValueError(f"solver.steps={sc.steps} is fewer than the {len(lengths)} segments between output times")
+    steps = [max(1, round(sc.steps * h / sum(lengths))) for h in lengths]
+    pieces = [timesteps(sched, steps=n, spacing=sc.spacing, t_start=a, t_end=b)
+              for n, a, b in zip(steps, bounds[:-1], bounds[1:])]
+    return torch.cat([pieces[0]] + [p[1:] for p in pieces[1:]])
 
 
 def output_indices(grid: torch.Tensor, times: list[float]) -> list[int]:

@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+
+# A whole run small enough for a test: 64 trajectories, an 8-channel backbone, a few steps.
+TINY_RUN = [
+    "data.num_trajectories=64", "data.shard_size=32", "data.batch_size=32", "solver.steps=12",
+    "model.backbone.base_channels=8", "model.backbone.attn_resolutions=[]", "train.batch_size=8",
+    "train.warmup_steps=2", "trainer.max_steps=6", "train.checkpoint_every=1", "trainer.val_check_interval=3",
+    "trainer.log_every_n_steps=1", "logger=csv", "eval.num_samples=8", "eval.nfe=[1,2,3]",
+    "eval.fidelity=false", "eval.reference_steps=60", "eval.grid_samples=8", "export.forms=[safetensors]",
+]
+
+
+def compose(*overrides):
+    from hydra import compose as hcompose, initialize_config_dir
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return hcompose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A validated RunConfig of a tiny mnist_gmm run in tmp_path (extra overrides appended)."""
+    from dsno.config import validate
+
+    def make(*extra, run_dir=None):
+        return validate(compose(f"run_dir={run_dir or tmp_path / 'run'}", *TINY_RUN, *extra))
+    return make

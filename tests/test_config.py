@@ -1,0 +1,88 @@
+"""Every Hydra experiment composes and validates; each bad value gets its own one-line message."""
+
+from pathlib import Path
+
+import pytest
+from conftest import CONF
+from conftest import compose as _compose
+from hydra.errors import ConfigCompositionException
+
+from dsno.config import ConfigError, validate
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(name, tmp_path):
+    extra = []
+    if name == "cifar10_ddpm":   # needs a local teacher folder: any existing path passes validation
+        extra = [f"teacher.path={tmp_path}"]
+    rc = validate(_compose(f"experiment={name}", *extra))
+    assert rc.experiment == name
+    assert rc.run_dir == f"runs/{name}"
+    assert rc.data.dir == f"runs/{name}/trajectories"
+
+
+def test_default_is_mnist_gmm_and_user_overrides_apply():
+    rc = validate(_compose("run_dir=/tmp/x", "seed=7", "data.num_trajectories=128", "trainer.max_steps=3",
+                           "eval.num_samples=16", "solver=deis", "solver.order=2"))
+    assert rc.experiment == "mnist_gmm" and rc.teacher.kind == "mnist_gmm"
+    assert (rc.run_dir, rc.seed, rc.data.num_trajectories, rc.trainer.max_steps, rc.eval.num_samples) == \
+        ("/tmp/x", 7, 128, 3, 16)
+    assert rc.data.dir == "/tmp/x/trajectories"
+    assert (rc.solver.name, rc.solver.order) == ("deis", 2)
+
+
+def test_unknown_key_fails_naming_it():
+    with pytest.raises(ConfigCompositionException, match="trainer.max_stepz"):
+        _compose("trainer.max_stepz=3")
+
+
+BAD = [
+    ("data.num_trajectories=-5", "data.num_trajectories=-5: must be a positive integer"),
+    ("data.num_trajectories=abc", "data.num_trajectories"),
+    ("data.shard_size=0", "data.shard_size=0: must be a positive integer"),
+    ("data.times=[0.5,0.7,0.001]", "data.times=[0.5, 0.7, 0.001]: must be numbers in strictly decreasing order"),
+    ("data.times=[0.001]", "needs at least 2 output times"),
+    ("data.times=[1.5,0.5,0.001]", "must lie inside the schedule's time range"),
+    ("data.times=[0.5,0.25,0.01]", "the last output time must equal solver.t_end"),
+    ("data.verify=sometimes", "data.verify='sometimes': must be one of none, quick, full"),
+    ("data.val_fraction=0.9", "data.val_fraction=0.9: must lie in [0, 0.5)"),
+    ("model.modes=4", "model.modes=4: must be <= M // 2 + 1 = 3 for M = 4 output times"),
+    ("model.modes=0", "model.modes=0: must be a positive integer"),
+    ("model.backbone.channel_mult=[1,0]", "model.backbone.channel_mult=[1, 0]"),
+    ("model.backbone.type=transformer", "model.backbone.type='transformer': must be one of unet, teacher"),
+    ("solver.name=rk45", "solver.name='rk45': must be one of"),
+    ("solver.spacing=cubic", "solver.spacing='cubic': must be one of"),
+    ("solver.steps=0", "solver.steps=0: must be a positive integer"),
+    ("solver.t_end=0", "solver.t_end=0.0: must lie in (0, 1)"),
+    ("train.lr=-1", "train.lr=-1.0: must lie in (0, 1]"),
+    ("train.ema_decay=1.5", "train.ema_decay=1.5: must lie in [0, 1)"),
+    ("train.loss=huber", "train.loss='huber': must be one of l2, l1"),
+    ("train.batch_size=0", "train.batch_size=0: must be a positive integer"),
+    ("trainer.max_steps=0", "trainer.max_steps=0: must be a positive integer"),
+    ("trainer.precision=8-bit", "trainer.precision='8-bit': must be one of"),
+    ("logger.kind=tensorboard", "logger.kind='tensorboard': must be one of wandb, csv"),
+    ("logger.mode=maybe", "logger.mode='maybe': must be one of offline, online, disabled"),
+    ("eval.nfe=[1,0]", "eval.nfe=[1, 0]: must be a non-empty list of positive integers"),
+    ("eval.num_samples=0", "eval.num_samples=0: must be a positive integer"),
+    ("eval.solvers=[{name:magic}]", "eval.solvers[0].name='magic': must be one of"),
+    ("teacher.kind=gan", "teacher.kind='gan': must be one of"),
+    ("teacher.schedule.beta_min=30", "needs 0 < beta_min (30.0) < beta_max"),
+    ("teacher.prediction=score", "teacher.prediction='score': must be one of eps, x0, v"),
+    ("export.forms=[tflite]", "export.forms='tflite': must be one of safetensors, pt2, onnx"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_values_give_one_clear_line(override, message):
+    with pytest.raises(ConfigError) as e:
+        validate(_compose(override))
+    text = str(e.value)
+    assert message in text, text
+    assert "\n" not in text
+
+
+def test_missing_teacher_path_is_named():
+    with pytest.raises(ConfigError, match="teacher.path='/nonexistent/ddpm': does not exist"):
+        validate(_compose("experiment=cifar10_ddpm", "teacher.path=/nonexistent/ddpm"))

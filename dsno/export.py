@@ -13,6 +13,7 @@ reads PATH/checkpoints/dsno_ema.safetensors and PATH/checkpoints/dsno_config.jso
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from dsno.nn import CONFIG_FORMAT_VERSION, DSNO, build_dsno, validate_config
-from dsno.sampler import FORM_FILES, CONFIG_FILE, load_dsno, load_onnx_session, pt2_check_no_pickle
+from dsno.sampler import CONFIG_FILE, FORM_FILES, load_dsno, load_onnx_session, pt2_check_no_pickle
 
 ONNX_OPSET = 18
 ONNX_INPUT, ONNX_OUTPUT = "x_T", "trajectory"
@@ -42,7 +43,7 @@ def export_sampler(model: DSNO, config: dict[str, Any], out_dir: str | os.PathLi
     forms = _check_forms(forms)
     config = {**validate_config(dict(config)), "format_version": CONFIG_FORMAT_VERSION}
     _check_model_matches_config(model, config)
-    model = model.to("cpu", torch.float32).eval()
+    model = copy.deepcopy(model).to("cpu").eval()
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -52,15 +53,15 @@ def export_sampler(model: DSNO, config: dict[str, Any], out_dir: str | os.PathLi
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         example = torch.randn(2, *config["image_shape"], generator=torch.Generator().manual_seed(0))
-        exportable = model.exportable().eval() if {"pt2", "onnx"} & set(forms) else None
+        program = export_program(model, example) if {"pt2", "onnx"} & set(forms) else None
         for form in forms:
             path = tmp / FORM_FILES[form]
             if form == "safetensors":
                 save_safetensors(model, path)
             elif form == "pt2":
-                save_pt2(exportable, example, path)
+                save_pt2(program, path)
             else:
-                save_onnx(exportable, example, path)
+                save_onnx(program, example, path)
         if verify:
             _verify(model, tmp, forms, config["image_shape"])
         _publish(tmp, out_dir)
@@ -75,25 +76,36 @@ def save_safetensors(model: DSNO, path: Path) -> None:
     save_file(state, str(path), metadata={"format": "pt", "dsno_format_version": str(CONFIG_FORMAT_VERSION)})
 
 
-def _batch_dim() -> Any:
-    return torch.export.Dim("batch", min=1, max=1 << 20)
+def export_program(model: DSNO, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """torch.export of `model.exportable()` (eval, CPU) with a dynamic batch; example: [B, C, H, W]."""
+    exportable = model.exportable().to("cpu").eval()
+    try:
+        return torch.export.export(exportable, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RuntimeError(f"torch.export cannot trace this DSNO with a dynamic batch ({reason}); the pt2 and "
+                           "onnx forms need it, the safetensors form does not: export with forms=safetensors") from err
 
 
-def save_pt2(model: DSNO, example: torch.Tensor, path: Path) -> None:
-    """torch.export with a dynamic batch; saved without example inputs (no pickled payloads)."""
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: _batch_dim()},))
+def save_pt2(program: torch.export.ExportedProgram, path: Path) -> None:
+    """Save without example inputs, so the archive holds no pickled payload."""
+    program = copy.copy(program)
     program.example_inputs = None
     torch.export.save(program, str(path))
     pt2_check_no_pickle(path)
 
 
-def save_onnx(model: DSNO, example: torch.Tensor, path: Path) -> None:
-    """torch.onnx (dynamo exporter), opset 18, dynamic batch; input "x_T", output "trajectory"."""
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=ONNX_OPSET,
-                      input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
-                      dynamic_shapes=({0: _batch_dim()},), verbose=False,
-                      external_data=weight_bytes > ONNX_SINGLE_FILE_LIMIT)
+def save_onnx(program: torch.export.ExportedProgram, example: torch.Tensor, path: Path) -> None:
+    """ONNX (opset 18) from the exported program; input "x_T" and output "trajectory" [batch, ...]."""
+    import onnx_ir as ir
+    weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict.values())
+    onnx_program = torch.onnx.export(program, (example,), None, dynamo=True, opset_version=ONNX_OPSET,
+                                     input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT], verbose=False)
+    graph = onnx_program.model.graph
+    batch = graph.inputs[0].shape[0]
+    for value in (*graph.inputs, *graph.outputs):
+        value.shape = ir.Shape(["batch" if dim == batch else dim for dim in value.shape])
+    onnx_program.save(str(path), external_data=weight_bytes > ONNX_SINGLE_FILE_LIMIT)
 
 
 def _check_forms(forms: Sequence[str]) -> list[str]:

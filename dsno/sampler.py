@@ -140,7 +140,11 @@ class ExportedProgramSampler(Sampler):
         super().__init__(config, path, device)
         file = path / FORM_FILES[self.form]
         pt2_check_no_pickle(file)
-        self.module = torch.export.load(str(file)).module().to(self.device)
+        program = torch.export.load(str(file))
+        if self.device.type != "cpu":
+            from torch.export.passes import move_to_device_pass
+            program = move_to_device_pass(program, self.device)
+        self.module = program.module()
 
     def _run(self, x_T: torch.Tensor) -> torch.Tensor:
         return self.module(x_T.to(self.device))

@@ -1,0 +1,189 @@
+"""Write samples of an exported DSNO sampler as PNGs and an .npz, resumably.
+
+    python -m dsno.sample sampler=PATH n=50000 out=DIR [seed=0 batch_size=256 form=auto chunk_size=1000]
+
+Output: DIR/png/000000.png ... (uint8, data_range mapped to 0..255, grayscale or RGB) and
+DIR/samples.npz with the uint8 array `samples` [n, H, W, C] (the layout FID tools take).
+The work runs in chunks of `chunk_size` images; chunk c draws its noise from
+torch.Generator().manual_seed(chunk_seed(seed, c)), so it depends only on (seed, c). Each
+chunk's PNGs and then its DIR/chunks/NNNNN.npy are written atomically (temp file + rename);
+the .npy marks the chunk complete, so a rerun after an interruption skips complete chunks and
+produces the same bytes. DIR/run.json records what the chunks were made with; a rerun with a
+different sampler, form, seed or chunk_size is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from dsno.export import parse_key_values
+from dsno.sampler import CONFIG_FILE, FORM_FILES, Sampler, load_sampler
+
+USAGE = ("usage: python -m dsno.sample sampler=PATH n=N out=DIR "
+         "[seed=0 batch_size=256 form=auto chunk_size=1000]")
+RUN_FILE = "run.json"
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamp: the .npz bytes depend only on the samples
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """A 64-bit generator seed that depends only on (seed, chunk)."""
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, dtype=np.uint64)[0])
+
+
+def to_uint8(images: Any, data_range: Sequence[float]) -> np.ndarray:
+    """[N, C, H, W] floats in data_range -> uint8 [N, H, W, C] (rounded, clipped)."""
+    lo, hi = data_range
+    x = (np.asarray(images, dtype=np.float32) - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """uint8 [H, W, C] with C = 1 or 3 -> PNG file bytes."""
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def write_npz(path: Path, chunk_files: Sequence[Path], shape: Sequence[int]) -> None:
+    """Stream the chunk arrays into path (an .npz with one uint8 array `samples`), atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    info = zipfile.ZipInfo("samples.npy", date_time=ZIP_DATE)
+    info.external_attr = 0o644 << 16
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive, archive.open(info, "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+        for chunk in chunk_files:
+            f.write(np.load(chunk, allow_pickle=False).tobytes())
+    os.replace(tmp, path)
+
+
+def _run_record(sampler: Sampler, seed: int, chunk_size: int) -> dict[str, Any]:
+    folder, form = Path(sampler.path), sampler.form
+    digest = hashlib.sha256((folder / CONFIG_FILE).read_bytes())
+    with open(folder / FORM_FILES[form], "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"sampler": str(folder.resolve()), "sampler_sha256": digest.hexdigest(), "form": form,
+            "seed": seed, "chunk_size": chunk_size}
+
+
+def _check_run_record(out: Path, record: dict[str, Any]) -> None:
+    path = out / RUN_FILE
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        keys = ("sampler_sha256", "form", "seed", "chunk_size")
+        changed = [k for k in keys if previous.get(k) != record[k]]
+        if changed:
+            raise ValueError(f"{out} holds samples made with different {', '.join(changed)} "
+                             f"({', '.join(f'{k}={previous.get(k)!r}' for k in changed)}); "
+                             "use a new out= directory or delete this one")
+    _atomic_write(path, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def _remove_stale_temp_files(*folders: Path) -> None:
+    for folder in folders:
+        for tmp in folder.glob("*.tmp"):
+            tmp.unlink()
+
+
+def write_samples(sampler_path: str | os.PathLike, n: int, out: str | os.PathLike, seed: int = 0,
+                  batch_size: int = 256, form: str = "auto", chunk_size: int = 1000,
+                  progress: bool = True) -> Path:
+    """Write n samples to out/png and out/samples.npz (resuming complete chunks); returns the .npz path."""
+    if n < 1 or batch_size < 1 or chunk_size < 1 or seed < 0:
+        raise ValueError(f"need n >= 1, batch_size >= 1, chunk_size >= 1 and seed >= 0; got n={n}, "
+                         f"batch_size={batch_size}, chunk_size={chunk_size}, seed={seed}")
+    sampler = load_sampler(sampler_path, form)
+    channels, height, width = sampler.image_shape
+    if channels not in (1, 3):
+        raise ValueError(f"PNG output needs 1 (grayscale) or 3 (RGB) channels, the sampler makes {channels}")
+    out = Path(out)
+    png_dir, chunk_dir = out / "png", out / "chunks"
+    png_dir.mkdir(parents=True, exist_ok=True)
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_files(out, png_dir, chunk_dir)
+    _check_run_record(out, _run_record(sampler, seed, chunk_size))
+
+    num_chunks = -(-n // chunk_size)
+    chunk_files = [chunk_dir / f"{c:05d}.npy" for c in range(num_chunks)]
+    with _progress(progress, n) as advance:
+        for c, chunk_file in enumerate(chunk_files):
+            start = c * chunk_size
+            count = min(chunk_size, n - start)
+            images = _load_complete_chunk(chunk_file, (count, height, width, channels))
+            made = images is None
+            if made:
+                samples = sampler.sample(count, seed=chunk_seed(seed, c), batch_size=batch_size)
+                images = to_uint8(samples.numpy(), sampler.data_range)
+            for i, image in enumerate(images):
+                png = png_dir / f"{start + i:06d}.png"
+                if made or not png.is_file():
+                    _atomic_write(png, png_bytes(image))
+            if made:
+                _atomic_write(chunk_file, npy_bytes(images))
+            advance(count)
+    npz = out / "samples.npz"
+    write_npz(npz, chunk_files, (n, height, width, channels))
+    return npz
+
+
+def _load_complete_chunk(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    images = np.load(path, allow_pickle=False)
+    return images if images.shape == shape and images.dtype == np.uint8 else None
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over `total` images (or nothing); yields advance(k)."""
+    if not enabled:
+        yield lambda k: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn()) as bar:
+        task = bar.add_task("sampling", total=total)
+        yield lambda k: bar.advance(task, k)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    defaults = {"sampler": None, "n": None, "out": None, "seed": "0", "batch_size": "256", "form": "auto",
+                "chunk_size": "1000"}
+    args = parse_key_values(sys.argv[1:] if argv is None else argv, defaults, ["sampler", "n", "out"], USAGE)
+    try:
+        ints = {k: int(args[k]) for k in ("n", "seed", "batch_size", "chunk_size")}
+    except ValueError:
+        raise SystemExit(f"n, seed, batch_size and chunk_size must be integers, got "
+                         f"{ {k: args[k] for k in ('n', 'seed', 'batch_size', 'chunk_size')} }\n{USAGE}") from None
+    try:
+        npz = write_samples(args["sampler"], out=args["out"], form=args["form"], **ints)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"wrote {npz} and {npz.parent / 'png'}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""python -m dsno.sample: PNG folder + .npz, chunked and resumable with byte-identical results."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsno.export import export_sampler
+from dsno.nn import build_dsno
+from dsno.sample import chunk_seed, main, png_bytes, to_uint8, write_samples
+from dsno.sampler import load_sampler
+
+N, CHUNK, BATCH = 1000, 50, 25
+CONFIG = {
+    "format_version": 1,
+    "backbone": {"type": "unet", "kwargs": {"in_channels": 1, "out_channels": 1, "base_channels": 8,
+                                            "channel_mult": [1, 2], "attn_resolutions": [], "image_size": 8,
+                                            "num_groups": 4}},
+    "time_input": "continuous",
+    "times": [0.5, 0.0],
+    "modes": 1,
+    "skip": [0.0, 0.5],
+    "image_shape": [1, 8, 8],
+    "data_range": [-1.0, 1.0],
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sampler_dir(tmp_path_factory, one_thread):
+    torch.manual_seed(0)
+    model = build_dsno(CONFIG)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+    return export_sampler(model, CONFIG, tmp_path_factory.mktemp("run") / "sampler", forms=("safetensors",))
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def cli(sampler_dir: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "dsno.sample", f"sampler={sampler_dir}", f"n={N}", f"out={out}",
+            "seed=0", f"batch_size={BATCH}", f"chunk_size={CHUNK}"]
+
+
+def test_kill_and_resume_gives_byte_identical_files(sampler_dir, tmp_path):
+    reference = tmp_path / "reference"
+    write_samples(sampler_dir, N, reference, seed=0, batch_size=BATCH, chunk_size=CHUNK, progress=False)
+
+    resumed = tmp_path / "resumed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cli(sampler_dir, resumed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    first_chunk = resumed / "chunks" / "00000.npy"
+    deadline = time.monotonic() + 120
+    while not first_chunk.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -9, f"run ended before it could be killed: {proc.stderr.read()[-2000:]!r}"
+    done = sorted((resumed / "chunks").glob("*.npy"))
+    assert 1 <= len(done) < N // CHUNK and not (resumed / "samples.npz").exists()
+
+    finished = subprocess.run(cli(sampler_dir, resumed), env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert tree(resumed) == tree(reference)
+
+    samples = np.load(resumed / "samples.npz")["samples"]
+    assert samples.shape == (N, 8, 8, 1) and samples.dtype == np.uint8
+    assert samples.std() > 10
+    assert len(list((resumed / "png").iterdir())) == N
+    assert np.array_equal(np.array(Image.open(resumed / "png" / "000777.png")), samples[777, :, :, 0])
+    # chunk c holds the sampler's images for seed chunk_seed(seed, c)
+    sampler = load_sampler(sampler_dir)
+    chunk3 = to_uint8(sampler.sample(CHUNK, seed=chunk_seed(0, 3), batch_size=BATCH).numpy(), (-1.0, 1.0))
+    assert np.array_equal(samples[3 * CHUNK:4 * CHUNK], chunk3)
+
+
+def test_rerun_with_other_settings_is_refused_and_missing_pngs_are_rewritten(sampler_dir, tmp_path):
+    out = tmp_path / "out"
+    write_samples(sampler_dir, 60, out, seed=1, batch_size=BATCH, chunk_size=CHUNK, progress=False)
+    before = tree(out)
+    (out / "png" / "000010.png").unlink()
+    write_samples(sampler_dir, 60, out, seed=1, batch_size=BATCH, chunk_size=CHUNK, progress=False)
+    assert tree(out) == before
+    with pytest.raises(ValueError, match="different seed"):
+        write_samples(sampler_dir, 60, out, seed=2, batch_size=BATCH, chunk_size=CHUNK, progress=False)
+
+
+def test_uint8_mapping_and_rgb_png():
+    images = np.array([[[[-1.0, 0.0], [1.0, 2.0]]] * 3])  # [1, 3, 2, 2]
+    out = to_uint8(images, (-1.0, 1.0))
+    assert out.shape == (1, 2, 2, 3) and out.dtype == np.uint8
+    assert out[0, :, :, 0].tolist() == [[0, 128], [255, 255]]
+    import io
+    decoded = np.array(Image.open(io.BytesIO(png_bytes(out[0]))))
+    assert decoded.shape == (2, 2, 3) and np.array_equal(decoded, out[0])
+
+
+def test_cli_arguments_are_checked(tmp_path):
+    with pytest.raises(SystemExit, match="missing argument.*n=...*out=..."):
+        main([f"sampler={tmp_path}"])
+    with pytest.raises(SystemExit, match="must be integers"):
+        main([f"sampler={tmp_path}", "n=ten", f"out={tmp_path / 'o'}"])
+    with pytest.raises(SystemExit, match="no sampler folder"):
+        main([f"sampler={tmp_path / 'missing'}", "n=10", f"out={tmp_path / 'o'}"])

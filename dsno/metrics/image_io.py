@@ -1,0 +1,26 @@
+"""Convert image tensors between the model range (float in [-1, 1]) and 8-bit pixels (uint8 in [0, 255])."""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] -> uint8 in [0, 255] (rounded, out-of-range values clipped); uint8 passes through.
+
+    images: [..., C, H, W] float or uint8 -> same shape, uint8.
+    """
+    if not torch.is_tensor(images):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dtype == torch.uint8:
+        return images
+    if not images.is_floating_point():
+        raise TypeError(f"images must be float in [-1, 1] or uint8 in [0, 255], got dtype {images.dtype}")
+    return ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images in [0, 255] -> float32 in [-1, 1]. images: [..., C, H, W] -> same shape."""
+    if not torch.is_tensor(images) or images.dtype != torch.uint8:
+        raise TypeError(f"images must be a uint8 torch.Tensor, got {getattr(images, 'dtype', type(images).__name__)}")
+    return images.float() / 127.5 - 1.0

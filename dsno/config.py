@@ -61,6 +61,9 @@ class DataConfig:
     verify: str = "quick"           # none | quick | full
     val_fraction: float = 0.05
     num_workers: int = 0
+    precision: str = "fp32"         # neural teachers: fp32 | bf16 (autocast; exact teachers stay float64)
+    compile: bool = False           # torch.compile the teacher network (default mode)
+    channels_last: bool = False     # channels_last memory format for the teacher network
 
 
 @dataclass
@@ -208,6 +211,7 @@ def _check(c: RunConfig) -> None:
     _positive_int("data.batch_size", c.data.batch_size)
     _choice("data.verify", c.data.verify, ("none", "quick", "full"))
     _in_range("data.val_fraction", c.data.val_fraction, 0.0, 0.5, hi_open=True)
+    _choice("data.precision", c.data.precision, ("fp32", "bf16"))
     if c.data.num_workers < 0:
         _fail("data.num_workers", c.data.num_workers, "must be >= 0")
     times = list(c.data.times)
@@ -248,7 +252,8 @@ def _check(c: RunConfig) -> None:
     _positive_int("trainer.num_nodes", c.trainer.num_nodes)
     _positive_int("trainer.log_every_n_steps", c.trainer.log_every_n_steps)
     _positive_int("trainer.val_check_interval", c.trainer.val_check_interval)
-    _choice("trainer.precision", c.trainer.precision, ("32-true", "32", "bf16-mixed", "16-mixed", "64-true"))
+    # the temporal layers' weights are complex: "-true" half precisions would drop their imaginary part
+    _choice("trainer.precision", c.trainer.precision, ("32-true", "32", "bf16-mixed", "16-mixed"))
 
     _choice("logger.kind", c.logger.kind, ("wandb", "csv"))
     _choice("logger.mode", c.logger.mode, ("offline", "online", "disabled"))

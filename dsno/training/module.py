@@ -43,7 +43,10 @@ class DSNOModule(L.LightningModule):
             self.log(f"train/err_t{m}", v)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        # EMA is updated inside the step, before any callback's on_train_batch_end, so a checkpoint
+        # written at step s already holds EMA update s (and resume repeats none and skips none)
+        super().optimizer_step(*args, **kwargs)
         self.ema.update(self.model)
 
     def validation_step(self, batch, batch_idx):

@@ -1,0 +1,151 @@
+"""The solver registry: every solver with its orders, options and cost in model evaluations.
+
+A solver is a plain function with one signature (k-diffusion style),
+
+    fn(teacher, x, ts, *, order=..., return_trajectory=False, **options) -> Tensor
+
+registered with `@register(...)`, which returns a checked entry point: the order must be one
+the solver has, every option one it takes, the grid valid for the teacher's schedule.
+`available()`, `nfe()` and `steps_for_nfe()` answer from the registry without running anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from dsno.solvers.grids import check_grid
+
+Cost = Callable[[int, int, Mapping[str, Any]], int]
+_REGISTRY: dict[str, "SolverSpec"] = {}
+_COMMON = ("order", "return_trajectory")
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """name; fn: the checked entry point; orders: the orders it has (default_order first in
+    its signature); cost(steps, order, options) -> model evaluations; cost_rule: cost in words;
+    options: name -> default; stochastic: integrates the reverse SDE (its sample depends on the
+    noise, so it converges to the data distribution, not to the ODE's sample path)."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    orders: tuple[int, ...]
+    default_order: int
+    cost: Cost
+    cost_rule: str
+    options: Mapping[str, Any]
+    stochastic: bool
+
+    def resolve(self, order: Any, options: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        """The order to use (default when None) and the full option set; raise on bad ones."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            known = ", ".join(self.options) or "none"
+            raise ValueError(f"solver {self.name!r} has no option {unknown[0]!r}; its options are: {known}")
+        if order is None:
+            order = self.default_order
+        if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order not in self.orders:
+            lo, hi = min(self.orders), max(self.orders)
+            have = f"order {lo}" if lo == hi else f"orders {lo}..{hi}"
+            raise ValueError(f"solver {self.name!r} has {have}, got order={order!r}")
+        return int(order), {**self.options, **options}
+
+
+def register(name: str, *, orders: Sequence[int], cost: Cost, cost_rule: str, stochastic: bool = False) -> Callable:
+    """Register `fn` under `name`; its keyword-only parameters after `order` and
+    `return_trajectory` are its options (with their defaults); `order`'s default is the solver's."""
+
+    def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        params = list(inspect.signature(fn).parameters.values())
+        if [p.name for p in params[:3]] != ["teacher", "x", "ts"] or \
+                [p.name for p in params[3:5]] != list(_COMMON):
+            raise TypeError(f"solver {name!r} must have the signature "
+                            f"(teacher, x, ts, *, order, return_trajectory, ...)")
+        options = {p.name: p.default for p in params[5:]}
+
+        @functools.wraps(fn)
+        def entry(teacher: Any, x: torch.Tensor, ts: Any, *, order: int | None = None,
+                  return_trajectory: bool = False, **opts: Any) -> torch.Tensor:
+            order, opts = spec.resolve(order, opts)
+            _check_teacher(teacher)
+            if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim >= 1 and x.shape[0] > 0):
+                raise ValueError(f"x must be a floating-point tensor [B, ...] with B >= 1, got "
+                                 f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+            grid = check_grid(teacher.schedule, ts)
+            return fn(teacher, x, grid, order=order, return_trajectory=bool(return_trajectory), **opts)
+
+        spec = SolverSpec(name=name, fn=entry, orders=tuple(orders), default_order=params[3].default,
+                          cost=cost, cost_rule=cost_rule, options=options, stochastic=stochastic)
+        if spec.default_order not in spec.orders:
+            raise TypeError(f"solver {name!r}: default order {spec.default_order} not in {spec.orders}")
+        _REGISTRY[name] = spec
+        return entry
+
+    return decorate
+
+
+def _check_teacher(teacher: Any) -> None:
+    if not all(hasattr(teacher, a) for a in ("schedule", "eps", "x0")):
+        raise ValueError(f"teacher must provide .schedule, .eps(x, t) and .x0(x, t) (a dsno.teachers.Teacher), "
+                         f"got {type(teacher).__name__}")
+
+
+def get(name: str) -> SolverSpec:
+    """The registry entry of a solver; a clear error lists the names when it is unknown."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown solver {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[name]
+
+
+def available() -> list[str]:
+    """The registered solver names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _check_count(label: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def nfe(solver: str, steps: int, order: int | None = None, **options: Any) -> int:
+    """Model evaluations a run of `solver` on a grid of `steps` steps costs."""
+    spec = get(solver)
+    order, opts = spec.resolve(order, options)
+    return spec.cost(_check_count("steps", steps), order, opts)
+
+
+def steps_for_nfe(solver: str, nfe: int, order: int | None = None, **options: Any) -> int:
+    """Grid steps that spend exactly `nfe` model evaluations; ValueError listing the budgets
+    the solver can meet when `nfe` is not one of them."""
+    spec = get(solver)
+    order, opts = spec.resolve(order, options)
+    budget = _check_count("nfe", nfe)
+    for steps in range(1, budget + 1):
+        if spec.cost(steps, order, opts) == budget:
+            return steps
+    limit = max(12, budget + 2 * max(spec.orders) + 1)
+    can = sorted({c for c in (spec.cost(s, order, opts) for s in range(1, limit + 1)) if c <= limit})
+    raise ValueError(f"solver {solver!r} (order {order}) cannot spend exactly {budget} model evaluations: it costs "
+                     f"{spec.cost_rule}; budgets it can meet up to {limit}: {', '.join(map(str, can))}")
+
+
+def choice(option: str, value: Any, allowed: Sequence[Any]) -> Any:
+    """`value` if it is one of `allowed`, else a ValueError naming the option."""
+    if value not in allowed:
+        raise ValueError(f"option {option}={value!r} is not one of: {', '.join(map(repr, allowed))}")
+    return value
+
+
+def reject_unused(context: str, **given: tuple[Any, Any]) -> None:
+    """Raise if an option that does not apply in `context` was set away from its default.
+    given: name -> (value, default)."""
+    for option, (value, default) in given.items():
+        if value != default:
+            raise ValueError(f"option {option}={value!r} does not apply to {context}")

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from dsno.schedules import VPSchedule
+from results_md import write_section
 from dsno.solvers import nfe as nfe_of, sample, steps_for_nfe, timesteps
 from dsno.teachers import GaussianMixture, wrap
 
@@ -42,7 +43,6 @@ NFES = (3, 4, 5, 6, 8, 10, 15, 20)
 CROSSOVER_NFES = (10, 15, 20, 30, 40, 60, 80, 120, 160)
 SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras")
 T_END = 1e-3
-BEGIN, END = "<!-- solvers:begin -->", "<!-- solvers:end -->"
 
 # label, solver, order, options, diffusers counterpart (label in DIFFUSERS) or None
 OURS = [
@@ -289,8 +289,7 @@ def fmt(v: float) -> str:
 
 def report(acc: dict, over: tuple, ords: list, args, seconds: float) -> str:
     ours, diff = acc["ours"], acc["diffusers"]
-    lines = [BEGIN, "## Solvers (`benchmarks/solvers.py`)", "",
-             f"Command: `python benchmarks/solvers.py{''.join(' ' + a for a in args)}`",
+    lines = [f"Command: `python benchmarks/solvers.py{''.join(' ' + a for a in args)}`",
              f"Machine: {machine()}; torch threads: {torch.get_num_threads()}.",
              f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; run time {seconds:.0f} s.", "",
              "### Accuracy per NFE (default mixture teacher)", "",
@@ -402,19 +401,7 @@ def report(acc: dict, over: tuple, ords: list, args, seconds: float) -> str:
               "| solver | 20 | 40 | 80 | 160 | order |", "|---|---|---|---|---|---|"]
     for label, errs, o in ords:
         lines.append(f"| {label} | " + " | ".join(fmt(e) for e in errs) + f" | {o:.2f} |")
-    lines += [END]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -446,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_write:
         print(section)
     else:
-        write_section(ROOT / "benchmarks" / "RESULTS.md", section)
+        write_section("solvers", "Solvers (`benchmarks/solvers.py`)", section)
         print(f"wrote the solvers section of {ROOT / 'benchmarks' / 'RESULTS.md'}")
 
 

@@ -41,23 +41,25 @@ def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref.double()).square().mean().sqrt())
 
 
-def solver_runs(rc: RunConfig, teacher: Teacher) -> list[dict[str, Any]]:
-    """(method label, solver, order, options, steps, nfe) for every eval solver and NFE it can meet."""
-    from dsno.solvers import nfe as nfe_of, steps_for_nfe
+def solver_runs(rc: RunConfig) -> list[dict[str, Any]]:
+    """One entry per (eval solver, NFE budget): its label, solver, kwargs, grid steps and NFE,
+    or the reason it can't meet that budget."""
+    from dsno.solvers import get, nfe as nfe_of, steps_for_nfe
     runs = []
     for spec in rc.eval.solvers:
         spec = dict(spec)
         name, order = spec.pop("name"), spec.pop("order", None)
-        label = name if order is None else f"{name}-{order}"
-        kwargs = {} if order is None else {"order": order}
+        label = (name if order is None else f"{name}-{order}") + "".join(f" {k}={v}" for k, v in spec.items())
+        kwargs = {**({} if order is None else {"order": order}), **spec}
+        stochastic = get(name).stochastic
         for budget in rc.eval.nfe:
             try:
-                steps = steps_for_nfe(name, budget, **kwargs, **spec)
+                steps = steps_for_nfe(name, budget, **kwargs)
             except ValueError as e:
                 runs.append({"method": label, "nfe": budget, "skipped": str(e)})
                 continue
-            runs.append({"method": label, "solver": name, "kwargs": {**kwargs, **spec}, "steps": steps,
-                         "nfe": nfe_of(name, steps, **kwargs, **spec)})
+            runs.append({"method": label, "solver": name, "kwargs": kwargs, "steps": steps,
+                         "nfe": nfe_of(name, steps, **kwargs), "stochastic": stochastic})
     return runs
 
 
@@ -109,13 +111,23 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
         add_row(f"teacher ({rc.solver.name}-{rc.solver.order})", teacher_nfe, xt, sec,
                 note="the solver that made DSNO's training trajectories")
 
-        for r in solver_runs(rc, teacher):
+        for r in solver_runs(rc):
             if "skipped" in r:
                 rows.append({"method": r["method"], "nfe": r["nfe"], "skipped": r["skipped"]})
                 continue
             g = timesteps(teacher.schedule, steps=r["steps"], spacing=rc.eval.spacing, t_end=t_end)
-            x, sec = timed(lambda: sample(teacher, x_T.to(dtype), g, solver=r["solver"], **r["kwargs"]).float())
-            add_row(r["method"], r["nfe"], x, sec)
+            extra = {}
+            if r["stochastic"]:   # the same sampler noise on every call, so timing reruns agree
+                extra = {"note": "stochastic (reverse SDE): converges in distribution, not to the ODE path"}
+
+            def run_solver():
+                kw = dict(r["kwargs"])
+                if r["stochastic"]:
+                    kw["generator"] = torch.Generator().manual_seed(rc.eval.seed + 1)
+                return sample(teacher, x_T.to(dtype), g, solver=r["solver"], **kw).float()
+
+            x, sec = timed(run_solver)
+            add_row(r["method"], r["nfe"], x, sec, **extra)
 
     if rc.eval.fidelity:
         _add_fidelity(rows, finals, shape, run_dir)

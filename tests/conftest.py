@@ -7,7 +7,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# tiny tensors: one thread is as fast, and avoids OpenMP oversubscription when the machine is shared
+torch.set_num_threads(1)
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 

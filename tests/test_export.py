@@ -30,13 +30,6 @@ CONFIG = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def trained_like_model(seed: int = 0):
     """A DSNO with every weight random (temporal layers included), as after training."""
@@ -50,7 +43,7 @@ def trained_like_model(seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, one_thread):
+def exported(tmp_path_factory):
     model = trained_like_model()
     folder = export_sampler(model, CONFIG, tmp_path_factory.mktemp("run") / "sampler")
     return model, folder

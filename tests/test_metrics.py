@@ -33,15 +33,6 @@ from dsno.metrics.digit_classifier import accuracy, asset_path, held_out_split, 
 FAST_KID = dict(kid_subsets=20)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads contend and run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return load_digits(16)

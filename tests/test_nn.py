@@ -24,13 +24,6 @@ UNET_KWARGS = dict(in_channels=1, out_channels=1, base_channels=8, channel_mult=
                    attn_resolutions=(4,), image_size=8, num_groups=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def randomize_(module: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
     """Overwrite every parameter with noise (the zero-initialised output layers make outputs 0 otherwise)."""

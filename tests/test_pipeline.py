@@ -50,6 +50,10 @@ def test_training_on_trajectories_of_another_solver_grid_is_refused(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert "grid" in p.stderr and "steps" in p.stderr          # the differing keys, both sides shown
     assert "Traceback" not in p.stderr
+    # another teacher (its schedule differs): refused too, naming the teacher's differing field
+    p = _run("train.py", f"run_dir={run_dir}", *TINY_RUN, "teacher.schedule.beta_max=19.0", check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "teacher" in p.stderr and "19.0" in p.stderr and "20.0" in p.stderr
 
 
 def test_bad_override_fails_before_any_work(tmp_path):

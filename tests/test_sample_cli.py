@@ -31,16 +31,9 @@ CONFIG = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
-def sampler_dir(tmp_path_factory, one_thread):
+def sampler_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = build_dsno(CONFIG)
     g = torch.Generator().manual_seed(0)

@@ -36,13 +36,6 @@ T_END = 1e-3
 STEPS = (20, 40, 80, 160)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def single_gaussian(d=8, seed=1):
     g = torch.Generator().manual_seed(seed)

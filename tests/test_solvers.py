@@ -15,14 +15,6 @@ from dsno.solvers.dpm_solver import dynamic_threshold
 from dsno.teachers import GaussianMixture, Teacher, wrap
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: one thread avoids OpenMP contention on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def mixture(schedule=None, k=3, shape=(2, 2, 2), seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -34,13 +34,6 @@ N = SCHED.num_steps
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _mixture():
     g = torch.Generator().manual_seed(0)

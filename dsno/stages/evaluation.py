@@ -136,8 +136,14 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
         "device": _device_name(), "rows": rows}
     from dsno.stages.report import write_report
     write_report(result, finals, out, rc.eval.grid_samples)
+    own_logger = logger is None and rc.logger.kind == "wandb"      # eval.py on its own: a W&B run of its own
+    if own_logger:
+        from dsno.stages.training import make_logger
+        logger = make_logger(rc, run_dir, {"stage": "eval", "experiment": rc.experiment})
     if logger is not None:
         _log_to_logger(logger, result, out)
+    if own_logger:
+        logger.experiment.finish()
     return result
 
 
@@ -153,7 +159,7 @@ def _add_fidelity(rows: list[dict[str, Any]], finals: dict[str, torch.Tensor], s
             continue
         m = compute_fidelity(finals[f"{row['method']}@{row['nfe']}"], reference, extractor=extractor,
                              cache_dir=str(cache), cache_name=f"mnist{shape[-1]}-{extractor}")
-        row.update({k: m[k] for k in ("fid", "kid", "is_mean") if k in m})
+        row.update({k: m[k] for k in ("fid", "kid", "is_mean", "precision", "recall") if k in m})
 
 
 def _device_name() -> str:
@@ -171,7 +177,7 @@ def _log_to_logger(logger, result: dict[str, Any], out: Path) -> None:
         return
     if not isinstance(logger, WandbLogger):
         return
-    cols = ["method", "nfe", "rmse_vs_reference", "sec_per_sample", "fid", "kid", "is_mean"]
+    cols = ["method", "nfe", "rmse_vs_reference", "sec_per_sample", "fid", "kid", "is_mean", "precision", "recall"]
     table = [[r.get(c) for c in cols] for r in result["rows"] if "skipped" not in r]
     logger.log_table("eval/metrics", columns=cols, data=table)
     images = sorted(out.glob("*.png"))

@@ -22,13 +22,27 @@ def _fmt(v: Any, spec: str) -> str:
 
 def equal_nfe_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per (method, NFE): RMSE vs reference, FID, KID, IS, seconds per sample."""
-    lines = ["| method | NFE | RMSE vs reference | FID | KID | IS | ms / sample |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | NFE | RMSE vs reference | FID | KID | IS | precision / recall | ms / sample |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['method']} | {r['nfe']} | skipped: {r['skipped']} | | | | |")
+            lines.append(f"| {r['method']} | {r['nfe']} | skipped: {r['skipped']} | | | | | |")
             continue
         lines.append(f"| {r['method']} | {r['nfe']} | {r['rmse_vs_reference']:.4f} | {_fmt(r.get('fid'), '.2f')} | "
-                     f"{_fmt(r.get('kid'), '.4f')} | {_fmt(r.get('is_mean'), '.2f')} | {1e3 * r['sec_per_sample']:.3f} |")
+                     f"{_fmt(r.get('kid'), '.4f')} | {_fmt(r.get('is_mean'), '.2f')} | "
+                     f"{_fmt(r.get('precision'), '.2f')} / {_fmt(r.get('recall'), '.2f')} | {1e3 * r['sec_per_sample']:.3f} |")
+    return "\n".join(lines)
+
+
+def pivot_table(rows: list[dict[str, Any]], key: str = "rmse_vs_reference", spec: str = ".4f") -> str:
+    """Markdown: one line per method, one column per NFE, cells `key` (blank: budget not met)."""
+    done = [r for r in rows if "skipped" not in r and r.get(key) is not None]
+    nfes = sorted({r["nfe"] for r in done})
+    methods = list(dict.fromkeys(r["method"] for r in done))
+    cell = {(r["method"], r["nfe"]): r[key] for r in done}
+    lines = ["| method | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---:|" * len(nfes)]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(format(cell[m, n], spec) if (m, n) in cell else "" for n in nfes) + " |")
     return "\n".join(lines)
 
 
@@ -116,7 +130,9 @@ def write_report(result: dict[str, Any], finals: dict[str, torch.Tensor], out: P
           f"{result['num_samples']} samples from the same noise for every method; reference: "
           f"{result['reference']['solver']} with {result['reference']['steps']} steps in float64. "
           f"Device: {result['device']}.", "",
-          "## Quality at equal NFE", "", equal_nfe_table(result["rows"]), "",
+          "## Quality at equal NFE", "", "RMSE of the final sample against the reference:", "",
+          pivot_table(result["rows"]), "", "FID against the real digits (digit-classifier features):", "",
+          pivot_table(result["rows"], "fid", ".1f"), "", "Every run:", "", equal_nfe_table(result["rows"]), "",
           "## Quality at equal wall-clock", "", at_dsno_cost(result["rows"]), "", equal_time_table(result["rows"]), "",
           "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + \
          ["", "## Samples (same noise)", ""] + \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ def make_logger(rc: RunConfig, run_dir: Path, config: dict[str, Any]):
 
 def make_trainer(rc: RunConfig, run_dir: Path, logger, extra_callbacks=()) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
+    # the EMA copy is kept in eval mode on purpose; Lightning would warn about it at every start
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                            every_n_train_steps=rc.train.checkpoint_every)
     t = rc.trainer

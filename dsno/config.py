@@ -125,6 +125,8 @@ class EvalConfig:
     spacing: str = "logsnr"
     reference_steps: int = 500
     fidelity: bool = True
+    fidelity_reference: Optional[str] = None    # RGB teachers: .npz of real uint8 images [N, H, W, C]
+    inception_weights: Optional[str] = None     # RGB teachers: local Inception file (else torch's hub cache)
     grid_samples: int = 64
     seed: int = 1234
 
@@ -281,6 +283,10 @@ def _check(c: RunConfig) -> None:
         except ValueError as e:
             _fail(f"eval.solvers[{i}]", s, str(e))
     _choice("eval.spacing", c.eval.spacing, tuple(SPACINGS))
+    for key in ("fidelity_reference", "inception_weights"):
+        path = getattr(c.eval, key)
+        if path is not None and not os.path.isfile(path):
+            _fail(f"eval.{key}", path, "does not exist; give a local file")
     _positive_int("eval.reference_steps", c.eval.reference_steps)
     for f in c.export.forms:
         _choice("export.forms", f, ("safetensors", "pt2", "onnx"))

@@ -75,6 +75,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     sampler = load_sampler(sampler_path)
     teacher = build_teacher(rc.teacher)
     shape = sample_shape(teacher, rc.teacher)
+    check_prerequisites(rc, shape)
     if list(sampler.config.get("image_shape", shape)) != list(shape):
         raise ValueError(f"sampler at {sampler_path} makes images of shape {sampler.config['image_shape']}, "
                          f"the teacher of experiment {rc.experiment} {list(shape)}")
@@ -130,7 +131,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
             add_row(r["method"], r["nfe"], x, sec, **extra)
 
     if rc.eval.fidelity:
-        _add_fidelity(rows, finals, shape, run_dir)
+        _add_fidelity(rows, finals, shape, rc)
     result = {"experiment": rc.experiment, "num_samples": n, "reference": {
         "solver": "dpm_solver_pp-3", "steps": rc.eval.reference_steps, "dtype": "float64"},
         "device": _device_name(), "rows": rows}
@@ -147,18 +148,37 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     return result
 
 
-def _add_fidelity(rows: list[dict[str, Any]], finals: dict[str, torch.Tensor], shape, run_dir: Path) -> None:
+def check_prerequisites(rc: RunConfig, shape: tuple[int, ...]) -> None:
+    """Fail before any work if eval will need files that are not there (RGB FID inputs)."""
+    if rc.eval.fidelity and shape[0] != 1:
+        from dsno.metrics.fidelity import inception_weights_path
+        if rc.eval.fidelity_reference is None:
+            raise FileNotFoundError(
+                "FID for RGB images needs real reference images: set eval.fidelity_reference=FILE.npz "
+                "(uint8 [N, H, W, C], e.g. the CIFAR-10 training set), or eval.fidelity=false")
+        inception_weights_path(rc.eval.inception_weights)
+
+
+def _add_fidelity(rows: list[dict[str, Any]], finals: dict[str, torch.Tensor], shape, rc: RunConfig) -> None:
+    """FID / KID / IS / precision-recall of every run against real images: the shipped digits with
+    the digit-classifier features for 1-channel teachers, else eval.fidelity_reference with Inception."""
     from dsno.metrics.fidelity import compute_fidelity, reference_digits
     if shape[0] == 1:
-        reference, extractor = reference_digits(shape[-1]), "digits"
+        reference, extractor, name = reference_digits(shape[-1]), "digits", f"mnist{shape[-1]}"
     else:
-        raise NotImplementedError("FID for RGB teachers needs the CIFAR reference images; set eval.fidelity=false")
-    cache = run_dir.parent / ".fidelity_cache"
+        import numpy as np
+        with np.load(rc.eval.fidelity_reference) as z:
+            images = z[z.files[0]]
+        reference = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        extractor, name = "inception", Path(rc.eval.fidelity_reference).stem
+    cache = Path(rc.run_dir).parent / ".fidelity_cache"
     for row in rows:
         if "skipped" in row:
             continue
         m = compute_fidelity(finals[f"{row['method']}@{row['nfe']}"], reference, extractor=extractor,
-                             cache_dir=str(cache), cache_name=f"mnist{shape[-1]}-{extractor}")
+                             inception_weights=rc.eval.inception_weights if extractor == "inception" else None,
+                             cache_dir=str(cache),
+                             cache_name=f"{name}-{extractor}")
         row.update({k: m[k] for k in ("fid", "kid", "is_mean", "precision", "recall") if k in m})
 
 

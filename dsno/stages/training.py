@@ -77,6 +77,9 @@ def run(rc: RunConfig, config_for_logging: dict[str, Any] | None = None, evaluat
     L.seed_everything(rc.seed, workers=True, verbose=False)
     teacher = build_teacher(rc.teacher)
     shape = sample_shape(teacher, rc.teacher)
+    if evaluate:
+        from dsno.stages.evaluation import check_prerequisites
+        check_prerequisites(rc, shape)
     data_dir = Path(rc.data.dir)
     if rc.data.repair or not _dataset_complete(data_dir):
         if not rc.data.repair:

@@ -92,8 +92,9 @@ def run(rc: RunConfig, config_for_logging: dict[str, Any] | None = None, evaluat
     weights = time_weights(teacher.schedule, rc.data.times, rc.train.weight_min, rc.train.weight_max)
     module = DSNOModule(model, TrajectoryLoss(weights, rc.train.loss), rc.train.lr, rc.train.warmup_steps,
                         rc.train.ema_decay)
-    data = StepTrajectoryData(rc.data.dir, rc.train.batch_size, rc.seed, rc.data.val_fraction,
-                              rc.data.num_workers, rc.data.verify, expected)
+    data = StepTrajectoryData(rc.data.dir, rc.train.batch_size, num_workers=rc.data.num_workers,
+                              val_fraction=rc.data.val_fraction, seed=rc.seed, expected_fingerprint=expected,
+                              verify=rc.data.verify)
     trainer = make_trainer(rc, run_dir, make_logger(rc, run_dir, config_for_logging or {}))
     last = run_dir / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if rc.train.resume and last.is_file() else None

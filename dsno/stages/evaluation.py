@@ -36,6 +36,12 @@ def timed(fn: Callable[[], torch.Tensor], repeats: int = 1) -> tuple[torch.Tenso
     return out, best
 
 
+def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int,
+               device: torch.device | str) -> torch.Tensor:
+    """fn over x in batches of batch_size on `device`; the results concatenated on the CPU."""
+    return torch.cat([fn(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+
+
 def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Root mean squared error over samples and pixels (float64)."""
     return float((x.double() - ref.double()).square().mean().sqrt())
@@ -72,8 +78,9 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     out = run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     sampler_path = Path(sampler_path) if sampler_path else run_dir / "sampler"
-    sampler = load_sampler(sampler_path)
-    teacher = build_teacher(rc.teacher)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sampler = load_sampler(sampler_path, device=device)
+    teacher = build_teacher(rc.teacher).to(device)
     shape = sample_shape(teacher, rc.teacher)
     check_prerequisites(rc, shape)
     if list(sampler.config.get("image_shape", shape)) != list(shape):
@@ -81,15 +88,21 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
                          f"the teacher of experiment {rc.experiment} {list(shape)}")
     if abs(sampler.times[-1] - rc.solver.t_end) > 1e-12:
         raise ValueError(f"sampler's last time {sampler.times[-1]} differs from solver.t_end {rc.solver.t_end}")
-    n, dtype = rc.eval.num_samples, trajectories.working_dtype(teacher)
+    n, bs, dtype = rc.eval.num_samples, rc.eval.batch_size, trajectories.working_dtype(teacher)
     x_T = torch.randn(n, *shape, generator=torch.Generator().manual_seed(rc.eval.seed))
     t_end = rc.solver.t_end
+
+    def solve(grid: torch.Tensor, solver: str, **kwargs: Any) -> Callable[[], torch.Tensor]:
+        return lambda: in_batches(lambda x: sample(teacher, x.to(dtype), grid, solver=solver, **kwargs).float(),
+                                  x_T, bs, device)
 
     log.info("eval: float64 reference (%d steps of 3rd-order DPM-Solver++) on %d samples", rc.eval.reference_steps, n)
     ref_grid = timesteps(teacher.schedule, steps=rc.eval.reference_steps, spacing="logsnr", t_end=t_end)
     with torch.no_grad():
-        ref = sample(teacher.double(), x_T.double(), ref_grid, solver="dpm_solver_pp", order=3).float()
-    teacher.to(dtype)
+        teacher.double()
+        ref = in_batches(lambda x: sample(teacher, x.double(), ref_grid, solver="dpm_solver_pp", order=3).float(),
+                         x_T, bs, device)
+        teacher.to(dtype)
 
     finals: dict[str, torch.Tensor] = {"reference": ref}
     rows: list[dict[str, Any]] = []
@@ -100,16 +113,14 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
         finals[f"{method}@{nfe}"] = x
 
     with torch.no_grad():
-        traj, sec = timed(lambda: sampler(x_T))
-        add_row("dsno", 1, traj[:, -1], sec, note=f"one pass, backbone on M={len(sampler.times)} time points")
+        x, sec = timed(lambda: in_batches(lambda z: sampler(z)[:, -1], x_T, bs, device))
+        add_row("dsno", 1, x, sec, note=f"one pass, backbone on M={len(sampler.times)} time points")
 
-        times = [float(t) for t in rc.data.times]
-        grid = trajectories.solver_grid(teacher, rc.solver, times)
         from dsno.solvers import nfe as nfe_of
+        grid = trajectories.solver_grid(teacher, rc.solver, [float(t) for t in rc.data.times])
         teacher_nfe = nfe_of(rc.solver.name, len(grid) - 1, order=rc.solver.order, **rc.solver.options)
-        xt, sec = timed(lambda: sample(teacher, x_T.to(dtype), grid, solver=rc.solver.name,
-                                       order=rc.solver.order, **rc.solver.options).float())
-        add_row(f"teacher ({rc.solver.name}-{rc.solver.order})", teacher_nfe, xt, sec,
+        x, sec = timed(solve(grid, rc.solver.name, order=rc.solver.order, **rc.solver.options))
+        add_row(f"teacher ({rc.solver.name}-{rc.solver.order})", teacher_nfe, x, sec,
                 note="the solver that made DSNO's training trajectories")
 
         for r in solver_runs(rc):
@@ -117,18 +128,17 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
                 rows.append({"method": r["method"], "nfe": r["nfe"], "skipped": r["skipped"]})
                 continue
             g = timesteps(teacher.schedule, steps=r["steps"], spacing=rc.eval.spacing, t_end=t_end)
-            extra = {}
-            if r["stochastic"]:   # the same sampler noise on every call, so timing reruns agree
-                extra = {"note": "stochastic (reverse SDE): converges in distribution, not to the ODE path"}
-
-            def run_solver():
-                kw = dict(r["kwargs"])
-                if r["stochastic"]:
-                    kw["generator"] = torch.Generator().manual_seed(rc.eval.seed + 1)
-                return sample(teacher, x_T.to(dtype), g, solver=r["solver"], **kw).float()
-
-            x, sec = timed(run_solver)
-            add_row(r["method"], r["nfe"], x, sec, **extra)
+            if r["stochastic"]:
+                # a fresh generator of fixed seed per call: the timed rerun draws the same sampler noise
+                def run_solver(r=r, g=g):
+                    return solve(g, r["solver"], generator=torch.Generator(device).manual_seed(rc.eval.seed + 1),
+                                 **r["kwargs"])()
+                x, sec = timed(run_solver)
+                add_row(r["method"], r["nfe"], x, sec,
+                        note="stochastic (reverse SDE): converges in distribution, not to the ODE path")
+            else:
+                x, sec = timed(solve(g, r["solver"], **r["kwargs"]))
+                add_row(r["method"], r["nfe"], x, sec)
 
     if rc.eval.fidelity:
         _add_fidelity(rows, finals, shape, rc)

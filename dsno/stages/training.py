@@ -103,7 +103,7 @@ def run(rc: RunConfig, config_for_logging: dict[str, Any] | None = None, evaluat
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     except RuntimeError as e:
-        if ckpt_path and "state_dict" in str(e):
+        if ckpt_path and "Error(s) in loading state_dict" in str(e):
             raise RuntimeError(f"{last} was written by a run with another model config; use another "
                                f"run_dir or train.resume=false to start over\n{e}") from e
         raise

@@ -202,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_key_values(sys.argv[1:] if argv is None else argv,
                             {"run_dir": None, "forms": "safetensors,pt2,onnx", "out": None}, ["run_dir"], usage)
     try:
-        out = export_run(args["run_dir"], [f for f in args["forms"].split(",") if f], args["out"])
+        forms = [f.strip() for f in args["forms"].strip("[]").split(",") if f.strip()]   # a,b or Hydra's [a,b]
+        out = export_run(args["run_dir"], forms, args["out"])
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     print(f"wrote {out}")

@@ -289,6 +289,14 @@ def fmt(v: float) -> str:
 
 def report(acc: dict, over: tuple, ords: list, args, seconds: float) -> str:
     ours, diff = acc["ours"], acc["diffusers"]
+
+    def table_rows(k: int) -> list[str]:
+        """One line per method; cell k of each (NFE -> (rmse, median)) entry, '-' where not run."""
+        named = [(f"ours: {label}", ours[label]) for label, *_ in OURS] + \
+                [(f"diffusers: {label}", diff[label]) for label in diff]
+        return [f"| {name} | " + " | ".join(fmt(r[n][k]) if n in r else "-" for n in NFES) + " |"
+                for name, r in named]
+
     lines = [f"Command: `python benchmarks/solvers.py{''.join(' ' + a for a in args)}`",
              f"Machine: {machine()}; torch threads: {torch.get_num_threads()}.",
              f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; run time {seconds:.0f} s.", "",
@@ -303,23 +311,13 @@ def report(acc: dict, over: tuple, ords: list, args, seconds: float) -> str:
              "sde_dpm_solver_pp) sample the reverse SDE, not this ODE path, and are not in the table.", "",
              "| method | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
              "|---|" + "---|" * len(NFES)]
-    for label, _, _, _, _ in OURS:
-        lines.append(f"| ours: {label} | " + " | ".join(fmt(ours[label][n][0]) if n in ours[label] else "-"
-                                                       for n in NFES) + " |")
-    for label in diff:
-        lines.append(f"| diffusers: {label} | " + " | ".join(fmt(diff[label][n][0]) if n in diff[label] else "-"
-                                                            for n in NFES) + " |")
+    lines += table_rows(0)
 
     lines += ["", "The RMSE is dominated by the few samples whose trajectory ends near another mixture component "
               "(per-sample error ~0.3; 64 components with variances down to 0.01 make the flow's basins sharp). "
               "Median over samples of the per-sample RMSE, the typical accuracy:", "",
               "| method | " + " | ".join(f"NFE {n}" for n in NFES) + " |", "|---|" + "---|" * len(NFES)]
-    for label, _, _, _, _ in OURS:
-        lines.append(f"| ours: {label} | " + " | ".join(fmt(ours[label][n][1]) if n in ours[label] else "-"
-                                                       for n in NFES) + " |")
-    for label in diff:
-        lines.append(f"| diffusers: {label} | " + " | ".join(fmt(diff[label][n][1]) if n in diff[label] else "-"
-                                                            for n in NFES) + " |")
+    lines += table_rows(1)
 
     def best(rows, n, k=0):
         cands = [(r[n][k], lab) for lab, r in rows.items() if n in r and math.isfinite(r[n][k])]

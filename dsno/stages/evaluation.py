@@ -3,7 +3,6 @@ float64 reference solution of the teacher's ODE and with torch-fidelity; a repor
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -16,7 +15,6 @@ import torch
 from dsno.builders import build_teacher, sample_shape
 from dsno.config import RunConfig
 from dsno.stages import trajectories
-from dsno.teachers.base import Teacher
 
 log = logging.getLogger("dsno")
 
@@ -92,16 +90,17 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     x_T = torch.randn(n, *shape, generator=torch.Generator().manual_seed(rc.eval.seed))
     t_end = rc.solver.t_end
 
-    def solve(grid: torch.Tensor, solver: str, **kwargs: Any) -> Callable[[], torch.Tensor]:
-        return lambda: in_batches(lambda x: sample(teacher, x.to(dtype), grid, solver=solver, **kwargs).float(),
+    def solve(grid: torch.Tensor, solver: str, as_dtype: torch.dtype = dtype, **kwargs: Any
+              ) -> Callable[[], torch.Tensor]:
+        """A call that solves every x_T in batches on `grid` with `solver`, in `as_dtype`."""
+        return lambda: in_batches(lambda x: sample(teacher, x.to(as_dtype), grid, solver=solver, **kwargs).float(),
                                   x_T, bs, device)
 
     log.info("eval: float64 reference (%d steps of 3rd-order DPM-Solver++) on %d samples", rc.eval.reference_steps, n)
     ref_grid = timesteps(teacher.schedule, steps=rc.eval.reference_steps, spacing="logsnr", t_end=t_end)
     with torch.no_grad():
         teacher.double()
-        ref = in_batches(lambda x: sample(teacher, x.double(), ref_grid, solver="dpm_solver_pp", order=3).float(),
-                         x_T, bs, device)
+        ref = solve(ref_grid, "dpm_solver_pp", torch.float64, order=3)()
         teacher.to(dtype)
 
     finals: dict[str, torch.Tensor] = {"reference": ref}

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from dsno.builders import build_student, build_teacher, sample_shape
 from dsno.config import RunConfig
@@ -24,12 +23,10 @@ log = logging.getLogger("dsno")
 
 
 def _dataset_complete(data_dir: Path) -> bool:
-    m = data_dir / "manifest.json"
-    if not m.is_file():
-        return False
+    from dsno.data import DatasetError, load_manifest
     try:
-        return bool(json.loads(m.read_text()).get("complete"))
-    except ValueError:
+        return load_manifest(data_dir).complete
+    except DatasetError:      # missing or unreadable: the teacher stage (re)makes or reports it
         return False
 
 

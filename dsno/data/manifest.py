@@ -23,6 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from dsno.errors import UserError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ROLES = ("x_T", "states")
@@ -34,7 +36,7 @@ GENERATE_HINT = "python -m data_gen experiment=<name>"
 REPAIR_HINT = "python -m data_gen experiment=<name> <same overrides> data.repair=true"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """Base class of every error about a trajectory data set."""
 
 

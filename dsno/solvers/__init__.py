@@ -5,10 +5,11 @@
     nfe("heun", 10) == 20; steps_for_nfe("dpm_solver", 9, order=3) == 3
 
 Solvers (`available()`): ddim, deis (tab / logrho / rhoab / rhork), ipndm, dpm_solver,
-dpm_solver_pp, unipc (bh1 / bh2), euler, heun, and the stochastic ddpm, sde_dpm_solver_pp.
+dpm_solver_pp, unipc (bh1 / bh2), euler, heun, usf (per-step schedules, `dsno.solvers.usf`), and the
+stochastic ddpm, sde_dpm_solver_pp.
 """
 
-from dsno.solvers import ddim, deis, dpm_solver, ipndm, pf_ode, sde, unipc  # noqa: F401  (registers them)
+from dsno.solvers import ddim, deis, dpm_solver, ipndm, pf_ode, sde, unipc, usf  # noqa: F401  (registers them)
 from dsno.solvers.api import sample
 from dsno.solvers.core import LOWER_ORDER_FINAL_BELOW
 from dsno.solvers.grids import SPACINGS, check_grid, from_grid, timesteps

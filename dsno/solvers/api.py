@@ -9,14 +9,15 @@ import torch
 from dsno.solvers.registry import get
 
 
-def sample(teacher, x_T: torch.Tensor, ts: Any, solver: str = "dpm_solver_pp", order: int | None = None,
+def sample(teacher, x_T: torch.Tensor, ts: Any = None, solver: str = "dpm_solver_pp", order: int | None = None,
            return_trajectory: bool = False, **options: Any) -> torch.Tensor:
     """Solve the teacher's probability-flow ODE (or reverse SDE) from x_T at ts[0] along ts.
 
     teacher: a dsno Teacher (eps / x0 / v prediction, continuous or discrete time).
     x_T: [B, ...] in the working dtype (coefficients are float64, cast to it).
     ts: decreasing schedule times [N + 1] (`timesteps(...)`, `timesteps.from_grid(...)`, or any
-    tensor / sequence; validated). order: None for the solver's default.
+    tensor / sequence; validated); None for a solver that carries its own (solver="usf",
+    schedule=PATH_OR_SCHEDULE). order: None for the solver's default.
     Returns the state at ts[-1] [B, ...] (the data prediction there with denoise_to_zero=True),
     or with return_trajectory the states [len(ts), B, ...] (traj[0] is x_T, traj[i] the state at
     ts[i]; with denoise_to_zero the denoised output is appended as one more entry).

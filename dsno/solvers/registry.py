@@ -31,7 +31,8 @@ class SolverSpec:
     """name; fn: the checked entry point; orders: the orders it has (default_order first in
     its signature); cost(steps, order, options) -> model evaluations; cost_rule: cost in words;
     options: name -> default; stochastic: integrates the reverse SDE (its sample depends on the
-    noise, so it converges to the data distribution, not to the ODE's sample path)."""
+    noise, so it converges to the data distribution, not to the ODE's sample path); grid(options):
+    the grid used when ts is omitted (a solver that carries its own timesteps, e.g. usf), else None."""
 
     name: str
     fn: Callable[..., torch.Tensor]
@@ -41,6 +42,7 @@ class SolverSpec:
     cost_rule: str
     options: Mapping[str, Any]
     stochastic: bool
+    grid: Callable[[Mapping[str, Any]], Any] | None = None
 
     def resolve(self, order: Any, options: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
         """The order to use (default when None) and the full option set; raise on bad ones."""
@@ -57,9 +59,11 @@ class SolverSpec:
         return int(order), {**self.options, **options}
 
 
-def register(name: str, *, orders: Sequence[int], cost: Cost, cost_rule: str, stochastic: bool = False) -> Callable:
+def register(name: str, *, orders: Sequence[int], cost: Cost, cost_rule: str, stochastic: bool = False,
+             grid: Callable[[Mapping[str, Any]], Any] | None = None) -> Callable:
     """Register `fn` under `name`; its keyword-only parameters after `order` and
-    `return_trajectory` are its options (with their defaults); `order`'s default is the solver's."""
+    `return_trajectory` are its options (with their defaults); `order`'s default is the solver's.
+    grid(options): the solver's own grid when the caller gives no ts."""
 
     def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         params = list(inspect.signature(fn).parameters.values())
@@ -70,18 +74,22 @@ def register(name: str, *, orders: Sequence[int], cost: Cost, cost_rule: str, st
         options = {p.name: p.default for p in params[5:]}
 
         @functools.wraps(fn)
-        def entry(teacher: Any, x: torch.Tensor, ts: Any, *, order: int | None = None,
+        def entry(teacher: Any, x: torch.Tensor, ts: Any = None, *, order: int | None = None,
                   return_trajectory: bool = False, **opts: Any) -> torch.Tensor:
             order, opts = spec.resolve(order, opts)
             _check_teacher(teacher)
             if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim >= 1 and x.shape[0] > 0):
                 raise ValueError(f"x must be a floating-point tensor [B, ...] with B >= 1, got "
                                  f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+            if ts is None:
+                if spec.grid is None:
+                    raise ValueError(f"solver {name!r} needs a grid ts (e.g. dsno.timesteps(schedule, steps=10))")
+                ts = spec.grid(opts)
             grid = check_grid(teacher.schedule, ts)
             return fn(teacher, x, grid, order=order, return_trajectory=bool(return_trajectory), **opts)
 
         spec = SolverSpec(name=name, fn=entry, orders=tuple(orders), default_order=params[3].default,
-                          cost=cost, cost_rule=cost_rule, options=options, stochastic=stochastic)
+                          cost=cost, cost_rule=cost_rule, options=options, stochastic=stochastic, grid=grid)
         if spec.default_order not in spec.orders:
             raise TypeError(f"solver {name!r}: default order {spec.default_order} not in {spec.orders}")
         _REGISTRY[name] = spec
@@ -127,7 +135,7 @@ def steps_for_nfe(solver: str, nfe: int, order: int | None = None, **options: An
     spec = get(solver)
     order, opts = spec.resolve(order, options)
     budget = _check_count("nfe", nfe)
-    for steps in range(1, budget + 1):
+    for steps in range(1, budget + 2):          # budget + 1: an analytic first step saves one evaluation
         if spec.cost(steps, order, opts) == budget:
             return steps
     limit = max(12, budget + 2 * max(spec.orders) + 1)

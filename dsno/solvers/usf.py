@@ -1,0 +1,421 @@
+"""Solver schedules of the unified sampling framework (USF, Liu et al. 2024): one set of
+decisions per step, read and written as YAML, and the executor that runs them.
+
+A schedule of N steps holds the times ts[0] > ... > ts[N] and, for step i (ts[i] -> ts[i+1]):
+
+- prediction: "data" (x0, the data form of the exponential integrator) or "noise" (eps);
+- order k (1..4): the Taylor order in lambda = log(alpha / sigma) of the update
+      x_t = ratio x_s - gain (z phi_1(z) f_s + sum_{j=1}^{k-1} z phi_{j+1}(z) D_j),
+  D_j ~ h^j f^(j)(lambda_s), h = lambda_t - lambda_s (see `coefficients.exponential_frame`);
+- points: the past evaluations the derivatives are estimated from, as lags (1 = the one at
+  ts[i-1]); est_order n: D_1..D_n solve the Taylor system f_m - f_s = sum_j r_m^j / j! D_j over
+  the points (r_m = (lambda_m - lambda_s) / h; least squares when there are more points than n);
+  the update needs n >= k - 1;
+- relax, coef: the first derivative's weight: "linear" scales D_1 by 1 + coef h (coef = 0: the
+  plain Taylor update); "bh1" / "bh2" (UniPC's B(h) = h / e^h - 1) weight D_1 by B(h) / 2 in a
+  second-order update (DPM-Solver++'s "midpoint" is bh2) and leave higher orders exact;
+- corrector: "none" or "pseudo": evaluate the teacher at the predicted state, then redo the update
+  one order higher with that evaluation as one more point (r = 1), UniC-style; the next step reuses
+  the evaluation, so it costs no extra model evaluation (not allowed on the last step, where it would).
+
+afs (analytic first step): "none", "zero" (x0 := 0 at ts[0], i.e. eps := x_T / sigma_T) or
+"mean" (x0 := the data mean) replaces the first model evaluation: NFE = N - 1 instead of N.
+Every fixed multistep solver of the library that the framework covers is a schedule
+(`from_solver`), and runs to the same result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from dsno.errors import UserError
+from dsno.solvers.coefficients import exponential_frame, phi
+from dsno.solvers.core import Point, Trajectory, combine, grid_points, step_orders
+from dsno.solvers.registry import register
+
+PREDICTIONS = ("data", "noise")
+RELAXATIONS = ("linear", "bh1", "bh2")
+CORRECTORS = ("none", "pseudo")
+AFS = ("none", "zero", "mean")
+MAX_ORDER = 4
+_TOP_KEYS = ("nfe", "afs", "timesteps", "steps", "score", "cost", "search")
+_STEP_KEYS = ("prediction", "order", "points", "est_order", "relax", "coef", "corrector")
+
+
+class ScheduleError(UserError):
+    """A solver schedule is invalid; the message names the file / key and the fix."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """The decisions of one step (see the module doc)."""
+
+    prediction: str = "data"
+    order: int = 1
+    points: tuple[int, ...] = ()
+    est_order: int = 0
+    relax: str = "linear"
+    coef: float = 0.0
+    corrector: str = "none"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """ts: N + 1 decreasing schedule times; steps: N Steps; afs; nfe: the declared model
+    evaluations (checked); info: free metadata kept in the YAML (score, cost, search)."""
+
+    ts: tuple[float, ...]
+    steps: tuple[Step, ...]
+    afs: str = "none"
+    nfe: int | None = None
+    info: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def cost(self) -> int:
+        """Model evaluations a run costs: one at the start of every step, but the first with AFS."""
+        return len(self.steps) - (self.afs != "none")
+
+    @property
+    def max_order(self) -> int:
+        return max(s.order for s in self.steps)
+
+    def declared(self) -> "Schedule":
+        """This schedule with its nfe declared (= cost)."""
+        return replace(self, nfe=self.cost)
+
+
+def _where(source: str | None) -> str:
+    return f"schedule {source}" if source else "schedule"
+
+
+def validate(s: Schedule, source: str | None = None) -> Schedule:
+    """Return `s` if it is a valid schedule, else raise ScheduleError (one line, naming the key)."""
+    w = _where(source)
+    ts = list(s.ts)
+    if len(ts) < 2:
+        raise ScheduleError(f"{w}: timesteps must hold at least 2 times (start and end), got {len(ts)}")
+    for i, t in enumerate(ts):
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ScheduleError(f"{w}: timesteps[{i}] = {t!r} must be a finite number")
+    for i in range(len(ts) - 1):
+        if not ts[i] > ts[i + 1]:
+            raise ScheduleError(f"{w}: timesteps must strictly decrease (noise to data), but timesteps[{i + 1}] = "
+                                f"{ts[i + 1]!r} follows timesteps[{i}] = {ts[i]!r}; sort them and drop repeats")
+    if len(s.steps) != len(ts) - 1:
+        raise ScheduleError(f"{w}: {len(ts)} timesteps make {len(ts) - 1} steps, but steps lists {len(s.steps)}; "
+                            f"give one entry per step")
+    if s.afs not in AFS:
+        raise ScheduleError(f"{w}: afs={s.afs!r} must be one of {', '.join(AFS)}")
+    for i, st in enumerate(s.steps):
+        _validate_step(st, i, len(s.steps), w)
+    if s.nfe is not None and (isinstance(s.nfe, bool) or s.nfe != s.cost):
+        raise ScheduleError(f"{w}: declares nfe={s.nfe!r}, but its {len(s.steps)} steps with afs={s.afs} cost "
+                            f"{s.cost} model evaluations; set nfe: {s.cost}")
+    return s
+
+
+def _validate_step(st: Step, i: int, n_steps: int, w: str) -> None:
+    key = f"{w}: steps[{i}]"
+    if st.prediction not in PREDICTIONS:
+        raise ScheduleError(f"{key}.prediction={st.prediction!r} must be one of {', '.join(PREDICTIONS)}")
+    if isinstance(st.order, bool) or not isinstance(st.order, int) or not 1 <= st.order <= MAX_ORDER:
+        raise ScheduleError(f"{key}.order={st.order!r} must be an integer in 1..{MAX_ORDER}")
+    if isinstance(st.est_order, bool) or not isinstance(st.est_order, int) or st.est_order < 0:
+        raise ScheduleError(f"{key}.est_order={st.est_order!r} must be an integer >= 0")
+    if st.order - 1 > st.est_order:
+        raise ScheduleError(f"{key}.order={st.order} needs est_order >= {st.order - 1} derivatives, got "
+                            f"est_order={st.est_order}; raise est_order or lower the order")
+    if any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in st.points) or \
+            len(set(st.points)) != len(st.points):
+        raise ScheduleError(f"{key}.points={list(st.points)} must be distinct lags >= 1 (1 = the previous "
+                            f"evaluation)")
+    if len(st.points) < st.est_order:
+        raise ScheduleError(f"{key}.est_order={st.est_order} needs at least {st.est_order} past points, got "
+                            f"points={list(st.points)}")
+    if st.points and max(st.points) > i:
+        have = f"only {i} exist" if i else "none exist"
+        raise ScheduleError(f"{key}.points={list(st.points)} uses the evaluation {max(st.points)} steps back, but "
+                            f"{have} before step {i}; use lags <= {i} and an order <= {i + 1}")
+    if st.relax not in RELAXATIONS:
+        raise ScheduleError(f"{key}.relax={st.relax!r} must be one of {', '.join(RELAXATIONS)}")
+    if isinstance(st.coef, bool) or not isinstance(st.coef, (int, float)) or not math.isfinite(st.coef):
+        raise ScheduleError(f"{key}.coef={st.coef!r} must be a finite number")
+    if st.relax != "linear" and st.coef != 0.0:
+        raise ScheduleError(f"{key}.coef={st.coef!r} applies to relax=linear only; set coef: 0 for relax={st.relax}")
+    if st.corrector not in CORRECTORS:
+        raise ScheduleError(f"{key}.corrector={st.corrector!r} must be one of {', '.join(CORRECTORS)}")
+    if st.corrector == "pseudo" and i == n_steps - 1:
+        raise ScheduleError(f"{key}.corrector=pseudo on the last step would cost one more model evaluation; "
+                            f"set corrector: none there")
+
+
+# --- YAML ----------------------------------------------------------------------------------
+
+def to_dict(s: Schedule) -> dict[str, Any]:
+    """The YAML mapping of a schedule (plain Python types)."""
+    out: dict[str, Any] = {"nfe": s.cost, "afs": s.afs, "timesteps": [float(t) for t in s.ts],
+                           "steps": [{**asdict(st), "points": list(st.points), "coef": float(st.coef)}
+                                     for st in s.steps]}
+    out.update({k: v for k, v in s.info.items() if k in _TOP_KEYS})
+    return out
+
+
+def from_dict(d: Any, source: str | None = None) -> Schedule:
+    """A validated Schedule from its mapping (as `to_dict` writes it)."""
+    w = _where(source)
+    if not isinstance(d, Mapping):
+        raise ScheduleError(f"{w}: must be a mapping with keys nfe, afs, timesteps, steps; got {type(d).__name__}")
+    unknown = sorted(set(d) - set(_TOP_KEYS))
+    if unknown:
+        raise ScheduleError(f"{w}: unknown key {unknown[0]!r}; the keys are: {', '.join(_TOP_KEYS)}")
+    for k in ("nfe", "timesteps", "steps"):
+        if k not in d:
+            raise ScheduleError(f"{w}: missing key {k!r} (a schedule needs nfe, timesteps and steps)")
+    if not isinstance(d["timesteps"], (list, tuple)) or not isinstance(d["steps"], (list, tuple)):
+        raise ScheduleError(f"{w}: timesteps and steps must be lists")
+    steps = []
+    for i, st in enumerate(d["steps"]):
+        if not isinstance(st, Mapping):
+            raise ScheduleError(f"{w}: steps[{i}] must be a mapping of {', '.join(_STEP_KEYS)}")
+        bad = sorted(set(st) - set(_STEP_KEYS))
+        if bad:
+            raise ScheduleError(f"{w}: steps[{i}] has unknown key {bad[0]!r}; the keys are: {', '.join(_STEP_KEYS)}")
+        if "order" not in st:
+            raise ScheduleError(f"{w}: steps[{i}] lacks 'order'")
+        order = st["order"]
+        points = st.get("points", list(range(1, order)) if isinstance(order, int) else [])
+        if not isinstance(points, (list, tuple)):
+            raise ScheduleError(f"{w}: steps[{i}].points={points!r} must be a list of lags")
+        est = st.get("est_order", len(points))
+        steps.append(Step(prediction=st.get("prediction", "data"), order=order, points=tuple(points), est_order=est,
+                          relax=st.get("relax", "linear"), coef=st.get("coef", 0.0),
+                          corrector=st.get("corrector", "none")))
+    info = {k: d[k] for k in ("score", "cost", "search") if k in d}
+    ts = d["timesteps"]
+    ts = tuple(float(t) if isinstance(t, int) and not isinstance(t, bool) else t for t in ts)
+    return validate(Schedule(ts=ts, steps=tuple(steps), afs=d.get("afs", "none"), nfe=d["nfe"], info=info), source)
+
+
+def load(src: "str | os.PathLike | Schedule | Mapping") -> Schedule:
+    """A validated Schedule from a YAML path, a mapping or a Schedule."""
+    if isinstance(src, Schedule):
+        return validate(src)
+    if isinstance(src, Mapping):
+        return from_dict(src)
+    if not isinstance(src, (str, os.PathLike)):
+        raise ScheduleError(f"schedule must be a YAML path, a mapping or a dsno.solvers.usf.Schedule, got "
+                            f"{type(src).__name__}")
+    import yaml
+    p = Path(src)
+    if not p.is_file():
+        raise ScheduleError(f"schedule file {p} does not exist; give the YAML that python -m dsno.search wrote "
+                            f"(runs/<experiment>/schedules/nfe<N>.yaml)")
+    try:
+        d = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ScheduleError(f"schedule {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return from_dict(d, str(p))
+
+
+def save(s: Schedule, path: "str | os.PathLike") -> Path:
+    """Write `s` as YAML atomically (temp file + os.replace); returns the path."""
+    import yaml
+    validate(s)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(to_dict(s), f, sort_keys=False, default_flow_style=None, width=120)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+# --- the fixed solvers as schedules ---------------------------------------------------------
+
+def from_solver(name: str, ts: Sequence[float], order: int = 3, **options: Any) -> Schedule:
+    """The schedule of a fixed multistep solver on grid ts (the same result as
+    `sample(..., solver=name, order=order, **options)`): ddim; dpm_solver_pp (multistep,
+    solver_type midpoint / heun, lower_order_final); unipc (variant, use_corrector, predict_x0,
+    lower_order_final); deis (variant="logrho", lower_order_final)."""
+    ts = tuple(float(t) for t in (ts.tolist() if isinstance(ts, torch.Tensor) else ts))
+    n = len(ts) - 1
+    lof = options.pop("lower_order_final", True)
+    if name == "ddim":
+        _no_options(name, options)
+        steps = [Step(order=1)] * n
+    elif name == "dpm_solver_pp":
+        solver_type = options.pop("solver_type", "midpoint")
+        _no_options(name, options)
+        relax = {"midpoint": "bh2", "heun": "linear"}[solver_type]
+        steps = [_multistep(k, "data", relax) for k in step_orders(order, n, lof)]
+    elif name == "unipc":
+        variant = options.pop("variant", "bh2")
+        corr = "pseudo" if options.pop("use_corrector", True) else "none"
+        pred = "data" if options.pop("predict_x0", True) else "noise"
+        _no_options(name, options)
+        steps = [replace(_multistep(k, pred, variant), corrector=corr if i < n - 1 else "none")
+                 for i, k in enumerate(step_orders(order, n, lof))]
+    elif name == "deis":
+        if options.pop("variant", "tab") != "logrho":
+            raise ScheduleError("deis is a USF schedule with variant='logrho' only (the others interpolate in t or rho)")
+        _no_options(name, options)
+        steps = [_multistep(k, "noise", "linear") for k in step_orders(order, n, lof)]
+    else:
+        raise ScheduleError(f"solver {name!r} has no USF schedule; use one of ddim, dpm_solver_pp, unipc, deis")
+    return validate(Schedule(ts=ts, steps=tuple(steps)).declared())
+
+
+def _multistep(k: int, prediction: str, relax: str) -> Step:
+    return Step(prediction=prediction, order=k, points=tuple(range(1, k)), est_order=k - 1, relax=relax)
+
+
+def _no_options(name: str, options: Mapping[str, Any]) -> None:
+    if options:
+        raise ScheduleError(f"option {next(iter(options))!r} of {name} has no USF schedule equivalent")
+
+
+# --- the executor ----------------------------------------------------------------------------
+
+def derivative_operator(rs: Sequence[float], n: int) -> np.ndarray:
+    """M [n, m] with D = M (f_m - f_s)_m: the (least-squares) solution of the Taylor system
+    f_m - f_s = sum_{j=1}^n r_m^j / j! D_j over m = len(rs) points, D_j ~ h^j f^(j). float64."""
+    a = np.array([[r**j / math.factorial(j) for j in range(1, n + 1)] for r in rs], dtype=np.float64)
+    if len(rs) == n:
+        return np.linalg.solve(a, np.eye(n))
+    return np.linalg.pinv(a)
+
+
+def update_weights(z: float, h: float, rs: Sequence[float], order: int, n: int, relax: str, coef: float
+                   ) -> list[float]:
+    """Weights (w_s, w_1, ..., w_m) of f_s and the m point values in
+    x_t = ratio x_s - gain (w_s f_s + sum_m w_m f_m); a Taylor update of `order` with the first
+    n derivatives estimated from the points at rs (see the module doc). Pure float64."""
+    taylor = [z * phi(j + 1, z) for j in range(1, order)]            # weights of D_1..D_{k-1}
+    if order >= 2:
+        if relax == "linear":
+            taylor[0] *= 1.0 + coef * h
+        elif order == 2:
+            b_h = z if relax == "bh1" else math.expm1(z)
+            taylor[0] = 0.5 * b_h
+    out = np.zeros(len(rs) + 1)
+    out[0] = z * phi(1, z)
+    if order >= 2:
+        m = derivative_operator(rs, n)[: order - 1]                  # [k-1, points]
+        per_point = np.asarray(taylor) @ m
+        out[1:] = per_point
+        out[0] -= per_point.sum()
+    return [float(v) for v in out]
+
+
+def data_mean(teacher) -> torch.Tensor:
+    """The teacher's data mean (for afs=mean): a mixture's sum_k w_k mu_k, else `teacher.data_mean`."""
+    from dsno.teachers.gmm import GaussianMixture
+    if isinstance(teacher, GaussianMixture):
+        return (teacher.log_weights.exp() @ teacher.means).reshape(teacher.shape)
+    mean = getattr(teacher, "data_mean", None)
+    if mean is None:
+        raise ScheduleError(f"afs=mean needs the data mean, which a {type(teacher).__name__} teacher does not provide "
+                            f"(set teacher.data_mean to a tensor of one sample's shape); or use afs: zero")
+    return torch.as_tensor(mean)
+
+
+class _Eval:
+    """One model evaluation at a point: both predictions (x0, eps), from one call."""
+
+    __slots__ = ("lam", "x0", "eps")
+
+    def __init__(self, lam: float, x0: torch.Tensor, eps: torch.Tensor):
+        self.lam, self.x0, self.eps = lam, x0, eps
+
+    def get(self, prediction: str) -> torch.Tensor:
+        return self.x0 if prediction == "data" else self.eps
+
+
+def _evaluate(teacher, x: torch.Tensor, p: Point) -> _Eval:
+    if getattr(teacher, "prediction", "x0") == "eps":
+        eps = teacher.eps(x, p.t)
+        return _Eval(p.lam, (x - p.sigma * eps) / p.alpha, eps)
+    x0 = teacher.x0(x, p.t)
+    return _Eval(p.lam, x0, (x - p.alpha * x0) / p.sigma)
+
+
+def _analytic(teacher, x: torch.Tensor, p: Point, afs: str) -> _Eval:
+    x0 = torch.zeros_like(x) if afs == "zero" else \
+        data_mean(teacher).to(device=x.device, dtype=x.dtype).expand_as(x).clone()
+    return _Eval(p.lam, x0, (x - p.alpha * x0) / p.sigma)
+
+
+def _update(x: torch.Tensor, s: Point, t: Point, st: Step, cur: _Eval, pts: list[_Eval], order: int, n: int
+            ) -> torch.Tensor:
+    data = st.prediction == "data"
+    ratio, gain, z = exponential_frame(s.lam, t.lam, (s.alpha, t.alpha), (s.sigma, t.sigma), data)
+    h = t.lam - s.lam
+    rs = [(e.lam - s.lam) / h for e in pts]
+    w = update_weights(z, h, rs, order, n, st.relax, st.coef)
+    terms = [(ratio, x), (-gain * w[0], cur.get(st.prediction))]
+    terms += [(-gain * wm, e.get(st.prediction)) for wm, e in zip(w[1:], pts)]
+    return combine(terms)
+
+
+def run(teacher, x: torch.Tensor, schedule: Schedule, return_trajectory: bool = False) -> torch.Tensor:
+    """Run a (validated) schedule from x = x_T [B, ...] at ts[0]; the state at ts[-1] [B, ...], or
+    the states at every time [N + 1, B, ...]. Model evaluations: schedule.cost."""
+    pts = grid_points(teacher.schedule, torch.tensor(schedule.ts, dtype=torch.float64))
+    traj = Trajectory(x, return_trajectory)
+    evals: list[_Eval] = []
+    pending: _Eval | None = _analytic(teacher, x, pts[0], schedule.afs) if schedule.afs != "none" else None
+    for i, (s, t, st) in enumerate(zip(pts[:-1], pts[1:], schedule.steps)):
+        cur = pending if pending is not None else _evaluate(teacher, x, s)
+        evals.append(cur)
+        past = [evals[i - lag] for lag in st.points]
+        x_pred = _update(x, s, t, st, cur, past, st.order, st.est_order)
+        pending = None
+        if st.corrector == "pseudo":
+            pending = _evaluate(teacher, x_pred, t)
+            x = _update(x, s, t, st, cur, [pending] + past, st.order + 1, st.est_order + 1)
+        else:
+            x = x_pred
+        traj.add(x)
+    return traj.result(x)
+
+
+# --- the registry entry -----------------------------------------------------------------------
+
+def _schedule_of(options: Mapping[str, Any]) -> Schedule:
+    if options.get("schedule") is None:
+        raise ScheduleError("solver 'usf' needs schedule=PATH (a YAML of python -m dsno.search) or a "
+                            "dsno.solvers.usf.Schedule; from a config: solver.schedule=PATH")
+    return load(options["schedule"])
+
+
+def _cost(steps: int, order: int, options: Mapping[str, Any]) -> int:
+    return steps - (_schedule_of(options).afs != "none")
+
+
+@register("usf", orders=(1, 2, 3, 4), cost=_cost, grid=lambda o: list(_schedule_of(o).ts),
+          cost_rule="1 per step, minus 1 with an analytic first step; the schedule fixes its steps")
+def usf(teacher, x: torch.Tensor, ts: torch.Tensor, *, order: int = 4, return_trajectory: bool = False,
+        schedule: Any = None) -> torch.Tensor:
+    """Run a USF schedule (a YAML path, a mapping or a Schedule); ts may be omitted (the schedule
+    carries its timesteps) or must equal them. order: the highest Taylor order the schedule may use."""
+    sched = _schedule_of({"schedule": schedule})
+    if len(ts) != len(sched.ts) or float(torch.max(torch.abs(ts - torch.tensor(sched.ts, dtype=ts.dtype)))) > 1e-12:
+        raise ScheduleError(f"ts ({len(ts)} times) differs from the schedule's timesteps ({len(sched.ts)}); omit ts, "
+                            f"a schedule carries its own")
+    if sched.max_order > order:
+        raise ScheduleError(f"the schedule uses Taylor order {sched.max_order}, above order={order}; raise order "
+                            f"(solver.order) to {sched.max_order}")
+    return run(teacher, x, sched, return_trajectory)

@@ -1,0 +1,162 @@
+"""USF schedules: YAML round trip, the executor equals the named solvers (float64, exact teachers),
+and each invalid schedule is refused with one clear line."""
+
+import math
+
+import pytest
+import torch
+import yaml
+
+import dsno
+from dsno.errors import UserError
+from dsno.solvers import nfe, steps_for_nfe, timesteps, usf
+from dsno.solvers.usf import Schedule, ScheduleError, Step
+from dsno.teachers import GaussianMixture
+
+CASES = [
+    ("ddim", 1, {}),
+    ("dpm_solver_pp", 1, {}),
+    ("dpm_solver_pp", 2, {}),
+    ("dpm_solver_pp", 3, {}),
+    ("dpm_solver_pp", 3, {"solver_type": "heun"}),
+    ("dpm_solver_pp", 3, {"lower_order_final": False}),
+    ("unipc", 3, {}),
+    ("unipc", 2, {"variant": "bh1"}),
+    ("unipc", 3, {"predict_x0": False}),
+    ("unipc", 3, {"use_corrector": False}),
+    ("deis", 3, {"variant": "logrho"}),
+    ("deis", 4, {"variant": "logrho"}),
+]
+
+
+def mixture():
+    g = torch.Generator().manual_seed(3)
+    return GaussianMixture(torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64) * 0.7,
+                           0.02 + 0.3 * torch.rand(5, generator=g, dtype=torch.float64),
+                           torch.rand(5, generator=g, dtype=torch.float64) + 0.2)
+
+
+def single_gaussian():
+    return GaussianMixture(torch.full((1, 1, 4, 4), 0.3, dtype=torch.float64), torch.tensor([0.2], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("teacher_fn", [mixture, single_gaussian])
+@pytest.mark.parametrize("steps", [3, 7, 12])
+@pytest.mark.parametrize("name,order,opts", CASES)
+def test_schedule_equals_named_solver(teacher_fn, steps, name, order, opts):
+    teacher = teacher_fn()
+    x = torch.randn(6, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ts = timesteps(teacher.schedule, steps=steps, spacing="time_quadratic")
+    want = dsno.sample(teacher, x, ts, solver=name, order=order, **opts)
+    sched = usf.from_solver(name, ts, order, **dict(opts))
+    got = dsno.sample(teacher, x, solver="usf", schedule=sched)
+    assert float((got - want).abs().max()) < 1e-10
+    traj = dsno.sample(teacher, x, solver="usf", schedule=sched, return_trajectory=True)
+    assert traj.shape == (steps + 1, *x.shape) and torch.equal(traj[-1], got)
+    assert nfe("usf", steps, schedule=sched) == nfe(name, steps, order=order, **opts) == sched.nfe
+
+
+def test_yaml_round_trip(tmp_path):
+    ts = timesteps(dsno.VPSchedule.linear(), steps=5, spacing="logsnr").tolist()
+    steps = [Step(), Step("noise", 2, (1,), 1, "linear", 0.137, "pseudo"), Step("data", 3, (1, 2), 2, "bh2"),
+             Step("data", 2, (1, 3, 2), 2, "linear", -0.02, "pseudo"), Step("noise", 4, (1, 2, 3), 3)]
+    s = Schedule(ts=tuple(ts), steps=tuple(steps), afs="mean", info={"score": {"rmse": 0.1}}).declared()
+    p = usf.save(s, tmp_path / "s.yaml")
+    back = usf.load(p)
+    assert back == s and back.ts == s.ts and back.info["score"] == {"rmse": 0.1} and back.nfe == 4
+    assert yaml.safe_load(p.read_text())["nfe"] == 4
+    assert usf.load(usf.to_dict(back)) == s
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    assert torch.equal(dsno.sample(mixture(), x, solver="usf", schedule=str(p)),
+                       dsno.sample(mixture(), x, solver="usf", schedule=s))
+    assert steps_for_nfe("usf", 4, schedule=s) == 5
+
+
+def test_afs_saves_one_evaluation_and_uses_the_mean():
+    teacher = mixture()
+    calls = []
+    orig = teacher.forward
+    teacher.forward = lambda x, t: (calls.append(1), orig(x, t))[1]
+    ts = timesteps(teacher.schedule, steps=6, spacing="logsnr")
+    base = usf.from_solver("unipc", ts, 3)
+    for afs, cost in (("none", 6), ("zero", 5), ("mean", 5)):
+        calls.clear()
+        s = Schedule(ts=base.ts, steps=base.steps, afs=afs).declared()
+        dsno.sample(teacher, torch.randn(4, 1, 4, 4, dtype=torch.float64), solver="usf", schedule=s)
+        assert len(calls) == cost == s.nfe
+    mean = usf.data_mean(teacher)
+    w = teacher.log_weights.exp()
+    assert torch.allclose(mean.reshape(-1), (w[:, None] * teacher.means).sum(0))
+
+
+def test_schedule_converges_on_single_gaussian():
+    """A third-order data schedule with pseudo-correctors converges at order > 2 to the exact solution."""
+    teacher = single_gaussian()
+    x = torch.randn(8, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    errs = []
+    for n in (40, 80):
+        ts = timesteps(teacher.schedule, steps=n, spacing="logsnr")
+        exact = teacher.ode_solution(x, float(ts[0]), float(ts[-1]))
+        s = usf.from_solver("unipc", ts, 3)
+        errs.append(float((dsno.sample(teacher, x, solver="usf", schedule=s) - exact).abs().max()))
+    assert math.log2(errs[0] / errs[1]) > 2.5
+
+
+def _dict(**over):
+    ts = [1.0, 0.5, 0.1, 0.001]
+    d = {"nfe": 3, "afs": "none", "timesteps": ts,
+         "steps": [{"order": 1}, {"order": 2, "points": [1]}, {"order": 2, "points": [1]}]}
+    d.update(over)
+    return d
+
+
+BAD = [
+    (_dict(timesteps=[1.0, 0.1, 0.5, 0.001]), "timesteps must strictly decrease"),
+    (_dict(steps=[{"order": 1}, {"order": 3, "points": [1]}, {"order": 1}]), "steps[1].order=3 needs est_order >= 2"),
+    (_dict(steps=[{"order": 1}, {"order": 3, "points": [1, 2]}, {"order": 1}]), "steps[1].points=[1, 2] uses the "
+     "evaluation 2 steps back, but only 1 exist before step 1"),
+    (_dict(steps=[{"order": 2, "points": [1]}, {"order": 1}, {"order": 1}]), "steps[0].points=[1] uses the "
+     "evaluation 1 steps back, but none exist before step 0"),
+    (_dict(nfe=4), "declares nfe=4, but its 3 steps with afs=none cost 3 model evaluations; set nfe: 3"),
+    (_dict(afs="mean"), "declares nfe=3, but its 3 steps with afs=mean cost 2"),
+    (_dict(steps=[{"order": 1}, {"order": 5, "points": [1]}, {"order": 1}]), "steps[1].order=5 must be an integer in 1..4"),
+    (_dict(steps=[{"order": 1}, {"order": 1}]), "4 timesteps make 3 steps, but steps lists 2"),
+    (_dict(steps=[{"order": 1}, {"order": 1}, {"order": 1, "corrector": "pseudo"}]),
+     "steps[2].corrector=pseudo on the last step would cost one more model evaluation"),
+    (_dict(steps=[{"order": 1, "prediction": "velocity"}, {"order": 1}, {"order": 1}]),
+     "steps[0].prediction='velocity' must be one of data, noise"),
+    (_dict(steps=[{"order": 1}, {"order": 2, "points": [1], "relax": "bh2", "coef": 0.1}, {"order": 1}]),
+     "coef=0.1 applies to relax=linear only"),
+    (_dict(colour="red"), "unknown key 'colour'"),
+    ({"timesteps": [1.0, 0.001], "steps": [{"order": 1}]}, "missing key 'nfe'"),
+]
+
+
+@pytest.mark.parametrize("d,msg", BAD)
+def test_bad_schedules_one_line(d, msg, tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(ScheduleError) as e:
+        usf.load(p)
+    text = str(e.value)
+    assert msg in text and "\n" not in text and str(p) in text
+    assert isinstance(e.value, UserError)
+
+
+def test_bad_use_one_line(tmp_path):
+    teacher = mixture()
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    with pytest.raises(ScheduleError, match=r"schedule file .*missing\.yaml does not exist"):
+        dsno.sample(teacher, x, solver="usf", schedule=str(tmp_path / "missing.yaml"))
+    with pytest.raises(ScheduleError, match="solver 'usf' needs schedule=PATH"):
+        dsno.sample(teacher, x, solver="usf")
+    s = usf.from_solver("unipc", timesteps(teacher.schedule, steps=5), 3)
+    with pytest.raises(ScheduleError, match="differs from the schedule's timesteps"):
+        dsno.sample(teacher, x, timesteps(teacher.schedule, steps=6), solver="usf", schedule=s)
+    with pytest.raises(ScheduleError, match="uses Taylor order 3, above order=2"):
+        dsno.sample(teacher, x, solver="usf", order=2, schedule=s)
+    (tmp_path / "junk.yaml").write_text("nfe: [1\n")
+    with pytest.raises(ScheduleError, match="not valid YAML"):
+        usf.load(tmp_path / "junk.yaml")
+    with pytest.raises(ValueError, match="needs a grid ts"):
+        dsno.sample(teacher, x, solver="ddim")

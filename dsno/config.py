@@ -7,6 +7,7 @@ Each mistake is reported as one line: the key, the bad value, and what is allowe
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -83,6 +84,8 @@ class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     modes: int = 2                  # Fourier modes kept over the M time points, <= M // 2 + 1
     sigma_data: float = 0.5         # data std used for the skip connection
+    parameterization: str = "denoised"   # state | denoised (dsno.nn.parameterization)
+    denoise_time: float = 0.5       # tau_0: the "denoised" branches' time inputs lie in [tau_0, T]
 
 
 @dataclass
@@ -91,7 +94,9 @@ class TrainConfig:
     lr: float = 1e-3
     warmup_steps: int = 50
     ema_decay: float = 0.999
-    loss: str = "l2"                # l2 | l1
+    loss: str = "l2"                # l2 | l1 | lpips (VGG features, dsno.training.perceptual)
+    perceptual_weights: Optional[str] = None   # lpips: local VGG-16 weights file (default: torch hub cache)
+    temporal_impl: str = "auto"     # auto | fft | matmul: how the temporal layers run in training
     weight_min: float = 1.0
     weight_max: float = 1e4
     grad_clip: float = 1.0
@@ -130,6 +135,7 @@ class EvalConfig:
     fidelity_reference: Optional[str] = None    # RGB teachers: .npz of real uint8 images [N, H, W, C]
     inception_weights: Optional[str] = None     # RGB teachers: local Inception file (else torch's hub cache)
     grid_samples: int = 64
+    trust_program: bool = False    # open a pt2 / onnx sampler exported by another install
     seed: int = 1234
 
 
@@ -168,7 +174,21 @@ def _positive_int(key: str, value: Any) -> None:
         _fail(key, value, "must be a positive integer")
 
 
+def _count(key: str, value: Any, hi: int, why: str, lo: int = 1) -> None:
+    """An integer in [lo, hi]; `why` says where the upper bound comes from."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        _fail(key, value, "must be a positive integer" if lo == 1 else f"must be an integer >= {lo}")
+    if value > hi:
+        _fail(key, value, f"must be at most {hi:,}: {why}")
+
+
+def _finite(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(key, value, "must be a finite number")
+
+
 def _in_range(key: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+    _finite(key, value)
     ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
         lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
@@ -202,8 +222,22 @@ def _check(c: RunConfig) -> None:
     if c.teacher.kind in ("gmm_file", "diffusers") and not c.teacher.path:
         _fail("teacher.path", c.teacher.path, f"teacher.kind={c.teacher.kind} needs teacher.path=FILE_OR_DIR")
     sc = c.teacher.schedule
-    if sc.kind == "linear" and not 0 < sc.beta_min < sc.beta_max:
-        _fail("teacher.schedule.beta_max", sc.beta_max, f"needs 0 < beta_min ({sc.beta_min}) < beta_max")
+    if sc.kind == "linear":
+        _in_range("teacher.schedule.beta_min", sc.beta_min, 0.0, 1e4, lo_open=True)
+        _in_range("teacher.schedule.beta_max", sc.beta_max, 0.0, 1e4, lo_open=True)
+        if not sc.beta_min < sc.beta_max:
+            _fail("teacher.schedule.beta_max", sc.beta_max, f"must exceed teacher.schedule.beta_min ({sc.beta_min})")
+    elif sc.kind == "cosine":
+        _in_range("teacher.schedule.s", sc.s, 0.0, 1.0, lo_open=True, hi_open=True)
+    else:
+        _count("teacher.schedule.num_steps", sc.num_steps, 100_000, "a DDPM schedule of more steps is continuous "
+               "in all but name; use kind=linear")
+        _in_range("teacher.schedule.beta_start", sc.beta_start, 0.0, 1.0, lo_open=True, hi_open=True)
+        _in_range("teacher.schedule.beta_end", sc.beta_end, 0.0, 1.0, lo_open=True, hi_open=True)
+        if not sc.beta_start < sc.beta_end:
+            _fail("teacher.schedule.beta_end", sc.beta_end,
+                  f"must exceed teacher.schedule.beta_start ({sc.beta_start})")
+    _count("seed", c.seed, 2**63 - 1, "seeds are 64-bit signed integers", lo=0)
 
     _choice("solver.name", c.solver.name, tuple(available()))
     if get_solver(c.solver.name).stochastic:
@@ -215,7 +249,8 @@ def _check(c: RunConfig) -> None:
         _fail("solver", f"{c.solver.name}-{c.solver.order} {dict(c.solver.options)}", str(e))
     if c.solver.options.get("method") == "fast":
         _fail("solver.options.method", "fast", "the fast order mix returns no trajectory; use multistep or singlestep")
-    _positive_int("solver.steps", c.solver.steps)
+    _count("solver.steps", c.solver.steps, 10_000, "the teacher solve needs no more; the float64 reference "
+           "of eval uses eval.reference_steps")
     _choice("solver.spacing", c.solver.spacing, tuple(SPACINGS))
     _in_range("solver.t_end", c.solver.t_end, 0.0, 1.0, lo_open=True, hi_open=True)
 
@@ -230,13 +265,21 @@ def _check(c: RunConfig) -> None:
     times = list(c.data.times)
     if len(times) < 2:
         _fail("data.times", times, "needs at least 2 output times (M >= 2)")
-    if any(not isinstance(t, (int, float)) for t in times) or any(a <= b for a, b in zip(times, times[1:])):
+    if len(times) > 256:
+        _fail("data.times", f"[{len(times)} times]", "at most 256 output times (each is one backbone branch)")
+    if any(isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) for t in times):
+        _fail("data.times", times, "must be finite numbers")
+    if any(a <= b for a, b in zip(times, times[1:])):
         _fail("data.times", times, "must be numbers in strictly decreasing order (t_1 > ... > t_M)")
     sched = build_schedule(sc)
     if times[0] > sched.T or times[-1] < sched.t_min:
         _fail("data.times", times, f"must lie inside the schedule's time range [{sched.t_min:g}, {sched.T:g}]")
     if abs(times[-1] - c.solver.t_end) > 1e-12:
         _fail("data.times", times, f"the last output time must equal solver.t_end ({c.solver.t_end:g})")
+    segments = len(times) if times[0] < sched.T else len(times) - 1
+    if c.solver.steps < segments:
+        _fail("solver.steps", c.solver.steps, f"must be at least {segments}: one step per segment between the "
+              f"{len(times)} output times (data.times) and the start time {sched.T:g}")
 
     m = len(times)
     _positive_int("model.modes", c.model.modes)
@@ -249,20 +292,29 @@ def _check(c: RunConfig) -> None:
         _fail("model.backbone.channel_mult", c.model.backbone.channel_mult, "must be a non-empty list of positive integers")
     _in_range("model.backbone.dropout", c.model.backbone.dropout, 0.0, 1.0, hi_open=True)
     _in_range("model.sigma_data", c.model.sigma_data, 0.0, 1e3, lo_open=True)
+    _choice("model.parameterization", c.model.parameterization, ("state", "denoised"))
+    if c.model.parameterization == "state" and c.model.backbone.type == "teacher":
+        _fail("model.parameterization", "state", "a student copied from the teacher keeps the teacher's output "
+              "head (eps / x0 / v), not a state: use model.parameterization=denoised")
+    _in_range("model.denoise_time", c.model.denoise_time, 0.0, sched.T, lo_open=True)
 
     _positive_int("train.batch_size", c.train.batch_size)
     _in_range("train.lr", c.train.lr, 0.0, 1.0, lo_open=True)
     if c.train.warmup_steps < 0:
         _fail("train.warmup_steps", c.train.warmup_steps, "must be >= 0")
     _in_range("train.ema_decay", c.train.ema_decay, 0.0, 1.0, hi_open=True)
-    _choice("train.loss", c.train.loss, ("l2", "l1"))
+    _choice("train.loss", c.train.loss, ("l2", "l1", "lpips"))
+    _choice("train.temporal_impl", c.train.temporal_impl, ("auto", "fft", "matmul"))
+    if c.train.perceptual_weights is not None and not os.path.isfile(c.train.perceptual_weights):
+        _fail("train.perceptual_weights", c.train.perceptual_weights, "does not exist; give a local VGG-16 weights file")
+    _in_range("train.weight_max", c.train.weight_max, 0.0, 1e12, lo_open=True)
     _in_range("train.weight_min", c.train.weight_min, 0.0, c.train.weight_max, lo_open=True)
     _positive_int("train.checkpoint_every", c.train.checkpoint_every)
-    if c.train.grad_clip < 0:
-        _fail("train.grad_clip", c.train.grad_clip, "must be >= 0 (0 turns clipping off)")
+    _in_range("train.grad_clip", c.train.grad_clip, 0.0, 1e12)
 
-    _positive_int("trainer.max_steps", c.trainer.max_steps)
-    _positive_int("trainer.num_nodes", c.trainer.num_nodes)
+    _count("trainer.max_steps", c.trainer.max_steps, 10**9, "a billion optimizer steps is past any schedule")
+    _count("trainer.num_nodes", c.trainer.num_nodes, 4096, "more nodes than any cluster job")
+    _choice("trainer.accelerator", c.trainer.accelerator, ACCELERATORS)
     _positive_int("trainer.log_every_n_steps", c.trainer.log_every_n_steps)
     _positive_int("trainer.val_check_interval", c.trainer.val_check_interval)
     # the temporal layers' weights are complex: "-true" half precisions would drop their imaginary part
@@ -271,10 +323,15 @@ def _check(c: RunConfig) -> None:
     _choice("logger.kind", c.logger.kind, ("wandb", "csv"))
     _choice("logger.mode", c.logger.mode, ("offline", "online", "disabled"))
 
-    _positive_int("eval.num_samples", c.eval.num_samples)
-    _positive_int("eval.batch_size", c.eval.batch_size)
+    _count("eval.num_samples", c.eval.num_samples, 10**7, "ten million samples is past any FID protocol")
+    _count("eval.batch_size", c.eval.batch_size, 65536, "larger batches only exhaust memory")
+    _count("eval.grid_samples", c.eval.grid_samples, 1024, "a grid of more images is unreadable", lo=0)
+    _count("eval.seed", c.eval.seed, 2**63 - 1, "seeds are 64-bit signed integers", lo=0)
     if not c.eval.nfe or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in c.eval.nfe):
         _fail("eval.nfe", c.eval.nfe, "must be a non-empty list of positive integers")
+    if max(c.eval.nfe) > 1000:
+        _fail("eval.nfe", c.eval.nfe, "each budget must be at most 1,000 model evaluations: beyond that a solve "
+              "is a reference, not a fast baseline (eval.reference_steps sets the reference)")
     for i, s in enumerate(c.eval.solvers):
         if not isinstance(s, dict) or "name" not in s:
             _fail(f"eval.solvers[{i}]", s, "must be a mapping with at least a 'name'")
@@ -289,9 +346,51 @@ def _check(c: RunConfig) -> None:
         path = getattr(c.eval, key)
         if path is not None and not os.path.isfile(path):
             _fail(f"eval.{key}", path, "does not exist; give a local file")
-    _positive_int("eval.reference_steps", c.eval.reference_steps)
+    _count("eval.reference_steps", c.eval.reference_steps, 10_000, "a float64 3rd-order solve converges long "
+           "before that")
     for f in c.export.forms:
         _choice("export.forms", f, ("safetensors", "pt2", "onnx"))
+
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def check_trainer_hardware(c: RunConfig) -> None:
+    """Before training: trainer.accelerator / trainer.devices name hardware this machine has,
+    and the data set gives every rank at least one batch. ConfigError (one line) otherwise."""
+    import torch
+    t = c.trainer
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if t.accelerator in ("gpu", "cuda") and gpus == 0:
+        _fail("trainer.accelerator", t.accelerator, "this machine has no CUDA GPU; use auto or cpu")
+    if t.accelerator == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        _fail("trainer.accelerator", t.accelerator, "this machine has no MPS device; use auto or cpu")
+    on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and gpus > 0)
+    available = gpus if on_gpu else (os.cpu_count() or 1)
+    where = f"{gpus} GPU(s)" if on_gpu else f"{available} CPU core(s)"
+    devices = t.devices
+    if devices in ("auto", -1, "-1"):
+        count = available if on_gpu else 1
+    elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        count = devices
+    elif isinstance(devices, str) and devices.isdigit() and int(devices) >= 1:
+        count = int(devices)
+    elif isinstance(devices, (list, tuple)) and devices and all(isinstance(d, int) and d >= 0 for d in devices):
+        count = len(devices)
+        if max(devices) >= available:
+            _fail("trainer.devices", devices, f"names device index {max(devices)}, but this machine has {where}")
+    else:
+        _fail("trainer.devices", devices, "must be auto, -1, a positive integer or a list of device indices")
+    if count > available:
+        _fail("trainer.devices", devices, f"asks for {count} devices, but this machine has {where}")
+    world = count * t.num_nodes
+    n = c.data.num_trajectories
+    train_size = n - (0 if c.data.val_fraction == 0 else max(1, round(n * c.data.val_fraction)))
+    batches = train_size // c.train.batch_size
+    if batches < world:
+        _fail("trainer.devices", devices, f"{world} ranks need at least {world} training batches, but "
+              f"data.num_trajectories={c.data.num_trajectories} gives {batches} of train.batch_size="
+              f"{c.train.batch_size}; make more trajectories or use fewer devices")
 
 
 def build_schedule(sc: ScheduleConfig):

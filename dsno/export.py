@@ -2,29 +2,39 @@
 
 The folder holds `config.json` (the build config, see `dsno.nn.validate_config`) and one
 file per form: `weights.safetensors` (the DSNO state dict), `sampler.pt2` (torch.export
-program, dynamic batch) and `sampler.onnx` (opset 18, dynamic batch). The pt2 and ONNX forms
-use `DSNO.exportable()`, which replaces the FFT of every temporal layer by the equivalent real
-matrix product; every exported form is checked against the in-memory model before the folder
-is published. The folder appears atomically: written under a temporary name, then renamed.
+program, dynamic batch) and `sampler.onnx` (opset 18, dynamic batch), and `checksums.json`:
+the sha256 of every file, signed with this install's key (`dsno.trust.checksums`), so a changed
+file is refused by name and the program forms load here without `trust_program`. The pt2 and
+ONNX forms use `DSNO.exportable()`, which replaces the FFT of every temporal layer by the
+equivalent real matrix product; every exported form is checked against the in-memory model,
+through the same safe loaders users get, before the folder is published. The folder appears
+atomically: written under a temporary name, then renamed.
 
-CLI:  python -m dsno.export run_dir=PATH [forms=safetensors,pt2,onnx] [out=PATH/sampler]
+CLI (OmegaConf dotlist, like the Hydra entry points):
+    python -m dsno.export run_dir=PATH [forms=[safetensors,pt2,onnx]] [out=PATH/sampler]
 reads PATH/checkpoints/dsno_ema.safetensors and PATH/checkpoints/dsno_config.json.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
+from dsno.atomic import disk_full_error
+from dsno.errors import UserError, UserFileNotFoundError, report_errors
 from dsno.nn import CONFIG_FORMAT_VERSION, DSNO, build_dsno, validate_config
-from dsno.sampler import CONFIG_FILE, FORM_FILES, load_dsno, load_onnx_session, pt2_check_no_pickle
+from dsno.sampler import (CONFIG_FILE, FORM_FILES, SamplerFileError, load_dsno, load_onnx_session,
+                          load_pt2_program, read_config)
+from dsno.trust import check_onnx_model, check_pt2_archive, write_checksums
 
 ONNX_OPSET = 18
 ONNX_INPUT, ONNX_OUTPUT = "x_T", "trajectory"
@@ -62,9 +72,15 @@ def export_sampler(model: DSNO, config: dict[str, Any], out_dir: str | os.PathLi
                 save_pt2(program, path)
             else:
                 save_onnx(program, example, path)
+        extra = check_onnx_model(tmp / FORM_FILES["onnx"]) if "onnx" in forms else []
+        write_checksums(tmp, [CONFIG_FILE, *(FORM_FILES[f] for f in forms), *extra])
         if verify:
             _verify(model, tmp, forms, config["image_shape"])
         _publish(tmp, out_dir)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full_error(out_dir) from e
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -92,7 +108,7 @@ def save_pt2(program: torch.export.ExportedProgram, path: Path) -> None:
     program = copy.copy(program)
     program.example_inputs = None
     torch.export.save(program, str(path))
-    pt2_check_no_pickle(path)
+    check_pt2_archive(path)
 
 
 def save_onnx(program: torch.export.ExportedProgram, example: torch.Tensor, path: Path) -> None:
@@ -112,7 +128,7 @@ def _check_forms(forms: Sequence[str]) -> list[str]:
     forms = [forms] if isinstance(forms, str) else list(forms)
     bad = [f for f in forms if f not in FORM_FILES]
     if bad or not forms:
-        raise ValueError(f"forms must be a non-empty subset of {list(FORM_FILES)}, got {forms}")
+        raise UserError(f"forms must be a non-empty subset of {list(FORM_FILES)}, got {forms}")
     return list(dict.fromkeys(forms))
 
 
@@ -134,12 +150,11 @@ def _verify(model: DSNO, folder: Path, forms: Sequence[str], image_shape: Sequen
         reference = model(x)
     for form in forms:
         if form == "safetensors":
-            config = json.loads((folder / CONFIG_FILE).read_text())
             with torch.no_grad():
-                got = load_dsno(config, folder / FORM_FILES[form])(x)
+                got = load_dsno(read_config(folder), folder / FORM_FILES[form])(x)
         elif form == "pt2":
             with torch.no_grad():
-                got = torch.export.load(str(folder / FORM_FILES[form])).module()(x)
+                got = load_pt2_program(folder / FORM_FILES[form]).module()(x)
         else:
             session = load_onnx_session(folder / FORM_FILES[form])
             got = torch.from_numpy(session.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})[0])
@@ -167,21 +182,35 @@ CHECKPOINT_WEIGHTS = "checkpoints/dsno_ema.safetensors"
 CHECKPOINT_CONFIG = "checkpoints/dsno_config.json"
 
 
-def parse_key_values(argv: Sequence[str], allowed: Mapping[str, Any], required: Sequence[str],
-                     usage: str) -> dict[str, str]:
-    """Parse `key=value` arguments. allowed: key -> default (None: no default). Raises SystemExit."""
-    args: dict[str, Any] = dict(allowed)
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if item in ("-h", "--help"):
-            raise SystemExit(usage)
-        if not sep or key not in allowed:
-            raise SystemExit(f"bad argument {item!r}: expected key=value with key in {list(allowed)}\n{usage}")
-        args[key] = value
-    missing = [k for k in required if args.get(k) is None]
-    if missing:
-        raise SystemExit(f"missing argument(s) {', '.join(f'{k}=...' for k in missing)}\n{usage}")
-    return args
+@dataclass
+class ExportOptions:
+    """`python -m dsno.export` options. forms: a list, or one comma-separated string."""
+
+    run_dir: str = "???"
+    forms: Any = field(default_factory=lambda: ["safetensors", "pt2", "onnx"])
+    out: Optional[str] = None
+
+
+def parse_options(schema: type, argv: Sequence[str], usage: str) -> Any:
+    """Parse `key=value` arguments (OmegaConf dotlist syntax) into the dataclass `schema`;
+    a wrong key, a wrong type or a missing value is a UserError naming it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    if any(a in ("-h", "--help") for a in argv):
+        raise SystemExit(usage)
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        bad = next((a for a in argv if "=" not in a), None)
+        if bad is not None:
+            raise UserError(f"bad argument {bad!r}: expected key=value; {usage}")
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(list(argv)))
+        missing = sorted(k for k in merged if OmegaConf.is_missing(merged, k))
+        if missing:
+            raise UserError(f"missing argument {missing[0]}=...; {usage}")
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise UserError(f"argument {key}: {str(e).splitlines()[0]}; {usage}") from None
 
 
 def export_run(run_dir: str | os.PathLike, forms: Sequence[str] = ("safetensors", "pt2", "onnx"),
@@ -190,22 +219,23 @@ def export_run(run_dir: str | os.PathLike, forms: Sequence[str] = ("safetensors"
     run_dir = Path(run_dir)
     for rel in (CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS):
         if not (run_dir / rel).is_file():
-            raise FileNotFoundError(f"missing {run_dir / rel}: the training stage writes it "
-                                    "(`python train.py experiment=...`; run_dir= is that run's directory)")
-    config = json.loads((run_dir / CHECKPOINT_CONFIG).read_text())
+            raise UserFileNotFoundError(f"missing {run_dir / rel}: the training stage writes it "
+                                        "(`python train.py experiment=...`; run_dir= is that run's directory)")
+    path = run_dir / CHECKPOINT_CONFIG
+    try:
+        config = validate_config(json.loads(path.read_text()))
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
+        raise SamplerFileError(f"{path}: {e}; train again or point run_dir= at another run") from None
     model = load_dsno(config, run_dir / CHECKPOINT_WEIGHTS)
     return export_sampler(model, config, Path(out) if out else run_dir / "sampler", forms)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    usage = "usage: python -m dsno.export run_dir=PATH [forms=safetensors,pt2,onnx] [out=PATH/sampler]"
-    args = parse_key_values(sys.argv[1:] if argv is None else argv,
-                            {"run_dir": None, "forms": "safetensors,pt2,onnx", "out": None}, ["run_dir"], usage)
-    try:
-        forms = [f.strip() for f in args["forms"].strip("[]").split(",") if f.strip()]   # a,b or Hydra's [a,b]
-        out = export_run(args["run_dir"], forms, args["out"])
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+    usage = "usage: python -m dsno.export run_dir=PATH [forms=[safetensors,pt2,onnx]] [out=PATH/sampler]"
+    with report_errors():
+        opts = parse_options(ExportOptions, sys.argv[1:] if argv is None else argv, usage)
+        forms = opts.forms.split(",") if isinstance(opts.forms, str) else list(opts.forms)
+        out = export_run(opts.run_dir, [str(f).strip() for f in forms if str(f).strip()], opts.out)
     print(f"wrote {out}")
 
 

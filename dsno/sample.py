@@ -1,15 +1,18 @@
 """Write samples of an exported DSNO sampler as PNGs and an .npz, resumably.
 
-    python -m dsno.sample sampler=PATH n=50000 out=DIR [seed=0 batch_size=256 form=auto chunk_size=1000]
+    python -m dsno.sample sampler=PATH n=50000 out=DIR [seed=0 batch_size=256 form=auto chunk_size=1000
+                                                        trust_program=false]
 
 Output: DIR/png/000000.png ... (uint8, data_range mapped to 0..255, grayscale or RGB) and
 DIR/samples.npz with the uint8 array `samples` [n, H, W, C] (the layout FID tools take).
 The work runs in chunks of `chunk_size` images; chunk c draws its noise from
 torch.Generator().manual_seed(chunk_seed(seed, c)), so it depends only on (seed, c). Each
-chunk's PNGs and then its DIR/chunks/NNNNN.npy are written atomically (temp file + rename);
-the .npy marks the chunk complete, so a rerun after an interruption skips complete chunks and
-produces the same bytes. DIR/run.json records what the chunks were made with; a rerun with a
-different sampler, form, seed or chunk_size is refused.
+chunk's PNGs, its DIR/chunks/NNNNN.npy and then DIR/chunks/NNNNN.sha256 (the .npy's digest)
+are written atomically (temp file + fsync + rename); a chunk counts as complete only when its
+.npy matches its digest, so a rerun after an interruption skips complete chunks, redoes a
+tampered or truncated one, rewrites any PNG whose bytes differ, and produces the same bytes.
+DIR/run.json records what the chunks were made with; a rerun with a different sampler, form,
+seed or chunk_size is refused.
 """
 
 from __future__ import annotations
@@ -21,16 +24,21 @@ import json
 import os
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from dsno.export import parse_key_values
+from dsno.atomic import atomic_path, atomic_write_bytes
+from dsno.errors import UserError, report_errors
+from dsno.export import parse_options
 from dsno.sampler import CONFIG_FILE, FORM_FILES, Sampler, load_sampler
 
 USAGE = ("usage: python -m dsno.sample sampler=PATH n=N out=DIR "
-         "[seed=0 batch_size=256 form=auto chunk_size=1000]")
+         "[seed=0 batch_size=256 form=auto chunk_size=1000 trust_program=false]")
+MAX_SAMPLES = 10**8          # 100 million images: beyond any FID set; a typo like n=1e12 is refused
+MAX_SEED = 2**63 - 1
 RUN_FILE = "run.json"
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamp: the .npz bytes depend only on the samples
 
@@ -45,12 +53,6 @@ def to_uint8(images: Any, data_range: Sequence[float]) -> np.ndarray:
     lo, hi = data_range
     x = (np.asarray(images, dtype=np.float32) - lo) * (255.0 / (hi - lo))
     return np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -69,14 +71,13 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 def write_npz(path: Path, chunk_files: Sequence[Path], shape: Sequence[int]) -> None:
     """Stream the chunk arrays into path (an .npz with one uint8 array `samples`), atomically."""
-    tmp = path.with_name(path.name + ".tmp")
     info = zipfile.ZipInfo("samples.npy", date_time=ZIP_DATE)
     info.external_attr = 0o644 << 16
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive, archive.open(info, "w", force_zip64=True) as f:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive, \
+            archive.open(info, "w", force_zip64=True) as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
         for chunk in chunk_files:
             f.write(np.load(chunk, allow_pickle=False).tobytes())
-    os.replace(tmp, path)
 
 
 def _run_record(sampler: Sampler, seed: int, chunk_size: int) -> dict[str, Any]:
@@ -96,29 +97,31 @@ def _check_run_record(out: Path, record: dict[str, Any]) -> None:
         keys = ("sampler_sha256", "form", "seed", "chunk_size")
         changed = [k for k in keys if previous.get(k) != record[k]]
         if changed:
-            raise ValueError(f"{out} holds samples made with different {', '.join(changed)} "
+            raise UserError(f"{out} holds samples made with different {', '.join(changed)} "
                              f"({', '.join(f'{k}={previous.get(k)!r}' for k in changed)}); "
                              "use a new out= directory or delete this one")
-    _atomic_write(path, (json.dumps(record, indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def _remove_stale_temp_files(*folders: Path) -> None:
     for folder in folders:
-        for tmp in folder.glob("*.tmp"):
+        for tmp in folder.glob(".*.tmp"):
             tmp.unlink()
 
 
 def write_samples(sampler_path: str | os.PathLike, n: int, out: str | os.PathLike, seed: int = 0,
                   batch_size: int = 256, form: str = "auto", chunk_size: int = 1000,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, trust_program: bool = False) -> Path:
     """Write n samples to out/png and out/samples.npz (resuming complete chunks); returns the .npz path."""
-    if n < 1 or batch_size < 1 or chunk_size < 1 or seed < 0:
-        raise ValueError(f"need n >= 1, batch_size >= 1, chunk_size >= 1 and seed >= 0; got n={n}, "
-                         f"batch_size={batch_size}, chunk_size={chunk_size}, seed={seed}")
-    sampler = load_sampler(sampler_path, form)
+    for key, value, lo, hi in (("n", n, 1, MAX_SAMPLES), ("batch_size", batch_size, 1, 65536),
+                               ("chunk_size", chunk_size, 1, 10**6), ("seed", seed, 0, MAX_SEED)):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise UserError(f"{key}={value!r}: must be an integer in [{lo}, {hi}] (n is capped at {MAX_SAMPLES:,} "
+                            "images, chunk_size at a million, batch_size at 65,536, seed below 2**63)")
+    sampler = load_sampler(sampler_path, form, trust_program=trust_program)
     channels, height, width = sampler.image_shape
     if channels not in (1, 3):
-        raise ValueError(f"PNG output needs 1 (grayscale) or 3 (RGB) channels, the sampler makes {channels}")
+        raise UserError(f"PNG output needs 1 (grayscale) or 3 (RGB) channels, the sampler makes {channels}")
     out = Path(out)
     png_dir, chunk_dir = out / "png", out / "chunks"
     png_dir.mkdir(parents=True, exist_ok=True)
@@ -138,21 +141,35 @@ def write_samples(sampler_path: str | os.PathLike, n: int, out: str | os.PathLik
                 samples = sampler.sample(count, seed=chunk_seed(seed, c), batch_size=batch_size)
                 images = to_uint8(samples.numpy(), sampler.data_range)
             for i, image in enumerate(images):
-                png = png_dir / f"{start + i:06d}.png"
-                if made or not png.is_file():
-                    _atomic_write(png, png_bytes(image))
+                png, data = png_dir / f"{start + i:06d}.png", png_bytes(image)
+                if made or not png.is_file() or png.read_bytes() != data:
+                    atomic_write_bytes(png, data)
             if made:
-                _atomic_write(chunk_file, npy_bytes(images))
+                data = npy_bytes(images)
+                atomic_write_bytes(chunk_file, data)
+                atomic_write_bytes(_digest_file(chunk_file), hashlib.sha256(data).hexdigest().encode())
             advance(count)
     npz = out / "samples.npz"
     write_npz(npz, chunk_files, (n, height, width, channels))
     return npz
 
 
+def _digest_file(chunk_file: Path) -> Path:
+    return chunk_file.with_suffix(".sha256")
+
+
 def _load_complete_chunk(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
-    if not path.is_file():
+    """The chunk's images when its .npy is whole (matches its digest, shape and dtype), else None."""
+    digest = _digest_file(path)
+    if not (path.is_file() and digest.is_file()):
         return None
-    images = np.load(path, allow_pickle=False)
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest().encode() != digest.read_bytes().strip():
+        return None
+    try:
+        images = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError:
+        return None
     return images if images.shape == shape and images.dtype == np.uint8 else None
 
 
@@ -169,19 +186,25 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
         yield lambda k: bar.advance(task, k)
 
 
+@dataclass
+class SampleOptions:
+    """`python -m dsno.sample` options (see the module doc)."""
+
+    sampler: str = "???"
+    n: int = "???"  # type: ignore[assignment]
+    out: str = "???"
+    seed: int = 0
+    batch_size: int = 256
+    form: str = "auto"
+    chunk_size: int = 1000
+    trust_program: bool = False
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    defaults = {"sampler": None, "n": None, "out": None, "seed": "0", "batch_size": "256", "form": "auto",
-                "chunk_size": "1000"}
-    args = parse_key_values(sys.argv[1:] if argv is None else argv, defaults, ["sampler", "n", "out"], USAGE)
-    try:
-        ints = {k: int(args[k]) for k in ("n", "seed", "batch_size", "chunk_size")}
-    except ValueError:
-        raise SystemExit(f"n, seed, batch_size and chunk_size must be integers, got "
-                         f"{ {k: args[k] for k in ('n', 'seed', 'batch_size', 'chunk_size')} }\n{USAGE}") from None
-    try:
-        npz = write_samples(args["sampler"], out=args["out"], form=args["form"], **ints)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+    with report_errors():
+        opts = parse_options(SampleOptions, sys.argv[1:] if argv is None else argv, USAGE)
+        npz = write_samples(opts.sampler, opts.n, opts.out, seed=opts.seed, batch_size=opts.batch_size,
+                            form=opts.form, chunk_size=opts.chunk_size, trust_program=opts.trust_program)
     print(f"wrote {npz} and {npz.parent / 'png'}/")
 
 

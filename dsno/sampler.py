@@ -1,12 +1,17 @@
 """Load an exported one-pass DSNO sampler folder (see `dsno.export`).
 
-    sampler = load_sampler("runs/x/sampler")     # form="auto": safetensors, else pt2, else onnx
+    sampler = load_sampler("runs/x/sampler")     # form="auto": safetensors, else a program made here
     sampler.times                                 # the M output times
     sampler(x_T)                                  # [B, C, H, W] -> [B, M, C, H, W]
     sampler.sample(n, seed=0)                     # [n, C, H, W], the last time, clamped to data_range
 
-Loading is safe: weights come from safetensors; a pt2 archive is refused if it carries any
-pickled payload; ONNX runs in onnxruntime. Needs neither Lightning nor Hydra.
+Loading never runs code from the folder. Every file is checked against the folder's signed
+checksums.json (a changed file is refused by name). Weights come from safetensors (always
+safe). A program form (sampler.pt2, sampler.onnx) is opened only when this install exported
+it (its checksums carry this install's signature) or with `trust_program=True`; even then a
+.pt2 must consist of plain tensors and ATen operators (`dsno.trust.check_pt2_archive`), an
+.onnx may read external data only beside itself, and the program's input and output shapes
+must match config.json. Needs neither Lightning nor Hydra.
 """
 
 from __future__ import annotations
@@ -14,57 +19,76 @@ from __future__ import annotations
 import abc
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dsno.errors import UnsafeFileError, UserError, UserFileNotFoundError
 from dsno.nn import CONFIG_FORMAT_VERSION, DSNO, build_dsno, validate_config
+from dsno.trust import CHECKSUM_FILE, check_onnx_model, check_pt2_archive, verify_checksums
+from dsno.trust.checksums import read_checksums
 
 CONFIG_FILE = "config.json"
 FORM_FILES = {"safetensors": "weights.safetensors", "pt2": "sampler.pt2", "onnx": "sampler.onnx"}
+PROGRAM_FORMS = ("pt2", "onnx")
 EXPORT_HINT = "make one with `python -m dsno.export run_dir=RUN` (writes RUN/sampler)"
+TRUST_HINT = ("a program file can run code when it is loaded; load the folder's weights.safetensors "
+              "instead, or pass trust_program=True (trust_program=true for python -m dsno.sample, "
+              "eval.trust_program=true for eval.py) "
+              "if you trust where it came from")
+
+
+class SamplerFileError(UserError):
+    """A sampler folder's config or weights are unreadable or do not fit together."""
 
 
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The validated config.json of a sampler folder."""
+    """The validated config.json of a sampler folder; SamplerFileError names the file."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"no sampler folder at {folder}; {EXPORT_HINT}")
+        raise UserFileNotFoundError(f"no sampler folder at {folder}; {EXPORT_HINT}")
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a sampler folder: {CONFIG_FILE} is missing; {EXPORT_HINT}")
-    config = json.loads(path.read_text())
-    version = config.get("format_version")
+        raise UserFileNotFoundError(f"{folder} is not a sampler folder: {CONFIG_FILE} is missing; {EXPORT_HINT}")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SamplerFileError(f"{path} is not valid JSON ({e}); {EXPORT_HINT}") from None
+    version = config.get("format_version") if isinstance(config, dict) else None
     if isinstance(version, int) and version > CONFIG_FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {version}: written by a newer dsno; upgrade "
-                         f"(this one reads format_version <= {CONFIG_FORMAT_VERSION})")
-    return validate_config(config)
+        raise SamplerFileError(f"{path} has format_version {version}: written by a newer dsno; upgrade "
+                               f"(this one reads format_version <= {CONFIG_FORMAT_VERSION})")
+    try:
+        return validate_config(config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise SamplerFileError(f"{path}: {e}") from None
 
 
 def load_dsno(config: dict[str, Any], weights: str | os.PathLike) -> DSNO:
-    """Build the DSNO of `config` and load its state dict from a safetensors file (strict)."""
+    """Build the DSNO of `config` and load its state dict from a safetensors file (strict).
+
+    The weights' names and shapes are compared with the config's model (built on the meta
+    device, so a config that asks for a huge model allocates nothing) before any real build."""
+    from safetensors import SafetensorError, safe_open
+    weights = Path(weights)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SamplerFileError(f"{weights} is not a readable safetensors file ({e}); export the sampler again") \
+            from None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_dsno(config).state_dict().items()}
+    if shapes != expected:
+        missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
+        raise SamplerFileError(f"{weights} does not fit its config.json: missing {missing[:3]}, unexpected "
+                               f"{extra[:3]}, wrong shape {wrong[:3]}; export the sampler again")
     from safetensors.torch import load_file
     model = build_dsno(config)
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval()
-
-
-def pt2_check_no_pickle(path: str | os.PathLike) -> None:
-    """Refuse a torch.export archive that carries pickled payloads (torch.export.load unpickles them)."""
-    with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            parts = info.filename.split("/")
-            if info.filename.endswith("_config.json") and "data" in parts:
-                entries = json.loads(archive.read(info)).get("config", {})
-                if any(meta.get("use_pickle") for meta in entries.values()):
-                    raise ValueError(f"{path} stores pickled tensors; refusing to load it")
-            elif "sample_inputs" in parts and info.file_size:
-                raise ValueError(f"{path} stores pickled example inputs; refusing to load it "
-                                 "(dsno.export writes archives without them)")
-            elif "constants" in parts and not parts[-1].startswith("tensor_"):
-                raise ValueError(f"{path} stores a non-tensor constant {info.filename!r}; refusing to load it")
 
 
 def load_onnx_session(path: str | os.PathLike, device: str = "cpu"):
@@ -74,6 +98,17 @@ def load_onnx_session(path: str | os.PathLike, device: str = "cpu"):
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     return ort.InferenceSession(str(path), providers=providers)
+
+
+def load_pt2_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
+    """torch.export.load of an archive that `check_pt2_archive` accepts."""
+    check_pt2_archive(path)
+    try:
+        return torch.export.load(str(path))
+    except Exception as e:   # a malformed graph fails in many ways inside torch; none is ours to debug
+        raise SamplerFileError(f"{path} is not a loadable torch.export program ({type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                               "export it again with `python -m dsno.export`") from None
 
 
 class Sampler(abc.ABC):
@@ -131,16 +166,37 @@ class TorchSampler(Sampler):
         return self.model(x_T.to(self.device))
 
 
-class ExportedProgramSampler(Sampler):
-    """The torch.export program sampler.pt2 (checked to be free of pickled payloads)."""
+class ProgramSampler(Sampler):
+    """A sampler whose network is a program file; its signature is probed at load time."""
+
+    def check_signature(self) -> None:
+        """Run a batch of 2 zero images; the output must be finite [2, M, C, H, W] (else refused)."""
+        file = self.path / FORM_FILES[self.form]
+        expected = (2, len(self.times), *self.image_shape)
+        try:
+            with torch.inference_mode():
+                out = self._run(torch.zeros(2, *self.image_shape))
+        except Exception as e:   # a foreign program may fail in any way; say which file and why
+            raise SamplerFileError(f"{file} does not run on a batch [2, {', '.join(map(str, self.image_shape))}] "
+                                   f"as config.json declares ({type(e).__name__}); export the sampler again") \
+                from None
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise SamplerFileError(f"{file} maps [2, {', '.join(map(str, self.image_shape))}] to {got}, but "
+                                   f"config.json declares [B, M={len(self.times)}, C, H, W] = {expected}; "
+                                   "the program and its config do not belong together")
+        if not torch.isfinite(out).all():
+            raise SamplerFileError(f"{file} returns non-finite values on zero noise; export the sampler again")
+
+
+class ExportedProgramSampler(ProgramSampler):
+    """The torch.export program sampler.pt2 (an allow-listed archive: plain tensors, ATen ops)."""
 
     form = "pt2"
 
     def __init__(self, config: dict[str, Any], path: Path, device: str = "cpu"):
         super().__init__(config, path, device)
-        file = path / FORM_FILES[self.form]
-        pt2_check_no_pickle(file)
-        program = torch.export.load(str(file))
+        program = load_pt2_program(path / FORM_FILES[self.form])
         if self.device.type != "cpu":
             from torch.export.passes import move_to_device_pass
             program = move_to_device_pass(program, self.device)
@@ -150,15 +206,29 @@ class ExportedProgramSampler(Sampler):
         return self.module(x_T.to(self.device))
 
 
-class OnnxSampler(Sampler):
-    """The ONNX graph sampler.onnx run by onnxruntime."""
+class OnnxSampler(ProgramSampler):
+    """The ONNX graph sampler.onnx run by onnxruntime (external data only beside it)."""
 
     form = "onnx"
 
     def __init__(self, config: dict[str, Any], path: Path, device: str = "cpu"):
         super().__init__(config, path, device)
-        self.session = load_onnx_session(path / FORM_FILES[self.form], device)
-        self.input_name = self.session.get_inputs()[0].name
+        file = path / FORM_FILES[self.form]
+        listed = read_checksums(path)["files"]
+        for name in check_onnx_model(file):
+            if name not in listed:
+                raise UnsafeFileError(f"{file} reads external data from {path / name}, which {CHECKSUM_FILE} "
+                                      "does not list; export the sampler again")
+        try:
+            self.session = load_onnx_session(file, device)
+        except Exception as e:   # onnxruntime raises its own exception types for malformed graphs
+            raise SamplerFileError(f"{file} is not a loadable ONNX model ({type(e).__name__}); export it again") \
+                from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) < 1 or len(inputs[0].shape) != 4 or len(outputs[0].shape) != 5:
+            raise SamplerFileError(f"{file} must take one input [B, C, H, W] and return [B, M, C, H, W]; "
+                                   f"it takes {[tuple(i.shape) for i in inputs]}")
+        self.input_name = inputs[0].name
 
     def _run(self, x_T: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: x_T.detach().cpu().numpy()})[0]
@@ -168,25 +238,43 @@ class OnnxSampler(Sampler):
 SAMPLERS: dict[str, type[Sampler]] = {cls.form: cls for cls in (TorchSampler, ExportedProgramSampler, OnnxSampler)}
 
 
-def resolve_form(folder: str | os.PathLike, form: str = "auto") -> str:
-    """The form load_sampler would use: `form` itself, or for "auto" the first file present."""
+def resolve_form(folder: str | os.PathLike, form: str = "auto", programs_allowed: bool = True) -> str:
+    """The form load_sampler would use: `form` itself, or for "auto" safetensors when present,
+    else the first program form present (only when `programs_allowed`)."""
     folder = Path(folder)
     if form == "auto":
-        for name, file in FORM_FILES.items():
-            if (folder / file).is_file():
-                return name
-        raise FileNotFoundError(f"{folder} holds none of {list(FORM_FILES.values())}; {EXPORT_HINT}")
+        present = [name for name, file in FORM_FILES.items() if (folder / file).is_file()]
+        if "safetensors" in present or (present and programs_allowed):
+            return present[0]
+        if present:
+            raise UnsafeFileError(f"{folder} has no weights.safetensors, and its {FORM_FILES[present[0]]} was not "
+                                  f"exported by this dsno install; {TRUST_HINT}")
+        raise UserFileNotFoundError(f"{folder} holds none of {list(FORM_FILES.values())}; {EXPORT_HINT}")
     if form not in FORM_FILES:
-        raise ValueError(f"form must be 'auto' or one of {list(FORM_FILES)}, got {form!r}")
+        raise UserError(f"form must be 'auto' or one of {list(FORM_FILES)}, got {form!r}")
     if not (folder / FORM_FILES[form]).is_file():
         present = [name for name, file in FORM_FILES.items() if (folder / file).is_file()]
-        raise FileNotFoundError(f"{folder / FORM_FILES[form]} is missing (form {form!r}); this folder has {present}; "
-                                f"export it with `python -m dsno.export run_dir=RUN forms={form}`")
+        raise UserFileNotFoundError(f"{folder / FORM_FILES[form]} is missing (form {form!r}); this folder has "
+                                    f"{present}; export it with `python -m dsno.export run_dir=RUN forms=[{form}]`")
+    if form in PROGRAM_FORMS and not programs_allowed:
+        raise UnsafeFileError(f"{folder / FORM_FILES[form]} was not exported by this dsno install (its "
+                              f"checksums.json is not signed here); {TRUST_HINT}")
     return form
 
 
-def load_sampler(path: str | os.PathLike, form: str = "auto", device: str = "cpu") -> Sampler:
-    """Load an exported sampler folder. form: "auto" (safetensors, then pt2, then onnx) or one of them."""
+def load_sampler(path: str | os.PathLike, form: str = "auto", device: str = "cpu",
+                 trust_program: bool = False) -> Sampler:
+    """Load an exported sampler folder.
+
+    form: "auto" (safetensors, else a program form) or one of FORM_FILES. Every file is checked
+    against checksums.json first. trust_program: open a pt2 / onnx program that another install
+    exported (programs made here are always allowed; safetensors needs no trust)."""
     folder = Path(path)
     config = read_config(folder)
-    return SAMPLERS[resolve_form(folder, form)](config, folder, device)
+    made_here = verify_checksums(folder, required=[CONFIG_FILE])
+    chosen = resolve_form(folder, form, programs_allowed=made_here or bool(trust_program))
+    verify_checksums(folder, required=[FORM_FILES[chosen]])
+    sampler = SAMPLERS[chosen](config, folder, device)
+    if isinstance(sampler, ProgramSampler):
+        sampler.check_signature()
+    return sampler

@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# this test session's own signing key (dsno.trust.checksums), so tests never touch ~/.config
+os.environ.setdefault("DSNO_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="dsno-key-"), "signing.key"))
 # tiny tensors: one thread is as fast, and avoids OpenMP oversubscription when the machine is shared
 torch.set_num_threads(1)
 

@@ -13,7 +13,9 @@ import torch
 from dsno import export as export_module
 from dsno.export import export_run, export_sampler, main as export_main
 from dsno.nn import build_dsno
-from dsno.sampler import FORM_FILES, load_sampler, pt2_check_no_pickle
+from dsno.errors import UnsafeFileError
+from dsno.sampler import FORM_FILES, load_sampler
+from dsno.trust import check_pt2_archive
 
 CONFIG = {
     "format_version": 1,
@@ -51,11 +53,11 @@ def exported(tmp_path_factory):
 
 def test_folder_contents_and_config(exported):
     model, folder = exported
-    assert sorted(os.listdir(folder)) == sorted(["config.json", *FORM_FILES.values()])
+    assert sorted(os.listdir(folder)) == sorted(["config.json", "checksums.json", *FORM_FILES.values()])
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
     config = json.loads((folder / "config.json").read_text())
     assert config == CONFIG
-    pt2_check_no_pickle(folder / "sampler.pt2")
+    check_pt2_archive(folder / "sampler.pt2")
 
 
 @pytest.mark.parametrize("form", ["safetensors", "pt2", "onnx"])
@@ -131,8 +133,8 @@ def test_pt2_with_pickled_payload_is_refused(tmp_path):
 
     program = torch.export.export(Double(), (torch.randn(3),))
     torch.export.save(program, str(tmp_path / "with_inputs.pt2"))  # example inputs are a pickle
-    with pytest.raises(ValueError, match="pickled example inputs"):
-        pt2_check_no_pickle(tmp_path / "with_inputs.pt2")
+    with pytest.raises(UnsafeFileError, match="pickled example inputs"):
+        check_pt2_archive(tmp_path / "with_inputs.pt2")
 
 
 def test_sampler_needs_neither_lightning_nor_hydra(exported):
@@ -171,6 +173,15 @@ def test_export_rejects_mismatched_config(tmp_path):
         export_sampler(trained_like_model(), CONFIG, tmp_path / "s", forms=("tflite",))
 
 
+def _exit_line(capsys, call):
+    with pytest.raises(SystemExit) as e:
+        call()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
 def test_export_cli_reads_training_checkpoints(tmp_path, capsys):
     from safetensors.torch import save_file
     run = tmp_path / "run"
@@ -178,8 +189,8 @@ def test_export_cli_reads_training_checkpoints(tmp_path, capsys):
         export_run(run)
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "dsno_config.json").write_text(json.dumps(CONFIG))
-    with pytest.raises(SystemExit, match="dsno_ema.safetensors: the training stage writes it"):
-        export_main([f"run_dir={run}"])
+    assert "dsno_ema.safetensors: the training stage writes it" in _exit_line(
+        capsys, lambda: export_main([f"run_dir={run}"]))
     model = trained_like_model(seed=4)
     save_file(model.state_dict(), str(run / "checkpoints" / "dsno_ema.safetensors"))
     export_main([f"run_dir={run}", "forms=safetensors"])
@@ -188,5 +199,7 @@ def test_export_cli_reads_training_checkpoints(tmp_path, capsys):
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert (sampler(x) - model(x)).abs().max() <= 1e-6
-    with pytest.raises(SystemExit, match="bad argument 'rundir=x'"):
-        export_main(["rundir=x"])
+    assert "argument rundir: Key 'rundir' not in 'ExportOptions'" in _exit_line(
+        capsys, lambda: export_main(["rundir=x"]))
+    assert "bad argument 'oops': expected key=value" in _exit_line(capsys, lambda: export_main(["oops"]))
+    assert "missing argument run_dir=..." in _exit_line(capsys, lambda: export_main([]))

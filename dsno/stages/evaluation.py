@@ -15,6 +15,7 @@ import torch
 from dsno.builders import build_teacher, sample_shape
 from dsno.config import RunConfig
 from dsno.stages import trajectories
+from dsno.errors import UserError, UserFileNotFoundError
 
 log = logging.getLogger("dsno")
 
@@ -77,15 +78,15 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     out.mkdir(parents=True, exist_ok=True)
     sampler_path = Path(sampler_path) if sampler_path else run_dir / "sampler"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sampler = load_sampler(sampler_path, device=device)
+    sampler = load_sampler(sampler_path, device=device, trust_program=rc.eval.trust_program)
     teacher = build_teacher(rc.teacher).to(device)
     shape = sample_shape(teacher, rc.teacher)
     check_prerequisites(rc, shape)
     if list(sampler.config.get("image_shape", shape)) != list(shape):
-        raise ValueError(f"sampler at {sampler_path} makes images of shape {sampler.config['image_shape']}, "
+        raise UserError(f"sampler at {sampler_path} makes images of shape {sampler.config['image_shape']}, "
                          f"the teacher of experiment {rc.experiment} {list(shape)}")
     if abs(sampler.times[-1] - rc.solver.t_end) > 1e-12:
-        raise ValueError(f"sampler's last time {sampler.times[-1]} differs from solver.t_end {rc.solver.t_end}")
+        raise UserError(f"sampler's last time {sampler.times[-1]} differs from solver.t_end {rc.solver.t_end}")
     n, bs, dtype = rc.eval.num_samples, rc.eval.batch_size, trajectories.working_dtype(teacher)
     x_T = torch.randn(n, *shape, generator=torch.Generator().manual_seed(rc.eval.seed))
     t_end = rc.solver.t_end
@@ -162,10 +163,28 @@ def check_prerequisites(rc: RunConfig, shape: tuple[int, ...]) -> None:
     if rc.eval.fidelity and shape[0] != 1:
         from dsno.metrics.fidelity import inception_weights_path
         if rc.eval.fidelity_reference is None:
-            raise FileNotFoundError(
+            raise UserFileNotFoundError(
                 "FID for RGB images needs real reference images: set eval.fidelity_reference=FILE.npz "
                 "(uint8 [N, H, W, C], e.g. the CIFAR-10 training set), or eval.fidelity=false")
         inception_weights_path(rc.eval.inception_weights)
+        read_reference_images(rc.eval.fidelity_reference, shape)
+
+
+def read_reference_images(path: str | Path, shape: tuple[int, ...]) -> torch.Tensor:
+    """Real images for RGB FID from an .npz (first array, uint8 [N, H, W, C]) -> uint8 [N, C, H, W].
+    UserError naming the file when it is unreadable, pickled, or of another shape than `shape`."""
+    import numpy as np
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images = z[z.files[0]] if z.files else None
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"eval.fidelity_reference={path} is not a readable .npz of uint8 images ({e})") from None
+    expected = (shape[1], shape[2], shape[0])
+    if images is None or images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        got = "no array" if images is None else f"{images.dtype} {list(images.shape)}"
+        raise UserError(f"eval.fidelity_reference={path} must hold uint8 images [N, {expected[0]}, {expected[1]}, "
+                        f"{expected[2]}] as its first array, got {got}")
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
 def _add_fidelity(rows: list[dict[str, Any]], finals: dict[str, torch.Tensor], shape, rc: RunConfig) -> None:
@@ -175,10 +194,7 @@ def _add_fidelity(rows: list[dict[str, Any]], finals: dict[str, torch.Tensor], s
     if shape[0] == 1:
         reference, extractor, name = reference_digits(shape[-1]), "digits", f"mnist{shape[-1]}"
     else:
-        import numpy as np
-        with np.load(rc.eval.fidelity_reference) as z:
-            images = z[z.files[0]]
-        reference = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        reference = read_reference_images(rc.eval.fidelity_reference, shape)
         extractor, name = "inception", Path(rc.eval.fidelity_reference).stem
     cache = Path(rc.run_dir).parent / ".fidelity_cache"
     for row in rows:

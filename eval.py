@@ -5,7 +5,7 @@ Writes runs/<experiment>/eval/{metrics.json, report.md, *.png}."""
 import hydra
 from omegaconf import DictConfig
 
-from dsno.cli import run_stage
+from dsno.cli import run_stage, take_debug_flag
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -14,4 +14,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    take_debug_flag()
     main()

@@ -6,7 +6,7 @@ sampler to runs/<experiment>/sampler and evaluates it (runs/<experiment>/eval)."
 import hydra
 from omegaconf import DictConfig
 
-from dsno.cli import run_stage
+from dsno.cli import run_stage, take_debug_flag
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -15,4 +15,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    take_debug_flag()
     main()

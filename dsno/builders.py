@@ -5,14 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dsno.config import RunConfig, TeacherConfig, build_schedule
-from dsno.teachers.base import Teacher
+from dsno.teachers.base import Teacher, TeacherLoadError
 
 
 def build_teacher(tc: TeacherConfig) -> Teacher:
-    """The teacher of a TeacherConfig (kind: mnist_gmm | gmm_file | unet | diffusers)."""
+    """The teacher of a TeacherConfig (kind: mnist_gmm | gmm_file | unet | diffusers).
+    A file that is missing, unreadable or of another kind is a TeacherLoadError naming it."""
+    from safetensors import SafetensorError
+    try:
+        return _load_teacher(tc)
+    except TeacherLoadError:
+        raise
+    except (ValueError, OSError, KeyError, SafetensorError) as e:
+        where = f" from {tc.path}" if tc.path else ""
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise TeacherLoadError(f"cannot load the teacher (teacher.kind={tc.kind}){where}: {reason}") from None
+
+
+def _load_teacher(tc: TeacherConfig) -> Teacher:
     schedule = build_schedule(tc.schedule)
     if tc.kind == "mnist_gmm":
         from dsno.teachers.mnist_gmm import load_mnist_gmm
@@ -47,9 +58,24 @@ def sample_shape(teacher: Teacher, tc: TeacherConfig) -> tuple[int, ...]:
 def skip_scales(schedule, times, sigma_data: float) -> list[float]:
     """Gaussian-optimal linear part of the ODE map x_T -> x_t for data of std sigma_data:
     s_t / s_T with s_t^2 = alpha_t^2 sigma_data^2 + sigma_t^2 (exact for a single Gaussian)."""
-    t = torch.tensor([schedule.T, *times], dtype=torch.float64)
-    s = torch.sqrt(schedule.alpha(t) ** 2 * sigma_data**2 + schedule.sigma(t) ** 2)
-    return (s[1:] / s[0]).tolist()
+    from dsno.nn.parameterization import coefficients
+    return coefficients(schedule, times, "state", sigma_data=sigma_data)["skip"]
+
+
+def output_parameterization(rc: RunConfig, teacher: Teacher) -> dict[str, Any]:
+    """The build config's output coefficients (skip, out_scale, in_scale, net_times) and their record.
+
+    A student copied from the teacher reads its output as the teacher does (teacher.prediction);
+    a fresh backbone predicts x0 ("denoised") or the state ("state")."""
+    from dsno.nn.parameterization import coefficients
+    kind = rc.model.parameterization
+    prediction = teacher.prediction if rc.model.backbone.type == "teacher" else "x0"
+    coef = coefficients(teacher.schedule, [float(t) for t in rc.data.times], kind, prediction,
+                        rc.model.sigma_data, rc.model.denoise_time)
+    record = {"kind": kind, "sigma_data": rc.model.sigma_data}
+    if kind == "denoised":
+        record.update(prediction=prediction, denoise_time=rc.model.denoise_time)
+    return {**coef, "parameterization": record}
 
 
 def student_config(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> dict[str, Any]:
@@ -67,7 +93,7 @@ def student_config(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> d
             "dropout": bb.dropout}}
         time_input = "continuous"
     return {"format_version": 1, "backbone": backbone, "time_input": time_input, "times": times,
-            "modes": rc.model.modes, "skip": skip_scales(teacher.schedule, times, rc.model.sigma_data),
+            "modes": rc.model.modes, **output_parameterization(rc, teacher),
             "image_shape": list(shape), "data_range": [-1.0, 1.0], "schedule": teacher.schedule.to_dict(),
             "experiment": rc.experiment}
 

@@ -1,33 +1,81 @@
-"""Shared glue for the Hydra entry points (train.py, eval.py, python -m data_gen)."""
+"""Shared glue for the Hydra entry points (train.py, eval.py, python -m data_gen).
+
+Every user mistake (a `dsno.errors.UserError`: a config value, a missing or foreign file, a
+corrupt data set) ends the run with one line `error: ...` on stderr and exit status 2;
+`HYDRA_FULL_ERROR=1` or `--debug` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dsno.config import ConfigError, validate
+from dsno.config import validate
+from dsno.errors import UserError, debug_requested, one_line, report_errors
 
 log = logging.getLogger("dsno")
 
 
+def take_debug_flag() -> None:
+    """Remove `--debug` from sys.argv (Hydra would reject it) and turn on full tracebacks."""
+    if "--debug" in sys.argv:
+        sys.argv = [a for a in sys.argv if a != "--debug"]
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+
+
+def check_writable(run_dir: str | os.PathLike) -> None:
+    """Create `run_dir` if needed and prove a file can be written there; UserError otherwise."""
+    path = Path(run_dir)
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"run_dir={path} is not writable ({e.strerror or e}); point run_dir= at a folder you "
+                        "can write to") from None
+
+
+class Preflight(Callback):
+    """Hydra callback, run before Hydra creates any folder: validate the config and prove
+    run_dir writable, so a mistake is one line and leaves nothing on disk."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: DictConfig) -> None:
+        try:
+            with open_dict(config):
+                run_config = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+            validate(run_config)
+            check_writable(OmegaConf.select(config, "run_dir"))
+        except UserError as e:
+            if debug_requested():
+                raise
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            sys.exit(2)
+
+
 def run_stage(stage: str, cfg: DictConfig) -> None:
-    """Validate `cfg`, then run `stage` (data | train | eval). Config and input errors exit with
-    status 2 and one line on stderr, before any work starts."""
+    """Validate `cfg`, then run `stage` (data | train | eval). User errors exit with status 2
+    and one line on stderr; config errors do so before any work starts."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
     logging.getLogger("dsno").setLevel(logging.INFO)
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
+    with report_errors():
         rc = validate(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    from dsno.data import DatasetError
-    try:
         if stage == "data":
             from dsno.builders import build_teacher, sample_shape
             from dsno.stages.trajectories import generate
@@ -43,6 +91,3 @@ def run_stage(stage: str, cfg: DictConfig) -> None:
             log.info("wrote %s/eval/report.md (%d rows)", rc.run_dir, len(result["rows"]))
         else:
             raise ValueError(f"unknown stage {stage!r}")
-    except (DatasetError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

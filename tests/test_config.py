@@ -72,7 +72,7 @@ BAD = [
     ("eval.num_samples=0", "eval.num_samples=0: must be a positive integer"),
     ("eval.solvers=[{name:magic}]", "eval.solvers[0].name='magic': must be one of"),
     ("teacher.kind=gan", "teacher.kind='gan': must be one of"),
-    ("teacher.schedule.beta_min=30", "needs 0 < beta_min (30.0) < beta_max"),
+    ("teacher.schedule.beta_min=30", "teacher.schedule.beta_max=20.0: must exceed teacher.schedule.beta_min (30.0)"),
     ("teacher.prediction=score", "teacher.prediction='score': must be one of eps, x0, v"),
     ("export.forms=[tflite]", "export.forms='tflite': must be one of safetensors, pt2, onnx"),
 ]

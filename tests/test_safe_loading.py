@@ -6,6 +6,8 @@ import pickle
 import pytest
 import torch
 
+from dsno.training.checkpoint_io import CheckpointRefusedError
+
 
 class _Exploit:
     def __init__(self, marker):
@@ -28,7 +30,7 @@ def test_checkpoint_io_refuses_code_carrying_pickles(tmp_path):
     ckpt = tmp_path / "last.ckpt"
     _write_malicious(ckpt, marker)
     for p in (ckpt, str(ckpt) + ".zip"):
-        with pytest.raises(RuntimeError, match="refusing to load checkpoint"):
+        with pytest.raises(CheckpointRefusedError, match="refusing to load checkpoint"):
             AtomicCheckpointIO().load_checkpoint(p)
     assert not marker.exists()
 
@@ -39,7 +41,7 @@ def test_resuming_from_a_malicious_last_ckpt_fails_clearly(tiny_run, tmp_path):
     marker = tmp_path / "pwned"
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     torch.save({"state_dict": _Exploit(marker)}, tmp_path / "run" / "checkpoints" / "last.ckpt")
-    with pytest.raises(RuntimeError, match="refusing to load checkpoint"):
+    with pytest.raises(CheckpointRefusedError, match="refusing to load checkpoint"):
         run(rc, evaluate=False)
     assert not marker.exists()
 

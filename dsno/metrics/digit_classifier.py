@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from dsno.errors import UserFileNotFoundError
 
 NUM_CLASSES = 10
 HELD_OUT_PER_CLASS = 50
@@ -168,7 +169,7 @@ def load_digit_classifier(size: int = 16, path: str | Path | None = None) -> Dig
 
     path = Path(path) if path is not None else asset_path(size)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"digit classifier weights {path} not found; make them with: "
             f"python -m dsno.metrics.digit_classifier --size {size} --out {path}")
     with safe_open(str(path), framework="pt") as f:

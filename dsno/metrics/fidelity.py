@@ -29,6 +29,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from dsno.metrics.image_io import to_uint8
+from dsno.errors import UnsafeFileError, UserFileNotFoundError
 
 DIGIT_EXTRACTOR_PREFIX = "dsno-digits"
 DIGIT_SIZE = 16  # the shipped classifier's image size
@@ -148,7 +149,7 @@ def inception_weights_path(path: str | os.PathLike | None = None) -> Path:
     default = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
     p = Path(path) if path is not None else default
     if not p.is_file():
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"Inception-v3 weights for FID not found at {p}. Nothing is downloaded at run time: on a machine "
             f"with network fetch {URL_INCEPTION_V3} and put it at {default} (torch hub cache), or pass its "
             f"location as inception_weights=...")
@@ -162,7 +163,8 @@ def _weights_fingerprint(path: str, mtime_ns: int, size: int) -> str:
         try:
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{path} is not a plain tensor state dict (refused to unpickle it): {e}") from e
+            raise UnsafeFileError(f"{path} is not a plain tensor state dict (refused to unpickle it); use the "
+                                  "original Inception weights file") from None
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):

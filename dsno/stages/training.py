@@ -12,11 +12,12 @@ from typing import Any
 import lightning as L
 
 from dsno.builders import build_student, build_teacher, sample_shape
-from dsno.config import RunConfig
+from dsno.config import RunConfig, check_trainer_hardware
+from dsno.errors import UserError
 from dsno.stages import trajectories
 from dsno.training.checkpoint_io import AtomicCheckpointIO
 from dsno.training.data import StepTrajectoryData
-from dsno.training.losses import TrajectoryLoss, time_weights
+from dsno.training.losses import build_loss, time_weights
 from dsno.training.module import DSNOModule
 
 log = logging.getLogger("dsno")
@@ -70,6 +71,7 @@ def save_student(module: DSNOModule, config: dict[str, Any], ckpt_dir: Path) -> 
 
 def run(rc: RunConfig, config_for_logging: dict[str, Any] | None = None, evaluate: bool = True) -> Path:
     """Train DSNO for `rc`; then export the sampler and (optionally) evaluate. Returns the run dir."""
+    check_trainer_hardware(rc)
     run_dir = Path(rc.run_dir)
     L.seed_everything(rc.seed, workers=True, verbose=False)
     teacher = build_teacher(rc.teacher)
@@ -87,8 +89,8 @@ def run(rc: RunConfig, config_for_logging: dict[str, Any] | None = None, evaluat
 
     model, config = build_student(rc, teacher, shape)
     weights = time_weights(teacher.schedule, rc.data.times, rc.train.weight_min, rc.train.weight_max)
-    module = DSNOModule(model, TrajectoryLoss(weights, rc.train.loss), rc.train.lr, rc.train.warmup_steps,
-                        rc.train.ema_decay)
+    module = DSNOModule(model, build_loss(weights, rc.train.loss, rc.train.perceptual_weights), rc.train.lr,
+                        rc.train.warmup_steps, rc.train.ema_decay, rc.train.temporal_impl)
     data = StepTrajectoryData(rc.data.dir, rc.train.batch_size, num_workers=rc.data.num_workers,
                               val_fraction=rc.data.val_fraction, seed=rc.seed, expected_fingerprint=expected,
                               verify=rc.data.verify)
@@ -101,8 +103,8 @@ def run(rc: RunConfig, config_for_logging: dict[str, Any] | None = None, evaluat
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     except RuntimeError as e:
         if ckpt_path and "Error(s) in loading state_dict" in str(e):
-            raise RuntimeError(f"{last} was written by a run with another model config; use another "
-                               f"run_dir or train.resume=false to start over\n{e}") from e
+            raise UserError(f"{last} was written by a run with another model config; use another "
+                            "run_dir or train.resume=false to start over") from e
         raise
     if trainer.global_rank != 0:
         return run_dir

@@ -10,7 +10,12 @@ from typing import Any, Callable
 
 import torch
 
+from dsno.errors import UserError
 from dsno.schedules import VPSchedule
+
+
+class TeacherLoadError(UserError):
+    """A teacher's file or folder is missing, unreadable or of another kind than teacher.kind."""
 
 PREDICTIONS = ("eps", "x0", "v")
 

@@ -26,6 +26,7 @@ from dsno.nn.dsno import DiffusersUNet, diffusers_backbone_spec
 from dsno.schedules import VPSchedule
 from dsno.teachers.base import WrappedTeacher
 from dsno.teachers.unet import weights_sha256
+from dsno.errors import UserFileNotFoundError
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
@@ -57,20 +58,20 @@ def locate_files(path: str | Path) -> DiffusersFiles:
     """Find the UNet config, its weights and the scheduler config under `path` (either layout)."""
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"diffusers teacher folder {root} does not exist; {EXPECTED_LAYOUT}")
+        raise UserFileNotFoundError(f"diffusers teacher folder {root} does not exist; {EXPECTED_LAYOUT}")
     nested = root / "unet" / "config.json"
     unet_dir = nested.parent if nested.is_file() else root
     looked_for = [nested, root / "config.json"]
     if not (unet_dir / "config.json").is_file():
-        raise FileNotFoundError(_missing(root, "the UNet's config.json", looked_for))
+        raise UserFileNotFoundError(_missing(root, "the UNet's config.json", looked_for))
     weights = [unet_dir / name for name in WEIGHT_FILES]
     found = [w for w in weights if w.is_file()]
     if not found:
-        raise FileNotFoundError(_missing(root, "the UNet's weights", weights))
+        raise UserFileNotFoundError(_missing(root, "the UNet's weights", weights))
     schedulers = [root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json"]
     scheduler = next((s for s in schedulers if s.is_file()), None)
     if scheduler is None:
-        raise FileNotFoundError(_missing(root, "the scheduler config", schedulers))
+        raise UserFileNotFoundError(_missing(root, "the scheduler config", schedulers))
     return DiffusersFiles(unet_dir, found[0], scheduler)
 
 

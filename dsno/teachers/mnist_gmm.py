@@ -16,6 +16,7 @@ import torch
 
 from dsno.schedules import VPSchedule
 from dsno.teachers.gmm import GaussianMixture
+from dsno.errors import UserFileNotFoundError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -70,7 +71,7 @@ def load_mnist_gmm(size: int = 16, components: int = 64, schedule: VPSchedule | 
     from safetensors.torch import load_file
     p = Path(path) if path is not None else asset_path(size, components)
     if not p.is_file():
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"mixture fit {p} not found; make it with: python -m dsno.teachers.mnist_gmm "
             f"--size {size} --components {components} --out {p}")
     t = load_file(str(p))

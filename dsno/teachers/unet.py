@@ -20,6 +20,7 @@ import torch
 from dsno.nn.unet import UNet
 from dsno.schedules import VPSchedule
 from dsno.teachers.base import WrappedTeacher
+from dsno.errors import UserFileNotFoundError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 RECORD_KEY = "dsno_teacher"
@@ -120,7 +121,7 @@ def load_unet_teacher(path: str | Path | None = None, schedule: VPSchedule | Non
     from safetensors.torch import load_file
     p = Path(path) if path is not None else asset_path(size)
     if not p.is_file():
-        raise FileNotFoundError(f"UNet teacher weights {p} not found; make them with: {remake_command(size, p)}")
+        raise UserFileNotFoundError(f"UNet teacher weights {p} not found; make them with: {remake_command(size, p)}")
     record = read_record(p)
     kwargs = record["backbone"]["kwargs"]
     if kwargs["image_size"] != size:

@@ -2,32 +2,37 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from dsno.atomic import atomic_path
+from dsno.errors import UnsafeFileError
+
+
+class CheckpointRefusedError(UnsafeFileError):
+    """A checkpoint is corrupt or holds more than tensors and plain values."""
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to `<path>.tmp`, fsync, then rename; loads with weights_only=True (no code runs)."""
+    """torch.save to a temp file, fsync, then rename (a full disk is `DiskFullError` naming the
+    path and leaves no temp file); loads with weights_only=True (no code runs)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = True) -> dict[str, Any]:
         try:
             return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-        except Exception as e:
-            if isinstance(e, FileNotFoundError):
-                raise
-            raise RuntimeError(f"refusing to load checkpoint {path}: it is corrupt or holds objects other than "
-                               f"tensors and plain values (only weights_only=True loading is allowed): {e}") from e
+        except FileNotFoundError:
+            raise
+        except Exception as e:   # torch raises many types for a truncated file or a foreign pickle
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointRefusedError(
+                f"refusing to load checkpoint {Path(path)}: it is corrupt or holds objects other than tensors "
+                f"and plain values (only weights_only=True loading is allowed; {reason[:160]}); delete it, or "
+                "set train.resume=false to start over") from None

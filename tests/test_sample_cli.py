@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dsno.errors import UserError
 from dsno.export import export_sampler
 from dsno.nn import build_dsno
 from dsno.sample import chunk_seed, main, png_bytes, to_uint8, write_samples
@@ -92,7 +93,7 @@ def test_rerun_with_other_settings_is_refused_and_missing_pngs_are_rewritten(sam
     (out / "png" / "000010.png").unlink()
     write_samples(sampler_dir, 60, out, seed=1, batch_size=BATCH, chunk_size=CHUNK, progress=False)
     assert tree(out) == before
-    with pytest.raises(ValueError, match="different seed"):
+    with pytest.raises(UserError, match="different seed"):
         write_samples(sampler_dir, 60, out, seed=2, batch_size=BATCH, chunk_size=CHUNK, progress=False)
 
 
@@ -106,10 +107,36 @@ def test_uint8_mapping_and_rgb_png():
     assert decoded.shape == (2, 2, 3) and np.array_equal(decoded, out[0])
 
 
-def test_cli_arguments_are_checked(tmp_path):
-    with pytest.raises(SystemExit, match="missing argument.*n=...*out=..."):
-        main([f"sampler={tmp_path}"])
-    with pytest.raises(SystemExit, match="must be integers"):
-        main([f"sampler={tmp_path}", "n=ten", f"out={tmp_path / 'o'}"])
-    with pytest.raises(SystemExit, match="no sampler folder"):
-        main([f"sampler={tmp_path / 'missing'}", "n=10", f"out={tmp_path / 'o'}"])
+def _exit_line(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_cli_arguments_are_checked(tmp_path, capsys):
+    out = f"out={tmp_path / 'o'}"
+    assert "missing argument n=..." in _exit_line(capsys, [f"sampler={tmp_path}", out])
+    assert "argument n: Value 'ten' of type 'str' could not be converted to Integer" in _exit_line(
+        capsys, [f"sampler={tmp_path}", "n=ten", out])
+    assert "no sampler folder" in _exit_line(capsys, [f"sampler={tmp_path / 'missing'}", "n=10", out])
+    assert "n=1000000000000: must be an integer in [1, 100000000]" in _exit_line(
+        capsys, [f"sampler={tmp_path}", "n=1000000000000", out])
+    assert "seed=-1: must be an integer in [0, 9223372036854775807]" in _exit_line(
+        capsys, [f"sampler={tmp_path}", "n=5", "seed=-1", out])
+    assert not (tmp_path / "o").exists()
+
+
+def test_tampered_chunks_are_redone_and_tampered_pngs_rewritten(sampler_dir, tmp_path):
+    out = tmp_path / "out"
+    write_samples(sampler_dir, 100, out, seed=3, batch_size=BATCH, chunk_size=CHUNK, progress=False)
+    before = tree(out)
+    chunk = out / "chunks" / "00001.npy"
+    data = bytearray(chunk.read_bytes())
+    data[-1] ^= 0xFF                                   # one pixel of the last image, header intact
+    chunk.write_bytes(bytes(data))
+    (out / "png" / "000007.png").write_bytes(png_bytes(np.zeros((8, 8, 1), np.uint8)))
+    write_samples(sampler_dir, 100, out, seed=3, batch_size=BATCH, chunk_size=CHUNK, progress=False)
+    assert tree(out) == before

@@ -75,7 +75,6 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
 
     run_dir = Path(rc.run_dir)
     out = run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     sampler_path = Path(sampler_path) if sampler_path else run_dir / "sampler"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sampler = load_sampler(sampler_path, device=device, trust_program=rc.eval.trust_program)
@@ -84,9 +83,10 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     check_prerequisites(rc, shape)
     if list(sampler.config.get("image_shape", shape)) != list(shape):
         raise UserError(f"sampler at {sampler_path} makes images of shape {sampler.config['image_shape']}, "
-                         f"the teacher of experiment {rc.experiment} {list(shape)}")
+                        f"the teacher of experiment {rc.experiment} {list(shape)}")
     if abs(sampler.times[-1] - rc.solver.t_end) > 1e-12:
         raise UserError(f"sampler's last time {sampler.times[-1]} differs from solver.t_end {rc.solver.t_end}")
+    out.mkdir(parents=True, exist_ok=True)
     n, bs, dtype = rc.eval.num_samples, rc.eval.batch_size, trajectories.working_dtype(teacher)
     x_T = torch.randn(n, *shape, generator=torch.Generator().manual_seed(rc.eval.seed))
     t_end = rc.solver.t_end

@@ -1,0 +1,136 @@
+"""A user's mistake is one line naming the key or file, exit status 2, and nothing written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CONF, TINY_RUN, compose
+from dsno.config import ConfigError, check_trainer_hardware, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BAD = [
+    ("data.times=[0.5,nan,0.001]", "data.times=[0.5, nan, 0.001]: must be finite numbers"),
+    ("data.times=[0.5,inf,0.001]", "data.times=[0.5, inf, 0.001]: must be finite numbers"),
+    ("seed=-1", "seed=-1: must be an integer >= 0"),
+    ("seed=9223372036854775808", "seed=9223372036854775808: must be at most 9,223,372,036,854,775,807"),
+    ("solver.steps=3", "solver.steps=3: must be at least 4: one step per segment between the 4 output times"),
+    ("solver.steps=100000", "solver.steps=100000: must be at most 10,000"),
+    ("train.grad_clip=nan", "train.grad_clip=nan: must be a finite number"),
+    ("train.grad_clip=-1", "train.grad_clip=-1.0: must lie in [0, 1e+12]"),
+    ("train.weight_max=nan", "train.weight_max=nan: must be a finite number"),
+    ("train.lr=nan", "train.lr=nan: must be a finite number"),
+    ("teacher.schedule.beta_min=-1", "teacher.schedule.beta_min=-1.0: must lie in (0, 10000]"),
+    ("teacher.schedule.beta_max=nan", "teacher.schedule.beta_max=nan: must be a finite number"),
+    ("trainer.accelerator=tpu9", "trainer.accelerator='tpu9': must be one of auto, cpu, gpu, cuda, mps"),
+    ("eval.nfe=[1000000000]", "eval.nfe=[1000000000]: each budget must be at most 1,000 model evaluations"),
+    ("eval.grid_samples=-5", "eval.grid_samples=-5: must be an integer >= 0"),
+    ("eval.num_samples=100000000000", "eval.num_samples=100000000000: must be at most 10,000,000"),
+    ("eval.reference_steps=1000000", "eval.reference_steps=1000000: must be at most 10,000"),
+    ("trainer.max_steps=10000000000", "trainer.max_steps=10000000000: must be at most 1,000,000,000"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_values_name_their_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        validate(compose(override))
+    text = str(e.value)
+    assert text == f"config error: {message}" or text.startswith(f"config error: {message}"), text
+    assert "\n" not in text
+
+
+HARDWARE = [
+    (["trainer.accelerator=gpu"], "trainer.accelerator='gpu': this machine has no CUDA GPU; use auto or cpu"),
+    ([f"trainer.devices={(os.cpu_count() or 1) + 6}"],
+     f"trainer.devices={(os.cpu_count() or 1) + 6}: asks for {(os.cpu_count() or 1) + 6} devices, but this "
+     f"machine has {os.cpu_count() or 1} CPU core(s)"),
+    (["trainer.devices=[0,99]"], "trainer.devices=[0, 99]: names device index 99"),
+    (["trainer.devices=banana"], "trainer.devices='banana': must be auto, -1, a positive integer"),
+    (["trainer.devices=2", "data.num_trajectories=40", "train.batch_size=32"],
+     "trainer.devices=2: 2 ranks need at least 2 training batches, but data.num_trajectories=40 gives 1 of "
+     "train.batch_size=32"),
+]
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the world-size case needs 2 CPU devices to be allowed")
+@pytest.mark.parametrize("overrides,message", HARDWARE, ids=[" ".join(h[0]) for h in HARDWARE])
+def test_trainer_hardware_is_checked_before_training(overrides, message):
+    import torch
+    assert not torch.cuda.is_available(), "these cases describe a machine without a GPU"
+    rc = validate(compose(*overrides))
+    with pytest.raises(ConfigError) as e:
+        check_trainer_hardware(rc)
+    assert str(e.value).startswith(f"config error: {message}"), str(e.value)
+
+
+def _cli(*args, env=None, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def _one_line(result) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    return lines[0]
+
+
+def test_entry_points_print_one_line_and_write_nothing(tmp_path):
+    run = tmp_path / "run"
+    line = _one_line(_cli("-m", "data_gen", f"run_dir={run}", "data.times=[0.5,nan,0.001]"))
+    assert line == "error: config error: data.times=[0.5, nan, 0.001]: must be finite numbers"
+    assert not run.exists()
+    line = _one_line(_cli("train.py", "run_dir=/proc/dsno-cannot-write-here"))
+    assert line.startswith("error: run_dir=/proc/dsno-cannot-write-here is not writable")
+    line = _one_line(_cli("eval.py", f"run_dir={run}"))
+    assert line.startswith(f"error: no sampler folder at {run}/sampler")
+    assert sorted(p.name for p in run.iterdir()) == ["hydra"]          # Hydra's own record of the run
+    debug = _cli("eval.py", f"run_dir={run}", "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_teacher_files_of_the_wrong_kind_are_named(tmp_path, capsys):
+    from dsno.cli import run_stage
+    unet = ROOT / "dsno" / "assets" / "mnist_gmm16_k64.safetensors"
+    bad_json = tmp_path / "ddpm"
+    (bad_json / "unet").mkdir(parents=True)
+    (bad_json / "unet" / "config.json").write_text("{not json")
+    (bad_json / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    (bad_json / "scheduler").mkdir()
+    (bad_json / "scheduler" / "scheduler_config.json").write_text("{}")
+    cases = [
+        (["teacher=mnist_unet", f"teacher.path={unet}"],
+         f"error: cannot load the teacher (teacher.kind=unet) from {unet}: {unet} has no 'dsno_teacher' metadata"),
+        (["teacher=diffusers", f"teacher.path={bad_json}"],
+         f"error: cannot load the teacher (teacher.kind=diffusers) from {bad_json}: {bad_json}/unet/config.json "
+         "is not readable JSON"),
+    ]
+    for overrides, message in cases:
+        cfg = compose(f"run_dir={tmp_path / 'run'}", *TINY_RUN, *overrides)
+        with pytest.raises(SystemExit) as e:
+            run_stage("data", cfg)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(message) and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_last_ckpt_is_one_line(tmp_path, capsys):
+    from dsno.cli import run_stage
+    run = tmp_path / "run"
+    cfg = compose(f"run_dir={run}", *TINY_RUN)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(SystemExit) as e:
+        run_stage("train", cfg)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: refusing to load checkpoint {run}/checkpoints/last.ckpt: it is corrupt"), err
+    assert not (run / "sampler").exists()

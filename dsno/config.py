@@ -255,13 +255,13 @@ def _check(c: RunConfig) -> None:
     _in_range("solver.t_end", c.solver.t_end, 0.0, 1.0, lo_open=True, hi_open=True)
 
     _positive_int("data.num_trajectories", c.data.num_trajectories)
-    _positive_int("data.shard_size", c.data.shard_size)
-    _positive_int("data.batch_size", c.data.batch_size)
+    _count("data.shard_size", c.data.shard_size, 10**7, "a shard is written and verified whole; keep each "
+           "well under memory")
+    _count("data.batch_size", c.data.batch_size, 65536, "larger solver batches only exhaust memory")
     _choice("data.verify", c.data.verify, ("none", "quick", "full"))
     _in_range("data.val_fraction", c.data.val_fraction, 0.0, 0.5, hi_open=True)
     _choice("data.precision", c.data.precision, ("fp32", "bf16"))
-    if c.data.num_workers < 0:
-        _fail("data.num_workers", c.data.num_workers, "must be >= 0")
+    _count("data.num_workers", c.data.num_workers, 256, "more loader processes than any machine has cores", lo=0)
     times = list(c.data.times)
     if len(times) < 2:
         _fail("data.times", times, "needs at least 2 output times (M >= 2)")
@@ -286,10 +286,15 @@ def _check(c: RunConfig) -> None:
     if c.model.modes > m // 2 + 1:
         _fail("model.modes", c.model.modes, f"must be <= M // 2 + 1 = {m // 2 + 1} for M = {m} output times")
     _choice("model.backbone.type", c.model.backbone.type, ("unet", "teacher"))
-    _positive_int("model.backbone.base_channels", c.model.backbone.base_channels)
-    _positive_int("model.backbone.num_res_blocks", c.model.backbone.num_res_blocks)
-    if not c.model.backbone.channel_mult or any(not isinstance(v, int) or v < 1 for v in c.model.backbone.channel_mult):
-        _fail("model.backbone.channel_mult", c.model.backbone.channel_mult, "must be a non-empty list of positive integers")
+    _count("model.backbone.base_channels", c.model.backbone.base_channels, 4096, "wider than any image UNet")
+    _count("model.backbone.num_res_blocks", c.model.backbone.num_res_blocks, 32, "deeper than any image UNet")
+    mult = list(c.model.backbone.channel_mult)
+    if not mult or len(mult) > 8 or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64
+                                        for v in mult):
+        _fail("model.backbone.channel_mult", mult, "must be a list of 1 to 8 integers in [1, 64]")
+    attn = list(c.model.backbone.attn_resolutions)
+    if any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 4096 for v in attn):
+        _fail("model.backbone.attn_resolutions", attn, "must be a list of feature-map sizes (integers in [1, 4096])")
     _in_range("model.backbone.dropout", c.model.backbone.dropout, 0.0, 1.0, hi_open=True)
     _in_range("model.sigma_data", c.model.sigma_data, 0.0, 1e3, lo_open=True)
     _choice("model.parameterization", c.model.parameterization, ("state", "denoised"))
@@ -298,10 +303,9 @@ def _check(c: RunConfig) -> None:
               "head (eps / x0 / v), not a state: use model.parameterization=denoised")
     _in_range("model.denoise_time", c.model.denoise_time, 0.0, sched.T, lo_open=True)
 
-    _positive_int("train.batch_size", c.train.batch_size)
+    _count("train.batch_size", c.train.batch_size, 65536, "larger batches only exhaust memory")
     _in_range("train.lr", c.train.lr, 0.0, 1.0, lo_open=True)
-    if c.train.warmup_steps < 0:
-        _fail("train.warmup_steps", c.train.warmup_steps, "must be >= 0")
+    _count("train.warmup_steps", c.train.warmup_steps, 10**9, "past any trainer.max_steps", lo=0)
     _in_range("train.ema_decay", c.train.ema_decay, 0.0, 1.0, hi_open=True)
     _choice("train.loss", c.train.loss, ("l2", "l1", "lpips"))
     _choice("train.temporal_impl", c.train.temporal_impl, ("auto", "fft", "matmul"))
@@ -309,14 +313,14 @@ def _check(c: RunConfig) -> None:
         _fail("train.perceptual_weights", c.train.perceptual_weights, "does not exist; give a local VGG-16 weights file")
     _in_range("train.weight_max", c.train.weight_max, 0.0, 1e12, lo_open=True)
     _in_range("train.weight_min", c.train.weight_min, 0.0, c.train.weight_max, lo_open=True)
-    _positive_int("train.checkpoint_every", c.train.checkpoint_every)
+    _count("train.checkpoint_every", c.train.checkpoint_every, 10**9, "past any trainer.max_steps")
     _in_range("train.grad_clip", c.train.grad_clip, 0.0, 1e12)
 
     _count("trainer.max_steps", c.trainer.max_steps, 10**9, "a billion optimizer steps is past any schedule")
     _count("trainer.num_nodes", c.trainer.num_nodes, 4096, "more nodes than any cluster job")
     _choice("trainer.accelerator", c.trainer.accelerator, ACCELERATORS)
-    _positive_int("trainer.log_every_n_steps", c.trainer.log_every_n_steps)
-    _positive_int("trainer.val_check_interval", c.trainer.val_check_interval)
+    _count("trainer.log_every_n_steps", c.trainer.log_every_n_steps, 10**9, "past any trainer.max_steps")
+    _count("trainer.val_check_interval", c.trainer.val_check_interval, 10**9, "past any trainer.max_steps")
     # the temporal layers' weights are complex: "-true" half precisions would drop their imaginary part
     _choice("trainer.precision", c.trainer.precision, ("32-true", "32", "bf16-mixed", "16-mixed"))
 

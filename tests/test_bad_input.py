@@ -32,6 +32,10 @@ BAD = [
     ("eval.num_samples=100000000000", "eval.num_samples=100000000000: must be at most 10,000,000"),
     ("eval.reference_steps=1000000", "eval.reference_steps=1000000: must be at most 10,000"),
     ("trainer.max_steps=10000000000", "trainer.max_steps=10000000000: must be at most 1,000,000,000"),
+    ("model.backbone.attn_resolutions=[banana]", "model.backbone.attn_resolutions=['banana']: must be a list"),
+    ("model.backbone.base_channels=100000", "model.backbone.base_channels=100000: must be at most 4,096"),
+    ("data.num_workers=-1", "data.num_workers=-1: must be an integer >= 0"),
+    ("train.batch_size=1000000", "train.batch_size=1000000: must be at most 65,536"),
 ]
 
 

@@ -34,7 +34,7 @@ FORM_FILES = {"safetensors": "weights.safetensors", "pt2": "sampler.pt2", "onnx"
 PROGRAM_FORMS = ("pt2", "onnx")
 EXPORT_HINT = "make one with `python -m dsno.export run_dir=RUN` (writes RUN/sampler)"
 TRUST_HINT = ("a program file can run code when it is loaded; load the folder's weights.safetensors "
-              "instead, or pass trust_program=True (trust_program=true for python -m dsno.sample, "
+              "instead, or pass trust_program=True (trust_program=true for python -m dsno.sample_images, "
               "eval.trust_program=true for eval.py) "
               "if you trust where it came from")
 

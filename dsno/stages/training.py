@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 
 from dsno.builders import build_student, build_teacher, sample_shape
+from dsno.atomic import atomic_path, atomic_write_text
 from dsno.config import RunConfig, check_trainer_hardware
 from dsno.errors import UserError
 from dsno.stages import trajectories
@@ -60,12 +61,10 @@ def make_trainer(rc: RunConfig, run_dir: Path, logger, extra_callbacks=()) -> L.
 def save_student(module: DSNOModule, config: dict[str, Any], ckpt_dir: Path) -> Path:
     """Write the EMA weights (safetensors) and build config (JSON) atomically; return the weights path."""
     from safetensors.torch import save_file
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     w, c = ckpt_dir / "dsno_ema.safetensors", ckpt_dir / "dsno_config.json"
-    save_file(module.ema_state_dict(), str(w) + ".tmp")
-    c.with_suffix(".json.tmp").write_text(json.dumps(config, indent=2))
-    os.replace(str(w) + ".tmp", w)
-    os.replace(c.with_suffix(".json.tmp"), c)
+    with atomic_path(w) as tmp:
+        save_file(module.ema_state_dict(), str(tmp))
+    atomic_write_text(c, json.dumps(config, indent=2))
     return w
 
 

@@ -1,6 +1,6 @@
 """Write samples of an exported DSNO sampler as PNGs and an .npz, resumably.
 
-    python -m dsno.sample sampler=PATH n=50000 out=DIR [seed=0 batch_size=256 form=auto chunk_size=1000
+    python -m dsno.sample_images sampler=PATH n=50000 out=DIR [seed=0 batch_size=256 form=auto chunk_size=1000
                                                         trust_program=false]
 
 Output: DIR/png/000000.png ... (uint8, data_range mapped to 0..255, grayscale or RGB) and
@@ -35,7 +35,7 @@ from dsno.errors import UserError, report_errors
 from dsno.export import parse_options
 from dsno.sampler import CONFIG_FILE, FORM_FILES, Sampler, load_sampler
 
-USAGE = ("usage: python -m dsno.sample sampler=PATH n=N out=DIR "
+USAGE = ("usage: python -m dsno.sample_images sampler=PATH n=N out=DIR "
          "[seed=0 batch_size=256 form=auto chunk_size=1000 trust_program=false]")
 MAX_SAMPLES = 10**8          # 100 million images: beyond any FID set; a typo like n=1e12 is refused
 MAX_SEED = 2**63 - 1
@@ -188,7 +188,7 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
 
 @dataclass
 class SampleOptions:
-    """`python -m dsno.sample` options (see the module doc)."""
+    """`python -m dsno.sample_images` options (see the module doc)."""
 
     sampler: str = "???"
     n: int = "???"  # type: ignore[assignment]

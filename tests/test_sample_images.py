@@ -1,4 +1,4 @@
-"""python -m dsno.sample: PNG folder + .npz, chunked and resumable with byte-identical results."""
+"""python -m dsno.sample_images: PNG folder + .npz, chunked and resumable with byte-identical results."""
 
 import os
 import subprocess
@@ -14,7 +14,7 @@ from PIL import Image
 from dsno.errors import UserError
 from dsno.export import export_sampler
 from dsno.nn import build_dsno
-from dsno.sample import chunk_seed, main, png_bytes, to_uint8, write_samples
+from dsno.sample_images import chunk_seed, main, png_bytes, to_uint8, write_samples
 from dsno.sampler import load_sampler
 
 N, CHUNK, BATCH = 1000, 50, 25
@@ -49,7 +49,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 
 def cli(sampler_dir: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "dsno.sample", f"sampler={sampler_dir}", f"n={N}", f"out={out}",
+    return [sys.executable, "-m", "dsno.sample_images", f"sampler={sampler_dir}", f"n={N}", f"out={out}",
             "seed=0", f"batch_size={BATCH}", f"chunk_size={CHUNK}"]
 
 

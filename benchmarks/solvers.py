@@ -56,6 +56,7 @@ OURS = [
     ("ipndm-4", "ipndm", 4, {}, None),
     ("dpm_solver-3 singlestep", "dpm_solver", 3, {}, None),
     ("dpm_solver-3 fast", "dpm_solver", 3, {"method": "fast"}, None),
+    ("dpm_solver-3 fast (grid outer steps)", "dpm_solver", 3, {"method": "fast", "fast_outer": "grid"}, None),
     ("dpm_solver_pp 2S", "dpm_solver_pp", 2, {"method": "singlestep"}, None),
     ("dpm_solver_pp-3 fast", "dpm_solver_pp", 3, {"method": "fast"}, "DPMSolverSinglestepScheduler-3"),
     ("dpm_solver_pp 2M", "dpm_solver_pp", 2, {}, "DPMSolverMultistepScheduler-2"),

@@ -302,6 +302,17 @@ def test_higher_order_identities():
     grid = timesteps(teacher.schedule, 8)
     torch.testing.assert_close(sample(teacher, x_T, grid, solver="dpm_solver", order=2, method="fast"),
                                sample(teacher, x_T, grid[::2], solver="dpm_solver", order=2), rtol=1e-12, atol=1e-12)
+    # the fast mix's outer steps are equal in log-SNR (DPM-Solver reference, k-diffusion), whatever
+    # their order and the grid's interior points: NFE 9 of order 3 = steps of orders 3, 3, 2, 1
+    outer = timesteps(teacher.schedule, 4, t_start=float(ts[0]), t_end=float(ts[-1]))
+    x = x_T
+    for i, k in enumerate((3, 3, 2, 1)):
+        x = sample(teacher, x, outer[i:i + 2], solver="dpm_solver", order=k)
+    nine = torch.linspace(float(ts[0]), float(ts[-1]), 10, dtype=torch.float64)
+    torch.testing.assert_close(sample(teacher, x_T, nine, solver="dpm_solver", order=3, method="fast"), x,
+                               rtol=1e-10, atol=1e-10)
+    grid_rule = sample(teacher, x_T, nine, solver="dpm_solver", order=3, method="fast", fast_outer="grid")
+    assert not torch.allclose(grid_rule, x, rtol=1e-6)
     # the shipped 3M is not the corrected one
     assert not torch.allclose(run("dpm_solver_pp", 3), run("dpm_solver_pp", 3, shipped_3m=True), rtol=1e-6)
 

@@ -8,9 +8,11 @@ Both approximate the exact solution (see `coefficients.exponential_frame`)
   DPM-Solver-k step, k - 1 extra evaluations inside it at r = 1/2 (k = 2) or r = 1/3, 2/3 (k = 3)
   of the step in log-SNR; `order` evaluations per step.
 - NFE-budget mix ("fast", DPM-Solver's `dpm_solver_fast`): `ts` is read as a grid of NFE
-  steps; the solver takes steps of orders `fast_orders(NFE, order)` (e.g. 3, 3, ..., 2, 1),
-  each spanning as many grid intervals as its order, between the grid points ts[c_k],
-  c = cumsum(orders). On a logsnr grid its inner evaluations fall on the skipped grid points.
+  steps; the solver takes K steps of orders `fast_orders(NFE, order)` (e.g. 3, 3, ..., 2, 1).
+  With `fast_outer="logsnr"` (the default, as the DPM-Solver reference and k-diffusion do)
+  the K outer steps are equal in log-SNR from ts[0] to ts[-1], whatever their order; with
+  `fast_outer="grid"` step k spans as many grid intervals as its order, between the grid
+  points ts[c_k], c = cumsum(orders) (the reference's rule for its other skip types).
   Grid points inside a step get no state, so it has no `return_trajectory`.
 - multistep ("multistep", DPM-Solver++ only, default): 2M / 3M with derivatives from past
   evaluations, one evaluation per step. 3M estimates h^2 x0'' correctly; `shipped_3m=True`
@@ -30,6 +32,7 @@ from dsno.solvers.registry import choice, register, reject_unused
 
 Prediction = Callable[[torch.Tensor, float], torch.Tensor]
 NOISE_METHODS = ("singlestep", "fast")
+FAST_OUTER = ("logsnr", "grid")
 DATA_METHODS = ("multistep", "singlestep", "fast")
 SOLVER_TYPES = ("midpoint", "heun")
 
@@ -78,11 +81,18 @@ def _singlestep_run(teacher, x, pts: list[Point], orders: list[int], f: Predicti
     return x
 
 
-def _fast_points(pts: list[Point], order: int, return_trajectory: bool) -> tuple[list[Point], list[int]]:
+def _fast_points(schedule, pts: list[Point], order: int, return_trajectory: bool, outer: str
+                 ) -> tuple[list[Point], list[int]]:
+    """The outer step points and orders of the NFE-budget mix on the grid `pts` (see module doc)."""
+    choice("fast_outer", outer, FAST_OUTER)
     if return_trajectory:
         raise ValueError("method='fast' skips the grid points inside its steps, so it has no trajectory; use "
                          "method='singlestep' on the grid of the points you need")
     orders = fast_orders(len(pts) - 1, order)
+    if outer == "logsnr":
+        lam0, lam1, k = pts[0].lam, pts[-1].lam, len(orders)
+        inner = [point_at_lam(schedule, lam0 + (lam1 - lam0) * i / k) for i in range(1, k)]
+        return [pts[0], *inner, pts[-1]], orders
     idx = [0]
     for k in orders:
         idx.append(idx[-1] + k)
@@ -93,14 +103,16 @@ def _fast_points(pts: list[Point], order: int, return_trajectory: bool) -> tuple
           cost_rule="`order` per step for method='singlestep', 1 per grid step for method='fast' "
                     "(+1 with denoise_to_zero)")
 def dpm_solver(teacher, x: torch.Tensor, ts: torch.Tensor, *, order: int = 3, return_trajectory: bool = False,
-               method: str = "singlestep", denoise_to_zero: bool = False) -> torch.Tensor:
+               method: str = "singlestep", fast_outer: str = "logsnr", denoise_to_zero: bool = False
+               ) -> torch.Tensor:
     """DPM-Solver-1/2/3 (noise prediction), singlestep or the NFE-budget mix (see module doc)."""
     choice("method", method, NOISE_METHODS)
     pts = grid_points(teacher.schedule, ts)
     traj = Trajectory(x, return_trajectory)
     if method == "fast":
-        pts, orders = _fast_points(pts, order, return_trajectory)
+        pts, orders = _fast_points(teacher.schedule, pts, order, return_trajectory, fast_outer)
     else:
+        reject_unused(f"method={method!r}", fast_outer=(fast_outer, "logsnr"))
         orders = [order] * (len(pts) - 1)
     x = _singlestep_run(teacher, x, pts, orders, teacher.eps, False, traj)
     return finish(x, pts[-1], traj, denoise_to_zero, teacher.x0)
@@ -112,7 +124,7 @@ def dpm_solver(teacher, x: torch.Tensor, ts: torch.Tensor, *, order: int = 3, re
 def dpm_solver_pp(teacher, x: torch.Tensor, ts: torch.Tensor, *, order: int = 3, return_trajectory: bool = False,
                   method: str = "multistep", solver_type: str = "midpoint", shipped_3m: bool = False,
                   lower_order_final: bool | str = True, thresholding: bool = False, ratio: float = 0.995,
-                  max_val: float = 1.0, denoise_to_zero: bool = False) -> torch.Tensor:
+                  max_val: float = 1.0, fast_outer: str = "logsnr", denoise_to_zero: bool = False) -> torch.Tensor:
     """DPM-Solver++ (data prediction): multistep 1M/2M/3M (default), singlestep 1S/2S/3S, or the
     NFE-budget mix. thresholding=True applies dynamic thresholding (ratio, max_val) to every
     data prediction (for pixel-space models with data in [-1, 1])."""
@@ -132,12 +144,14 @@ def dpm_solver_pp(teacher, x: torch.Tensor, ts: torch.Tensor, *, order: int = 3,
         reject_unused(f"method={method!r}", solver_type=(solver_type, "midpoint"), shipped_3m=(shipped_3m, False),
                       lower_order_final=(lower_order_final, True))
         if method == "fast":
-            pts, orders = _fast_points(pts, order, return_trajectory)
+            pts, orders = _fast_points(teacher.schedule, pts, order, return_trajectory, fast_outer)
         else:
+            reject_unused(f"method={method!r}", fast_outer=(fast_outer, "logsnr"))
             orders = [order] * (len(pts) - 1)
         x = _singlestep_run(teacher, x, pts, orders, f, True, traj)
         return finish(x, pts[-1], traj, denoise_to_zero, f)
 
+    reject_unused("method='multistep'", fast_outer=(fast_outer, "logsnr"))
     orders = step_orders(order, len(pts) - 1, lower_order_final, int(denoise_to_zero))
     history: list[tuple[float, torch.Tensor]] = []           # (lambda, x0), newest first
     for i, (s, t) in enumerate(zip(pts[:-1], pts[1:])):

@@ -54,11 +54,14 @@ def _read_key(create: bool) -> bytes | None:
     if not path.is_file():
         if not create:
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             return _read_key(create=False)
+        except OSError as e:
+            raise UserError(f"cannot create this install's signing key at {path} ({e.strerror or e}); set "
+                            "DSNO_KEY_FILE to a writable file path") from None
         with os.fdopen(fd, "wb") as f:
             f.write(os.urandom(KEY_BYTES))
             f.flush()

@@ -19,6 +19,7 @@ from dsno.data import (
     DatasetError,
     FingerprintMismatchError,
     InsufficientDiskSpaceError,
+    NonFiniteStatesError,
     generate_dataset,
     load_manifest,
     make_fingerprint,
@@ -141,13 +142,19 @@ def test_sigkill_mid_shard_then_resume_is_bitwise_identical(tmp_path, caplog):
     verify_dataset(killed, full=True)
 
 
-def test_rerun_of_a_complete_dataset_writes_nothing(tmp_path, caplog):
+def test_rerun_of_a_complete_dataset_writes_nothing(tmp_path, caplog, monkeypatch):
     generate(tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     with caplog.at_level(logging.INFO, logger="dsno.data.generate"):
         generate(tmp_path, solve=lambda x: pytest.fail("nothing should be solved"))
-    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    after = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert after.pop("verified.json") and after == before  # only the record of the checksums read
     assert "nothing to do for rank 0/1: 4/4 shards whole" in caplog.text
+    # a third run finds every file recorded as verified: it reads no shard and writes nothing
+    monkeypatch.setattr("dsno.data.verify.check_shard_content", lambda *a: pytest.fail("read a shard"))
+    generate(tmp_path, solve=lambda x: pytest.fail("nothing should be solved"))
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == {**before, "verified.json":
+                                                                           (tmp_path / "verified.json").stat().st_mtime_ns}
 
 
 def test_repair_regenerates_only_the_bad_shard(tmp_path):
@@ -185,7 +192,7 @@ def test_other_fingerprint_is_refused_showing_both_sides(tmp_path):
     text = str(err.value)
     assert "fingerprint.teacher.class: in folder 'Toy' vs requested 'Other'" in text
     assert "seed: in folder 7 vs requested 8" in text
-    assert "Pick another folder" in text and str(tmp_path) in text
+    assert "Fix: pick another folder" in text and str(tmp_path) in text and "\n" not in text
     with pytest.raises(FingerprintMismatchError, match=r"fingerprint.times\[1\]: in folder 0.5 vs requested 0.4"):
         generate(tmp_path, fingerprint=fingerprint(times=[0.75, 0.4, 0.0]))
     with pytest.raises(FingerprintMismatchError, match="num_trajectories: in folder 10 vs requested 11"):
@@ -219,8 +226,12 @@ def test_bad_solver_output_keeps_nothing(tmp_path):
         return out
 
     calls = []
-    with pytest.raises(DatasetError, match=r"non-finite values for trajectories \[4\] \(shard 1\)"):
+    with pytest.raises(NonFiniteStatesError) as err:
         generate(tmp_path, solve=nan_on_shard_1)
+    assert str(err.value) == (
+        f"trajectories 4 have non-finite states (NaN/inf) at time index 0 (t = 0.75); shard 1 was not "
+        f"written to {tmp_path} and manifest.json lists only whole shards. Fix: check the teacher and "
+        f"solver settings (solver.steps, solver.name, data.precision=fp32), then rerun to resume")
     assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST_NAME, "shard-00000.states.npy",
                                                           "shard-00000.x_T.npy"]
     assert [s.index for s in load_manifest(tmp_path).shards] == [0]

@@ -2,8 +2,9 @@
 
     manifest = generate_dataset(out_dir, solve=solve, fingerprint=fp, num_trajectories=N,
                                 shard_size=S, sample_shape=(C, H, W), seed=0, batch_size=B)
-    verify_dataset(out_dir)                      # sha256 of every shard, or CorruptShardError
-    ds = TrajectoryDataset(out_dir)              # ds[i] -> (x_T [C, H, W], states [M, C, H, W])
+    verify_dataset(out_dir)                      # sha256 + finite values of every shard, or CorruptShardError
+    ds = TrajectoryDataset(out_dir)              # ds[i] -> (x_T [C, H, W], states [M, C, H, W]); each
+                                                 # shard is verified (sha256, finite) before first use
     dm = TrajectoryDataModule(out_dir, batch_size=64)
 
 The reading side (`dsno.data.dataset`, which imports Lightning) loads on first use, so the
@@ -17,9 +18,12 @@ from dsno.data.manifest import (
     CorruptShardError,
     DatasetError,
     DatasetNotFoundError,
+    DatasetTooLargeError,
     FingerprintMismatchError,
+    FolderLockedError,
     InsufficientDiskSpaceError,
     Manifest,
+    NonFiniteStatesError,
     check_fingerprint,
     load_manifest,
     make_fingerprint,
@@ -27,8 +31,9 @@ from dsno.data.manifest import (
 from dsno.data.shards import verify_dataset
 
 __all__ = [
-    "CorruptShardError", "DatasetError", "DatasetNotFoundError", "FingerprintMismatchError",
-    "InsufficientDiskSpaceError", "Manifest", "TrajectoryDataModule", "TrajectoryDataset",
+    "CorruptShardError", "DatasetError", "DatasetNotFoundError", "DatasetTooLargeError",
+    "FingerprintMismatchError", "FolderLockedError", "InsufficientDiskSpaceError", "Manifest",
+    "NonFiniteStatesError", "TrajectoryDataModule", "TrajectoryDataset",
     "check_fingerprint", "generate_dataset", "load_manifest", "make_fingerprint", "merge_manifest",
     "resolve_rank", "trajectory_noise", "verify_dataset",
 ]

@@ -2,6 +2,7 @@
 
 Items are read straight from the memory-mapped shard files, one trajectory at a time, so the
 process's memory does not grow with the data set (pages are the kernel's, shared and evictable).
+No byte of a shard reaches a batch before that shard's sha256 and values are verified (`verify`).
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ import os
 import resource
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler, Subset
 
 from dsno.data.manifest import (
     GENERATE_HINT,
+    MANIFEST_NAME,
     CorruptShardError,
     DatasetError,
     Manifest,
@@ -26,6 +28,7 @@ from dsno.data.manifest import (
     load_manifest,
 )
 from dsno.data.shards import find_bad_shards, map_npy
+from dsno.data.verify import ShardVerifier
 
 VERIFY_MODES = ("none", "quick", "full")
 
@@ -39,8 +42,10 @@ def _default_max_open_shards() -> int:
 class TrajectoryDataset(Dataset):
     """Trajectories of a data set folder: item i -> (x_T [C, H, W], states [M, C, H, W]), float32.
 
-    verify: "quick" checks every shard file's size and header against the manifest, "full" also
-        its sha256 (reads everything once), "none" trusts the manifest.
+    verify: "quick" (the default) checks every shard file's size and header at construction, and
+        each shard's sha256 and finite values lazily, before its first item is returned (skipping
+        files the folder's `verified.json` records as verified in this exact version); "full" reads
+        every shard at construction, ignoring that cache; "none" trusts the manifest.
     expected_fingerprint: keys that must match the data set's fingerprint (`check_fingerprint`).
     max_open_shards: shards kept mapped at once per process (least recently used are unmapped);
         default from the open-file limit.
@@ -54,18 +59,31 @@ class TrajectoryDataset(Dataset):
         self.manifest: Manifest = load_manifest(self.folder)
         if not self.manifest.complete:
             raise DatasetError(f"data set in {self.folder} is unfinished ({len(self.manifest.shards)}/"
-                               f"{self.manifest.num_shards} shards); rerun its generation, which resumes: "
+                               f"{self.manifest.num_shards} shards); fix: rerun its generation, which resumes: "
                                f"`{GENERATE_HINT}`")
         if expected_fingerprint is not None:
-            check_fingerprint(self.manifest, expected_fingerprint)
+            check_fingerprint(self.manifest, expected_fingerprint, where=str(self.folder / MANIFEST_NAME))
+        self.verifier: ShardVerifier | None = None
         if verify != "none":
-            problems = find_bad_shards(self.folder, self.manifest, full=verify == "full")
+            problems = find_bad_shards(self.folder, self.manifest, full=False)
             if problems:
                 raise CorruptShardError(self.folder, problems)
+            self.verifier = ShardVerifier(self.folder, self.manifest, use_cache=verify == "quick")
+            if verify == "full":
+                problems = self.verifier.check(range(self.manifest.num_shards))
+                if problems:
+                    raise CorruptShardError(self.folder, problems)
         self.max_open_shards = _default_max_open_shards() if max_open_shards is None else max_open_shards
         if not (isinstance(self.max_open_shards, int) and self.max_open_shards >= 1):
             raise ValueError(f"max_open_shards must be >= 1, got {max_open_shards}")
         self._maps: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def verify_items(self, indices: Iterable[int]) -> None:
+        """Verify (once) the shards holding trajectories `indices`; `CorruptShardError` if one is bad."""
+        if self.verifier is not None:
+            n = len(self)
+            for shard in sorted({(int(i) % n) // self.manifest.shard_size for i in indices}):
+                self.verifier.ensure(shard)
 
     @property
     def times(self) -> list[float]:
@@ -98,6 +116,8 @@ class TrajectoryDataset(Dataset):
         if not -n <= i < n:
             raise IndexError(f"trajectory index {i} out of range for a data set of {n}")
         shard, row = divmod(i % n, self.manifest.shard_size)
+        if self.verifier is not None:
+            self.verifier.ensure(shard)
         x_T, states = self._shard(shard)
         return torch.from_numpy(np.array(x_T[row])), torch.from_numpy(np.array(states[row]))
 
@@ -106,6 +126,25 @@ class TrajectoryDataset(Dataset):
         state = self.__dict__.copy()
         state["_maps"] = OrderedDict()
         return state
+
+
+class VerifyFirst(Sampler):
+    """Wraps a sampler (of indices or of index batches) over `subset`: before an index leaves it,
+    the shard holding that trajectory is verified, in the process that iterates the sampler (the
+    main one, also with DataLoader workers), so a bad shard stops the run with its own error."""
+
+    def __init__(self, sampler: Iterable, subset: Subset):
+        self.sampler, self.subset = sampler, subset
+
+    def __iter__(self) -> Iterator:
+        dataset, order = self.subset.dataset, self.subset.indices
+        for item in self.sampler:
+            batch = item if isinstance(item, (list, tuple)) else (item,)
+            dataset.verify_items(order[int(i)] for i in batch)
+            yield item
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class TrajectoryDataModule(L.LightningDataModule):
@@ -133,7 +172,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.expected_fingerprint, self.verify = expected_fingerprint, verify
         self.manifest = load_manifest(self.data_dir)
         if expected_fingerprint is not None:
-            check_fingerprint(self.manifest, expected_fingerprint)
+            check_fingerprint(self.manifest, expected_fingerprint, where=str(self.data_dir / MANIFEST_NAME))
         self.dataset: TrajectoryDataset | None = None
         self.train_set: Subset | None = None
         self.val_set: Subset | None = None
@@ -163,8 +202,10 @@ class TrajectoryDataModule(L.LightningDataModule):
             self.train_set, self.val_set = Subset(self.dataset, train), Subset(self.dataset, val)
 
     def _loader(self, subset: Subset, shuffle: bool) -> DataLoader:
-        return DataLoader(subset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        order = RandomSampler(subset) if shuffle else SequentialSampler(subset)
+        return DataLoader(subset, batch_size=self.batch_size, sampler=VerifyFirst(order, subset),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

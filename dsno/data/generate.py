@@ -8,6 +8,10 @@ Rank r of W writes the shards i with i % W == r. With W == 1 the driver updates 
 after each shard; with W > 1 each rank updates its part `manifest.part-<r>-of-<W>.json`, and the
 parts are merged into `manifest.json` once every shard is whole (by rank 0 after a barrier when
 torch.distributed is initialised, else by whichever rank finds all parts done).
+
+Before any work: the disk-space check (closed form, any count) and the shard-count bound, then
+the folder lock (`dsno.data.lock`: one run per folder), then the bytes of the shards already
+listed are verified (`dsno.data.verify`) before the run resumes from them.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import struct
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,21 +35,23 @@ from dsno.data.manifest import (
     MANIFEST_NAME,
     ROLES,
     CorruptShardError,
-    DatasetError,
     DatasetNotFoundError,
+    DatasetTooLargeError,
     FingerprintMismatchError,
     InsufficientDiskSpaceError,
     Manifest,
+    NonFiniteStatesError,
     ShardRecord,
     differences,
     format_differences,
     normalize_fingerprint,
     read_manifest_file,
-    shard_counts,
     utc_now,
     write_json_atomic,
 )
-from dsno.data.shards import TEMP_SUFFIX, find_bad_shards, npy_file_size, write_shard
+from dsno.data.lock import generation_lock
+from dsno.data.shards import TEMP_SUFFIX, find_bad_shards, npy_file_size, remove_stray_temp, write_shard
+from dsno.data.verify import CACHE_NAME, ShardVerifier
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,8 @@ _PART_RE = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.json")
 _MANIFEST_TEMP_RE = re.compile(r"manifest(\.part-\d+-of-\d+)?\.json\.tmp\.r(\d+)")
 
 Solve = Callable[[torch.Tensor], torch.Tensor]
+VERIFY_CHOICES = ("none", "quick", "full")
+MAX_SHARDS = 10_000  # the manifest is rewritten after each shard: its size must stay small
 
 
 # ---------------------------------------------------------------- noise
@@ -123,9 +131,9 @@ def _existing_sources(folder: Path, target: Manifest) -> list[tuple[str, Manifes
         diffs = differences(found.layout(), target.layout())
         if diffs:
             raise FingerprintMismatchError(
-                f"{folder} already holds a different data set ({name}):\n"
-                f"{format_differences(diffs, ('in folder', 'requested'))}\n"
-                f"Pick another folder (data.dir) or delete {folder} to generate this one there.",
+                f"{folder} already holds a different data set ({name}): "
+                f"{format_differences(diffs, ('in folder', 'requested'))}. "
+                f"Fix: pick another folder (data.dir) or delete {folder} to generate this one there.",
                 diffs)
         sources.append((name, found))
     return sources
@@ -176,16 +184,21 @@ def merge_manifest(folder: str | os.PathLike, target: Manifest, rank: int = 0, w
     return merged
 
 
-def _remove_stray_temps(folder: Path, mine: set[int], rank: int, world_size: int) -> list[str]:
-    """Delete temp files of a killed run that this rank may own: temps of its shards, its own
-    manifest temps and, on rank 0, manifest temps of ranks outside this world."""
+def _remove_stray_temps(folder: Path, world_size: int, rank: int) -> list[str]:
+    """Delete temp files of a killed run: shard temps of this rank's shards that no live writer
+    holds, this rank's manifest temps and, in a single-rank run (which holds the folder alone),
+    every manifest and cache temp."""
     removed = []
+    shard_re = re.compile(r"shard-(\d+)\.(?:" + "|".join(ROLES) + r")\.npy" + re.escape(TEMP_SUFFIX))
     for path in folder.iterdir():
         name = path.name
-        shard = re.fullmatch(r"shard-(\d+)\.(?:" + "|".join(ROLES) + r")\.npy" + re.escape(TEMP_SUFFIX), name)
+        shard = shard_re.fullmatch(name)
         temp = _MANIFEST_TEMP_RE.fullmatch(name)
-        if ((shard and int(shard.group(1)) in mine)
-                or (temp and (int(temp.group(2)) == rank or (rank == 0 and int(temp.group(2)) >= world_size)))):
+        if shard:
+            if int(shard.group(1)) % world_size == rank and remove_stray_temp(path):
+                removed.append(name)
+        elif (temp and (world_size == 1 or int(temp.group(2)) == rank)) or (
+                world_size == 1 and name.startswith(CACHE_NAME + ".tmp.")):
             path.unlink(missing_ok=True)
             removed.append(name)
     return removed
@@ -207,13 +220,33 @@ def _check_args(num_trajectories: int, shard_size: int, seed: int, batch_size: i
                          f"stored in float32), got {noise_dtype}")
 
 
+def _planned_bytes(target: Manifest, listed: Iterable[int]) -> tuple[int, int]:
+    """(bytes, shards) still to write: the whole data set less the listed shards, in closed form."""
+    full, rest = divmod(target.num_trajectories, target.shard_size)
+    per = [npy_file_size(target.expected_shape(i, role)) for i in (0, target.num_shards - 1) for role in ROLES]
+    total = full * (per[0] + per[1]) + (per[2] + per[3] if rest else 0)
+    listed = list(listed)
+    done = sum(npy_file_size(target.expected_shape(i, role)) for i in listed for role in ROLES)
+    return total - done, target.num_shards - len(listed)
+
+
 def _check_disk_space(folder: Path, planned: int, num_shards: int) -> None:
-    free = shutil.disk_usage(folder).free
+    where = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(where).free
     if planned > free:
         raise InsufficientDiskSpaceError(
-            f"not enough disk space in {folder}: the {num_shards} shard(s) still to write need "
+            f"not enough disk space in {folder}: the {num_shards:,} shard(s) still to write need "
             f"{planned:,} bytes ({_human(planned)}), only {free:,} bytes ({_human(free)}) are free. "
-            f"Free some space or pick a folder on another disk.")
+            f"Fix: free some space, lower data.num_trajectories, or pick a folder on another disk (data.dir).")
+
+
+def _check_shard_count(target: Manifest) -> None:
+    if target.num_shards > MAX_SHARDS:
+        need = -(-target.num_trajectories // MAX_SHARDS)
+        raise DatasetTooLargeError(
+            f"data.num_trajectories={target.num_trajectories:,} in shards of data.shard_size="
+            f"{target.shard_size:,} makes {target.num_shards:,} shards, more than the {MAX_SHARDS:,} one "
+            f"manifest lists; fix: raise data.shard_size to at least {need:,}")
 
 
 def _human(n: int) -> str:
@@ -224,9 +257,19 @@ def _human(n: int) -> str:
     return f"{n:.1f} TiB"
 
 
-def _solve_batches(solve: Solve, target: Manifest, index: int, batch_size: int,
-                   noise_dtype: torch.dtype, on_batch: Callable[[int], None]
-                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _non_finite_message(bad: torch.Tensor, g0: int, index: int, target: Manifest, folder: Path) -> str:
+    rows = bad.any(1).nonzero().flatten()
+    times = bad.any(0).nonzero().flatten().tolist()
+    shown = ", ".join(str(int(r) + g0) for r in rows[:10]) + (f" ({len(rows)} in all)" if len(rows) > 10 else "")
+    at = (f"time index {times[0]} (t = {target.times[times[0]]:g})" if len(times) == 1 else
+          f"time indices {', '.join(map(str, times))}")
+    return (f"trajectories {shown} have non-finite states (NaN/inf) at {at}; shard {index} was not "
+            f"written to {folder} and manifest.json lists only whole shards. Fix: check the teacher and "
+            f"solver settings (solver.steps, solver.name, data.precision=fp32), then rerun to resume")
+
+
+def _solve_batches(solve: Solve, target: Manifest, index: int, batch_size: int, noise_dtype: torch.dtype,
+                   on_batch: Callable[[int], None], folder: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(x_T, states) float32 NumPy batches of shard `index`, solving `batch_size` at a time."""
     start = index * target.shard_size
     stop = start + target.expected_count(index)
@@ -242,11 +285,9 @@ def _solve_batches(solve: Solve, target: Manifest, index: int, batch_size: int,
             raise ValueError(f"solve(x_T [{g1 - g0}, {', '.join(map(str, shape))}]) must return a tensor "
                              f"of shape [b, M, *sample_shape] = {list(want)}, got {got}")
         states = states.detach().to("cpu", torch.float32)
-        bad = (~torch.isfinite(states)).flatten(1).any(1).nonzero().flatten()
-        if len(bad):
-            raise DatasetError(f"solve returned non-finite values for trajectories "
-                               f"{(bad[:10] + g0).tolist()} (shard {index}); nothing of this shard is kept. "
-                               f"Check the teacher/solver settings.")
+        bad = ~torch.isfinite(states).flatten(2).all(2)  # [b, M]: trajectory b is non-finite at time m
+        if bad.any():
+            raise NonFiniteStatesError(_non_finite_message(bad, g0, index, target, folder))
         on_batch(g1 - g0)
         yield x_T.numpy(), states.numpy()
 
@@ -265,50 +306,73 @@ def generate_dataset(out_dir: str | os.PathLike, *, solve: Solve, fingerprint: M
                      num_trajectories: int, shard_size: int, sample_shape: Sequence[int], seed: int,
                      batch_size: int, rank: int | None = None, world_size: int | None = None,
                      repair: bool = False, progress: bool = True,
-                     noise_dtype: torch.dtype = torch.float32) -> Manifest:
+                     noise_dtype: torch.dtype = torch.float32, verify: str = "quick") -> Manifest:
     """Generate (or resume, or repair) a trajectory data set in `out_dir`.
 
     solve: x_T [b, *sample_shape] (dtype `noise_dtype`, CPU) -> states [b, M, *sample_shape], the
         teacher's solution at the M = len(fingerprint["times"]) output times (any device/float dtype;
         stored as float32). Called under torch.no_grad with at most `batch_size` trajectories.
+        A NaN/inf state stops the run (`NonFiniteStatesError`) before its shard is written.
     fingerprint: {teacher, solver, grid, times, ...} (see `make_fingerprint`); a folder holding a
         data set with another fingerprint, seed, count or shard size is refused.
-    repair: checksum every listed shard of this rank and regenerate the bad or missing ones.
-    Memory stays O(batch_size) whatever `num_trajectories`. Returns the manifest: complete once
+    verify: how the shards already listed for this rank are checked before resuming: "quick"
+        reads each one's bytes (sha256, finite values) unless `verified.json` records that exact
+        file version as verified; "full" reads them all; "none" checks sizes and headers only.
+    repair: read every listed shard of this rank and regenerate the bad or missing ones.
+    The disk-space check comes first and is closed-form; memory stays O(batch_size) whatever
+    `num_trajectories`. One run per folder (`generation_lock`). Returns the manifest: complete once
     every rank is done (with W > 1 and no process group, only the last rank to finish sees it so).
     """
     folder = Path(out_dir)
     rank, world_size = resolve_rank(rank, world_size)
     _check_args(num_trajectories, shard_size, seed, batch_size, noise_dtype)
+    if verify not in VERIFY_CHOICES:
+        raise ValueError(f"verify must be one of {VERIFY_CHOICES}, got {verify!r}")
     fp = normalize_fingerprint(fingerprint, sample_shape)
     target = Manifest.new(fp, seed, num_trajectories, shard_size, NOISE_DESCRIPTION, torch.__version__)
+    if not folder.is_dir():  # nothing to resume: refuse before creating anything
+        _check_disk_space(folder, *_planned_bytes(target, ()))
+        _check_shard_count(target)
     folder.mkdir(parents=True, exist_ok=True)
-    group = _uses_process_group(rank, world_size)
-    num_shards = len(shard_counts(num_trajectories, shard_size))
-    mine = [i for i in range(num_shards) if i % world_size == rank]
+    with generation_lock(folder, rank, world_size):
+        return _generate_locked(folder, target, solve, batch_size, rank, world_size, repair, progress,
+                                noise_dtype, verify)
 
-    for name in _remove_stray_temps(folder, set(mine), rank, world_size):
-        log.info("removed %s left by an interrupted run", name)
+
+def _generate_locked(folder: Path, target: Manifest, solve: Solve, batch_size: int, rank: int,
+                     world_size: int, repair: bool, progress: bool, noise_dtype: torch.dtype,
+                     verify: str) -> Manifest:
+    group = _uses_process_group(rank, world_size)
     if world_size == 1:  # sole writer: fold any parts of an earlier multi-rank run into manifest.json
         if any(_PART_RE.fullmatch(p.name) for p in folder.glob("manifest.part-*.json")):
             merge_manifest(folder, target, rank, world_size, sole_writer=True)
     sources = _existing_sources(folder, target)
     records = _merged_records(sources, world_size)
+    _check_disk_space(folder, *_planned_bytes(target, records))
+    _check_shard_count(target)
+    num_shards = target.num_shards
     created = min((m.created for _, m in sources if m.created), default=target.created)
     view = _with_shards(target, records, created)
+    for name in _remove_stray_temps(folder, world_size, rank):
+        log.info("removed %s left by an interrupted run", name)
 
-    listed_mine = [i for i in mine if i in records]
-    if repair:
-        log.info("repair: checksumming %d listed shard(s) of this rank", len(listed_mine))
-        problems = find_bad_shards(folder, view, full=True, indices=listed_mine)
-        for i, name, what in problems:
-            log.warning("repair: %s (shard %d): %s -> regenerating", name, i, what)
+    listed_mine = [i for i in sorted(records) if i % world_size == rank]
+    if repair or verify != "none":
+        verifier = ShardVerifier(folder, view, use_cache=not repair and verify == "quick")
+        problems = find_bad_shards(folder, view, full=False, indices=listed_mine)
+        bad = {p[0] for p in problems}
+        problems += verifier.check(i for i in listed_mine if i not in bad)
+        log.info("checked the bytes of %d listed shard(s) of this rank in %.1f s", len(listed_mine),
+                 verifier.seconds)
     else:
         problems = find_bad_shards(folder, view, full=False, indices=listed_mine)
-        if problems:
-            raise CorruptShardError(folder, problems)
+    if repair:
+        for i, name, what in problems:
+            log.warning("repair: %s (shard %d): %s -> regenerating", name, i, what)
+    elif problems:
+        raise CorruptShardError(folder, sorted(problems))
     old = {i: records.pop(i) for i in sorted({p[0] for p in problems})}
-    todo = [i for i in mine if i not in records]
+    todo = [i for i in range(rank, num_shards, world_size) if i not in records]
 
     if not todo:
         log.info("nothing to do for rank %d/%d: %d/%d shards whole", rank, world_size, len(records), num_shards)
@@ -316,9 +380,6 @@ def generate_dataset(out_dir: str | os.PathLike, *, solve: Solve, fingerprint: M
         log.info("repair: regenerating %d shard(s); %d/%d shards whole", len(todo), len(records), num_shards)
     elif records:
         log.info("resuming: %d/%d shards done", len(records), num_shards)
-    missing_all = [i for i in range(num_shards) if i not in records]
-    planned = sum(npy_file_size(target.expected_shape(i, role)) for i in missing_all for role in ROLES)
-    _check_disk_space(folder, planned, len(missing_all))
     if group:
         torch.distributed.barrier()  # nobody writes before every rank has checked and cleaned up
 
@@ -332,12 +393,12 @@ def generate_dataset(out_dir: str | os.PathLike, *, solve: Solve, fingerprint: M
         for i in todo:
             try:
                 rec = write_shard(folder, target, i, _solve_batches(solve, target, i, batch_size,
-                                                                    noise_dtype, on_batch))
+                                                                    noise_dtype, on_batch, folder))
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise InsufficientDiskSpaceError(
                         f"disk full while writing shard {i} in {folder} ({e}). The {len(records)} whole "
-                        f"shards are kept; free space and rerun the same command to resume.") from e
+                        f"shards are kept; fix: free space and rerun the same command to resume.") from e
                 raise
             if i in old and old[i].files != rec.files:
                 log.warning("shard %d was regenerated with other bytes than first recorded (different "
@@ -357,7 +418,7 @@ def generate_dataset(out_dir: str | os.PathLike, *, solve: Solve, fingerprint: M
     merged = merge_manifest(folder, target, rank, world_size)
     if merged.complete:
         log.info("data set complete: %d shards, %d trajectories in %s", merged.num_shards,
-                 num_trajectories, folder)
+                 target.num_trajectories, folder)
     else:
         log.info("rank %d/%d done; %d/%d shards whole; the last rank to finish writes manifest.json",
                  rank, world_size, len(merged.shards), num_shards)

@@ -45,20 +45,20 @@ class DatasetNotFoundError(DatasetError):
 
 
 class CorruptShardError(DatasetError):
-    """One or more shard files are missing, truncated, malformed or fail their checksum.
+    """One or more shard files are missing, truncated, malformed, fail their checksum or hold
+    non-finite values. `problems` lists (shard index, file name, what is wrong)."""
 
-    `problems` lists (shard index, file name, what is wrong).
-    """
+    SHOWN = 5
 
     def __init__(self, folder: str | os.PathLike, problems: Sequence[tuple[int, str, str]]):
         self.folder = str(folder)
         self.problems = list(problems)
-        shown = "\n".join(f"  {name} (shard {i}): {what}" for i, name, what in self.problems[:20])
-        more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
+        shown = "; ".join(f"{name} (shard {i}): {what}" for i, name, what in self.problems[:self.SHOWN])
+        more = f"; and {len(self.problems) - self.SHOWN} more" if len(self.problems) > self.SHOWN else ""
         super().__init__(
-            f"data set in {self.folder} has {len(self.problems)} bad shard file(s):\n{shown}{more}\n"
-            f"Fix: rerun generation with repair, which regenerates only the bad shards bit for bit: "
-            f"`{REPAIR_HINT}` (or generate_dataset(..., repair=True)).")
+            f"data set in {self.folder} has {len(self.problems)} bad shard file(s): {shown}{more}. "
+            f"Fix: regenerate only the bad shards, bit for bit: `{REPAIR_HINT}` "
+            f"(or generate_dataset(..., repair=True)).")
 
 
 class FingerprintMismatchError(DatasetError):
@@ -74,6 +74,18 @@ class FingerprintMismatchError(DatasetError):
 
 class InsufficientDiskSpaceError(DatasetError):
     """The folder's file system has less free space than the planned shards need."""
+
+
+class NonFiniteStatesError(DatasetError):
+    """The teacher's solve returned NaN or inf states; nothing of that shard was written."""
+
+
+class FolderLockedError(DatasetError):
+    """Another generation run holds the data set folder's lock."""
+
+
+class DatasetTooLargeError(DatasetError):
+    """The planned data set has more shards than one manifest may list."""
 
 
 # ---------------------------------------------------------------- records
@@ -111,10 +123,9 @@ def shard_file_name(index: int, role: str) -> str:
     return f"shard-{index:05d}.{role}.npy"
 
 
-def shard_counts(num_trajectories: int, shard_size: int) -> list[int]:
-    """Trajectories per shard: full shards of `shard_size`, the last one possibly smaller."""
-    full, rest = divmod(num_trajectories, shard_size)
-    return [shard_size] * full + ([rest] if rest else [])
+def num_shards_of(num_trajectories: int, shard_size: int) -> int:
+    """Number of shards: full shards of `shard_size`, the last one possibly smaller."""
+    return -(-num_trajectories // shard_size)
 
 
 @dataclass
@@ -158,10 +169,13 @@ class Manifest:
     @property
     def num_shards(self) -> int:
         """Planned number of shards (whole or not)."""
-        return len(shard_counts(self.num_trajectories, self.shard_size))
+        return num_shards_of(self.num_trajectories, self.shard_size)
 
     def expected_count(self, index: int) -> int:
-        return shard_counts(self.num_trajectories, self.shard_size)[index]
+        """Trajectories in shard `index` (arithmetic: no per-shard list, whatever the count)."""
+        if not 0 <= index < self.num_shards:
+            raise IndexError(f"shard index {index} out of range [0, {self.num_shards})")
+        return min(self.shard_size, self.num_trajectories - index * self.shard_size)
 
     def expected_shape(self, index: int, role: str) -> tuple[int, ...]:
         """Array shape of shard file `role`: [n, *sample_shape] or [n, M, *sample_shape]."""
@@ -287,7 +301,11 @@ def read_manifest_file(path: Path) -> Manifest:
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path} is not valid JSON ({e}); it was not written by dsno or is "
                            f"damaged. Delete the folder and regenerate: `{GENERATE_HINT}`") from None
-    return Manifest.from_dict(d, source=str(path))
+    try:
+        return Manifest.from_dict(d, source=str(path))
+    except DatasetError as e:
+        raise DatasetError(f"{e}. It was not written by this dsno or is damaged; fix: delete the folder "
+                           f"and regenerate: `{GENERATE_HINT}`") from None
 
 
 def load_manifest(folder: str | os.PathLike) -> Manifest:
@@ -430,8 +448,8 @@ def _is_number(v: Any) -> bool:
 
 
 def format_differences(diffs: Sequence[tuple[str, Any, Any]], labels: tuple[str, str]) -> str:
-    """One line per difference: `key: <label0> value vs <label1> value`."""
-    return "\n".join(f"  {key}: {labels[0]} {_short(a)} vs {labels[1]} {_short(e)}" for key, a, e in diffs)
+    """The differences on one line: `key: <label0> value vs <label1> value; ...`."""
+    return "; ".join(f"{key}: {labels[0]} {_short(a)} vs {labels[1]} {_short(e)}" for key, a, e in diffs)
 
 
 def _short(v: Any, limit: int = 160) -> str:
@@ -442,22 +460,23 @@ def _short(v: Any, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def check_fingerprint(manifest_or_dir: Manifest | str | os.PathLike, expected: Mapping[str, Any]) -> None:
+def check_fingerprint(manifest_or_dir: Manifest | str | os.PathLike, expected: Mapping[str, Any],
+                      where: str | None = None) -> None:
     """Raise `FingerprintMismatchError` if the data set's fingerprint differs from `expected`.
 
     Only the top-level keys present in `expected` are compared (so a trainer can require just
     `times` and `sample_shape`); nested values are compared in full.
     """
     if isinstance(manifest_or_dir, Manifest):
-        manifest, where = manifest_or_dir, "the data set"
+        manifest, where = manifest_or_dir, where or "the data set"
     else:
-        manifest, where = load_manifest(manifest_or_dir), str(manifest_or_dir)
+        manifest, where = load_manifest(manifest_or_dir), where or str(manifest_or_dir)
     expected = to_jsonable(expected)
     actual = {k: manifest.fingerprint.get(k, _MISSING) for k in expected}
     diffs = differences(actual, expected)
     if diffs:
         raise FingerprintMismatchError(
-            f"{where} was made differently from what is expected:\n"
-            f"{format_differences(diffs, ('dataset', 'expected'))}\n"
-            f"Use a data set generated with the expected teacher/solver/times, or regenerate one.",
+            f"{where} was made differently from what is expected: "
+            f"{format_differences(diffs, ('dataset', 'expected'))}. "
+            f"Fix: use a data set generated with the expected teacher/solver/times, or regenerate one.",
             diffs)

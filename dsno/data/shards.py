@@ -6,14 +6,17 @@ A shard `i` is two files in the data set folder:
 Plain NumPy `.npy` (version 1.0 header, little-endian, C order), so `np.load(path, mmap_mode="r")`
 reads them and `sha256sum` reproduces the manifest's checksums.
 
-Writing streams batches into `<name>.tmp` while hashing, fsyncs, then renames onto `<name>`:
-a file under its final name is always whole.
+Writing streams batches into `<name>.tmp` (created exclusively and flock-ed while written) while
+hashing, fsyncs, then renames onto `<name>`: a file under its final name is always whole.
+Reading a shard's bytes (`check_shard_content`) checks its sha256 and that every value is finite.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
+import itertools
 import mmap
 import os
 from pathlib import Path
@@ -70,11 +73,16 @@ class NpyStreamWriter:
         self.rows = 0
         self._hash = hashlib.sha256()
         self._bytes = 0
+        busy = DatasetError(f"{self.temp_path} exists: another process is writing this shard into the "
+                            f"same folder; fix: run one generation per folder (or wait for the other)")
         try:
             self._file = open(self.temp_path, "xb")
         except FileExistsError:
-            raise DatasetError(f"{self.temp_path} exists: another process is writing this shard into "
-                               f"the same folder; run one generation per folder") from None
+            raise busy from None
+        # Held until commit/abort, so a cleaner of stray temps never removes a file being written.
+        if not _lock_exclusive(self._file.fileno(), self.temp_path):
+            self._file.close()
+            raise busy
         self._write(npy_header(self.shape))
 
     def _write(self, data: bytes | memoryview) -> None:
@@ -103,6 +111,34 @@ class NpyStreamWriter:
     def abort(self) -> None:
         self._file.close()
         self.temp_path.unlink(missing_ok=True)
+
+
+def _lock_exclusive(fd: int, path: Path) -> bool:
+    """flock `fd` without waiting; True if it is locked and `path` still names that file
+    (True as well where the file system has no flock)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except (BlockingIOError, FileNotFoundError):
+        return False
+    except OSError:
+        return True
+
+
+def remove_stray_temp(path: Path) -> bool:
+    """Delete a shard temp file left by a killed writer; a temp a live writer holds is kept.
+    Returns whether it was removed."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        if not _lock_exclusive(fd, path):
+            return False
+        path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 def write_shard(folder: Path, manifest: Manifest, index: int,
@@ -147,9 +183,41 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_shard_file(folder: Path, manifest: Manifest, record: ShardRecord, role: str,
-                     full: bool) -> str | None:
-    """What is wrong with one shard file, or None. `full` also recomputes its sha256."""
+def scan_npy(path: Path, offset: int, row_elements: int, max_rows: int = 10) -> tuple[str, list[int], int]:
+    """One read of a float32 `.npy` file: (sha256 of the whole file, the first `max_rows` rows
+    holding a NaN or inf, how many such rows). `offset` is where the data starts (a multiple of 4)."""
+    h = hashlib.sha256()
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    bad: list[int] = []
+    count, pos, last = 0, 0, -1
+    with open(path, "rb", buffering=0) as f:
+        while n := _read_full(f, view):
+            h.update(view[:n])
+            lo = max(offset - pos, 0)
+            data = np.frombuffer(buf, dtype=NPY_DTYPE, count=(n - lo) // 4, offset=lo) if n > lo else None
+            if data is not None and not np.isfinite(data).all():
+                first = (pos + lo - offset) // 4
+                for e in np.flatnonzero(~np.isfinite(data)):
+                    row = (first + int(e)) // row_elements
+                    if row != last:
+                        count, last = count + 1, row
+                        if len(bad) < max_rows:
+                            bad.append(row)
+            pos += n
+    return h.hexdigest(), bad, count
+
+
+def _read_full(f, view: memoryview) -> int:
+    """Fill `view` from `f` (short only at the end of the file); returns the bytes read."""
+    n = 0
+    while n < len(view) and (k := f.readinto(view[n:])):
+        n += k
+    return n
+
+
+def check_shard_layout(folder: Path, manifest: Manifest, record: ShardRecord, role: str) -> str | None:
+    """What is wrong with a shard file's size or header (no data is read), or None."""
     rec = record.files[role]
     path = folder / rec.name
     expected_shape = manifest.expected_shape(record.index, role)
@@ -168,18 +236,39 @@ def check_shard_file(folder: Path, manifest: Manifest, record: ShardRecord, role
                 f"expected float32 {expected_shape}")
     if offset + int(np.prod(shape, dtype=np.int64)) * NPY_DTYPE.itemsize != size:
         return f"size {size} bytes does not fit its header (shape {shape})"
-    if full:
-        digest = sha256_file(path)
-        if digest != rec.sha256:
-            return f"sha256 {digest[:16]}... differs from the manifest's {rec.sha256[:16]}..."
     return None
+
+
+def check_shard_content(folder: Path, manifest: Manifest, record: ShardRecord, role: str) -> str | None:
+    """What is wrong with a shard file's bytes (sha256 against the manifest, NaN/inf values), or None.
+    Call after `check_shard_layout` found nothing."""
+    rec = record.files[role]
+    shape = manifest.expected_shape(record.index, role)
+    offset = rec.bytes - int(np.prod(shape, dtype=np.int64)) * NPY_DTYPE.itemsize
+    digest, bad, count = scan_npy(folder / rec.name, offset, int(np.prod(shape[1:], dtype=np.int64)))
+    if digest != rec.sha256:
+        return f"sha256 {digest[:16]} differs from the manifest's {rec.sha256[:16]} (first 16 hex digits)"
+    if count:
+        first = record.index * manifest.shard_size
+        rows = ", ".join(str(first + r) for r in bad) + (f" ({count} in all)" if count > len(bad) else "")
+        return f"holds NaN/inf values (trajectories {rows}) although its checksum matches"
+    return None
+
+
+def check_shard_file(folder: Path, manifest: Manifest, record: ShardRecord, role: str,
+                     full: bool) -> str | None:
+    """What is wrong with one shard file, or None. `full` also reads its bytes (sha256, NaN/inf)."""
+    what = check_shard_layout(folder, manifest, record, role)
+    if what is None and full:
+        what = check_shard_content(folder, manifest, record, role)
+    return what
 
 
 def find_bad_shards(folder: str | os.PathLike, manifest: Manifest, full: bool,
                     indices: Iterable[int] | None = None,
                     on_checked: Callable[[int], None] | None = None) -> list[tuple[int, str, str]]:
     """(shard index, file name, problem) for every bad file among the listed shards `indices`
-    (default: all listed); `full` checks sha256, else sizes and headers only."""
+    (default: all listed); `full` checks bytes (sha256, NaN/inf), else sizes and headers only."""
     folder = Path(folder)
     by_index = {s.index: s for s in manifest.shards}
     problems = []
@@ -194,13 +283,15 @@ def find_bad_shards(folder: str | os.PathLike, manifest: Manifest, full: bool,
 
 
 def verify_dataset(folder: str | os.PathLike, full: bool = True) -> Manifest:
-    """Check every listed shard file (sizes, headers; with `full` also sha256) and that the data
-    set is complete. Raises `CorruptShardError` naming each bad file; returns the manifest."""
+    """Check every listed shard file (sizes, headers; with `full` also sha256 and finite values,
+    ignoring any cache) and that the data set is complete. Raises `CorruptShardError` naming each
+    bad file; returns the manifest."""
     manifest = load_manifest(folder)
     problems = find_bad_shards(folder, manifest, full)
     listed = {s.index for s in manifest.shards}
+    missing = (i for i in range(manifest.num_shards) if i not in listed)
     problems += [(i, shard_file_name(i, "x_T"), "shard is not in the manifest (generation unfinished)")
-                 for i in range(manifest.num_shards) if i not in listed]
+                 for i in itertools.islice(missing, 50)]
     if problems:
         raise CorruptShardError(folder, sorted(problems))
     return manifest

@@ -90,7 +90,8 @@ def fingerprint(rc: RunConfig, teacher: Teacher, grid: torch.Tensor, shape: tupl
 
 
 def generate(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...], progress: bool = True):
-    """Write (or resume, or repair) the trajectory data set of `rc` into rc.data.dir."""
+    """Write (or resume, or repair) the trajectory data set of `rc` into rc.data.dir; a NaN/inf
+    state stops it before its shard is written (`NonFiniteStatesError` names the trajectories)."""
     from dsno.data import generate_dataset
     times = [float(t) for t in rc.data.times]
     grid = solver_grid(teacher, rc.solver, times)
@@ -102,7 +103,7 @@ def generate(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...], progress: 
         Path(rc.data.dir), solve=solve,
         fingerprint=fingerprint(rc, teacher, grid, shape), num_trajectories=rc.data.num_trajectories,
         shard_size=rc.data.shard_size, sample_shape=shape, seed=rc.seed, batch_size=rc.data.batch_size,
-        repair=rc.data.repair, progress=progress)
+        repair=rc.data.repair, progress=progress, verify=rc.data.verify)
 
 
 def expected_fingerprint(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
 
@@ -11,6 +13,15 @@ from dsno.training.losses import TrajectoryLoss
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf."""
+
+
+def non_finite_loss_message(loss: float, step: int, last_ckpt: Path | None) -> str:
+    """What NonFiniteLossError says; it claims a kept checkpoint only if `last_ckpt` exists."""
+    kept = (f"the last good checkpoint {last_ckpt} is kept (train.resume=true resumes from it)"
+            if last_ckpt is not None and last_ckpt.is_file() else
+            f"no checkpoint was written yet{f' ({last_ckpt} does not exist)' if last_ckpt else ''}")
+    return (f"training loss is {loss} at step {step}; stopping: {kept}. Fix: lower train.lr or enable "
+            f"train.grad_clip (trajectories are checked for NaN/inf unless data.verify=none)")
 
 
 class DSNOModule(L.LightningModule):
@@ -34,10 +45,9 @@ class DSNOModule(L.LightningModule):
         x_T, states = batch
         loss, per_time = self.loss(self.model(x_T), states)
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at step {self.global_step}; stopping. The last good "
-                "checkpoint (checkpoints/last.ckpt) is kept: lower train.lr, enable train.grad_clip, "
-                "or check the trajectories for NaNs (data.verify=full)")
+            ckpt = getattr(self._trainer, "checkpoint_callback", None)
+            last = Path(ckpt.dirpath) / "last.ckpt" if getattr(ckpt, "dirpath", None) else None
+            raise NonFiniteLossError(non_finite_loss_message(loss.item(), self.global_step, last))
         self.log("train/loss", loss, prog_bar=True)
         for m, v in enumerate(per_time):
             self.log(f"train/err_t{m}", v)

@@ -2,8 +2,8 @@
 
 from dsno import solvers, teachers
 from dsno.sampler import load_sampler
-from dsno.schedules import VPSchedule
+from dsno.schedules import FlowSchedule, VESchedule, VPSchedule
 from dsno.solvers import sample, timesteps
 
-__all__ = ["VPSchedule", "load_sampler", "sample", "solvers", "teachers", "timesteps"]
+__all__ = ["FlowSchedule", "VESchedule", "VPSchedule", "load_sampler", "sample", "solvers", "teachers", "timesteps"]
 __version__ = "0.1.0"

@@ -20,7 +20,8 @@ NoiseSampler = Callable[[float, float], torch.Tensor]
 
 @dataclass(frozen=True)
 class Point:
-    """One time of a solve, in float64: t (schedule time), alpha, sigma, lam = log(alpha / sigma)."""
+    """One time of a solve, in float64: t (schedule time), alpha, sigma, lam = log(alpha / sigma)
+    of the schedule's x_t = alpha x0 + sigma eps (any scalar linear process: VP, VE, flow)."""
 
     t: float
     alpha: float
@@ -48,9 +49,15 @@ def _softplus(v: float) -> float:
 
 
 def point_at_lam(schedule: VPSchedule, lam: float) -> Point:
-    """The Point with half log-SNR `lam` (for stages between grid points)."""
+    """The Point with half log-SNR `lam` (for stages between grid points); alpha and sigma come
+    from the schedule's own `alpha_sigma_of_lam` (VP, VE, flow), or from the VP identity
+    alpha^2 = sigmoid(2 lam) for a schedule without one."""
     t = float(schedule.t_of_lam(lam))
-    return Point(t, math.exp(-0.5 * _softplus(-2.0 * lam)), math.exp(-0.5 * _softplus(2.0 * lam)), lam)
+    of_lam = getattr(schedule, "alpha_sigma_of_lam", None)
+    if of_lam is None:
+        return Point(t, math.exp(-0.5 * _softplus(-2.0 * lam)), math.exp(-0.5 * _softplus(2.0 * lam)), lam)
+    alpha, sigma = of_lam(lam)
+    return Point(t, float(alpha), float(sigma), lam)
 
 
 def point_at_rho(schedule: VPSchedule, rho: float) -> Point:
@@ -84,18 +91,31 @@ def step_orders(order: int, steps: int, lower_order_final: bool | str, extra_upd
 
 
 class Trajectory:
-    """The states at the grid points, kept only when asked for."""
+    """The states at the grid points, kept only when asked for.
 
-    def __init__(self, x: torch.Tensor, keep: bool):
-        self.states = [x] if keep else None
+    keep: False (none), True (all: entry i is the state at grid point i, x_T first), or a
+    sorted tuple of grid indices: only those states are held, so memory does not grow with the
+    number of steps (see `registry.trajectory_indices`)."""
+
+    def __init__(self, x: torch.Tensor, keep: "bool | tuple[int, ...]"):
+        self.wanted = None if isinstance(keep, bool) else frozenset(keep)
+        self.states: list[torch.Tensor] | None = [] if keep is not False else None
+        self.index = -1
+        self.add(x)
 
     def add(self, x: torch.Tensor) -> None:
-        if self.states is not None:
+        self.index += 1
+        if self.states is not None and (self.wanted is None or self.index in self.wanted):
             self.states.append(x)
 
     def result(self, x: torch.Tensor) -> torch.Tensor:
-        """x (the final state) or the stacked states [len(ts) (+1), B, ...]."""
-        return x if self.states is None else torch.stack(self.states)
+        """x (the final state) or the stacked kept states [K, B, ...]."""
+        if self.states is None:
+            return x
+        if self.wanted is not None and len(self.states) != len(self.wanted):
+            raise ValueError(f"return_trajectory asked for grid indices up to {max(self.wanted)}, but the solve "
+                             f"has {self.index + 1} states")
+        return torch.stack(self.states)
 
 
 def finish(x: torch.Tensor, last: Point, traj: Trajectory, denoise_to_zero: bool,

@@ -1,4 +1,5 @@
 """Time grids for the solvers: float64, strictly decreasing, inside the schedule's [t_min, T].
+The schedule is any scalar process (VP, VE, flow): every spacing goes through its lam / t_of_lam.
 
 `timesteps(schedule, steps, spacing)` builds one; `from_grid(schedule, values, kind)` turns a
 user's grid (times, EDM sigmas, log-SNRs or DDPM step indices) into one; `check_grid` is the
@@ -71,8 +72,11 @@ def _check_endpoints(schedule: VPSchedule, t_start: float, t_end: float) -> None
 
 
 def timesteps(schedule: VPSchedule, steps: int = 10, spacing: str = "logsnr", t_start: float | None = None,
-              t_end: float = 1e-3, *, rho: float = 7.0) -> torch.Tensor:
+              t_end: float | None = None, *, rho: float = 7.0) -> torch.Tensor:
     """A decreasing float64 grid [steps + 1] from t_start (default schedule.T) to t_end.
+
+    schedule: any scalar process (VP, VE, flow). t_end: None (default) means
+    max(1e-3, schedule.t_min): 1e-3 for VP and flow, sigma_min = 0.002 for the default VE.
 
     spacing: "time_uniform" (uniform in t), "time_quadratic" (uniform in sqrt t, DEIS / DSNO),
     "logsnr" (uniform in lambda, DPM-Solver's default), "karras" (EDM: uniform in
@@ -83,6 +87,8 @@ def timesteps(schedule: VPSchedule, steps: int = 10, spacing: str = "logsnr", t_
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; use one of {', '.join(SPACINGS)}")
     t_start = float(schedule.T) if t_start is None else float(t_start)
+    if t_end is None:
+        t_end = max(1e-3, float(schedule.t_min))
     t_end = float(t_end)
     _check_endpoints(schedule, t_start, t_end)
     n = int(steps)

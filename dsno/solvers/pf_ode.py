@@ -3,8 +3,9 @@
 space="sigma" (default, as EDM, Karras et al. 2022): v = x / alpha against rho = sigma / alpha,
   dv/drho = eps(alpha v, t(rho)). Euler in this variable is exactly DDIM; Heun is EDM's
   deterministic second-order sampler (with t_end > 0 every step, the last included, is Heun).
-space="t": x against schedule time, dx/dt = f(t) (x - eps / sigma), f = d log alpha / dt =
-  -beta(t) / 2 (the plain PF-ODE of Song et al. 2021; stiff near t = 0, a weak baseline).
+space="t": x against schedule time, dx/dt = f x + sigma (g - f) eps, f = d log alpha / dt,
+  g = d log sigma / dt (any scalar process; on VP this is f (x - eps / sigma), f = -beta(t) / 2,
+  the plain PF-ODE of Song et al. 2021; stiff near t = 0, a weak baseline).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def _slope(teacher, x: torch.Tensor, p: Point, space: str) -> torch.Tensor:
     if space == "sigma":
         return eps
     f = float(teacher.schedule.d_log_alpha_dt(p.t))
-    return combine([(f, x), (-f / p.sigma, eps)])
+    g = float(teacher.schedule.d_log_sigma_dt(p.t))
+    return combine([(f, x), (p.sigma * (g - f), eps)])
 
 
 def _run(teacher, x: torch.Tensor, ts: torch.Tensor, space: str, heun: bool, return_trajectory: bool,

@@ -1,7 +1,12 @@
-"""The Teacher interface: a VP schedule plus a denoiser with a declared parameterization.
+"""The Teacher interface: a scalar schedule (VP, VE or flow) plus a denoiser with a declared
+parameterization.
 
 A solver only ever calls `teacher.eps(x, t)`, `teacher.x0(x, t)` or `teacher.v(x, t)`.
 x: [B, ...] (any dtype); t: scalar or [B] schedule time. Outputs have x's shape and dtype.
+
+Predictions, with x = alpha x0 + sigma eps: "eps", "x0", "v" (VP's velocity alpha eps - sigma x0,
+VP schedules only) and "flow_velocity" (a flow-matching model's u = dx/dt = eps - x0, for
+`FlowSchedule` only, where alpha = 1 - t and sigma = t).
 """
 
 from __future__ import annotations
@@ -11,13 +16,29 @@ from typing import Any, Callable
 import torch
 
 from dsno.errors import UserError
-from dsno.schedules import VPSchedule
+from dsno.schedules import FlowSchedule, Schedule, VPSchedule
 
 
 class TeacherLoadError(UserError):
     """A teacher's file or folder is missing, unreadable or of another kind than teacher.kind."""
 
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v", "flow_velocity")
+
+
+class PredictionError(UserError):
+    """A prediction kind that does not belong to the teacher's schedule (v off VP, flow_velocity off flow)."""
+
+
+def check_prediction(schedule: Any, kind: str) -> None:
+    """Refuse, in one line, a prediction kind that means nothing for this schedule."""
+    if kind not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {kind!r}")
+    if kind == "v" and not isinstance(schedule, VPSchedule):
+        raise PredictionError(f"prediction 'v' is VP's velocity alpha eps - sigma x0 and needs a VPSchedule, got "
+                              f"{schedule!r}; a flow-matching model predicts 'flow_velocity'")
+    if kind == "flow_velocity" and not isinstance(schedule, FlowSchedule):
+        raise PredictionError(f"prediction 'flow_velocity' (u = eps - x0 of x_t = (1 - t) x0 + t eps) needs "
+                              f"dsno.FlowSchedule(), got {schedule!r}; a VP model's velocity is prediction 'v'")
 
 
 def batch_times(t: Any, x: torch.Tensor) -> torch.Tensor:
@@ -36,9 +57,11 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def convert(pred: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
             src: str, dst: str) -> torch.Tensor:
-    """Convert a prediction between eps / x0 / v, given x = alpha x0 + sigma eps.
+    """Convert a prediction between eps / x0 / v / flow_velocity, given x = alpha x0 + sigma eps.
 
-    alpha, sigma: [B] (float64 is fine); v = alpha eps - sigma x0.
+    alpha, sigma: [B] (float64 is fine); v = alpha eps - sigma x0 (VP); flow_velocity
+    u = eps - x0 assumes alpha + sigma = 1 (rectified flow: alpha = 1 - t, sigma = t), where
+    x0 = x - sigma u and eps = x + alpha u.
     """
     if src == dst:
         return pred
@@ -52,6 +75,9 @@ def convert(pred: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: tor
     elif src == "v":
         eps = s * x + a * pred
         x0 = a * x - s * pred
+    elif src == "flow_velocity":
+        eps = x + a * pred
+        x0 = x - s * pred
     else:
         raise ValueError(f"unknown prediction {src!r}; use one of {PREDICTIONS}")
     if dst == "eps":
@@ -60,6 +86,8 @@ def convert(pred: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: tor
         return x0
     if dst == "v":
         return a * eps - s * x0
+    if dst == "flow_velocity":
+        return eps - x0
     raise ValueError(f"unknown prediction {dst!r}; use one of {PREDICTIONS}")
 
 
@@ -69,7 +97,7 @@ class Teacher(torch.nn.Module):
     `forward` returns the raw prediction of kind `self.prediction`; t is a float64 [B] tensor.
     """
 
-    schedule: VPSchedule
+    schedule: Schedule
     prediction: str
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover
@@ -77,6 +105,11 @@ class Teacher(torch.nn.Module):
 
     def predict(self, x: torch.Tensor, t: Any, kind: str) -> torch.Tensor:
         tb = batch_times(t, x)
+        if kind != self.prediction:
+            check_prediction(self.schedule, kind)
+        check_times = getattr(self.schedule, "check_model_times", None)
+        if check_times is not None:
+            check_times(tb)
         raw = self(x, tb)
         if raw.shape != x.shape:
             raise ValueError(f"teacher returned shape {tuple(raw.shape)} for input {tuple(x.shape)}")
@@ -92,7 +125,12 @@ class Teacher(torch.nn.Module):
         return self.predict(x, t, "x0")
 
     def v(self, x: torch.Tensor, t: Any) -> torch.Tensor:
+        """VP's velocity alpha eps - sigma x0 (VP schedules only)."""
         return self.predict(x, t, "v")
+
+    def flow_velocity(self, x: torch.Tensor, t: Any) -> torch.Tensor:
+        """The flow-matching velocity u = dx/dt = eps - x0 (FlowSchedule only)."""
+        return self.predict(x, t, "flow_velocity")
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies this teacher in a data set's manifest (JSON-serialisable)."""
@@ -123,8 +161,7 @@ class WrappedTeacher(Teacher):
                  prediction: str = "eps", time_input: str | Callable[[torch.Tensor], torch.Tensor] = "continuous",
                  name: str | None = None):
         super().__init__()
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        check_prediction(schedule, prediction)
         if time_input == "discrete" and schedule.kind != "discrete":
             raise ValueError("time_input='discrete' needs a discrete schedule (VPSchedule.discrete(betas))")
         if not (callable(time_input) or time_input in ("continuous", "discrete")):
@@ -160,5 +197,5 @@ class WrappedTeacher(Teacher):
 def wrap(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: VPSchedule,
          prediction: str = "eps", time_input: str | Callable = "continuous", name: str | None = None
          ) -> WrappedTeacher:
-    """Turn any callable fn(x, t) predicting eps, x0 or v into a Teacher."""
+    """Turn any callable fn(x, t) predicting eps, x0, v (VP) or flow_velocity (flow) into a Teacher."""
     return WrappedTeacher(fn, schedule, prediction, time_input, name)

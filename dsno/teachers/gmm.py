@@ -1,4 +1,5 @@
-"""The exact denoiser of a diagonal-covariance Gaussian mixture under a VP diffusion.
+"""The exact denoiser of a diagonal-covariance Gaussian mixture under any scalar linear diffusion
+x_t = alpha_t x0 + sigma_t eps (VPSchedule, VESchedule, FlowSchedule: alpha, sigma general).
 
 Data x0 ~ sum_k w_k N(mu_k, diag(v_k)). Then x_t | k ~ N(alpha mu_k, diag(alpha^2 v_k + sigma^2)),
 and E[x0 | x_t] = sum_k r_k(x_t) [mu_k + alpha v_k / s_k^2 (x_t - alpha mu_k)] in closed form.
@@ -12,17 +13,18 @@ from typing import Any
 
 import torch
 
-from dsno.schedules import VPSchedule
+from dsno.schedules import Schedule, VPSchedule
 from dsno.teachers.base import Teacher
 
 
 class GaussianMixture(Teacher):
-    """means: [K, *shape]; variances: [K, *shape] or [K] (isotropic) ; weights: [K] (normalised here)."""
+    """means: [K, *shape]; variances: [K, *shape] or [K] (isotropic) ; weights: [K] (normalised here);
+    schedule: any scalar schedule (default VPSchedule.linear())."""
 
     prediction = "x0"
 
     def __init__(self, means: torch.Tensor, variances: torch.Tensor, weights: torch.Tensor | None = None,
-                 schedule: VPSchedule | None = None, name: str = "gmm"):
+                 schedule: Schedule | None = None, name: str = "gmm"):
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.ndim < 2:
@@ -99,7 +101,8 @@ class GaussianMixture(Teacher):
     def ode_solution(self, x_s: torch.Tensor, s: float, t: float) -> torch.Tensor:
         """Exact probability-flow ODE map from time s to time t (single Gaussian, K = 1 only).
 
-        x_t = alpha_t m + (st_t / st_s) (x_s - alpha_s m), st^2 = alpha^2 v + sigma^2, per dimension.
+        x_t = alpha_t m + (st_t / st_s) (x_s - alpha_s m), st^2 = alpha^2 v + sigma^2, per dimension,
+        for any scalar process (in y = x / alpha, rho = sigma / alpha the flow is the VE one).
         """
         if self.num_components != 1:
             raise ValueError("the closed-form ODE solution exists for a single Gaussian (K = 1) only")

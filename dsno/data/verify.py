@@ -124,6 +124,10 @@ class ShardVerifier:
             self._done.add(index)
         return found
 
+    @property
+    def all_verified(self) -> bool:
+        return len(self._done) == len(self._records)
+
     def ensure(self, index: int) -> None:
         """Return once shard `index` is verified; `CorruptShardError` naming its bad file otherwise."""
         if index in self._done:
@@ -131,7 +135,7 @@ class ShardVerifier:
         found = self.problems(index)
         if found:
             raise CorruptShardError(self.folder, found)
-        if self.cache is not None and len(self._done) == len(self._records):
+        if self.cache is not None and self.all_verified:
             self.cache.flush()
 
     def check(self, indices: Iterable[int]) -> list[tuple[int, str, str]]:

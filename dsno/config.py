@@ -51,6 +51,7 @@ class SolverConfig:
     spacing: str = "logsnr"
     t_end: float = 1e-3
     options: dict = field(default_factory=dict)
+    schedule: Optional[str] = None  # solver=usf: the schedule YAML (python -m dsno.search); it fixes the grid
 
 
 @dataclass
@@ -280,6 +281,7 @@ def _check(c: RunConfig) -> None:
     if c.solver.steps < segments:
         _fail("solver.steps", c.solver.steps, f"must be at least {segments}: one step per segment between the "
               f"{len(times)} output times (data.times) and the start time {sched.T:g}")
+    _check_usf(c, times)
 
     m = len(times)
     _positive_int("model.modes", c.model.modes)
@@ -395,6 +397,29 @@ def check_trainer_hardware(c: RunConfig) -> None:
         _fail("trainer.devices", devices, f"{world} ranks need at least {world} training batches, but "
               f"data.num_trajectories={c.data.num_trajectories} gives {batches} of train.batch_size="
               f"{c.train.batch_size}; make more trajectories or use fewer devices")
+
+
+def _check_usf(c: RunConfig, times: list) -> None:
+    """solver=usf needs solver.schedule, a valid schedule ending at solver.t_end and passing through data.times."""
+    if c.solver.name != "usf":
+        if c.solver.schedule is not None:
+            _fail("solver.schedule", c.solver.schedule, f"applies to solver=usf only, not solver={c.solver.name}")
+        return
+    from dsno.solvers.usf import ScheduleError, load
+    if c.solver.schedule is None:
+        _fail("solver.schedule", None, "solver=usf needs solver.schedule=PATH (a YAML of python -m dsno.search)")
+    try:
+        s = load(c.solver.schedule)
+    except ScheduleError as e:
+        raise ConfigError(f"config error: solver.schedule: {e}") from None
+    if s.max_order > c.solver.order:
+        _fail("solver.order", c.solver.order, f"the schedule uses Taylor order {s.max_order}; set solver.order={s.max_order}")
+    if abs(s.ts[-1] - c.solver.t_end) > 1e-12:
+        _fail("solver.schedule", c.solver.schedule, f"ends at t={s.ts[-1]:g}, not solver.t_end={c.solver.t_end:g}")
+    missing = [t for t in times if min(abs(t - u) for u in s.ts) > 1e-9]
+    if missing:
+        _fail("solver.schedule", c.solver.schedule, f"does not pass through the output times {missing} of data.times; "
+              f"search one that does: python -m dsno.search nfe=N 'search.pin_times={[t for t in times[:-1]]}'")
 
 
 def build_schedule(sc: ScheduleConfig):

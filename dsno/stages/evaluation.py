@@ -68,6 +68,26 @@ def solver_runs(rc: RunConfig) -> list[dict[str, Any]]:
     return runs
 
 
+def schedule_runs(rc: RunConfig) -> list[dict[str, Any]]:
+    """One entry per USF schedule in <run_dir>/schedules/*.yaml (python -m dsno.search): method
+    "usf <file stem>", the schedule, its NFE; or, for one that can't run here, why."""
+    from dsno.solvers.usf import ScheduleError, load
+    runs = []
+    for path in sorted((Path(rc.run_dir) / "schedules").glob("*.yaml")):
+        method = f"usf {path.stem}"
+        try:
+            s = load(path)
+        except ScheduleError as e:
+            runs.append({"method": method, "nfe": None, "skipped": str(e)})
+            continue
+        if abs(s.ts[-1] - rc.solver.t_end) > 1e-12:
+            runs.append({"method": method, "nfe": s.cost, "skipped": f"ends at t={s.ts[-1]:g}, not solver.t_end="
+                         f"{rc.solver.t_end:g}"})
+            continue
+        runs.append({"method": method, "nfe": s.cost, "schedule": s, "path": str(path)})
+    return runs
+
+
 def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> dict[str, Any]:
     """Evaluate the run's exported sampler and the solvers; write metrics.json, report.md, PNGs."""
     from dsno.sampler import load_sampler
@@ -118,8 +138,9 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
 
         from dsno.solvers import nfe as nfe_of
         grid = trajectories.solver_grid(teacher, rc.solver, [float(t) for t in rc.data.times])
-        teacher_nfe = nfe_of(rc.solver.name, len(grid) - 1, order=rc.solver.order, **rc.solver.options)
-        x, sec = timed(solve(grid, rc.solver.name, order=rc.solver.order, **rc.solver.options))
+        teacher_opts = {**rc.solver.options, **({"schedule": rc.solver.schedule} if rc.solver.name == "usf" else {})}
+        teacher_nfe = nfe_of(rc.solver.name, len(grid) - 1, order=rc.solver.order, **teacher_opts)
+        x, sec = timed(solve(grid, rc.solver.name, order=rc.solver.order, **teacher_opts))
         add_row(f"teacher ({rc.solver.name}-{rc.solver.order})", teacher_nfe, x, sec,
                 note="the solver that made DSNO's training trajectories")
 
@@ -139,6 +160,13 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
             else:
                 x, sec = timed(solve(g, r["solver"], **r["kwargs"]))
                 add_row(r["method"], r["nfe"], x, sec)
+
+        for r in schedule_runs(rc):
+            if "skipped" in r:
+                rows.append(r)
+                continue
+            x, sec = timed(solve(torch.tensor(r["schedule"].ts, dtype=torch.float64), "usf", schedule=r["schedule"]))
+            add_row(r["method"], r["nfe"], x, sec, note=f"searched schedule {r['path']}")
 
     if rc.eval.fidelity:
         _add_fidelity(rows, finals, shape, rc)

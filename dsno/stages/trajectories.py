@@ -20,6 +20,9 @@ def solver_grid(teacher: Teacher, sc: SolverConfig, times: list[float]) -> torch
     so the output times are grid points without creating the tiny steps that merging two grids
     would (multistep methods lose accuracy on abrupt step-size ratios)."""
     from dsno.solvers import timesteps
+    if sc.name == "usf":                     # a USF schedule carries its grid (checked to pass through `times`)
+        from dsno.solvers.usf import load
+        return torch.tensor(load(sc.schedule).ts, dtype=torch.float64)
     sched = teacher.schedule
     bounds = [sched.T, *times] if times[0] < sched.T else list(times)
     lam = sched.lam(torch.tensor(bounds, dtype=torch.float64))
@@ -41,8 +44,16 @@ def output_indices(grid: torch.Tensor, times: list[float]) -> list[int]:
 
 
 def solver_spec(sc: SolverConfig) -> dict[str, Any]:
-    return {"name": sc.name, "order": sc.order, "steps": sc.steps, "spacing": sc.spacing,
+    spec = {"name": sc.name, "order": sc.order, "steps": sc.steps, "spacing": sc.spacing,
             "t_end": sc.t_end, "options": dict(sc.options)}
+    if sc.name == "usf":                     # the schedule's decisions, not its path, identify the data
+        import hashlib
+        import json
+        from dsno.solvers.usf import load, to_dict
+        d = to_dict(load(sc.schedule))
+        decisions = {k: d[k] for k in ("afs", "timesteps", "steps")}
+        spec["schedule_sha256"] = hashlib.sha256(json.dumps(decisions, sort_keys=True).encode()).hexdigest()[:16]
+    return spec
 
 
 def working_dtype(teacher: Teacher) -> torch.dtype:
@@ -74,8 +85,9 @@ def make_solve(teacher: Teacher, sc: SolverConfig, grid: torch.Tensor, times: li
     def solve(x_T: torch.Tensor) -> torch.Tensor:
         x = x_T.to(device=device, dtype=dtype)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-            traj = sample(teacher, x, grid, solver=sc.name, order=sc.order, return_trajectory=True, **sc.options)
-        return traj[idx].transpose(0, 1).to(torch.float32).cpu()
+            traj = sample(teacher, x, grid, solver=sc.name, order=sc.order, return_trajectory=idx, **sc.options,
+                          **({"schedule": sc.schedule} if sc.name == "usf" else {}))
+        return traj.transpose(0, 1).to(torch.float32).cpu()
 
     return solve
 

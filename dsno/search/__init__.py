@@ -1,0 +1,12 @@
+"""S^3-style search of USF solver schedules (`dsno.solvers.usf`) for one teacher and NFE budget:
+`python -m dsno.search experiment=mnist_gmm nfe=5` writes runs/<experiment>/schedules/nfe5.yaml.
+
+space: the candidates (draws, mutation, crossover, encoding); predictor: the performance
+predictor; loop: scoring, the search rounds, verification and resume.
+"""
+
+from dsno.search.loop import SearchConfig, SearchError, search
+from dsno.search.predictor import Predictor, kendall_tau
+from dsno.search.space import Space
+
+__all__ = ["SearchConfig", "SearchError", "search", "Predictor", "kendall_tau", "Space"]

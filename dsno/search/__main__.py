@@ -1,0 +1,29 @@
+"""Search a USF solver schedule: `python -m dsno.search experiment=mnist_gmm nfe=5`.
+
+Keys: nfe, and search.* (conf/search/default.yaml): search.mode=timesteps for the timestep-only
+(GITS / LD3-style) baseline, search.pin_times=[...] for grids that must pass through given times
+(e.g. data.times, to make DSNO's training data with solver=usf). Writes
+<run_dir>/schedules/nfe<N>.yaml (nfe<N>_timesteps.yaml) and resumes from <name>.scored.json."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from dsno.cli import take_debug_flag
+from dsno.errors import report_errors
+
+
+@hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from dsno.search.cli import run
+    with report_errors():
+        run(cfg)
+
+
+if __name__ == "__main__":
+    take_debug_flag()
+    if not any(a.split("=")[0].lstrip("+~") == "search" for a in sys.argv[1:]):
+        sys.argv.insert(1, "+search=default")
+    sys.argv.insert(1, "hydra.callbacks.preflight._target_=dsno.search.cli.SearchPreflight")
+    main()

@@ -1,0 +1,68 @@
+"""Glue of `python -m dsno.search`: config checks before Hydra writes anything, then the search."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from dsno.errors import UserError, debug_requested, one_line
+
+log = logging.getLogger("dsno")
+SEARCH_KEYS = ("nfe", "search")
+
+
+def split(cfg: DictConfig) -> tuple[Any, Any, Any]:
+    """(validated RunConfig, nfe, SearchConfig) of a composed config; ConfigError on mistakes."""
+    from dsno.config import ConfigError, validate
+    from dsno.search.loop import SearchConfig
+
+    d = OmegaConf.to_container(cfg, resolve=False)
+    d.pop("hydra", None)
+    nfe, raw = d.pop("nfe", None), d.pop("search", None) or {}
+    rc = validate(OmegaConf.create(d))
+    try:
+        sc = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SearchConfig), raw))
+    except Exception as e:  # omegaconf's key / type errors
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"config error: search.{key}: {str(e).splitlines()[0]}") from None
+    return rc, nfe, sc
+
+
+class SearchPreflight(Callback):
+    """Validate the run config, nfe and search.* and prove run_dir writable before Hydra writes."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from dsno.cli import check_writable
+        from dsno.search.loop import check_config
+        try:
+            rc, nfe, sc = split(config)
+            check_config(sc, nfe, 1.0, rc.solver.t_end)
+            check_writable(rc.run_dir)
+        except UserError as e:
+            if debug_requested():
+                raise
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            sys.exit(2)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Build the teacher and search; prints the one-line summary, returns it."""
+    from dsno.builders import build_teacher
+    from dsno.search.loop import search
+    from dsno.stages.trajectories import working_dtype
+
+    logging.getLogger("dsno").setLevel(logging.INFO)
+    rc, nfe, sc = split(cfg)
+    teacher = build_teacher(rc.teacher)
+    out = Path(sc.out) if sc.out else Path(rc.run_dir) / "schedules"
+    result = search(teacher, nfe, sc, out, rc.solver.t_end, working_dtype(teacher))
+    c = result["cost"]
+    print(f"wrote {result['path']}: RMSE {result['score']['rmse_verify']:.4g} on {sc.verify_batch} verify samples; "
+          f"{c['wall_s']:.0f} s, {c['teacher_calls']} teacher calls ({c['teacher_sample_evals']} sample evaluations), "
+          f"{c['candidates_scored']} candidates scored, predictor Kendall tau {c['predictor_kendall_tau']}")
+    return result

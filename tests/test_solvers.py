@@ -65,6 +65,16 @@ def config_id(c):
     return f"{c[0]}-{c[1]}" + "".join(f"-{k}={v}" for k, v in c[2].items())
 
 
+def test_return_trajectory_indices_are_checked():
+    teacher, x_T = mixture(), noise()
+    ts = timesteps(teacher.schedule, 4)
+    for bad in ([], [1, 1], [-1], [0.5], "all"):
+        with pytest.raises(ValueError, match="return_trajectory must be True, False or a non-empty list"):
+            sample(teacher, x_T, ts, solver="ddim", return_trajectory=bad)
+    with pytest.raises(ValueError, match="asked for grid indices up to 9, but the solve has 5 states"):
+        sample(teacher, x_T, ts, solver="ddim", return_trajectory=[0, 9])
+
+
 def test_available_lists_every_required_solver_sorted():
     names = available()
     assert names == sorted(names)
@@ -206,6 +216,9 @@ def test_trajectory_matches_final_state(config):
     torch.testing.assert_close(traj[-1], sample(teacher, x_T, ts, **seeded(), **kw), rtol=0, atol=1e-14)
     traj_dz = sample(teacher, x_T, ts, return_trajectory=True, denoise_to_zero=True, **seeded(), **kw)
     assert traj_dz.shape == (len(ts) + 1, *x_T.shape)
+    # keeping only some grid indices gives exactly those states (and holds no others)
+    kept = sample(teacher, x_T, ts, return_trajectory=[5, 0, 2], **seeded(), **kw)
+    torch.testing.assert_close(kept, traj[[0, 2, 5]], rtol=0, atol=0)
     x0 = teacher.x0(traj_dz[-2], ts[-1])
     if opts.get("thresholding"):
         x0 = dynamic_threshold(x0, 0.995, opts["max_val"])

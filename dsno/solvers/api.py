@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -10,7 +10,7 @@ from dsno.solvers.registry import get
 
 
 def sample(teacher, x_T: torch.Tensor, ts: Any = None, solver: str = "dpm_solver_pp", order: int | None = None,
-           return_trajectory: bool = False, **options: Any) -> torch.Tensor:
+           return_trajectory: bool | Sequence[int] = False, **options: Any) -> torch.Tensor:
     """Solve the teacher's probability-flow ODE (or reverse SDE) from x_T at ts[0] along ts.
 
     teacher: a dsno Teacher (eps / x0 / v prediction, continuous or discrete time).
@@ -19,8 +19,10 @@ def sample(teacher, x_T: torch.Tensor, ts: Any = None, solver: str = "dpm_solver
     tensor / sequence; validated); None for a solver that carries its own (solver="usf",
     schedule=PATH_OR_SCHEDULE). order: None for the solver's default.
     Returns the state at ts[-1] [B, ...] (the data prediction there with denoise_to_zero=True),
-    or with return_trajectory the states [len(ts), B, ...] (traj[0] is x_T, traj[i] the state at
-    ts[i]; with denoise_to_zero the denoised output is appended as one more entry).
+    or with return_trajectory=True the states [len(ts), B, ...] (traj[0] is x_T, traj[i] the state at
+    ts[i]; with denoise_to_zero the denoised output is appended as one more entry). A list of
+    grid indices keeps only those states, [len(indices), B, ...] in increasing index order, and
+    holds no others in memory.
     options: the solver's own (see `dsno.solvers.registry.get(name).options`).
     """
     return get(solver).fn(teacher, x_T, ts, order=order, return_trajectory=return_trajectory, **options)

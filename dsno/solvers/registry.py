@@ -86,7 +86,8 @@ def register(name: str, *, orders: Sequence[int], cost: Cost, cost_rule: str, st
                     raise ValueError(f"solver {name!r} needs a grid ts (e.g. dsno.timesteps(schedule, steps=10))")
                 ts = spec.grid(opts)
             grid = check_grid(teacher.schedule, ts)
-            return fn(teacher, x, grid, order=order, return_trajectory=bool(return_trajectory), **opts)
+            keep = trajectory_indices(return_trajectory)
+            return fn(teacher, x, grid, order=order, return_trajectory=keep, **opts)
 
         spec = SolverSpec(name=name, fn=entry, orders=tuple(orders), default_order=params[3].default,
                           cost=cost, cost_rule=cost_rule, options=options, stochastic=stochastic, grid=grid)
@@ -96,6 +97,22 @@ def register(name: str, *, orders: Sequence[int], cost: Cost, cost_rule: str, st
         return entry
 
     return decorate
+
+
+def trajectory_indices(value: Any) -> "bool | tuple[int, ...]":
+    """return_trajectory as the solvers take it: a bool, or a sorted tuple of distinct grid
+    indices >= 0 (the states to keep; x_T is index 0, the denoise_to_zero output len(ts))."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (list, tuple, range)) and value and all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in value):
+        keep = tuple(sorted({int(i) for i in value}))
+        if len(keep) == len(value):
+            return keep
+    raise ValueError(f"return_trajectory must be True, False or a non-empty list of distinct grid indices >= 0, "
+                     f"got {value!r}")
 
 
 def _check_teacher(teacher: Any) -> None:

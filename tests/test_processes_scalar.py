@@ -17,7 +17,7 @@ import torch
 import dsno
 from dsno import FlowSchedule, VESchedule, VPSchedule
 from dsno.errors import UserError
-from dsno.schedules import ProcessError, schedule_from_dict
+from dsno.processes import ProcessError, schedule_from_dict
 from dsno.solvers import sample, timesteps
 from dsno.teachers import GaussianMixture, wrap
 
@@ -37,7 +37,7 @@ def test_closed_forms():
         assert float(fl.lam(t)) == pytest.approx(math.log((1 - t) / t), rel=1e-12, abs=1e-15)
     assert (ve.t_min, ve.T) == (0.002, 80.0) and (fl.t_min, fl.T) == (1e-5, 0.999)
     assert ve.alpha(0.5).dtype == torch.float64 and fl.lam(torch.rand(3, 2)).shape == (3, 2)
-    assert isinstance(ve, dsno.VESchedule) and isinstance(fl, dsno.FlowSchedule)
+    assert dsno.processes.VESchedule is VESchedule and dsno.processes.FlowSchedule is FlowSchedule
 
 
 @pytest.mark.parametrize("name", ["ve", "flow"])

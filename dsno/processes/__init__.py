@@ -1,0 +1,12 @@
+"""Diffusion processes: the one place that knows how a diffusion is parameterised.
+
+Scalar linear processes x_t = alpha_t x0 + sigma_t eps (`VPSchedule`, `VESchedule`,
+`FlowSchedule`, from `dsno.schedules`) and the augmented phase-space process `PSLD`
+(z = (x, m) per pixel, 2x2 transition and covariance). Bad parameters raise `ProcessError`
+(a `dsno.errors.UserError`).
+"""
+
+from dsno.processes.psld import PSLD
+from dsno.schedules import FlowSchedule, ProcessError, Schedule, VESchedule, VPSchedule, schedule_from_dict
+
+__all__ = ["PSLD", "FlowSchedule", "ProcessError", "Schedule", "VESchedule", "VPSchedule", "schedule_from_dict"]

@@ -15,12 +15,12 @@ from dsno.nn.dsno import (
     student_from_teacher,
     validate_config,
 )
-from dsno.nn.temporal import TemporalConv, TemporalMatmul
+from dsno.nn.temporal import TemporalConv, TemporalMatmul, set_temporal_impl
 from dsno.nn.unet import AttnBlock, Downsample, ResAttnBlock, ResBlock, UNet, Upsample, timestep_embedding
 
 __all__ = [
     "CONFIG_FORMAT_VERSION", "DSNO", "AttnBlock", "DiffusersUNet", "DiscreteTime", "Downsample", "ResAttnBlock",
     "ResBlock", "TemporalConv", "TemporalMatmul", "UNet", "Upsample", "WithTemporal", "build_backbone",
     "build_dsno", "default_is_unit", "diffusers_backbone_spec", "insert_temporal_layers", "load_backbone_weights",
-    "student_from_teacher", "timestep_embedding", "validate_config",
+    "set_temporal_impl", "student_from_teacher", "timestep_embedding", "validate_config",
 ]

@@ -4,7 +4,9 @@
 x_T is repeated M times; the backbone runs on [B*M, C, H, W], branch m with the time input of
 t_m; after every residual unit (a ResBlock and its attention block, if any) of the down path,
 middle and up path, a `TemporalConv` mixes the M branches. Output m is
-skip[m] * x_T + net_m (the skip coefficients come from the caller's schedule; default 0).
+skip[m] * x_T + out_scale[m] * net_m, the network run on in_scale[m] * x_T at time input
+net_times[m] (defaults: skip 0, out_scale 1, in_scale 1, net_times = times; the coefficients of
+each output parameterisation come from `dsno.nn.parameterization`).
 
 `build_dsno(config)` builds the operator from a JSON-serialisable config (see `validate_config`),
 the format the training stage writes and the exported sampler folder carries.
@@ -121,6 +123,13 @@ def insert_temporal_layers(backbone: nn.Module, num_times: int, modes: int,
     return [name for name, _, _ in found]
 
 
+def _per_time(name: str, values: Sequence[float] | None, default: float, m: int) -> list[float]:
+    values = [default] * m if values is None else [float(c) for c in values]
+    if len(values) != m or not all(math.isfinite(c) for c in values):
+        raise ValueError(f"{name} must have one finite coefficient per time ({m}), got {values}")
+    return values
+
+
 def _check_times(times: Sequence[float]) -> list[float]:
     times = [float(t) for t in times]
     if not times or not all(math.isfinite(t) and 0.0 <= t <= 1.0 for t in times):
@@ -137,34 +146,45 @@ class DSNO(nn.Module):
     (temporal layers inserted), so pass a copy to keep the original.
     times: the M output times t_1 > ... > t_M in [0, 1]. modes: kept Fourier modes (<= M//2 + 1).
     skip: M coefficients c_m of the output skip c_m * x_T (default zeros).
+    out_scale, in_scale: M output and input scales (default ones); net_times: the M time inputs
+    of the branches in [0, 1] (default `times`).
     time_input: maps the float times [N] to what the backbone takes (default identity).
     """
 
     def __init__(self, backbone: nn.Module, times: Sequence[float], modes: int,
                  skip: Sequence[float] | None = None,
                  time_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 is_unit: UnitPredicate | None = None):
+                 is_unit: UnitPredicate | None = None, out_scale: Sequence[float] | None = None,
+                 in_scale: Sequence[float] | None = None, net_times: Sequence[float] | None = None):
         super().__init__()
         times = _check_times(times)
         self.num_times = len(times)
-        skip = [0.0] * self.num_times if skip is None else [float(c) for c in skip]
-        if len(skip) != self.num_times:
-            raise ValueError(f"skip must have one coefficient per time ({self.num_times}), got {len(skip)}")
+        skip = _per_time("skip", skip, 0.0, self.num_times)
+        out_scale = _per_time("out_scale", out_scale, 1.0, self.num_times)
+        in_scale = _per_time("in_scale", in_scale, 1.0, self.num_times)
+        net_times = times if net_times is None else _per_time("net_times", net_times, 0.0, self.num_times)
+        if not all(0.0 <= t <= 1.0 for t in net_times):
+            raise ValueError(f"net_times must lie in [0, 1], got {net_times}")
         self.modes = int(modes)
         self.time_input = time_input
         self.unit_names = insert_temporal_layers(backbone, self.num_times, self.modes, is_unit)
         self.backbone = backbone
         self.register_buffer("times", torch.tensor(times, dtype=torch.float32), persistent=False)
         self.register_buffer("skip", torch.tensor(skip, dtype=torch.float32), persistent=False)
+        self.register_buffer("out_scale", torch.tensor(out_scale, dtype=torch.float32), persistent=False)
+        self.register_buffer("in_scale", torch.tensor(in_scale, dtype=torch.float32), persistent=False)
+        self.register_buffer("net_times", torch.tensor(net_times, dtype=torch.float32), persistent=False)
 
     def forward(self, x_T: torch.Tensor) -> torch.Tensor:
         b, m = x_T.shape[0], self.num_times
-        x = x_T.unsqueeze(1).expand(b, m, *x_T.shape[1:]).reshape(b * m, *x_T.shape[1:])
-        t = self.times.repeat(b)
+        per_time = (1, m, *([1] * (x_T.ndim - 1)))
+        x = (self.in_scale.to(x_T.dtype).reshape(per_time) * x_T.unsqueeze(1)).reshape(b * m, *x_T.shape[1:])
+        t = self.net_times.repeat(b)
         if self.time_input is not None:
             t = self.time_input(t)
         net = self.backbone(x, t).reshape(b, m, *x_T.shape[1:])
-        return self.skip.to(net.dtype).reshape(1, m, *([1] * (x_T.ndim - 1))) * x_T.unsqueeze(1) + net
+        return (self.skip.to(net.dtype).reshape(per_time) * x_T.unsqueeze(1)
+                + self.out_scale.to(net.dtype).reshape(per_time) * net)
 
     def temporal_layers(self) -> list[nn.Module]:
         return [mod for mod in self.modules() if isinstance(mod, (TemporalConv, TemporalMatmul))]
@@ -192,12 +212,13 @@ class DSNO(nn.Module):
 def student_from_teacher(teacher_backbone: nn.Module, times: Sequence[float], modes: int,
                          skip: Sequence[float] | None = None,
                          time_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                         is_unit: UnitPredicate | None = None) -> DSNO:
+                         is_unit: UnitPredicate | None = None, **coefficients: Sequence[float]) -> DSNO:
     """A DSNO whose backbone is a copy of the teacher network (all weights), plus identity temporal layers.
 
-    At init, branch m of the student's net equals the teacher network evaluated at t_m.
+    At init, branch m of the student's net equals the teacher network evaluated at
+    (in_scale[m] x_T, net_times[m]); `coefficients`: out_scale, in_scale, net_times (see `DSNO`).
     """
-    return DSNO(copy.deepcopy(teacher_backbone), times, modes, skip, time_input, is_unit)
+    return DSNO(copy.deepcopy(teacher_backbone), times, modes, skip, time_input, is_unit, **coefficients)
 
 
 @torch.no_grad()
@@ -245,6 +266,8 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
                | {"type": "diffusers_unet2d", "config": {...UNet2DModel config}},
      "time_input": "continuous" | {"discrete": N},
      "times": [t_1, ..., t_M], "modes": k, "skip": [c_1, ..., c_M] (optional),
+     "out_scale", "in_scale", "net_times": [M] each (optional; defaults 1, 1, times: old configs),
+     "parameterization": {"kind": "state" | "denoised", "prediction": ..., ...} (optional, a record),
      "image_shape": [C, H, W], "data_range": [lo, hi], "schedule": {...} (VPSchedule.to_dict())}
     """
     if not isinstance(config, dict):
@@ -281,6 +304,17 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     if not (isinstance(data_range, (list, tuple)) and len(data_range) == 2 and data_range[0] < data_range[1]):
         raise ValueError(f"config['data_range'] must be [lo, hi] with lo < hi, got {data_range!r}")
     _check_times(config["times"])
+    for key in ("skip", "out_scale", "in_scale", "net_times"):
+        values = config.get(key)
+        if values is not None and not (isinstance(values, (list, tuple)) and len(values) == len(config["times"])
+                                       and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+            raise ValueError(f"config[{key!r}] must have one coefficient per time ({len(config['times'])} finite "
+                             f"numbers), got {values!r}")
+    if not all(0.0 <= t <= 1.0 for t in config.get("net_times") or []):
+        raise ValueError(f"config['net_times'] must lie in [0, 1], got {config['net_times']!r}")
+    param = config.get("parameterization", {"kind": "state"})
+    if not (isinstance(param, dict) and param.get("kind") in ("state", "denoised")):
+        raise ValueError(f"config['parameterization'] must be a dict with kind 'state' or 'denoised', got {param!r}")
     _check_backbone_shape(backbone, shape)
     return config
 
@@ -324,4 +358,5 @@ def build_dsno(config: dict[str, Any]) -> DSNO:
     validate_config(config)
     backbone = build_backbone(config["backbone"])
     return DSNO(backbone, config["times"], config["modes"], config.get("skip"),
-                _time_input(config.get("time_input", "continuous")))
+                _time_input(config.get("time_input", "continuous")), out_scale=config.get("out_scale"),
+                in_scale=config.get("in_scale"), net_times=config.get("net_times"))

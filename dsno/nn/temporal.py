@@ -48,6 +48,9 @@ class TemporalConv(nn.Module):
     weight, no bias), applied with the pixels folded into the batch. The weight starts at zero,
     so the layer starts as the identity; its gradient is then nonzero (LeakyReLU'(0) = 0.01).
     Computed in float32 even under autocast; the output has the input's dtype.
+    `impl` ("fft" | "matmul", see `set_temporal_impl`) picks how the same weight is applied:
+    through `SpectralConv` (the definition) or as the equivalent real [C, C, M, M] matrix built
+    from it with gradient (no FFT; faster on the CPU). Both give the same output and gradient.
 
     Known gap (shared with the reference code): the FFT treats the M output times as equally
     spaced, although the DSNO time points usually are not (e.g. a quadratic grid). The layer
@@ -66,6 +69,7 @@ class TemporalConv(nn.Module):
         if list(self.spectral.weight.shape) != [channels, channels, modes]:
             raise RuntimeError(f"SpectralConv weight has shape {list(self.spectral.weight.shape)}, "
                                f"expected {[channels, channels, modes]}")
+        self.impl = "fft"
 
     @property
     def weight(self) -> torch.Tensor:
@@ -78,17 +82,24 @@ class TemporalConv(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=h.device.type, enabled=False):
             u, shape = _to_time_major(h, self.num_times)
-            y = F.leaky_relu(self.spectral(u), NEGATIVE_SLOPE)
+            if self.impl == "matmul":
+                z = torch.einsum("oimn,bin->bom", self.real_kernel(differentiable=True), u)
+            else:
+                z = self.spectral(u)
+            y = F.leaky_relu(z, NEGATIVE_SLOPE)
             return (h.float() + _from_time_major(y, shape)).to(h.dtype)
 
-    def real_kernel(self) -> torch.Tensor:
+    def real_kernel(self, differentiable: bool = False) -> torch.Tensor:
         """The spectral map as a real matrix K [C_out, C_in, M, M]: y[o, m] = sum K[o, i, m, n] u[i, n].
 
         Same conventions as `SpectralConv` (rFFT with norm="forward", irFFT of length M, which
-        ignores the imaginary parts of the zero and Nyquist frequencies). Computed in float64.
+        ignores the imaginary parts of the zero and Nyquist frequencies). Computed in float64 and
+        detached by default (export); differentiable=True: float32, with gradient to the weight
+        (the training path of impl="matmul").
         """
         m = self.num_times
-        w = self.weight.detach().to(torch.complex128)                            # [i, o, k]
+        w = self.weight if differentiable else self.weight.detach().to(torch.complex128)   # [i, o, k]
+        real = torch.float32 if differentiable else torch.float64
         k = torch.arange(self.modes, dtype=torch.float64, device=w.device)
         lag = torch.arange(m, dtype=torch.float64, device=w.device)
         lag = lag[:, None] - lag[None, :]                                        # [m, n]
@@ -97,9 +108,10 @@ class TemporalConv(nn.Module):
         if m % 2 == 0 and self.modes == m // 2 + 1:
             mult[-1] = 1.0                                                       # Nyquist term, once
         angle = 2.0 * math.pi * k[:, None, None] * lag[None] / m                 # [k, m, n]
-        kernel = (torch.einsum("iok,kmn->oimn", w.real, torch.cos(angle) * mult[:, None, None])
-                  - torch.einsum("iok,kmn->oimn", w.imag, torch.sin(angle) * mult[:, None, None]))
-        return kernel / m
+        cos = (torch.cos(angle) * mult[:, None, None] / m).to(real)
+        sin = (torch.sin(angle) * mult[:, None, None] / m).to(real)
+        return (torch.einsum("iok,kmn->oimn", w.real.to(real), cos)
+                - torch.einsum("iok,kmn->oimn", w.imag.to(real), sin))
 
 
 class TemporalMatmul(nn.Module):
@@ -125,3 +137,23 @@ class TemporalMatmul(nn.Module):
             u, shape = _to_time_major(h, self.num_times)
             y = F.leaky_relu(torch.einsum("oimn,bin->bom", self.kernel, u), NEGATIVE_SLOPE)
             return (h.float() + _from_time_major(y, shape)).to(h.dtype)
+
+
+TEMPORAL_IMPLS = ("fft", "matmul")
+
+
+def set_temporal_impl(model: nn.Module, impl: str) -> int:
+    """Set `impl` ("fft" | "matmul" | "auto") of every TemporalConv in `model`; returns how many.
+
+    "auto" picks "matmul" on the CPU (measured faster there; benchmarks/dsno_temporal.py) and
+    "fft" elsewhere. The state dict is the same whichever is used.
+    """
+    if impl == "auto":
+        params = next(model.parameters(), None)
+        impl = "matmul" if params is None or params.device.type == "cpu" else "fft"
+    if impl not in TEMPORAL_IMPLS:
+        raise ValueError(f"temporal impl must be one of {TEMPORAL_IMPLS} or 'auto', got {impl!r}")
+    layers = [mod for mod in model.modules() if isinstance(mod, TemporalConv)]
+    for layer in layers:
+        layer.impl = impl
+    return len(layers)

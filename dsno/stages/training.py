@@ -75,6 +75,9 @@ def run(rc: RunConfig, config_for_logging: dict[str, Any] | None = None, evaluat
     L.seed_everything(rc.seed, workers=True, verbose=False)
     teacher = build_teacher(rc.teacher)
     shape = sample_shape(teacher, rc.teacher)
+    if rc.train.loss == "lpips":            # the VGG weights file is checked before any work
+        from dsno.training.perceptual import vgg_weights_path
+        vgg_weights_path(rc.train.perceptual_weights)
     if evaluate:
         from dsno.stages.evaluation import check_prerequisites
         check_prerequisites(rc, shape)

@@ -1,9 +1,11 @@
-"""Teachers: a schedule plus a denoiser with a declared parameterization (eps / x0 / v)."""
+"""Teachers: a schedule plus a denoiser with a declared parameterization (eps / x0 / v / flow_velocity);
+PSLDGaussianMixture: the exact score of the augmented PSLD process (z = (x, m))."""
 
 from dsno.teachers.base import PREDICTIONS, Teacher, WrappedTeacher, convert, wrap
 from dsno.teachers.diffusers import DiffusersTeacher, load_diffusers_teacher
 from dsno.teachers.gmm import GaussianMixture
+from dsno.teachers.psld_gmm import PSLDGaussianMixture
 from dsno.teachers.unet import UNetTeacher, load_unet_teacher
 
-__all__ = ["PREDICTIONS", "Teacher", "WrappedTeacher", "GaussianMixture", "UNetTeacher", "DiffusersTeacher",
-           "convert", "wrap", "load_unet_teacher", "load_diffusers_teacher"]
+__all__ = ["PREDICTIONS", "Teacher", "WrappedTeacher", "GaussianMixture", "PSLDGaussianMixture", "UNetTeacher",
+           "DiffusersTeacher", "convert", "wrap", "load_unet_teacher", "load_diffusers_teacher"]

@@ -1,0 +1,251 @@
+"""DSNO study: learning curves at equal training time, each variant scored against the float64 reference.
+
+    python benchmarks/dsno_study.py --experiment mnist_unet --data runs/study_unet/trajectories \\
+        --budget 150 --variants denoised_teacher,state_fresh,denoised_fresh,plain_m1
+
+Every variant trains on the same trajectories (made by `python -m data_gen experiment=...`) for the
+same training time: its step cost is timed first (5 steps), and it trains budget / cost steps, so a
+busy machine during a run does not change what is compared. The library's own builders, loss, EMA
+and Adam + warm-up are used (the LightningModule's math in a plain loop). At 0, 1/4, 1/2, 3/4 and 1
+of the steps the EMA model's final sample is scored on the eval noise (seed 1234, as `eval.py`) by its
+RMSE against the float64 reference of the teacher's ODE (DPM-Solver++ 3M, --reference-steps
+logSNR steps). Prints a markdown table; --out writes the numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# name -> (Hydra overrides, study options): the variants the table reports
+VARIANTS: dict[str, tuple[list[str], dict]] = {
+    "denoised_teacher": (["model.backbone.type=teacher", "model.parameterization=denoised"], {}),
+    "denoised_teacher_fft": (["model.backbone.type=teacher", "model.parameterization=denoised"],
+                             {"temporal_impl": "fft"}),
+    "denoised_fresh": (["model.backbone.type=unet", "model.parameterization=denoised"], {}),
+    "state_fresh": (["model.backbone.type=unet", "model.parameterization=state"], {}),
+    "denoised_teacher_m2": (["model.backbone.type=teacher", "model.parameterization=denoised"],
+                            {"time_index": [1, 3]}),
+    "denoised_teacher_m1_notemporal": (["model.backbone.type=teacher", "model.parameterization=denoised"],
+                                       {"time_index": [3], "temporal": False}),
+    "denoised_teacher_m4_notemporal": (["model.backbone.type=teacher", "model.parameterization=denoised"],
+                                       {"temporal": False}),
+    "denoised_teacher_lr3e-4": (["model.backbone.type=teacher", "model.parameterization=denoised",
+                                 "train.lr=3e-4"], {}),
+    "denoised_teacher_flatw": (["model.backbone.type=teacher", "model.parameterization=denoised",
+                                "train.weight_max=1"], {}),
+    "denoised_fresh_c48": (["model.backbone.type=unet", "model.parameterization=denoised",
+                            "model.backbone.base_channels=48"], {}),
+    "denoised_fresh_m1_notemporal": (["model.backbone.type=unet", "model.parameterization=denoised"],
+                                     {"time_index": [3], "temporal": False}),
+    "state_fresh_m1_notemporal": (["model.backbone.type=unet", "model.parameterization=state"],
+                                  {"time_index": [3], "temporal": False}),
+    "denoised_fresh_fresh_data": (["model.backbone.type=unet", "model.parameterization=denoised"],
+                                  {"fresh_data": True}),
+}
+
+
+def compose(experiment: str, overrides: list[str]):
+    from hydra import compose as hcompose, initialize_config_dir
+    from dsno.config import validate
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return validate(hcompose(config_name="config", overrides=[f"experiment={experiment}", "logger=csv",
+                                                                  *overrides]))
+
+
+def load_trajectories(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """(x_T [N, C, H, W], states [N, M, C, H, W], times) of a data set, all in memory."""
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    xs = sorted(data_dir.glob("shard-*.x_T.npy"))
+    x_T = torch.from_numpy(np.concatenate([np.load(p) for p in xs]))
+    states = torch.from_numpy(np.concatenate([np.load(str(p).replace(".x_T.", ".states.")) for p in xs]))
+    times = manifest.get("fingerprint", {}).get("times") or manifest.get("times")
+    return x_T.float(), states.float(), [float(t) for t in times]
+
+
+def reference(rc, teacher, shape, n: int, steps: int, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eval noise x_T [n, ...], float64 reference final samples [n, ...]), cached in `cache`."""
+    from dsno.solvers import sample, timesteps
+    x_T = torch.randn(n, *shape, generator=torch.Generator().manual_seed(rc.eval.seed))
+    if cache.is_file():
+        ref = torch.load(cache, weights_only=True)
+        if ref.shape[0] == n:
+            return x_T, ref
+    grid = timesteps(teacher.schedule, steps=steps, spacing="logsnr", t_end=rc.solver.t_end)
+    with torch.no_grad():
+        teacher.double()
+        ref = torch.cat([sample(teacher, x_T[i:i + 128].double(), grid, solver="dpm_solver_pp", order=3).float()
+                         for i in range(0, n, 128)])
+        teacher.float()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ref, cache)
+    return x_T, ref
+
+
+def fresh_batches(rc, teacher, shape, times, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` new trajectories of an exact teacher (the teacher stage's solve), for fresh data each epoch."""
+    from dsno.stages.trajectories import make_solve, solver_grid
+    solve = make_solve(teacher, rc.solver, solver_grid(teacher, rc.solver, times), times)
+    x_T = torch.randn(count, *shape, generator=torch.Generator().manual_seed(seed))
+    return x_T, torch.cat([solve(x_T[i:i + 512]) for i in range(0, count, 512)])
+
+
+def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed: int,
+                  extra: list[str], timing_steps: int = 5) -> dict:
+    from dsno.builders import build_student, build_teacher, sample_shape
+    from dsno.nn.temporal import set_temporal_impl
+    from dsno.training.ema import EMA
+    from dsno.training.losses import build_loss, time_weights
+
+    overrides, opts = VARIANTS[name]
+    x_all, s_all, times_all = data
+    index = opts.get("time_index", list(range(len(times_all))))
+    times = [times_all[i] for i in index]
+    rc = compose(experiment, [*overrides, f"data.times=[{','.join(repr(t) for t in times)}]",
+                              f"model.modes={min(2, len(times) // 2 + 1)}", *extra])
+    teacher = build_teacher(rc.teacher)
+    shape = sample_shape(teacher, rc.teacher)
+    torch.manual_seed(seed)
+    model, _ = build_student(rc, teacher, shape)
+    if not opts.get("temporal", True):
+        for p in model.temporal_parameters():       # zero and frozen: every temporal layer is the identity
+            p.data.zero_()
+            p.requires_grad_(False)
+    set_temporal_impl(model, opts.get("temporal_impl", rc.train.temporal_impl))
+    weights = time_weights(teacher.schedule, times, rc.train.weight_min, rc.train.weight_max)
+    loss_fn = build_loss(weights, rc.train.loss, rc.train.perceptual_weights)
+    ema = EMA(model, rc.train.ema_decay)
+    set_temporal_impl(ema.shadow, opts.get("temporal_impl", rc.train.temporal_impl))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=rc.train.lr)
+    warm = max(1, rc.train.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    x_T, states = x_all, s_all[:, index]
+    eval_x, ref = ref_set
+
+    def score() -> float:
+        ema.shadow.eval()
+        with torch.no_grad():
+            out = torch.cat([ema.shadow(eval_x[i:i + 256])[:, -1] for i in range(0, len(eval_x), 256)])
+        return float((out.double() - ref.double()).square().mean().sqrt())
+
+    gen = torch.Generator().manual_seed(seed)
+    order = {"perm": torch.randperm(len(x_T), generator=gen), "pos": 0, "epoch": 0, "x": x_T, "s": states}
+    bs = rc.train.batch_size
+
+    def train_step() -> None:
+        if order["pos"] + bs > len(order["perm"]):
+            order["epoch"] += 1
+            if opts.get("fresh_data"):
+                order["x"], order["s"] = fresh_batches(rc, teacher, shape, times, len(x_all),
+                                                       seed + 1000 * order["epoch"])
+            order["perm"], order["pos"] = torch.randperm(len(order["x"]), generator=gen), 0
+        idx = order["perm"][order["pos"]:order["pos"] + bs]
+        order["pos"] += bs
+        model.train()
+        loss, _ = loss_fn(model(order["x"][idx]), order["s"][idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if rc.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, rc.train.grad_clip)
+        opt.step()
+        sched.step()
+        ema.update(model)
+
+    # equal training time: the step count is the budget over this variant's measured step cost
+    # (timed on a throw-away copy of the optimiser state, so the run itself starts at step 0)
+    state = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict()))
+    for _ in range(2):
+        train_step()
+    t0 = time.perf_counter()
+    for _ in range(timing_steps):
+        train_step()
+    sec_per_step = (time.perf_counter() - t0) / timing_steps
+    model.load_state_dict(state[0])
+    opt.load_state_dict(state[1])
+    sched.load_state_dict(state[2])
+    ema.load_state_dict(state[3])
+    order.update(perm=torch.randperm(len(x_T), generator=torch.Generator().manual_seed(seed)), pos=0, epoch=0,
+                 x=x_T, s=states)
+    total = max(4, int(budget / sec_per_step))
+    marks = [round(total * f) for f in (0.25, 0.5, 0.75, 1.0)]
+    curve, started = [(0, score())], time.perf_counter()
+    for step in range(1, total + 1):
+        train_step()
+        if step in marks:
+            curve.append((step, score()))
+    wall = time.perf_counter() - started
+    step = total
+    with torch.no_grad():
+        xb = eval_x[:256]
+        ema.shadow(xb)
+        t0 = time.perf_counter()
+        ema.shadow(xb)
+        per_sample_ms = (time.perf_counter() - t0) / len(xb) * 1e3
+    return {"variant": name, "overrides": overrides, "options": opts, "times": times, "steps": step,
+            "sec_per_step": sec_per_step, "wall_s": wall, "curve": curve, "ms_per_sample": per_sample_ms,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def table(results: list[dict]) -> str:
+    head = ("| variant | M | params | steps | s/step | RMSE step 0 | 1/4 | 1/2 | 3/4 | end | ms/sample |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = [f"| {r['variant']} | {len(r['times'])} | {r['params'] / 1e6:.2f}M | {r['steps']} | "
+            f"{r['sec_per_step']:.3f} | " + " | ".join(f"{c[1]:.4f}" for c in r["curve"]) +
+            f" | {r['ms_per_sample']:.2f} |" for r in results]
+    return "\n".join([head, *rows])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiment", default="mnist_unet")
+    ap.add_argument("--data", required=True, type=Path, help="trajectory folder made by data_gen")
+    ap.add_argument("--variants", default="denoised_teacher,denoised_fresh,state_fresh")
+    ap.add_argument("--budget", type=float, default=120.0, help="training seconds per variant")
+    ap.add_argument("--eval-samples", type=int, default=256)
+    ap.add_argument("--reference-steps", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--override", action="append", default=[], help="extra Hydra override for every variant")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from dsno.builders import build_teacher, sample_shape
+    rc = compose(args.experiment, args.override)
+    teacher = build_teacher(rc.teacher)
+    shape = sample_shape(teacher, rc.teacher)
+    data = load_trajectories(args.data)
+    ref_set = reference(rc, teacher, shape, args.eval_samples, args.reference_steps,
+                        args.data.parent / f"study_reference_{args.eval_samples}_{args.reference_steps}.pt")
+    started = time.time()
+    results = []
+    for name in args.variants.split(","):
+        results.append(train_variant(name, args.experiment, data, ref_set, args.budget, args.seed, args.override))
+        print(table(results[-1:]).splitlines()[-1], flush=True)
+    print(f"\nCommand: python benchmarks/dsno_study.py {' '.join(sys.argv[1:])}")
+    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch "
+          f"{torch.__version__}, {args.threads} threads; {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"{time.time() - started:.0f} s; load average at the end {os.getloadavg()[0]:.2f}")
+    print(f"Data: {len(data[0])} trajectories from {args.data}; RMSE of the EMA model's final sample on "
+          f"{args.eval_samples} eval noises against the float64 reference ({args.reference_steps} steps), at "
+          f"0, 1/4, 1/2, 3/4, 1 of {args.budget:.0f} s of training.\n")
+    print(table(results))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -51,6 +51,10 @@ def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
     return v if v == v else float("inf")
 
 
+def _cpu(cost: dict) -> str:
+    return f"{cost['cpu_s']:.0f}" if "cpu_s" in cost else "not recorded"
+
+
 def search_command(nfe: int, mode: str, run_dir: str) -> list[str]:
     cmd = [sys.executable, "-m", "dsno.search", "experiment=mnist_gmm", f"nfe={nfe}", f"run_dir={run_dir}",
            "logger=csv"]
@@ -103,8 +107,8 @@ def main() -> int:
                 found[mode] = (rmse(sample(teacher, x, solver="usf", schedule=s), ref), s, path)
             rows.append((n, best_hand, found))
     lines = ["| NFE | best hand-designed (spacing) | RMSE | timestep-only search (unipc bh2-3 grid) | USF search | "
-             "USF / best hand | <= 0.7x | < timestep-only | USF search: wall s, teacher calls (sample evals), "
-             "scored, predictor tau | timestep-only search: wall s, teacher calls |",
+             "USF / best hand | <= 0.7x | < timestep-only | USF search: wall s (CPU s), teacher calls (sample evals), "
+             "scored, predictor tau | timestep-only search: wall s (CPU s), teacher calls |",
              "|---:|---|---:|---:|---:|---:|---|---|---|---|"]
     ok = True
     for n, (h, hname), found in rows:
@@ -115,9 +119,10 @@ def main() -> int:
         ok = ok and good_ratio and good_ts
         lines.append(f"| {n} | {hname} | {h:.4f} | {ts_only:.4f} | {u:.4f} | {ratio:.2f} | "
                      f"{'yes' if good_ratio else 'NO'} | {'yes' if good_ts else 'NO'} | "
-                     f"{c.get('wall_s', 0):.0f}, {c.get('teacher_calls')} ({c.get('teacher_sample_evals')}), "
-                     f"{c.get('candidates_scored')}, {c.get('predictor_kendall_tau')} | "
-                     f"{ct.get('wall_s', 0):.0f}, {ct.get('teacher_calls')} |")
+                     f"{c.get('wall_s', 0):.0f} ({_cpu(c)}), {c.get('teacher_calls')} "
+                     f"({c.get('teacher_sample_evals')}), {c.get('candidates_scored')}, "
+                     f"{c.get('predictor_kendall_tau')} | {ct.get('wall_s', 0):.0f} ({_cpu(ct)}), "
+                     f"{ct.get('teacher_calls')} |")
     detail = ["", "The searched schedules (afs; per step: prediction, Taylor order, estimation order, corrector):", ""]
     for n, _, found in rows:
         s = found["full"][1]

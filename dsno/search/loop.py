@@ -67,6 +67,7 @@ class SearchConfig:
     seed: int = 0
     resume: bool = True
     out: Optional[str] = None           # default: <run_dir>/schedules
+    threads: int = 1                    # torch CPU threads (0: torch's default); small batches run best on one
 
 
 def check_config(sc: SearchConfig, nfe: int, t_start: float, t_end: float) -> None:
@@ -90,6 +91,8 @@ def check_config(sc: SearchConfig, nfe: int, t_start: float, t_end: float) -> No
             fail(f"search.{key}", v, "must be a positive integer")
     if isinstance(sc.rounds, bool) or not isinstance(sc.rounds, int) or sc.rounds < 0:
         fail("search.rounds", sc.rounds, "must be an integer >= 0")
+    if isinstance(sc.threads, bool) or not isinstance(sc.threads, int) or not 0 <= sc.threads <= 256:
+        fail("search.threads", sc.threads, "must be an integer in 0..256 (0: torch's default)")
     if not 0.0 <= sc.explore < 1.0:
         fail("search.explore", sc.explore, "must lie in [0, 1)")
     pins = list(sc.pin_times)
@@ -149,7 +152,7 @@ def reference(teacher, x: torch.Tensor, t_end: float, steps: int, cache: Path | 
     if cache is not None and cache.is_file():
         from safetensors.torch import load_file
         return load_file(str(cache))["x"]
-    dtype = next((b.dtype for b in teacher.buffers()), torch.float64)
+    dtype = next((p.dtype for p in [*teacher.parameters(), *teacher.buffers()] if p.is_floating_point()), torch.float64)
     grid = timesteps(teacher.schedule, steps=steps, spacing="logsnr", t_end=t_end)
     with torch.no_grad():
         teacher.double()
@@ -188,8 +191,10 @@ def seeded_schedules(space: Space) -> list[usf.Schedule]:
 
 
 def search(teacher, nfe: int, sc: SearchConfig, out_dir: str | Path, t_end: float, dtype: torch.dtype,
-           progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the search; write <out_dir>/<name>.yaml; return a summary dict."""
+           progress: bool = True, shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Run (or resume) the search; write <out_dir>/<name>.yaml; return a summary dict.
+    dtype: the working dtype of the candidates' solves; shape: one sample's [C, H, W] (default
+    teacher.shape)."""
     t_start = float(teacher.schedule.T)
     check_config(sc, nfe, t_start, t_end)
     afs = tuple(a for a in sc.afs if a != "mean" or _has_mean(teacher))
@@ -203,11 +208,11 @@ def search(teacher, nfe: int, sc: SearchConfig, out_dir: str | Path, t_end: floa
     scored_path, yaml_path = out_dir / f"{name}.scored.json", out_dir / f"{name}.yaml"
     fp = {"teacher": teacher.fingerprint() if hasattr(teacher, "fingerprint") else type(teacher).__name__,
           "nfe": nfe, "t_end": float(t_end), "dtype": str(dtype),
-          **{k: v for k, v in asdict(sc).items() if k not in ("rounds", "verify_top", "resume", "out")}}
+          **{k: v for k, v in asdict(sc).items() if k not in ("rounds", "verify_top", "resume", "out", "threads")}}
     state = _load_state(scored_path, fp, sc.resume)
-    t0, counter = time.perf_counter(), _Counter(teacher)
+    t0, counter = (time.perf_counter(), time.process_time()), _Counter(teacher)
     try:
-        shape = tuple(getattr(teacher, "shape", None) or (1, 16, 16))
+        shape = tuple(shape or teacher.shape)
         x_s = torch.randn(sc.batch, *shape, generator=torch.Generator().manual_seed(1_000_003 * sc.seed + 1)).to(dtype)
         x_v = torch.randn(sc.verify_batch, *shape, generator=torch.Generator().manual_seed(1_000_003 * sc.seed + 2)).to(dtype)
         tag = hashlib.sha256(json.dumps([fp["teacher"], sc.seed, sc.batch, sc.verify_batch, sc.reference_steps,
@@ -235,7 +240,7 @@ def _has_mean(teacher) -> bool:
 
 
 def _load_state(path: Path, fp: dict, resume: bool) -> dict:
-    fresh = {"version": 1, "fingerprint": fp, "scored": [], "rounds_done": 0, "taus": [], "wall_s": 0.0,
+    fresh = {"version": 1, "fingerprint": fp, "scored": [], "rounds_done": 0, "taus": [], "wall_s": 0.0, "cpu_s": 0.0,
              "teacher_calls": 0, "teacher_samples": 0}
     if not path.is_file() or not resume:
         return fresh
@@ -254,14 +259,16 @@ def _load_state(path: Path, fp: dict, resume: bool) -> dict:
 
 
 def _run(teacher, space: Space, sc: SearchConfig, state: dict, scored_path: Path, x_s, ref_s, x_v, ref_v,
-         progress: bool, t0: float, counter: _Counter):
+         progress: bool, t0: tuple[float, float], counter: _Counter):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     seen = {_key(usf.from_dict(r["schedule"])) for r in state["scored"]}
     calls0, samples0, wall0 = state["teacher_calls"], state["teacher_samples"], state["wall_s"]
+    cpu0 = state.get("cpu_s", 0.0)
 
     def save() -> None:
-        state["wall_s"] = wall0 + time.perf_counter() - t0
+        state["wall_s"] = wall0 + time.perf_counter() - t0[0]
+        state["cpu_s"] = cpu0 + time.process_time() - t0[1]
         state["teacher_calls"], state["teacher_samples"] = calls0 + counter.calls, samples0 + counter.samples
         _atomic_write(scored_path, json.dumps(state))
 
@@ -310,7 +317,8 @@ def _run(teacher, space: Space, sc: SearchConfig, state: dict, scored_path: Path
     info = {"score": {"rmse_verify": v, "rmse_search": r_s, "metric": "RMSE of the final state vs the float64 "
                       "reference", "batch": sc.batch, "verify_batch": sc.verify_batch,
                       "reference": f"dpm_solver_pp-3, {sc.reference_steps} logsnr steps, float64"},
-            "cost": {"wall_s": round(state["wall_s"], 2), "teacher_calls": state["teacher_calls"],
+            "cost": {"wall_s": round(state["wall_s"], 2), "cpu_s": round(state["cpu_s"], 2),
+                     "teacher_calls": state["teacher_calls"],
                      "teacher_sample_evals": state["teacher_samples"], "candidates_scored": len(ranked),
                      "candidates_ranked_by_predictor": state["rounds_done"] * sc.proposals,
                      "predictor_kendall_tau": round(float(np.mean(taus)), 4) if taus else None},

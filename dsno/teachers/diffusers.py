@@ -14,7 +14,6 @@ weights load from safetensors or from a .bin only through torch.load(weights_onl
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,33 +90,33 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def scheduler_betas(config: dict[str, Any]) -> np.ndarray:
-    """The N discrete betas (float64) a diffusers scheduler config describes.
+    """The N discrete betas a diffusers scheduler config describes, as float64.
 
-    beta_schedule: linear (beta_start .. beta_end), scaled_linear (linear in sqrt(beta)),
-    squaredcos_cap_v2 (Nichol & Dhariwal's cosine alpha_bar, betas capped at 0.999); or
-    an explicit `trained_betas` list.
+    They come from `diffusers.DDPMScheduler.from_config(config)`, so they are the betas the model
+    was trained with (diffusers computes them in float32): beta_schedule linear, scaled_linear or
+    squaredcos_cap_v2; an explicit `trained_betas` list is taken as given. Configs a VP schedule
+    cannot represent are refused with the reason.
     """
+    import warnings
+
+    from diffusers import DDPMScheduler
     cfg = {**SCHEDULER_DEFAULTS, **config}
     if cfg.get("rescale_betas_zero_snr"):
         raise ValueError("rescale_betas_zero_snr=True gives alpha_bar = 0 at the last step (infinite noise), "
                          "which a VP schedule cannot represent; use a scheduler config without it")
     if cfg.get("trained_betas") is not None:
-        return np.asarray(cfg["trained_betas"], dtype=np.float64)
+        return np.asarray(cfg["trained_betas"], dtype=np.float64)      # as given, not rounded to float32
     n = int(cfg["num_train_timesteps"])
     if n < 2:
         raise ValueError(f"num_train_timesteps must be >= 2, got {n}")
-    start, end = float(cfg["beta_start"]), float(cfg["beta_end"])
-    kind = cfg["beta_schedule"]
-    if kind == "linear":
-        return np.linspace(start, end, n, dtype=np.float64)
-    if kind == "scaled_linear":
-        return np.linspace(math.sqrt(start), math.sqrt(end), n, dtype=np.float64) ** 2
-    if kind == "squaredcos_cap_v2":
-        def alpha_bar(t: np.ndarray) -> np.ndarray:
-            return np.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-        i = np.arange(n, dtype=np.float64)
-        return np.minimum(1.0 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999)
-    raise ValueError(f"beta_schedule {kind!r} is not supported; use one of {BETA_SCHEDULES} or trained_betas")
+    if cfg["beta_schedule"] not in BETA_SCHEDULES:
+        raise ValueError(f"beta_schedule {cfg['beta_schedule']!r} is not supported; use one of {BETA_SCHEDULES} "
+                         "or trained_betas")
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scheduler = DDPMScheduler.from_config({k: cfg[k] for k in keys if k in cfg})
+    return scheduler.betas.double().numpy()
 
 
 def scheduler_prediction(config: dict[str, Any]) -> str:

@@ -31,18 +31,30 @@ def disk_full_error(path: str | os.PathLike) -> DiskFullError:
                          "free space or point run_dir= at a larger disk, then run the command again")
 
 
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """fsync a folder, so a rename inside it survives a crash."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success fsync it and rename it onto `path`.
-    On any error the temp file is removed; ENOSPC becomes DiskFullError."""
+def atomic_path(path: str | os.PathLike, temp_suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success fsync it, rename it onto `path` and fsync the
+    folder. temp_suffix: the temp file is `path + temp_suffix` (for callers whose cleanup knows
+    that name); default `.NAME.PID.tmp`. On any error the temp file is removed; ENOSPC becomes
+    DiskFullError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(path.name + temp_suffix) if temp_suffix else path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -53,12 +65,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, temp_suffix: str | None = None) -> None:
     """Write `data` to `path` atomically (see module doc)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, temp_suffix) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, temp_suffix: str | None = None) -> None:
     """Write UTF-8 `text` to `path` atomically."""
-    atomic_write_bytes(path, text.encode())
+    atomic_write_bytes(path, text.encode(), temp_suffix)

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from dsno.atomic import atomic_write_text
 from dsno.errors import UserError
 
 FORMAT_VERSION = 1
@@ -269,26 +270,7 @@ def utc_now() -> str:
 
 def write_json_atomic(path: Path, obj: Any, temp_suffix: str = ".tmp") -> None:
     """Write JSON to `path + temp_suffix`, fsync, rename over `path`, fsync the folder."""
-    tmp = path.with_name(path.name + temp_suffix)
-    data = (json.dumps(obj, indent=1) + "\n").encode()
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n", temp_suffix)
 
 
 def read_manifest_file(path: Path) -> Manifest:

@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from dsno.atomic import fsync_dir
 from dsno.data.manifest import (
     ROLES,
     CorruptShardError,
@@ -31,7 +32,6 @@ from dsno.data.manifest import (
     FileRecord,
     Manifest,
     ShardRecord,
-    fsync_dir,
     load_manifest,
     shard_file_name,
 )

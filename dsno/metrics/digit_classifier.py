@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from dsno.atomic import atomic_path
 from dsno.errors import UserFileNotFoundError
 
 NUM_CLASSES = 10
@@ -153,13 +154,10 @@ def save_digit_classifier(model: DigitClassifier, path: str | Path, command: str
     """Write the weights (safetensors, architecture in the metadata) atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     metadata = {"size": str(model.size), "width": str(model.width), "feature_dim": str(model.feature_dim),
                 "command": command}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
 
 
 def load_digit_classifier(size: int = 16, path: str | Path | None = None) -> DigitClassifier:

@@ -16,6 +16,7 @@ import torch
 
 from dsno.schedules import VPSchedule
 from dsno.teachers.gmm import GaussianMixture
+from dsno.atomic import atomic_path
 from dsno.errors import UserFileNotFoundError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -91,12 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import save_file
     fit = fit_mnist_gmm(a.size, a.components, a.seed, a.iters, a.var_floor)
     out = a.out or asset_path(a.size, a.components)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in fit.items()}, str(tmp),
-              metadata={"command": f"python -m dsno.teachers.mnist_gmm --size {a.size} --components "
-                                   f"{a.components} --seed {a.seed} --iters {a.iters} --var-floor {a.var_floor}"})
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in fit.items()}, str(tmp),
+                  metadata={"command": f"python -m dsno.teachers.mnist_gmm --size {a.size} --components "
+                                       f"{a.components} --seed {a.seed} --iters {a.iters} --var-floor {a.var_floor}"})
     print(f"wrote {out}")
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from dsno.atomic import atomic_path, atomic_write_text
 from dsno.schedules import VPSchedule
 from dsno.teachers.unet import (RECORD_FORMAT, RECORD_KEY, RECORD_VERSION, UNetTeacher, asset_path,
                                 unet_kwargs)
@@ -151,14 +152,11 @@ def train(settings: TrainSettings, images: torch.Tensor, device: str | torch.dev
 def save_teacher(out: Path, network: torch.nn.Module, record: dict[str, Any]) -> None:
     """Write `out` (.safetensors, record in its metadata) and `out` with suffix .json, each atomically."""
     from safetensors.torch import save_file
-    out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     text = json.dumps(record, indent=2, sort_keys=True)
-    for path, write in ((out, lambda p: save_file(state, str(p), metadata={RECORD_KEY: text})),
-                        (out.with_suffix(".json"), lambda p: p.write_text(text + "\n"))):
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        write(tmp)
-        tmp.replace(path)
+    with atomic_path(out) as tmp:
+        save_file(state, str(tmp), metadata={RECORD_KEY: text})
+    atomic_write_text(out.with_suffix(".json"), text + "\n")
 
 
 def make_record(settings: TrainSettings, summary: dict[str, Any], command: str) -> dict[str, Any]:

@@ -17,14 +17,13 @@ must match config.json. Needs neither Lightning nor Hydra.
 from __future__ import annotations
 
 import abc
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dsno.errors import UnsafeFileError, UserError, UserFileNotFoundError
+from dsno.errors import UnsafeFileError, UserError, UserFileNotFoundError, read_json_file
 from dsno.nn import CONFIG_FORMAT_VERSION, DSNO, build_dsno, validate_config
 from dsno.trust import CHECKSUM_FILE, check_onnx_model, check_pt2_archive, verify_checksums
 from dsno.trust.checksums import read_checksums
@@ -51,10 +50,7 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise UserFileNotFoundError(f"{folder} is not a sampler folder: {CONFIG_FILE} is missing; {EXPORT_HINT}")
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SamplerFileError(f"{path} is not valid JSON ({e}); {EXPORT_HINT}") from None
+    config = read_json_file(path, SamplerFileError, EXPORT_HINT)
     version = config.get("format_version") if isinstance(config, dict) else None
     if isinstance(version, int) and version > CONFIG_FORMAT_VERSION:
         raise SamplerFileError(f"{path} has format_version {version}: written by a newer dsno; upgrade "

@@ -1,6 +1,5 @@
 """A user's mistake is one line naming the key or file, exit status 2, and nothing written."""
 
-import json
 import os
 import subprocess
 import sys
@@ -8,45 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONF, TINY_RUN, compose
+from conftest import TINY_RUN, compose
 from dsno.config import ConfigError, check_trainer_hardware, validate
 
 ROOT = Path(__file__).resolve().parent.parent
-
-BAD = [
-    ("data.times=[0.5,nan,0.001]", "data.times=[0.5, nan, 0.001]: must be finite numbers"),
-    ("data.times=[0.5,inf,0.001]", "data.times=[0.5, inf, 0.001]: must be finite numbers"),
-    ("seed=-1", "seed=-1: must be an integer >= 0"),
-    ("seed=9223372036854775808", "seed=9223372036854775808: must be at most 9,223,372,036,854,775,807"),
-    ("solver.steps=3", "solver.steps=3: must be at least 4: one step per segment between the 4 output times"),
-    ("solver.steps=100000", "solver.steps=100000: must be at most 10,000"),
-    ("train.grad_clip=nan", "train.grad_clip=nan: must be a finite number"),
-    ("train.grad_clip=-1", "train.grad_clip=-1.0: must lie in [0, 1e+12]"),
-    ("train.weight_max=nan", "train.weight_max=nan: must be a finite number"),
-    ("train.lr=nan", "train.lr=nan: must be a finite number"),
-    ("teacher.schedule.beta_min=-1", "teacher.schedule.beta_min=-1.0: must lie in (0, 10000]"),
-    ("teacher.schedule.beta_max=nan", "teacher.schedule.beta_max=nan: must be a finite number"),
-    ("trainer.accelerator=tpu9", "trainer.accelerator='tpu9': must be one of auto, cpu, gpu, cuda, mps"),
-    ("eval.nfe=[1000000000]", "eval.nfe=[1000000000]: each budget must be at most 1,000 model evaluations"),
-    ("eval.grid_samples=-5", "eval.grid_samples=-5: must be an integer >= 0"),
-    ("eval.num_samples=100000000000", "eval.num_samples=100000000000: must be at most 10,000,000"),
-    ("eval.reference_steps=1000000", "eval.reference_steps=1000000: must be at most 10,000"),
-    ("trainer.max_steps=10000000000", "trainer.max_steps=10000000000: must be at most 1,000,000,000"),
-    ("model.backbone.attn_resolutions=[banana]", "model.backbone.attn_resolutions=['banana']: must be a list"),
-    ("model.backbone.base_channels=100000", "model.backbone.base_channels=100000: must be at most 4,096"),
-    ("data.num_workers=-1", "data.num_workers=-1: must be an integer >= 0"),
-    ("train.batch_size=1000000", "train.batch_size=1000000: must be at most 65,536"),
-]
-
-
-@pytest.mark.parametrize("override,message", BAD, ids=[b[0] for b in BAD])
-def test_bad_values_name_their_key(override, message):
-    with pytest.raises(ConfigError) as e:
-        validate(compose(override))
-    text = str(e.value)
-    assert text == f"config error: {message}" or text.startswith(f"config error: {message}"), text
-    assert "\n" not in text
-
 
 HARDWARE = [
     (["trainer.accelerator=gpu"], "trainer.accelerator='gpu': this machine has no CUDA GPU; use auto or cpu"),

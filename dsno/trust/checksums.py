@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from dsno.atomic import atomic_write_text
-from dsno.errors import UserError
+from dsno.errors import UserError, read_json_file
 
 CHECKSUM_FILE = "checksums.json"
 FORMAT_VERSION = 1
@@ -96,10 +96,7 @@ def read_checksums(folder: str | os.PathLike) -> dict:
     hint = "re-export it with `python -m dsno.export run_dir=RUN` from a source you trust"
     if not path.is_file():
         raise TamperedFileError(f"{path} is missing, so the folder's files cannot be checked; {hint}")
-    try:
-        record = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TamperedFileError(f"{path} is not valid JSON ({e}); {hint}") from None
+    record = read_json_file(path, TamperedFileError, hint)
     files = record.get("files") if isinstance(record, dict) else None
     if not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())
             and isinstance(record.get("signature"), str)):

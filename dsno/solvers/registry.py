@@ -32,7 +32,9 @@ class SolverSpec:
     its signature); cost(steps, order, options) -> model evaluations; cost_rule: cost in words;
     options: name -> default; stochastic: integrates the reverse SDE (its sample depends on the
     noise, so it converges to the data distribution, not to the ODE's sample path); grid(options):
-    the grid used when ts is omitted (a solver that carries its own timesteps, e.g. usf), else None."""
+    the grid used when ts is omitted (a solver that carries its own timesteps, e.g. usf), else None;
+    process: "scalar" (a Teacher on a VP / VE / flow schedule) or "augmented" (a teacher of a linear
+    process with k components per pixel, e.g. PSLD; `dsno.solvers.psld`)."""
 
     name: str
     fn: Callable[..., torch.Tensor]
@@ -43,6 +45,7 @@ class SolverSpec:
     options: Mapping[str, Any]
     stochastic: bool
     grid: Callable[[Mapping[str, Any]], Any] | None = None
+    process: str = "scalar"
 
     def resolve(self, order: Any, options: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
         """The order to use (default when None) and the full option set; raise on bad ones."""
@@ -60,7 +63,7 @@ class SolverSpec:
 
 
 def register(name: str, *, orders: Sequence[int], cost: Cost, cost_rule: str, stochastic: bool = False,
-             grid: Callable[[Mapping[str, Any]], Any] | None = None) -> Callable:
+             grid: Callable[[Mapping[str, Any]], Any] | None = None, process: str = "scalar") -> Callable:
     """Register `fn` under `name`; its keyword-only parameters after `order` and
     `return_trajectory` are its options (with their defaults); `order`'s default is the solver's.
     grid(options): the solver's own grid when the caller gives no ts."""
@@ -77,7 +80,7 @@ def register(name: str, *, orders: Sequence[int], cost: Cost, cost_rule: str, st
         def entry(teacher: Any, x: torch.Tensor, ts: Any = None, *, order: int | None = None,
                   return_trajectory: bool = False, **opts: Any) -> torch.Tensor:
             order, opts = spec.resolve(order, opts)
-            _check_teacher(teacher)
+            _check_teacher(teacher, name, process)
             if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim >= 1 and x.shape[0] > 0):
                 raise ValueError(f"x must be a floating-point tensor [B, ...] with B >= 1, got "
                                  f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
@@ -85,12 +88,13 @@ def register(name: str, *, orders: Sequence[int], cost: Cost, cost_rule: str, st
                 if spec.grid is None:
                     raise ValueError(f"solver {name!r} needs a grid ts (e.g. dsno.timesteps(schedule, steps=10))")
                 ts = spec.grid(opts)
-            grid = check_grid(teacher.schedule, ts)
+            grid = check_grid(teacher.schedule if process == "scalar" else teacher.process, ts)
             keep = trajectory_indices(return_trajectory)
             return fn(teacher, x, grid, order=order, return_trajectory=keep, **opts)
 
         spec = SolverSpec(name=name, fn=entry, orders=tuple(orders), default_order=params[3].default,
-                          cost=cost, cost_rule=cost_rule, options=options, stochastic=stochastic, grid=grid)
+                          cost=cost, cost_rule=cost_rule, options=options, stochastic=stochastic, grid=grid,
+                          process=process)
         if spec.default_order not in spec.orders:
             raise TypeError(f"solver {name!r}: default order {spec.default_order} not in {spec.orders}")
         _REGISTRY[name] = spec
@@ -115,7 +119,17 @@ def trajectory_indices(value: Any) -> "bool | tuple[int, ...]":
                      f"got {value!r}")
 
 
-def _check_teacher(teacher: Any) -> None:
+def _check_teacher(teacher: Any, solver: str = "", process: str = "scalar") -> None:
+    augmented = bool(getattr(teacher, "augmented", False))
+    if process == "augmented" and not augmented:
+        raise ValueError(f"solver {solver!r} integrates an augmented process (e.g. PSLD, z = (x, m)); for a "
+                         f"{type(teacher).__name__} use dsno.solvers.psld.as_augmented(teacher) or one of: "
+                         f"{', '.join(available())}")
+    if process == "scalar" and augmented:
+        raise ValueError(f"solver {solver!r} integrates a scalar diffusion (VP / VE / flow); this "
+                         f"{type(teacher).__name__} is augmented, use one of: {', '.join(available('augmented'))}")
+    if process == "augmented":
+        return
     if not all(hasattr(teacher, a) for a in ("schedule", "eps", "x0")):
         raise ValueError(f"teacher must provide .schedule, .eps(x, t) and .x0(x, t) (a dsno.teachers.Teacher), "
                          f"got {type(teacher).__name__}")
@@ -128,9 +142,10 @@ def get(name: str) -> SolverSpec:
     return _REGISTRY[name]
 
 
-def available() -> list[str]:
-    """The registered solver names, sorted."""
-    return sorted(_REGISTRY)
+def available(process: str | None = "scalar") -> list[str]:
+    """The registered solver names, sorted: those for scalar teachers (VP / VE / flow, the default),
+    process="augmented" those for augmented ones (PSLD), None all."""
+    return sorted(n for n, spec in _REGISTRY.items() if process is None or spec.process == process)
 
 
 def _check_count(label: str, value: Any) -> int:

@@ -29,6 +29,7 @@ class PSLDGaussianMixture(torch.nn.Module):
     """
 
     prediction = "eps"
+    augmented = True
 
     def __init__(self, means: torch.Tensor, variances: torch.Tensor, weights: torch.Tensor | None = None,
                  process: PSLD | None = None, name: str = "psld_gmm"):
@@ -127,11 +128,8 @@ class PSLDGaussianMixture(torch.nn.Module):
         return self.join(*self._per_time(z, t, fn))
 
     def kernel_cholesky(self, t: Any) -> torch.Tensor:
-        """L_t [..., 2, 2]: the Cholesky factor of the perturbation kernel covariance of z_t given x0
-        (computed once per distinct time)."""
-        t = torch.as_tensor(t, dtype=torch.float64).cpu()
-        uniq, inv = torch.unique(t, return_inverse=True)
-        return torch.linalg.cholesky(self.process.marginal_cov(uniq, 0.0))[inv]
+        """L_t [..., 2, 2]: the Cholesky factor of the perturbation kernel covariance of z_t given x0."""
+        return self.process.kernel_cholesky(torch.as_tensor(t, dtype=torch.float64).cpu())
 
     def eps(self, z: torch.Tensor, t: Any) -> torch.Tensor:
         """The network target eps = -L_t^T score (so score = -L_t^-T eps): [B, 2C, ...] float64."""

@@ -1,0 +1,158 @@
+"""Samplers for augmented linear diffusions: PSLD (z = (x, m), k = 2 components per pixel), and
+any scalar schedule seen as k = 1 (`as_augmented`), after Pandey, Rudolph & Mandt (ICLR 2024).
+
+The teacher gives `process` (drift(t), diffusion(t), mean_map(s, t), kernel_cholesky(t): k x k
+per pixel, float64), `score(z, t)` and `eps(z, t)` with score = -L_t^-T eps. States z: [B, kC, ...],
+component j in channels jC .. (j + 1)C - 1. With drift = beta F and diffusion = beta D:
+
+    probability-flow ODE   dz/dt = beta F z - 1/2 beta D score
+    reverse SDE            dz = (beta F z - beta D score) dt + sqrt(beta) G dW,  G G^T = D
+
+- "augmented_euler": Euler on the PF-ODE (order 1; stiff, it needs many steps on PSLD);
+- "augmented_euler_maruyama": Euler-Maruyama on the reverse SDE (weak order 1);
+- "lambda_ddim": the conjugate integrator with B_t = lam I (lambda-DDIM-I). In z_hat = A_t z,
+  A_t = e^(lam t) Phi(0, t)^-1, the PF-ODE is dz_hat/dt = lam z_hat + dPhi_hat/dt eps with
+  dPhi_hat/dt = 1/2 A_t beta_t D L_t^-T; one Euler step in z_hat with Phi_hat integrated exactly:
+
+      z_t = (1 + lam (t - s)) e^(lam (s - t)) Phi(s -> t) z_s + C_e eps(z_s, s),
+      C_e = int_s^t 1/2 e^(lam (u - t)) Phi(u -> t) beta_u D L_u^-T du
+
+  (Gauss-Legendre in the process's own variable, `process.quadrature`). lam = 0 on VP is DDIM:
+  Phi(s -> t) = alpha_t / alpha_s and C_e = alpha_t (rho_t - rho_s).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from dsno.processes.linear import ScalarLinear
+from dsno.solvers.coefficients import GAUSS_LEGENDRE_NODES
+from dsno.solvers.core import NoiseSampler, Trajectory, combine, noise_source
+from dsno.solvers.registry import register
+
+
+class AugmentedView:
+    """A scalar-schedule Teacher (VP / VE / flow) as an augmented teacher with k = 1."""
+
+    augmented = True
+
+    def __init__(self, teacher: Any):
+        self.teacher = teacher
+        self.process = ScalarLinear(teacher.schedule)
+
+    def eps(self, x: torch.Tensor, t: Any) -> torch.Tensor:
+        return self.teacher.eps(x, t)
+
+    def score(self, x: torch.Tensor, t: Any) -> torch.Tensor:
+        return -self.teacher.eps(x, t) / float(self.teacher.schedule.sigma(float(t)))
+
+    def x0(self, x: torch.Tensor, t: Any) -> torch.Tensor:
+        return self.teacher.x0(x, t)
+
+
+def as_augmented(teacher: Any) -> AugmentedView:
+    """View a Teacher on a scalar schedule through the augmented solvers (k = 1)."""
+    return AugmentedView(teacher)
+
+
+def apply(m: torch.Tensor, z: torch.Tensor, k: int) -> torch.Tensor:
+    """The per-pixel k x k matrix m [k, k] applied to the state z [B, kC, ...]."""
+    zr = z.reshape(z.shape[0], k, -1)
+    return torch.einsum("ij,bjd->bid", m.to(device=z.device, dtype=z.dtype), zr).reshape(z.shape)
+
+
+def psd_sqrt(m: torch.Tensor) -> torch.Tensor:
+    """A symmetric square root of a positive semi-definite k x k matrix (singular allowed: CLD's D)."""
+    w, v = torch.linalg.eigh(m)
+    return (v * torch.sqrt(torch.clamp(w, min=0.0))) @ v.T
+
+
+def _state_check(teacher: Any, z: torch.Tensor) -> int:
+    k = int(teacher.process.k)
+    if z.ndim < 2 or z.shape[1] % k:
+        raise ValueError(f"an augmented state has k = {k} components stacked on dim 1 ([B, {k}C, ...]), got "
+                         f"shape {tuple(z.shape)}")
+    return k
+
+
+def _one_per_step(steps: int, order: int, o: dict) -> int:
+    return steps
+
+
+@register("augmented_euler", orders=(1,), cost=_one_per_step, cost_rule="1 per step", process="augmented")
+def augmented_euler(teacher, x: torch.Tensor, ts: torch.Tensor, *, order: int = 1,
+                    return_trajectory: bool = False) -> torch.Tensor:
+    """z_t = z_s + (t - s) (beta F z_s - 1/2 beta D score(z_s, s)).  x: the state z_T [B, kC, ...]."""
+    k = _state_check(teacher, x)
+    proc = teacher.process
+    times = ts.tolist()
+    traj = Trajectory(x, return_trajectory)
+    for s, t in zip(times[:-1], times[1:]):
+        slope = combine([(1.0, apply(proc.drift(s), x, k)), (-0.5, apply(proc.diffusion(s), teacher.score(x, s), k))])
+        x = combine([(1.0, x), (t - s, slope)])
+        traj.add(x)
+    return traj.result(x)
+
+
+@register("augmented_euler_maruyama", orders=(1,), cost=_one_per_step, cost_rule="1 per step", stochastic=True,
+          process="augmented")
+def augmented_euler_maruyama(teacher, x: torch.Tensor, ts: torch.Tensor, *, order: int = 1,
+                             return_trajectory: bool = False, generator: torch.Generator | None = None,
+                             noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
+    """z_t = z_s + (t - s) (beta F z_s - beta D score) + sqrt(s - t) sqrt(beta D) xi, xi ~ N(0, I)."""
+    k = _state_check(teacher, x)
+    proc = teacher.process
+    noise = noise_source(x, generator, noise_sampler)
+    times = ts.tolist()
+    traj = Trajectory(x, return_trajectory)
+    for s, t in zip(times[:-1], times[1:]):
+        d = proc.diffusion(s)
+        slope = combine([(1.0, apply(proc.drift(s), x, k)), (-1.0, apply(d, teacher.score(x, s), k))])
+        kick = apply(psd_sqrt(d.reshape(k, k)), noise(s, t), k)
+        x = combine([(1.0, x), (t - s, slope), (math.sqrt(s - t), kick)])
+        traj.add(x)
+    return traj.result(x)
+
+
+def lower_inverse_t(m: torch.Tensor) -> torch.Tensor:
+    """L^-T [..., k, k] of lower-triangular L (closed form for k <= 2)."""
+    k = m.shape[-1]
+    if k == 1:
+        return 1.0 / m
+    if k == 2:
+        out = torch.zeros_like(m)
+        out[..., 0, 0], out[..., 1, 1] = 1.0 / m[..., 0, 0], 1.0 / m[..., 1, 1]
+        out[..., 0, 1] = -m[..., 1, 0] / (m[..., 0, 0] * m[..., 1, 1])
+        return out
+    eye = torch.eye(k, dtype=m.dtype).expand_as(m)
+    return torch.linalg.solve_triangular(m, eye, upper=False).transpose(-1, -2)
+
+
+def lambda_ddim_weights(process: Any, s: float, t: float, lam: float, n_quad: int = GAUSS_LEGENDRE_NODES
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C_x, C_e) [k, k] float64 of one lambda-DDIM step from s to t < s (see the module doc)."""
+    c_x = (1.0 + lam * (t - s)) * math.exp(lam * (s - t)) * process.mean_map(s, t).reshape(process.k, process.k)
+    u, w = process.quadrature(t, s, n_quad)                                            # nodes in (t, s)
+    l_inv_t = lower_inverse_t(process.kernel_cholesky(u))                               # [n, k, k]
+    integrand = process.mean_map(u, t) @ process.diffusion(u) @ l_inv_t                 # [n, k, k]
+    c_e = -0.5 * ((w * torch.exp(lam * (u - t)))[:, None, None] * integrand).sum(0)    # int_s^t = -int_t^s
+    return c_x, c_e
+
+
+@register("lambda_ddim", orders=(1,), cost=_one_per_step, cost_rule="1 per step", process="augmented")
+def lambda_ddim(teacher, x: torch.Tensor, ts: torch.Tensor, *, order: int = 1, return_trajectory: bool = False,
+                lam: float = 0.0) -> torch.Tensor:
+    """lambda-DDIM-I (conjugate integrator, B_t = lam I); lam = 0 on a VP teacher is DDIM."""
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise ValueError(f"option lam={lam!r} must be a finite number")
+    k = _state_check(teacher, x)
+    times = ts.tolist()
+    traj = Trajectory(x, return_trajectory)
+    for s, t in zip(times[:-1], times[1:]):
+        c_x, c_e = lambda_ddim_weights(teacher.process, s, t, float(lam))
+        x = combine([(1.0, apply(c_x, x, k)), (1.0, apply(c_e, teacher.eps(x, s), k))])
+        traj.add(x)
+    return traj.result(x)

@@ -175,3 +175,15 @@ def test_registry_keeps_augmented_solvers_apart():
         with pytest.raises(ValueError, match=match) as err:
             call()
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("solver", ["augmented_euler", "augmented_euler_maruyama", "lambda_ddim"])
+def test_state_keeps_its_dtype(solver):
+    teacher = PSLDGaussianMixture(torch.zeros(1, 2), torch.ones(1), process=PSLD())
+    z_T = teacher.process.sample_prior((3, 2), torch.Generator().manual_seed(0))
+    ts = timesteps(VP_TIMES, 50, "time_uniform")
+    opts = {"generator": torch.Generator().manual_seed(1)} if solver == "augmented_euler_maruyama" else {}
+    low = sample(teacher, z_T.float(), ts, solver=solver, **opts)
+    opts = {"generator": torch.Generator().manual_seed(1)} if opts else {}
+    assert low.dtype == torch.float32
+    assert float((low.double() - sample(teacher, z_T, ts, solver=solver, **opts)).abs().max()) < 1e-5

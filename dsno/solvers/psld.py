@@ -1,9 +1,10 @@
 """Samplers for augmented linear diffusions: PSLD (z = (x, m), k = 2 components per pixel), and
 any scalar schedule seen as k = 1 (`as_augmented`), after Pandey, Rudolph & Mandt (ICLR 2024).
 
-The teacher gives `process` (drift(t), diffusion(t), mean_map(s, t), kernel_cholesky(t): k x k
-per pixel, float64), `score(z, t)` and `eps(z, t)` with score = -L_t^-T eps. States z: [B, kC, ...],
-component j in channels jC .. (j + 1)C - 1. With drift = beta F and diffusion = beta D:
+The teacher gives `process` (drift(t), diffusion(t), mean_map(s, t), kernel_cholesky(t): k x k per
+pixel, float64), `score(z, t)` and `eps(z, t)` with score = -L_t^-T eps. States z: [B, kC, ...],
+component j in channels jC .. (j + 1)C - 1; they keep their dtype (coefficients are float64, cast
+to it). With drift = beta F and diffusion = beta D:
 
     probability-flow ODE   dz/dt = beta F z - 1/2 beta D score
     reverse SDE            dz = (beta F z - beta D score) dt + sqrt(beta) G dW,  G G^T = D
@@ -91,7 +92,8 @@ def augmented_euler(teacher, x: torch.Tensor, ts: torch.Tensor, *, order: int = 
     times = ts.tolist()
     traj = Trajectory(x, return_trajectory)
     for s, t in zip(times[:-1], times[1:]):
-        slope = combine([(1.0, apply(proc.drift(s), x, k)), (-0.5, apply(proc.diffusion(s), teacher.score(x, s), k))])
+        score = teacher.score(x, s).to(x.dtype)
+        slope = combine([(1.0, apply(proc.drift(s), x, k)), (-0.5, apply(proc.diffusion(s), score, k))])
         x = combine([(1.0, x), (t - s, slope)])
         traj.add(x)
     return traj.result(x)
@@ -110,7 +112,7 @@ def augmented_euler_maruyama(teacher, x: torch.Tensor, ts: torch.Tensor, *, orde
     traj = Trajectory(x, return_trajectory)
     for s, t in zip(times[:-1], times[1:]):
         d = proc.diffusion(s)
-        slope = combine([(1.0, apply(proc.drift(s), x, k)), (-1.0, apply(d, teacher.score(x, s), k))])
+        slope = combine([(1.0, apply(proc.drift(s), x, k)), (-1.0, apply(d, teacher.score(x, s).to(x.dtype), k))])
         kick = apply(psd_sqrt(d.reshape(k, k)), noise(s, t), k)
         x = combine([(1.0, x), (t - s, slope), (math.sqrt(s - t), kick)])
         traj.add(x)
@@ -153,6 +155,6 @@ def lambda_ddim(teacher, x: torch.Tensor, ts: torch.Tensor, *, order: int = 1, r
     traj = Trajectory(x, return_trajectory)
     for s, t in zip(times[:-1], times[1:]):
         c_x, c_e = lambda_ddim_weights(teacher.process, s, t, float(lam))
-        x = combine([(1.0, apply(c_x, x, k)), (1.0, apply(c_e, teacher.eps(x, s), k))])
+        x = combine([(1.0, apply(c_x, x, k)), (1.0, apply(c_e, teacher.eps(x, s).to(x.dtype), k))])
         traj.add(x)
     return traj.result(x)

@@ -108,7 +108,7 @@ def main() -> int:
             rows.append((n, best_hand, found))
     lines = ["| NFE | best hand-designed (spacing) | RMSE | timestep-only search (unipc bh2-3 grid) | USF search | "
              "USF / best hand | <= 0.7x | < timestep-only | USF search: wall s (CPU s), teacher calls (sample evals), "
-             "scored, predictor tau | timestep-only search: wall s (CPU s), teacher calls |",
+             "scored, rounds, predictor tau | timestep-only search: wall s (CPU s), teacher calls |",
              "|---:|---|---:|---:|---:|---:|---|---|---|---|"]
     ok = True
     for n, (h, hname), found in rows:
@@ -121,7 +121,7 @@ def main() -> int:
                      f"{'yes' if good_ratio else 'NO'} | {'yes' if good_ts else 'NO'} | "
                      f"{c.get('wall_s', 0):.0f} ({_cpu(c)}), {c.get('teacher_calls')} "
                      f"({c.get('teacher_sample_evals')}), {c.get('candidates_scored')}, "
-                     f"{c.get('predictor_kendall_tau')} | {ct.get('wall_s', 0):.0f} ({_cpu(ct)}), "
+                     f"{s.info.get('search', {}).get('rounds')}, {c.get('predictor_kendall_tau')} | {ct.get('wall_s', 0):.0f} ({_cpu(ct)}), "
                      f"{ct.get('teacher_calls')} |")
     detail = ["", "The searched schedules (afs; per step: prediction, Taylor order, estimation order, corrector):", ""]
     for n, _, found in rows:
@@ -129,15 +129,23 @@ def main() -> int:
         steps = ", ".join(f"{st.prediction[0]}{st.order}/{st.est_order}{'+c' if st.corrector == 'pseudo' else ''}"
                           for st in s.steps)
         detail.append(f"- NFE {n}: `{found['full'][2].relative_to(ROOT)}`: afs={s.afs}, {len(s.steps)} steps: {steps}")
+    commands = []
+    for n, _, found in rows:
+        for mode in ("full", "timesteps"):
+            info = found[mode][1].info
+            r = info.get("search", {}).get("rounds")
+            batch, verify = info.get("score", {}).get("batch"), info.get("score", {}).get("verify_batch")
+            cmd = search_command(n, mode, args.run_dir)[1:] + ([f"search.rounds={r}"] if r not in (None, 12) else []) \
+                + ([f"search.batch={batch} search.verify_batch={verify}"] if (batch, verify) != (256, 512) else [])
+            commands.append("`nice -n 15 python " + " ".join(cmd) + "`")
     table = "\n".join(lines)
     print(table)
     print("\n".join(detail))
     wall = time.perf_counter() - t0
     body = "\n".join([
-        "Commands: for each NFE N in " + ", ".join(map(str, args.nfe)) + ": `nice -n 15 python -m dsno.search "
-        f"experiment=mnist_gmm nfe=N run_dir={args.run_dir}` and the same with `search.mode=timesteps` (default "
-        "search config, conf/search/default.yaml), then `python benchmarks/usf.py` (which runs the searches that "
-        "are missing).",
+        "Commands (default search config, conf/search/default.yaml: 12 rounds; a larger search.rounds resumes "
+        "the 12-round search from its scored-candidates file): " + "; ".join(commands) + "; then `python "
+        "benchmarks/usf.py` (it runs the searches that are missing).",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, shared with other "
         f"jobs (the searches ran under nice -n 15); torch {torch.__version__}. Date: "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; this script {wall:.0f} s.",

@@ -104,7 +104,7 @@ def fresh_batches(rc, teacher, shape, times, count: int, seed: int) -> tuple[tor
 
 
 def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed: int,
-                  extra: list[str], timing_steps: int = 5) -> dict:
+                  extra: list[str], timing_steps: int = 3, steps: int | None = None) -> dict:
     from dsno.builders import build_student, build_teacher, sample_shape
     from dsno.nn.temporal import set_temporal_impl
     from dsno.training.ema import EMA
@@ -114,12 +114,23 @@ def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed
     x_all, s_all, times_all = data
     index = opts.get("time_index", list(range(len(times_all))))
     times = [times_all[i] for i in index]
-    rc = compose(experiment, [*overrides, f"data.times=[{','.join(repr(t) for t in times)}]",
+    # a run config needs M >= 2: M = 1 (plain distillation) is built from the M = 2 config's last branch
+    run_times = times if len(times) > 1 else [times_all[0], times[0]]
+    rc = compose(experiment, [*overrides, f"data.times=[{','.join(repr(t) for t in run_times)}]",
                               f"model.modes={min(2, len(times) // 2 + 1)}", *extra])
     teacher = build_teacher(rc.teacher)
     shape = sample_shape(teacher, rc.teacher)
     torch.manual_seed(seed)
-    model, _ = build_student(rc, teacher, shape)
+    if len(times) > 1:
+        model, _ = build_student(rc, teacher, shape)
+    else:
+        from dsno.builders import student_config
+        from dsno.nn import build_dsno, load_backbone_weights
+        config = student_config(rc, teacher, shape)
+        config.update({k: config[k][-1:] for k in ("times", "skip", "out_scale", "in_scale", "net_times")}, modes=1)
+        model = build_dsno(config)
+        if rc.model.backbone.type == "teacher":
+            load_backbone_weights(model, teacher.network)
     if not opts.get("temporal", True):
         for p in model.temporal_parameters():       # zero and frozen: every temporal layer is the identity
             p.data.zero_()
@@ -180,7 +191,7 @@ def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed
     ema.load_state_dict(state[3])
     order.update(perm=torch.randperm(len(x_T), generator=torch.Generator().manual_seed(seed)), pos=0, epoch=0,
                  x=x_T, s=states)
-    total = max(4, int(budget / sec_per_step))
+    total = steps if steps else max(4, int(budget / sec_per_step))
     marks = [round(total * f) for f in (0.25, 0.5, 0.75, 1.0)]
     curve, started = [(0, score())], time.perf_counter()
     for step in range(1, total + 1):
@@ -215,6 +226,10 @@ def main() -> None:
     ap.add_argument("--data", required=True, type=Path, help="trajectory folder made by data_gen")
     ap.add_argument("--variants", default="denoised_teacher,denoised_fresh,state_fresh")
     ap.add_argument("--budget", type=float, default=120.0, help="training seconds per variant")
+    ap.add_argument("--steps", type=int, default=None, help="equal steps instead (each variant's s/step is reported)")
+    ap.add_argument("--holdout", type=int, default=0,
+                    help="score against the last HOLDOUT stored trajectories' final states (not trained on) "
+                         "instead of the float64 reference")
     ap.add_argument("--eval-samples", type=int, default=256)
     ap.add_argument("--reference-steps", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
@@ -228,20 +243,28 @@ def main() -> None:
     teacher = build_teacher(rc.teacher)
     shape = sample_shape(teacher, rc.teacher)
     data = load_trajectories(args.data)
-    ref_set = reference(rc, teacher, shape, args.eval_samples, args.reference_steps,
-                        args.data.parent / f"study_reference_{args.eval_samples}_{args.reference_steps}.pt")
+    if args.holdout:
+        x_T, states, times = data
+        ref_set = (x_T[-args.holdout:], states[-args.holdout:, -1])
+        data = (x_T[:-args.holdout], states[:-args.holdout], times)
+    else:
+        ref_set = reference(rc, teacher, shape, args.eval_samples, args.reference_steps,
+                            args.data.parent / f"study_reference_{args.eval_samples}_{args.reference_steps}.pt")
     started = time.time()
     results = []
     for name in args.variants.split(","):
-        results.append(train_variant(name, args.experiment, data, ref_set, args.budget, args.seed, args.override))
+        results.append(train_variant(name, args.experiment, data, ref_set, args.budget, args.seed, args.override,
+                                     steps=args.steps))
         print(table(results[-1:]).splitlines()[-1], flush=True)
     print(f"\nCommand: python benchmarks/dsno_study.py {' '.join(sys.argv[1:])}")
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch "
           f"{torch.__version__}, {args.threads} threads; {time.strftime('%Y-%m-%d %H:%M')}, "
           f"{time.time() - started:.0f} s; load average at the end {os.getloadavg()[0]:.2f}")
+    target = (f"the teacher solve's final states of the last {args.holdout} stored trajectories (held out)"
+              if args.holdout else f"the float64 reference ({args.reference_steps} steps)")
+    length = f"{args.steps} steps" if args.steps else f"{args.budget:.0f} s of training"
     print(f"Data: {len(data[0])} trajectories from {args.data}; RMSE of the EMA model's final sample on "
-          f"{args.eval_samples} eval noises against the float64 reference ({args.reference_steps} steps), at "
-          f"0, 1/4, 1/2, 3/4, 1 of {args.budget:.0f} s of training.\n")
+          f"{len(ref_set[0])} noises against {target}, at 0, 1/4, 1/2, 3/4, 1 of {length}.\n")
     print(table(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

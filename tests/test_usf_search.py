@@ -104,14 +104,10 @@ def test_search_beats_its_seeds_and_timestep_only_mode_keeps_the_base(tmp_path):
     s = ts_only["schedule"]
     base = usf.from_solver("unipc", s.ts, 3)
     assert s.steps == base.steps and s.afs == "none" and (tmp_path / "nfe4_timesteps.yaml").is_file()
-    x = torch.randn(32, 1, 4, 4, generator=torch.Generator().manual_seed(loop_seed_verify())).double()
+    x = torch.randn(32, 1, 4, 4, generator=torch.Generator().manual_seed(2)).double()   # the verify noise of seed 0
     ref = loop.reference(teacher, x, 1e-3, 60, None)
     logsnr = usf.from_solver("unipc", timesteps(teacher.schedule, steps=4, spacing="logsnr"), 3)
     assert res["score"]["rmse_verify"] <= loop._score(teacher, logsnr, x, ref) + 1e-12
-
-
-def loop_seed_verify():
-    return 1_000_003 * 0 + 2
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -143,7 +139,7 @@ def test_data_gen_makes_trajectories_with_a_schedule(tiny_run, tmp_path):
     times = [0.5625, 0.25, 0.0625, 0.001]
     path, s, _ = _pinned_schedule(tmp_path, times)
     rc = tiny_run("solver=usf", f"solver.schedule={path}")
-    from dsno.builders import build_teacher, sample_shape
+    from dsno.builders import build_teacher
     teacher = build_teacher(rc.teacher)
     grid = trajectories.solver_grid(teacher, rc.solver, times)
     assert grid.tolist() == list(s.ts)

@@ -32,7 +32,7 @@ import torch
 
 from dsno.errors import UserError
 from dsno.search.predictor import Predictor, kendall_tau
-from dsno.search.space import Space, crossover, encode, mutate, random_schedule
+from dsno.search.space import Space, _tidy, crossover, encode, mutate, random_schedule
 from dsno.solvers import usf
 from dsno.solvers.grids import SPACINGS, timesteps
 
@@ -180,7 +180,6 @@ def seeded_schedules(space: Space) -> list[usf.Schedule]:
                     continue
                 u = space.u_of_t(timesteps(space.schedule, steps=steps - len(space.pins), spacing=spacing,
                                            t_start=space.t_start, t_end=space.t_end).tolist())[1:-1]
-                from dsno.search.space import _tidy
                 u = _tidy(np.concatenate([u, space.pin_u]), space)
                 ts = space.t_of_u(np.concatenate([[0.0], u, [1.0]]))
                 for pin in space.pins:

@@ -2,10 +2,12 @@
 
 Writes runs/<experiment>/eval/{metrics.json, report.md, *.png}."""
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from dsno.cli import run_stage, take_debug_flag
+from dsno.cli import prepare_cli, run_stage
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -14,5 +16,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    take_debug_flag()
+    prepare_cli(Path(__file__).resolve().parent / "conf")
     main()

@@ -3,10 +3,12 @@
 Makes the teacher trajectories first if they are missing, then trains, exports the one-pass
 sampler to runs/<experiment>/sampler and evaluates it (runs/<experiment>/eval)."""
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from dsno.cli import run_stage, take_debug_flag
+from dsno.cli import prepare_cli, run_stage
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -15,5 +17,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    take_debug_flag()
+    prepare_cli(Path(__file__).resolve().parent / "conf")
     main()

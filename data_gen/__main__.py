@@ -2,10 +2,12 @@
 
 import sys
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from dsno.cli import run_stage, take_debug_flag
+from dsno.cli import prepare_cli, run_stage
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -16,5 +18,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     # `--repair` is accepted as a shorthand for the override data.repair=true
     sys.argv = [a if a != "--repair" else "data.repair=true" for a in sys.argv]
-    take_debug_flag()
+    prepare_cli(Path(__file__).resolve().parent.parent / "conf")
     main()

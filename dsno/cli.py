@@ -22,11 +22,28 @@ from dsno.errors import UserError, debug_requested, one_line, report_errors
 log = logging.getLogger("dsno")
 
 
-def take_debug_flag() -> None:
-    """Remove `--debug` from sys.argv (Hydra would reject it) and turn on full tracebacks."""
+def prepare_cli(config_dir: str | os.PathLike, config_name: str = "config") -> None:
+    """Before a Hydra entry point runs: take `--debug` out of sys.argv (Hydra would reject it;
+    it turns on full tracebacks), and compose the overrides once, so that an unknown key or a
+    malformed override is one line `error: ...` and exit status 2 instead of Hydra's report.
+    Command lines with Hydra's own flags (-m, --cfg, --help, ...) are left to Hydra."""
     if "--debug" in sys.argv:
         sys.argv = [a for a in sys.argv if a != "--debug"]
         os.environ["HYDRA_FULL_ERROR"] = "1"
+    overrides = sys.argv[1:]
+    if any(a.startswith("-") for a in overrides):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+            compose(config_name=config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        if debug_requested():
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def check_writable(run_dir: str | os.PathLike) -> None:

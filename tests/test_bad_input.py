@@ -55,6 +55,8 @@ def test_entry_points_print_one_line_and_write_nothing(tmp_path):
     line = _one_line(_cli("-m", "data_gen", f"run_dir={run}", "data.times=[0.5,nan,0.001]"))
     assert line == "error: config error: data.times=[0.5, nan, 0.001]: must be finite numbers"
     assert not run.exists()
+    line = _one_line(_cli("train.py", f"run_dir={run}", "trainer.devicez=2"))
+    assert line == "error: Could not override 'trainer.devicez'. | To append to your config use +trainer.devicez=2"
     line = _one_line(_cli("train.py", "run_dir=/proc/dsno-cannot-write-here"))
     assert line.startswith("error: run_dir=/proc/dsno-cannot-write-here is not writable")
     line = _one_line(_cli("eval.py", f"run_dir={run}"))

@@ -6,11 +6,12 @@ Keys: nfe, and search.* (conf/search/default.yaml): search.mode=timesteps for th
 <run_dir>/schedules/nfe<N>.yaml (nfe<N>_timesteps.yaml) and resumes from <name>.scored.json."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from dsno.cli import take_debug_flag
+from dsno.cli import prepare_cli
 from dsno.errors import report_errors
 
 
@@ -22,8 +23,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    take_debug_flag()
     if not any(a.split("=")[0].lstrip("+~") == "search" for a in sys.argv[1:]):
         sys.argv.insert(1, "+search=default")
     sys.argv.insert(1, "hydra.callbacks.preflight._target_=dsno.search.cli.SearchPreflight")
+    prepare_cli(Path(__file__).resolve().parent.parent.parent / "conf")
     main()

@@ -45,7 +45,22 @@ def _lam_to_log_alpha(lam: torch.Tensor) -> torch.Tensor:
     return -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
 
 
-class VPSchedule:
+class _TimeRange:
+    """What every scalar schedule derives from t_of_lam, t_min and T."""
+
+    def t_of_sigma_over_alpha(self, rho: Any) -> torch.Tensor:
+        """Inverse of rho_t = sigma_t / alpha_t = exp(-lambda_t) (the EDM sigma)."""
+        return self.t_of_lam(-torch.log(_f64(rho)))
+
+    def check_times(self, t: Any, name: str = "t") -> None:
+        """Raise ProcessError (a ValueError) if any time lies outside [t_min, T] of this schedule."""
+        t = _f64(t)
+        lo, hi = float(t.min()), float(t.max())
+        if not (torch.isfinite(t).all() and lo >= self.t_min - 1e-12 and hi <= self.T + 1e-12):
+            raise ProcessError(f"{name} must lie in [{self.t_min:g}, {self.T:g}] for {self!r}; got [{lo:g}, {hi:g}]")
+
+
+class VPSchedule(_TimeRange):
     """A variance-preserving schedule: `linear`, `cosine` or `discrete` (from DDPM betas).
 
     Use the constructors; `kind` and `params` fully describe the schedule (see `to_dict`).
@@ -178,18 +193,6 @@ class VPSchedule:
         # log alpha is piecewise linear in t and decreasing: invert it cell by cell, exactly
         return _interp(log_alpha, torch.flip(self._log_alpha_grid, [0]), torch.flip(self._t_grid, [0]))
 
-    def t_of_sigma_over_alpha(self, rho: Any) -> torch.Tensor:
-        """Inverse of rho_t = sigma_t / alpha_t = exp(-lambda_t) (the EDM sigma)."""
-        return self.t_of_lam(-torch.log(_f64(rho)))
-
-    def check_times(self, t: Any, name: str = "t") -> None:
-        """Raise a clear error if any time lies outside [t_min, T] of this schedule."""
-        t = _f64(t)
-        lo, hi = float(t.min()), float(t.max())
-        if not (torch.isfinite(t).all() and lo >= self.t_min - 1e-12 and hi <= self.T + 1e-12):
-            raise ValueError(
-                f"{name} must lie in [{self.t_min:g}, {self.T:g}] for {self!r}; got [{lo:g}, {hi:g}]"
-            )
 
 
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
@@ -201,7 +204,7 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
     return out.reshape(x.shape)
 
 
-class _Closed:
+class _Closed(_TimeRange):
     """What VESchedule and FlowSchedule share: parameters, equality, time checks (float64)."""
 
     kind: str
@@ -227,16 +230,6 @@ class _Closed:
     def snr(self, t: Any) -> torch.Tensor:
         return torch.exp(2.0 * self.lam(t))
 
-    def t_of_sigma_over_alpha(self, rho: Any) -> torch.Tensor:
-        """Inverse of rho_t = sigma_t / alpha_t = exp(-lambda_t) (the EDM sigma)."""
-        return self.t_of_lam(-torch.log(_f64(rho)))
-
-    def check_times(self, t: Any, name: str = "t") -> None:
-        """Raise a clear error if any time lies outside [t_min, T] of this schedule."""
-        t = _f64(t)
-        lo, hi = float(t.min()), float(t.max())
-        if not (torch.isfinite(t).all() and lo >= self.t_min - 1e-12 and hi <= self.T + 1e-12):
-            raise ProcessError(f"{name} must lie in [{self.t_min:g}, {self.T:g}] for {self!r}; got [{lo:g}, {hi:g}]")
 
 
 def _positive_finite(name: str, v: Any) -> float:

@@ -17,6 +17,34 @@ from dsno.schedules import Schedule, VPSchedule
 from dsno.teachers.base import Teacher
 
 
+def register_mixture(module: torch.nn.Module, means: torch.Tensor, variances: torch.Tensor,
+                     weights: torch.Tensor | None, name: str) -> None:
+    """Check a mixture's parameters and store them on `module` as float64 buffers: means and
+    variances [K, D] (flattened), log_weights [K] (normalised); also module.shape and .name.
+
+    means: [K, *shape]; variances: [K, *shape] or [K] (isotropic); weights: [K] or None (equal)."""
+    means = torch.as_tensor(means, dtype=torch.float64)
+    if means.ndim < 2:
+        raise ValueError(f"means must be [K, *shape], got shape {tuple(means.shape)}")
+    k = means.shape[0]
+    variances = torch.as_tensor(variances, dtype=torch.float64)
+    if variances.shape == (k,):
+        variances = variances.reshape(k, *([1] * (means.ndim - 1))).expand_as(means)
+    if variances.shape != means.shape:
+        raise ValueError(f"variances must be [K] or {tuple(means.shape)}, got {tuple(variances.shape)}")
+    if not bool((variances > 0).all()):
+        raise ValueError("all variances must be positive")
+    weights = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else \
+        torch.as_tensor(weights, dtype=torch.float64)
+    if weights.shape != (k,) or not bool((weights > 0).all()):
+        raise ValueError(f"weights must be {k} positive numbers")
+    module.shape = tuple(means.shape[1:])
+    module.name = name
+    module.register_buffer("means", means.reshape(k, -1).contiguous())
+    module.register_buffer("variances", variances.reshape(k, -1).contiguous())
+    module.register_buffer("log_weights", torch.log(weights / weights.sum()))
+
+
 class GaussianMixture(Teacher):
     """means: [K, *shape]; variances: [K, *shape] or [K] (isotropic) ; weights: [K] (normalised here);
     schedule: any scalar schedule (default VPSchedule.linear())."""
@@ -26,27 +54,8 @@ class GaussianMixture(Teacher):
     def __init__(self, means: torch.Tensor, variances: torch.Tensor, weights: torch.Tensor | None = None,
                  schedule: Schedule | None = None, name: str = "gmm"):
         super().__init__()
-        means = torch.as_tensor(means, dtype=torch.float64)
-        if means.ndim < 2:
-            raise ValueError(f"means must be [K, *shape], got shape {tuple(means.shape)}")
-        k = means.shape[0]
-        variances = torch.as_tensor(variances, dtype=torch.float64)
-        if variances.shape == (k,):
-            variances = variances.reshape(k, *([1] * (means.ndim - 1))).expand_as(means)
-        if variances.shape != means.shape:
-            raise ValueError(f"variances must be [K] or {tuple(means.shape)}, got {tuple(variances.shape)}")
-        if not bool((variances > 0).all()):
-            raise ValueError("all variances must be positive")
-        weights = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else \
-            torch.as_tensor(weights, dtype=torch.float64)
-        if weights.shape != (k,) or not bool((weights > 0).all()):
-            raise ValueError(f"weights must be {k} positive numbers")
         self.schedule = schedule if schedule is not None else VPSchedule.linear()
-        self.shape = tuple(means.shape[1:])
-        self.name = name
-        self.register_buffer("means", means.reshape(k, -1).contiguous())
-        self.register_buffer("variances", variances.reshape(k, -1).contiguous())
-        self.register_buffer("log_weights", torch.log(weights / weights.sum()))
+        register_mixture(self, means, variances, weights, name)
 
     @property
     def num_components(self) -> int:

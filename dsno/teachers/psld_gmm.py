@@ -20,6 +20,7 @@ import torch
 
 from dsno.processes.psld import PSLD
 from dsno.teachers.base import batch_times
+from dsno.teachers.gmm import register_mixture
 
 
 class PSLDGaussianMixture(torch.nn.Module):
@@ -34,25 +35,8 @@ class PSLDGaussianMixture(torch.nn.Module):
     def __init__(self, means: torch.Tensor, variances: torch.Tensor, weights: torch.Tensor | None = None,
                  process: PSLD | None = None, name: str = "psld_gmm"):
         super().__init__()
-        means = torch.as_tensor(means, dtype=torch.float64)
-        if means.ndim < 2:
-            raise ValueError(f"means must be [K, C, ...], got shape {tuple(means.shape)}")
-        k = means.shape[0]
-        variances = torch.as_tensor(variances, dtype=torch.float64)
-        if variances.shape == (k,):
-            variances = variances.reshape(k, *([1] * (means.ndim - 1))).expand_as(means)
-        if variances.shape != means.shape or not bool((variances > 0).all()):
-            raise ValueError(f"variances must be positive, of shape [K] or {tuple(means.shape)}")
-        weights = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else \
-            torch.as_tensor(weights, dtype=torch.float64)
-        if weights.shape != (k,) or not bool((weights > 0).all()):
-            raise ValueError(f"weights must be {k} positive numbers")
         self.process = process if process is not None else PSLD()
-        self.shape = tuple(means.shape[1:])
-        self.name = name
-        self.register_buffer("means", means.reshape(k, -1).contiguous())
-        self.register_buffer("variances", variances.reshape(k, -1).contiguous())
-        self.register_buffer("log_weights", torch.log(weights / weights.sum()))
+        register_mixture(self, means, variances, weights, name)
 
     @property
     def num_components(self) -> int:

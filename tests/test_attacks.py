@@ -13,7 +13,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper

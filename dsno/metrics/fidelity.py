@@ -162,7 +162,7 @@ def _weights_fingerprint(path: str, mtime_ns: int, size: int) -> str:
     if path.endswith(".pth"):
         try:
             torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
+        except Exception:
             raise UnsafeFileError(f"{path} is not a plain tensor state dict (refused to unpickle it); use the "
                                   "original Inception weights file") from None
     digest = hashlib.sha256()

@@ -25,7 +25,7 @@ import torch
 
 from dsno.errors import UnsafeFileError, UserError, UserFileNotFoundError, read_json_file
 from dsno.nn import CONFIG_FORMAT_VERSION, DSNO, build_dsno, validate_config
-from dsno.trust import CHECKSUM_FILE, check_onnx_model, check_pt2_archive, verify_checksums
+from dsno.trust import CHECKSUM_FILE, TamperedFileError, check_onnx_model, check_pt2_archive, verify_checksums
 from dsno.trust.checksums import read_checksums
 
 CONFIG_FILE = "config.json"
@@ -267,9 +267,11 @@ def load_sampler(path: str | os.PathLike, form: str = "auto", device: str = "cpu
     exported (programs made here are always allowed; safetensors needs no trust)."""
     folder = Path(path)
     config = read_config(folder)
-    made_here = verify_checksums(folder, required=[CONFIG_FILE])
+    made_here = verify_checksums(folder, required=[CONFIG_FILE])    # hashes every listed file present
     chosen = resolve_form(folder, form, programs_allowed=made_here or bool(trust_program))
-    verify_checksums(folder, required=[FORM_FILES[chosen]])
+    if FORM_FILES[chosen] not in read_checksums(folder)["files"]:
+        raise TamperedFileError(f"{folder / FORM_FILES[chosen]} is not listed in {folder / CHECKSUM_FILE}; "
+                                "re-export the folder")
     sampler = SAMPLERS[chosen](config, folder, device)
     if isinstance(sampler, ProgramSampler):
         sampler.check_signature()

@@ -29,7 +29,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from dsno.metrics.image_io import to_uint8
-from dsno.errors import UnsafeFileError, UserFileNotFoundError
+from dsno.errors import UnsafeFileError
+from dsno.hub_weights import hub_weights_path
 
 DIGIT_EXTRACTOR_PREFIX = "dsno-digits"
 DIGIT_SIZE = 16  # the shipped classifier's image size
@@ -146,14 +147,10 @@ def inception_weights_path(path: str | os.PathLike | None = None) -> Path:
 
     Raises FileNotFoundError naming the file to put where, and the URL to fetch it from.
     """
-    default = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
-    p = Path(path) if path is not None else default
-    if not p.is_file():
-        raise UserFileNotFoundError(
-            f"Inception-v3 weights for FID not found at {p}. Nothing is downloaded at run time: on a machine "
-            f"with network fetch {URL_INCEPTION_V3} and put it at {default} (torch hub cache), or pass its "
-            f"location as inception_weights=...")
-    return p
+    return hub_weights_path(path, INCEPTION_WEIGHTS_FILE, (
+        "Inception-v3 weights for FID not found at {path}. Nothing is downloaded at run time: on a machine "
+        f"with network fetch {URL_INCEPTION_V3} and put it at {{default}} (torch hub cache), or pass its "
+        "location as inception_weights=..."))
 
 
 @functools.lru_cache(maxsize=8)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dsno.errors import UserFileNotFoundError
+from dsno.hub_weights import hub_weights_path
 
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -38,14 +38,10 @@ MIN_SIZE = 32
 
 def vgg_weights_path(path: str | os.PathLike | None = None) -> Path:
     """The local VGG-16 weights: `path`, else torch's hub cache. Raises UserFileNotFoundError (one line)."""
-    default = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
-    p = Path(path) if path is not None else default
-    if not p.is_file():
-        raise UserFileNotFoundError(
-            f"VGG-16 weights for the perceptual loss not found at {p}: nothing is downloaded at run time; "
-            f"fetch {VGG16_URL} on a machine with network and put it at {default}, or pass "
-            f"train.perceptual_weights=FILE")
-    return p
+    return hub_weights_path(path, VGG16_FILE, (
+        "VGG-16 weights for the perceptual loss not found at {path}: nothing is downloaded at run time; "
+        f"fetch {VGG16_URL} on a machine with network and put it at {{default}}, or pass "
+        "train.perceptual_weights=FILE"))
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from dsno.errors import UserError
 from dsno.processes import ProcessError, schedule_from_dict
 from dsno.solvers import sample, timesteps
 from dsno.teachers import GaussianMixture, wrap
+from test_solver_orders import check_order
 
 STEPS = (20, 40, 80, 160)
 SCHEDULES = {"ve": VESchedule(), "flow": FlowSchedule()}
@@ -154,16 +155,6 @@ def errors(teacher, x_T, solver, order, opts, spacing="logsnr", steps=STEPS, **g
         got = sample(teacher, x_T, ts, solver=solver, order=order, **opts)
         out.append(float(((got - exact) / exact.abs().clamp(min=1.0)).abs().max()))
     return out
-
-
-def check_order(errs, steps, expected, at_least):
-    slope = math.log(errs[-2] / errs[-1]) / math.log(steps[-1] / steps[-2])
-    trace = f"errors {['%.2e' % e for e in errs]}, observed order {slope:.2f}"
-    assert all(a > b for a, b in zip(errs, errs[1:])), trace
-    if at_least:
-        assert slope >= expected - 0.2, trace
-    else:
-        assert abs(slope - expected) <= 0.3, trace
 
 
 CASES = [

@@ -4,9 +4,7 @@ float64 reference solution of the teacher's ODE and with torch-fidelity; a repor
 from __future__ import annotations
 
 import logging
-import math
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,19 +18,14 @@ from dsno.errors import UserError, UserFileNotFoundError
 log = logging.getLogger("dsno")
 
 
-def timed(fn: Callable[[], torch.Tensor], repeats: int = 1) -> tuple[torch.Tensor, float]:
-    """(fn(), best wall-clock seconds over `repeats` calls after one warm-up call)."""
-    out = fn()
-    best = math.inf
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return out, best
+def seconds_per_sample(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> float:
+    """Wall-clock seconds per sample of one call of fn on one representative batch, read with
+    torch.utils.benchmark's timer (which synchronises an accelerator first); call it after a pass
+    over the data has warmed fn up. One call, not Timer.timeit's two extra warm-up calls."""
+    from torch.utils.benchmark import timer
+    start = timer()
+    fn(batch)
+    return (timer() - start) / len(batch)
 
 
 def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int,
@@ -112,36 +105,38 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     t_end = rc.solver.t_end
 
     def solve(grid: torch.Tensor, solver: str, as_dtype: torch.dtype = dtype, **kwargs: Any
-              ) -> Callable[[], torch.Tensor]:
-        """A call that solves every x_T in batches on `grid` with `solver`, in `as_dtype`."""
-        return lambda: in_batches(lambda x: sample(teacher, x.to(as_dtype), grid, solver=solver, **kwargs).float(),
-                                  x_T, bs, device)
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A call that solves one batch of noise on `grid` with `solver`, in `as_dtype`."""
+        return lambda x: sample(teacher, x.to(as_dtype), grid, solver=solver, **kwargs).float()
 
     log.info("eval: float64 reference (%d steps of 3rd-order DPM-Solver++) on %d samples", rc.eval.reference_steps, n)
     ref_grid = timesteps(teacher.schedule, steps=rc.eval.reference_steps, spacing="logsnr", t_end=t_end)
     with torch.no_grad():
-        teacher.double()
-        ref = solve(ref_grid, "dpm_solver_pp", torch.float64, order=3)()
-        teacher.to(dtype)
+        # the solve is float64; a network teacher is evaluated in its own float32 (its rounding moves the
+        # reference by ~1e-7 RMSE, far below the reference's own step error, at a third of the float64 cost)
+        ref = in_batches(solve(ref_grid, "dpm_solver_pp", torch.float64, order=3), x_T, bs, device)
 
     finals: dict[str, torch.Tensor] = {"reference": ref}
     rows: list[dict[str, Any]] = []
 
-    def add_row(method: str, nfe: int, x: torch.Tensor, seconds: float, **extra: Any) -> None:
-        rows.append({"method": method, "nfe": nfe, "rmse_vs_reference": rmse(x, ref),
-                     "sec_per_sample": seconds / n, **extra})
+    def add_row(method: str, nfe: int, fn: Callable[[torch.Tensor], torch.Tensor], **extra: Any) -> None:
+        """Run fn over all the eval noise, time one batch of it, and score it against the reference."""
+        x = in_batches(fn, x_T, bs, device)
+        sec = seconds_per_sample(fn, x_T[:bs].to(device))
+        rows.append({"method": method, "nfe": nfe, "rmse_vs_reference": rmse(x, ref), "sec_per_sample": sec, **extra})
         finals[f"{method}@{nfe}"] = x
+        log.info("eval: %-36s NFE %3d  RMSE %.4f  %.3f ms/sample", method, nfe, rows[-1]["rmse_vs_reference"],
+                 sec * 1e3)
 
     with torch.no_grad():
-        x, sec = timed(lambda: in_batches(lambda z: sampler(z)[:, -1], x_T, bs, device))
-        add_row("dsno", 1, x, sec, note=f"one pass, backbone on M={len(sampler.times)} time points")
+        add_row("dsno", 1, lambda z: sampler(z)[:, -1], note=f"one pass, backbone on M={len(sampler.times)} time points")
 
         from dsno.solvers import nfe as nfe_of
         grid = trajectories.solver_grid(teacher, rc.solver, [float(t) for t in rc.data.times])
         teacher_opts = {**rc.solver.options, **({"schedule": rc.solver.schedule} if rc.solver.name == "usf" else {})}
         teacher_nfe = nfe_of(rc.solver.name, len(grid) - 1, order=rc.solver.order, **teacher_opts)
-        x, sec = timed(solve(grid, rc.solver.name, order=rc.solver.order, **teacher_opts))
-        add_row(f"teacher ({rc.solver.name}-{rc.solver.order})", teacher_nfe, x, sec,
+        add_row(f"teacher ({rc.solver.name}-{rc.solver.order})", teacher_nfe,
+                solve(grid, rc.solver.name, order=rc.solver.order, **teacher_opts),
                 note="the solver that made DSNO's training trajectories")
 
         for r in solver_runs(rc):
@@ -150,23 +145,20 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
                 continue
             g = timesteps(teacher.schedule, steps=r["steps"], spacing=rc.eval.spacing, t_end=t_end)
             if r["stochastic"]:
-                # a fresh generator of fixed seed per call: the timed rerun draws the same sampler noise
-                def run_solver(r=r, g=g):
-                    return solve(g, r["solver"], generator=torch.Generator(device).manual_seed(rc.eval.seed + 1),
-                                 **r["kwargs"])()
-                x, sec = timed(run_solver)
-                add_row(r["method"], r["nfe"], x, sec,
+                # one generator of fixed seed for the pass over all the noise (the timed batch after it
+                # draws on from it, which changes no result)
+                gen = torch.Generator(device).manual_seed(rc.eval.seed + 1)
+                add_row(r["method"], r["nfe"], solve(g, r["solver"], generator=gen, **r["kwargs"]),
                         note="stochastic (reverse SDE): converges in distribution, not to the ODE path")
             else:
-                x, sec = timed(solve(g, r["solver"], **r["kwargs"]))
-                add_row(r["method"], r["nfe"], x, sec)
+                add_row(r["method"], r["nfe"], solve(g, r["solver"], **r["kwargs"]))
 
         for r in schedule_runs(rc):
             if "skipped" in r:
                 rows.append(r)
                 continue
-            x, sec = timed(solve(torch.tensor(r["schedule"].ts, dtype=torch.float64), "usf", schedule=r["schedule"]))
-            add_row(r["method"], r["nfe"], x, sec, note=f"searched schedule {r['path']}")
+            add_row(r["method"], r["nfe"], solve(torch.tensor(r["schedule"].ts, dtype=torch.float64), "usf",
+                                                 schedule=r["schedule"]), note=f"searched schedule {r['path']}")
 
     if rc.eval.fidelity:
         _add_fidelity(rows, finals, shape, rc)

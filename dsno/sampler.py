@@ -25,6 +25,7 @@ import torch
 
 from dsno.errors import UnsafeFileError, UserError, UserFileNotFoundError, read_json_file
 from dsno.nn import CONFIG_FORMAT_VERSION, DSNO, build_dsno, validate_config
+from dsno.nn.temporal import set_temporal_impl
 from dsno.trust import CHECKSUM_FILE, TamperedFileError, check_onnx_model, check_pt2_archive, verify_checksums
 from dsno.trust.checksums import read_checksums
 
@@ -157,6 +158,7 @@ class TorchSampler(Sampler):
     def __init__(self, config: dict[str, Any], path: Path, device: str = "cpu"):
         super().__init__(config, path, device)
         self.model = load_dsno(config, path / FORM_FILES[self.form]).to(self.device)
+        set_temporal_impl(self.model, "auto")      # the same map, as a matrix on the CPU (faster there)
 
     def _run(self, x_T: torch.Tensor) -> torch.Tensor:
         return self.model(x_T.to(self.device))

@@ -8,8 +8,8 @@ the page cache (posix_fadvise DONTNEED) so the first read comes from the disk:
          (sha256, finite values) before its first batch; K = the batches until all are verified
   later  data.verify=quick again, verified.json written by `first` present
 Overhead = wall time (construction + K batches) of first / later minus none, medians of --repeats. The training time it
-is compared with is trainer.max_steps of the default experiment times the mean step time of the
-default model (Lightning, CPU), measured over --train-steps steps after --warmup-steps.
+is compared with is trainer.max_steps of the mnist_gmm experiment (the default when this was measured)
+times the mean step time of its model (Lightning, CPU), measured over --train-steps steps after --warmup-steps.
 
     python benchmarks/verify_overhead.py                     # 1x and 100x, writes benchmarks/RESULTS.md
     python benchmarks/verify_overhead.py --scales 1 --no-write
@@ -74,7 +74,7 @@ def load_worker(args: argparse.Namespace) -> dict:
 
 
 def train_worker(args: argparse.Namespace) -> dict:
-    """Mean seconds per training step of the default experiment's model on this machine."""
+    """Mean seconds per training step of the mnist_gmm experiment's model on this machine."""
     import lightning as L
     import torch
     from hydra import compose, initialize_config_dir
@@ -86,7 +86,8 @@ def train_worker(args: argparse.Namespace) -> dict:
     from dsno.training.module import DSNOModule
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        rc = validate(compose(config_name="config", overrides=[f"run_dir={args.out}/run", "logger=csv"]))
+        rc = validate(compose(config_name="config", overrides=["experiment=mnist_gmm", f"run_dir={args.out}/run",
+                                                               "logger=csv"]))
     teacher = build_teacher(rc.teacher)
     shape = sample_shape(teacher, rc.teacher)
     model, _ = build_student(rc, teacher, shape)

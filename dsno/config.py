@@ -147,7 +147,7 @@ class ExportConfig:
 
 @dataclass
 class RunConfig:
-    experiment: str = "mnist_gmm"
+    experiment: str = "mnist_unet_quick"
     run_dir: str = "runs/${experiment}"
     seed: int = 0
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

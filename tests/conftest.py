@@ -17,7 +17,7 @@ CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 # A whole run small enough for a test: 64 trajectories, an 8-channel backbone, a few steps.
 TINY_RUN = [
-    "data.num_trajectories=64", "data.shard_size=32", "data.batch_size=32", "solver.steps=12",
+    "experiment=mnist_gmm", "data.num_trajectories=64", "data.shard_size=32", "data.batch_size=32", "solver.steps=12",
     "model.backbone.base_channels=8", "model.backbone.attn_resolutions=[]", "train.batch_size=8",
     "train.warmup_steps=2", "trainer.max_steps=6", "train.checkpoint_every=1", "trainer.val_check_interval=3",
     "trainer.log_every_n_steps=1", "logger=csv", "eval.num_samples=8", "eval.nfe=[1,2,3]",
@@ -25,10 +25,15 @@ TINY_RUN = [
 ]
 
 
-def compose(*overrides):
+def compose(*overrides, default_experiment: str | None = "mnist_gmm"):
+    """The composed root config; tests run on the exact mixture teacher unless they name an experiment
+    (default_experiment=None composes what a user's bare `python train.py` gets)."""
     from hydra import compose as hcompose, initialize_config_dir
+    overrides = list(overrides)
+    if default_experiment and not any(o.startswith("experiment=") for o in overrides):
+        overrides.insert(0, f"experiment={default_experiment}")
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return hcompose(config_name="config", overrides=list(overrides))
+        return hcompose(config_name="config", overrides=overrides)
 
 
 @pytest.fixture

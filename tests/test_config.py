@@ -23,10 +23,11 @@ def test_every_experiment_composes_and_validates(name, tmp_path):
     assert rc.data.dir == f"runs/{name}/trajectories"
 
 
-def test_default_is_mnist_gmm_and_user_overrides_apply():
+def test_default_is_the_quick_neural_recipe_and_user_overrides_apply():
     rc = validate(_compose("run_dir=/tmp/x", "seed=7", "data.num_trajectories=128", "trainer.max_steps=3",
-                           "eval.num_samples=16", "solver=deis", "solver.order=2"))
-    assert rc.experiment == "mnist_gmm" and rc.teacher.kind == "mnist_gmm"
+                           "eval.num_samples=16", "solver=deis", "solver.order=2", default_experiment=None))
+    assert rc.experiment == "mnist_unet_quick" and rc.teacher.kind == "unet" and rc.eval.num_samples == 16
+    assert (rc.model.backbone.type, rc.model.parameterization) == ("teacher", "denoised")
     assert (rc.run_dir, rc.seed, rc.data.num_trajectories, rc.trainer.max_steps, rc.eval.num_samples) == \
         ("/tmp/x", 7, 128, 3, 16)
     assert rc.data.dir == "/tmp/x/trajectories"

@@ -59,7 +59,7 @@ def test_training_on_trajectories_of_another_solver_grid_is_refused(tmp_path):
 def test_bad_override_fails_before_any_work(tmp_path):
     p = _run("train.py", f"run_dir={tmp_path / 'r'}", "model.modes=7", check=False)
     assert p.returncode == 2
-    assert "model.modes=7: must be <= M // 2 + 1 = 3" in p.stderr
+    assert "model.modes=7: must be <= M // 2 + 1 = 2 for M = 2" in p.stderr   # the default's M = 2 output times
     assert not (tmp_path / "r" / "trajectories").exists()
 
 

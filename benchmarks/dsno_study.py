@@ -40,21 +40,31 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
     "denoised_teacher_m2": (["model.backbone.type=teacher", "model.parameterization=denoised"],
                             {"time_index": [1, 3]}),
     "denoised_teacher_m1_notemporal": (["model.backbone.type=teacher", "model.parameterization=denoised"],
-                                       {"time_index": [3], "temporal": False}),
+                                       {"time_index": [-1], "temporal": False}),
     "denoised_teacher_m4_notemporal": (["model.backbone.type=teacher", "model.parameterization=denoised"],
                                        {"temporal": False}),
     "denoised_teacher_lr3e-4": (["model.backbone.type=teacher", "model.parameterization=denoised",
                                  "train.lr=3e-4"], {}),
+    "denoised_teacher_lr2e-3": (["model.backbone.type=teacher", "model.parameterization=denoised",
+                                 "train.lr=2e-3"], {}),
+    "denoised_teacher_l1": (["model.backbone.type=teacher", "model.parameterization=denoised",
+                             "train.loss=l1"], {}),
+    "denoised_teacher_bs64": (["model.backbone.type=teacher", "model.parameterization=denoised",
+                               "train.batch_size=64"], {}),
     "denoised_teacher_flatw": (["model.backbone.type=teacher", "model.parameterization=denoised",
                                 "train.weight_max=1"], {}),
     "denoised_fresh_c48": (["model.backbone.type=unet", "model.parameterization=denoised",
                             "model.backbone.base_channels=48"], {}),
     "denoised_fresh_m1_notemporal": (["model.backbone.type=unet", "model.parameterization=denoised"],
-                                     {"time_index": [3], "temporal": False}),
+                                     {"time_index": [-1], "temporal": False}),
     "state_fresh_m1_notemporal": (["model.backbone.type=unet", "model.parameterization=state"],
-                                  {"time_index": [3], "temporal": False}),
+                                  {"time_index": [-1], "temporal": False}),
     "denoised_fresh_fresh_data": (["model.backbone.type=unet", "model.parameterization=denoised"],
                                   {"fresh_data": True}),
+    "state_fresh_fresh_data": (["model.backbone.type=unet", "model.parameterization=state"], {"fresh_data": True}),
+    "state_fresh_c48": (["model.backbone.type=unet", "model.parameterization=state",
+                         "model.backbone.base_channels=48"], {}),
+    "state_fresh_flatw": (["model.backbone.type=unet", "model.parameterization=state", "train.weight_max=1"], {}),
 }
 
 
@@ -85,11 +95,9 @@ def reference(rc, teacher, shape, n: int, steps: int, cache: Path) -> tuple[torc
         if ref.shape[0] == n:
             return x_T, ref
     grid = timesteps(teacher.schedule, steps=steps, spacing="logsnr", t_end=rc.solver.t_end)
-    with torch.no_grad():
-        teacher.double()
+    with torch.no_grad():   # a float64 solve; a network teacher stays in float32, as in eval
         ref = torch.cat([sample(teacher, x_T[i:i + 128].double(), grid, solver="dpm_solver_pp", order=3).float()
                          for i in range(0, n, 128)])
-        teacher.float()
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ref, cache)
     return x_T, ref
@@ -104,7 +112,7 @@ def fresh_batches(rc, teacher, shape, times, count: int, seed: int) -> tuple[tor
 
 
 def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed: int,
-                  extra: list[str], timing_steps: int = 3, steps: int | None = None) -> dict:
+                  extra: list[str], timing_steps: int = 3, steps: int | None = None, fid: bool = False) -> dict:
     from dsno.builders import build_student, build_teacher, sample_shape
     from dsno.nn.temporal import set_temporal_impl
     from dsno.training.ema import EMA
@@ -112,7 +120,7 @@ def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed
 
     overrides, opts = VARIANTS[name]
     x_all, s_all, times_all = data
-    index = opts.get("time_index", list(range(len(times_all))))
+    index = [i % len(times_all) for i in opts.get("time_index", range(len(times_all)))]
     times = [times_all[i] for i in index]
     # a run config needs M >= 2: M = 1 (plain distillation) is built from the M = 2 config's last branch
     run_times = times if len(times) > 1 else [times_all[0], times[0]]
@@ -147,11 +155,13 @@ def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed
     x_T, states = x_all, s_all[:, index]
     eval_x, ref = ref_set
 
-    def score() -> float:
+    def final_samples() -> torch.Tensor:
         ema.shadow.eval()
         with torch.no_grad():
-            out = torch.cat([ema.shadow(eval_x[i:i + 256])[:, -1] for i in range(0, len(eval_x), 256)])
-        return float((out.double() - ref.double()).square().mean().sqrt())
+            return torch.cat([ema.shadow(eval_x[i:i + 256])[:, -1] for i in range(0, len(eval_x), 256)])
+
+    def score() -> float:
+        return float((final_samples().double() - ref.double()).square().mean().sqrt())
 
     gen = torch.Generator().manual_seed(seed)
     order = {"perm": torch.randperm(len(x_T), generator=gen), "pos": 0, "epoch": 0, "x": x_T, "s": states}
@@ -206,17 +216,26 @@ def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed
         t0 = time.perf_counter()
         ema.shadow(xb)
         per_sample_ms = (time.perf_counter() - t0) / len(xb) * 1e3
+    fid = digit_fid(final_samples()) if fid and shape[0] == 1 else None
     return {"variant": name, "overrides": overrides, "options": opts, "times": times, "steps": step,
             "sec_per_step": sec_per_step, "wall_s": wall, "curve": curve, "ms_per_sample": per_sample_ms,
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in model.parameters()), "fid": fid}
+
+
+def digit_fid(samples: torch.Tensor) -> float:
+    """FID of 1-channel samples in [-1, 1] against the shipped real digits, with the digit features (as eval)."""
+    from dsno.metrics.fidelity import compute_fidelity, reference_digits
+    return compute_fidelity(samples, reference_digits(samples.shape[-1]), extractor="digits",
+                            metrics=("fid",))["fid"]
 
 
 def table(results: list[dict]) -> str:
-    head = ("| variant | M | params | steps | s/step | RMSE step 0 | 1/4 | 1/2 | 3/4 | end | ms/sample |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| variant | M | params | steps | s/step | RMSE step 0 | 1/4 | 1/2 | 3/4 | end | ms/sample | FID end |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = [f"| {r['variant']} | {len(r['times'])} | {r['params'] / 1e6:.2f}M | {r['steps']} | "
             f"{r['sec_per_step']:.3f} | " + " | ".join(f"{c[1]:.4f}" for c in r["curve"]) +
-            f" | {r['ms_per_sample']:.2f} |" for r in results]
+            f" | {r['ms_per_sample']:.2f} | " + ("-" if r.get("fid") is None else f"{r['fid']:.1f}") + " |"
+            for r in results]
     return "\n".join([head, *rows])
 
 
@@ -235,6 +254,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override for every variant")
+    ap.add_argument("--fid", action="store_true", help="also score the end's final samples by FID (digit teachers)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -254,7 +274,7 @@ def main() -> None:
     results = []
     for name in args.variants.split(","):
         results.append(train_variant(name, args.experiment, data, ref_set, args.budget, args.seed, args.override,
-                                     steps=args.steps))
+                                     steps=args.steps, fid=args.fid))
         print(table(results[-1:]).splitlines()[-1], flush=True)
     print(f"\nCommand: python benchmarks/dsno_study.py {' '.join(sys.argv[1:])}")
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch "

@@ -13,14 +13,18 @@ def build_teacher(tc: TeacherConfig) -> Teacher:
     """The teacher of a TeacherConfig (kind: mnist_gmm | gmm_file | unet | diffusers).
     A file that is missing, unreadable or of another kind is a TeacherLoadError naming it."""
     from safetensors import SafetensorError
+    where = f" from {tc.path}" if tc.path else ""
     try:
-        return _load_teacher(tc)
+        teacher = _load_teacher(tc)
     except TeacherLoadError:
         raise
     except (ValueError, OSError, KeyError, SafetensorError) as e:
-        where = f" from {tc.path}" if tc.path else ""
         reason = " ".join(str(e).split()) or type(e).__name__
         raise TeacherLoadError(f"cannot load the teacher (teacher.kind={tc.kind}){where}: {reason}") from None
+    if tc.prediction != teacher.prediction:     # the weights (or the closed form) decide what is predicted
+        raise TeacherLoadError(f"teacher.prediction={tc.prediction}, but the teacher (teacher.kind={tc.kind}){where} "
+                               f"predicts {teacher.prediction}: set teacher.prediction={teacher.prediction}")
+    return teacher
 
 
 def _load_teacher(tc: TeacherConfig) -> Teacher:

@@ -81,6 +81,11 @@ def test_teacher_files_of_the_wrong_kind_are_named(tmp_path, capsys):
         (["teacher=diffusers", f"teacher.path={bad_json}"],
          f"error: cannot load the teacher (teacher.kind=diffusers) from {bad_json}: {bad_json}/unet/config.json "
          "is not readable JSON"),
+        (["teacher=mnist_unet", "teacher.prediction=v"],     # the weights decide; a different value is refused
+         "error: teacher.prediction=v, but the teacher (teacher.kind=unet) predicts eps: set teacher.prediction=eps"),
+        (["teacher.prediction=eps"],
+         "error: teacher.prediction=eps, but the teacher (teacher.kind=mnist_gmm) predicts x0: set "
+         "teacher.prediction=x0"),
     ]
     for overrides, message in cases:
         cfg = compose(f"run_dir={tmp_path / 'run'}", *TINY_RUN, *overrides)

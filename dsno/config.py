@@ -39,7 +39,7 @@ class TeacherConfig:
     size: int = 16                  # image side, pixels (mnist_gmm, unet)
     components: int = 64            # mixture components (mnist_gmm)
     path: Optional[str] = None      # weights file or folder (gmm_file, unet, diffusers)
-    prediction: str = "eps"         # what a neural teacher predicts: eps | x0 | v
+    prediction: str = "eps"         # what the teacher predicts: eps | x0 | v; must match its weights (checked at load)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 

@@ -30,45 +30,35 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# the starting points the variants build on: a copied teacher read as a denoiser, a fresh backbone read
+# as a denoiser, a fresh backbone regressing the states
+TEACHER_DENOISED = ["model.backbone.type=teacher", "model.parameterization=denoised"]
+FRESH_DENOISED = ["model.backbone.type=unet", "model.parameterization=denoised"]
+FRESH_STATE = ["model.backbone.type=unet", "model.parameterization=state"]
+
 # name -> (Hydra overrides, study options): the variants the table reports
 VARIANTS: dict[str, tuple[list[str], dict]] = {
-    "denoised_teacher": (["model.backbone.type=teacher", "model.parameterization=denoised"], {}),
-    "denoised_teacher_fft": (["model.backbone.type=teacher", "model.parameterization=denoised"],
-                             {"temporal_impl": "fft"}),
-    "denoised_fresh": (["model.backbone.type=unet", "model.parameterization=denoised"], {}),
-    "state_fresh": (["model.backbone.type=unet", "model.parameterization=state"], {}),
-    "denoised_teacher_m2": (["model.backbone.type=teacher", "model.parameterization=denoised"],
-                            {"time_index": [1, 3]}),
-    "denoised_teacher_m1_notemporal": (["model.backbone.type=teacher", "model.parameterization=denoised"],
-                                       {"time_index": [-1], "temporal": False}),
-    "denoised_teacher_m4_notemporal": (["model.backbone.type=teacher", "model.parameterization=denoised"],
-                                       {"temporal": False}),
-    "denoised_teacher_lr3e-4": (["model.backbone.type=teacher", "model.parameterization=denoised",
-                                 "train.lr=3e-4"], {}),
-    "denoised_teacher_lr2e-3": (["model.backbone.type=teacher", "model.parameterization=denoised",
-                                 "train.lr=2e-3"], {}),
-    "denoised_teacher_l1": (["model.backbone.type=teacher", "model.parameterization=denoised",
-                             "train.loss=l1"], {}),
-    "denoised_teacher_bs64": (["model.backbone.type=teacher", "model.parameterization=denoised",
-                               "train.batch_size=64"], {}),
-    "denoised_teacher_tau0.3": (["model.backbone.type=teacher", "model.parameterization=denoised",
-                                 "model.denoise_time=0.3"], {}),
-    "denoised_teacher_tau0.7": (["model.backbone.type=teacher", "model.parameterization=denoised",
-                                 "model.denoise_time=0.7"], {}),
-    "denoised_teacher_flatw": (["model.backbone.type=teacher", "model.parameterization=denoised",
-                                "train.weight_max=1"], {}),
-    "denoised_fresh_c48": (["model.backbone.type=unet", "model.parameterization=denoised",
-                            "model.backbone.base_channels=48"], {}),
-    "denoised_fresh_m1_notemporal": (["model.backbone.type=unet", "model.parameterization=denoised"],
-                                     {"time_index": [-1], "temporal": False}),
-    "state_fresh_m1_notemporal": (["model.backbone.type=unet", "model.parameterization=state"],
-                                  {"time_index": [-1], "temporal": False}),
-    "denoised_fresh_fresh_data": (["model.backbone.type=unet", "model.parameterization=denoised"],
-                                  {"fresh_data": True}),
-    "state_fresh_fresh_data": (["model.backbone.type=unet", "model.parameterization=state"], {"fresh_data": True}),
-    "state_fresh_c48": (["model.backbone.type=unet", "model.parameterization=state",
-                         "model.backbone.base_channels=48"], {}),
-    "state_fresh_flatw": (["model.backbone.type=unet", "model.parameterization=state", "train.weight_max=1"], {}),
+    "denoised_teacher": (TEACHER_DENOISED, {}),
+    "denoised_teacher_fft": (TEACHER_DENOISED, {"temporal_impl": "fft"}),
+    "denoised_fresh": (FRESH_DENOISED, {}),
+    "state_fresh": (FRESH_STATE, {}),
+    "denoised_teacher_m2": (TEACHER_DENOISED, {"time_index": [1, 3]}),
+    "denoised_teacher_m1_notemporal": (TEACHER_DENOISED, {"time_index": [-1], "temporal": False}),
+    "denoised_teacher_m4_notemporal": (TEACHER_DENOISED, {"temporal": False}),
+    "denoised_teacher_lr3e-4": ([*TEACHER_DENOISED, "train.lr=3e-4"], {}),
+    "denoised_teacher_lr2e-3": ([*TEACHER_DENOISED, "train.lr=2e-3"], {}),
+    "denoised_teacher_l1": ([*TEACHER_DENOISED, "train.loss=l1"], {}),
+    "denoised_teacher_bs64": ([*TEACHER_DENOISED, "train.batch_size=64"], {}),
+    "denoised_teacher_tau0.3": ([*TEACHER_DENOISED, "model.denoise_time=0.3"], {}),
+    "denoised_teacher_tau0.7": ([*TEACHER_DENOISED, "model.denoise_time=0.7"], {}),
+    "denoised_teacher_flatw": ([*TEACHER_DENOISED, "train.weight_max=1"], {}),
+    "denoised_fresh_c48": ([*FRESH_DENOISED, "model.backbone.base_channels=48"], {}),
+    "denoised_fresh_m1_notemporal": (FRESH_DENOISED, {"time_index": [-1], "temporal": False}),
+    "state_fresh_m1_notemporal": (FRESH_STATE, {"time_index": [-1], "temporal": False}),
+    "denoised_fresh_fresh_data": (FRESH_DENOISED, {"fresh_data": True}),
+    "state_fresh_fresh_data": (FRESH_STATE, {"fresh_data": True}),
+    "state_fresh_c48": ([*FRESH_STATE, "model.backbone.base_channels=48"], {}),
+    "state_fresh_flatw": ([*FRESH_STATE, "train.weight_max=1"], {}),
 }
 
 

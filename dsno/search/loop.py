@@ -145,6 +145,11 @@ def _score(teacher, s: usf.Schedule, x: torch.Tensor, ref: torch.Tensor) -> floa
         return rmse(usf.run(teacher, x, s), ref)
 
 
+def noise_seeds(seed: int) -> tuple[int, int]:
+    """The generator seeds of a search's scoring noise and of its verification noise (search.seed=seed)."""
+    return 1_000_003 * seed + 1, 1_000_003 * seed + 2
+
+
 def reference(teacher, x: torch.Tensor, t_end: float, steps: int, cache: Path | None) -> torch.Tensor:
     """The teacher's float64 reference solution from x at T to t_end (DPM-Solver++ 3M, `steps`
     logSNR steps), cached as safetensors under `cache` when given."""
@@ -212,8 +217,9 @@ def search(teacher, nfe: int, sc: SearchConfig, out_dir: str | Path, t_end: floa
     t0, counter = (time.perf_counter(), time.process_time()), _Counter(teacher)
     try:
         shape = tuple(shape or teacher.shape)
-        x_s = torch.randn(sc.batch, *shape, generator=torch.Generator().manual_seed(1_000_003 * sc.seed + 1)).to(dtype)
-        x_v = torch.randn(sc.verify_batch, *shape, generator=torch.Generator().manual_seed(1_000_003 * sc.seed + 2)).to(dtype)
+        score_seed, verify_seed = noise_seeds(sc.seed)
+        x_s = torch.randn(sc.batch, *shape, generator=torch.Generator().manual_seed(score_seed)).to(dtype)
+        x_v = torch.randn(sc.verify_batch, *shape, generator=torch.Generator().manual_seed(verify_seed)).to(dtype)
         tag = hashlib.sha256(json.dumps([fp["teacher"], sc.seed, sc.batch, sc.verify_batch, sc.reference_steps,
                                          float(t_end)], sort_keys=True, default=str).encode()).hexdigest()[:12]
         cache = out_dir / ".reference"

@@ -1,7 +1,6 @@
 """Make (or resume, or repair with data.repair=true) the teacher trajectories of an experiment."""
 
 import sys
-
 from pathlib import Path
 
 import hydra

@@ -194,7 +194,6 @@ class VPSchedule(_TimeRange):
         return _interp(log_alpha, torch.flip(self._log_alpha_grid, [0]), torch.flip(self._t_grid, [0]))
 
 
-
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear interpolation with linear extrapolation at both ends (float64)."""
     flat = x.reshape(-1).contiguous()

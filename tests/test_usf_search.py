@@ -61,6 +61,28 @@ def test_predictor_ranks_held_out_candidates_better_than_chance():
     assert tau > 0.3, tau
 
 
+def test_reference_of_a_network_teacher_keeps_its_float32_network_and_a_float64_state(tmp_path):
+    """As eval's reference: the solve's state is float64, the network runs in its own float32 (the
+    teacher is left as it was), within float32 rounding of the all-float64 solve; cached bit for bit."""
+    from dsno.teachers.unet import UNetTeacher
+    teacher = UNetTeacher(dict(in_channels=1, out_channels=1, base_channels=8, channel_mult=[1, 2], num_res_blocks=1,
+                               attn_resolutions=[4], image_size=8))
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    cache = tmp_path / "ref.safetensors"
+    ref = loop.reference(teacher, x, 1e-3, 20, cache)
+    assert ref.dtype == torch.float64 and next(teacher.parameters()).dtype == torch.float32
+    grid = timesteps(teacher.schedule, steps=20, spacing="logsnr", t_end=1e-3)
+    with torch.no_grad():
+        assert torch.equal(ref, dsno.sample(teacher, x.double(), grid, solver="dpm_solver_pp", order=3))
+        all64 = dsno.sample(teacher.double(), x.double(), grid, solver="dpm_solver_pp", order=3)
+    gap = float((ref - all64).abs().max())
+    assert 0.0 < gap < 1e-4, gap
+    assert torch.equal(loop.reference(teacher, x, 1e-3, 20, cache), ref)
+
+
 def test_search_resumes_to_the_same_result(tmp_path, monkeypatch):
     teacher = mixture()
     sc = SearchConfig(**TINY)

@@ -151,18 +151,16 @@ def noise_seeds(seed: int) -> tuple[int, int]:
 
 
 def reference(teacher, x: torch.Tensor, t_end: float, steps: int, cache: Path | None) -> torch.Tensor:
-    """The teacher's float64 reference solution from x at T to t_end (DPM-Solver++ 3M, `steps`
-    logSNR steps), cached as safetensors under `cache` when given."""
+    """The teacher's reference solution from x at T to t_end (DPM-Solver++ 3M, `steps` logSNR
+    steps; the state float64, a network evaluated in its own dtype, as eval's reference), cached as
+    safetensors under `cache` when given."""
     from dsno.solvers import sample
     if cache is not None and cache.is_file():
         from safetensors.torch import load_file
         return load_file(str(cache))["x"]
-    dtype = next((p.dtype for p in [*teacher.parameters(), *teacher.buffers()] if p.is_floating_point()), torch.float64)
     grid = timesteps(teacher.schedule, steps=steps, spacing="logsnr", t_end=t_end)
     with torch.no_grad():
-        teacher.double()
         ref = sample(teacher, x.double(), grid, solver="dpm_solver_pp", order=3)
-        teacher.to(dtype)
     if cache is not None:
         from safetensors.torch import save_file
         cache.parent.mkdir(parents=True, exist_ok=True)

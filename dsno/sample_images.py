@@ -12,7 +12,7 @@ are written atomically (temp file + fsync + rename); a chunk counts as complete 
 .npy matches its digest, so a rerun after an interruption skips complete chunks, redoes a
 tampered or truncated one, rewrites any PNG whose bytes differ, and produces the same bytes.
 DIR/run.json records what the chunks were made with; a rerun with a different sampler, form,
-seed or chunk_size is refused.
+seed, chunk_size or noise rule is refused.
 """
 
 from __future__ import annotations
@@ -29,11 +29,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import torch
 
 from dsno.atomic import atomic_path, atomic_write_bytes
 from dsno.errors import UserError, report_errors
 from dsno.export import parse_options
+from dsno.metrics.image_io import to_uint8
 from dsno.sampler import CONFIG_FILE, FORM_FILES, Sampler, load_sampler
+from dsno.seeding import CHUNK, index_seed
 
 USAGE = ("usage: python -m dsno.sample_images sampler=PATH n=N out=DIR "
          "[seed=0 batch_size=256 form=auto chunk_size=1000 trust_program=false]")
@@ -43,16 +46,17 @@ RUN_FILE = "run.json"
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamp: the .npz bytes depend only on the samples
 
 
+NOISE_RULE = "chunk c: torch.Generator().manual_seed(blake2b-64(seed, c, person=dsno.chunk))"
+
+
 def chunk_seed(seed: int, chunk: int) -> int:
-    """A 64-bit generator seed that depends only on (seed, chunk)."""
-    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, dtype=np.uint64)[0])
+    """A 64-bit generator seed that depends only on (seed, chunk) (`dsno.seeding.index_seed`)."""
+    return index_seed(seed, chunk, CHUNK)
 
 
-def to_uint8(images: Any, data_range: Sequence[float]) -> np.ndarray:
-    """[N, C, H, W] floats in data_range -> uint8 [N, H, W, C] (rounded, clipped)."""
-    lo, hi = data_range
-    x = (np.asarray(images, dtype=np.float32) - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+def to_pixels(images: torch.Tensor, data_range: Sequence[float]) -> np.ndarray:
+    """[N, C, H, W] floats in data_range -> uint8 [N, H, W, C] (`dsno.metrics.image_io.to_uint8`)."""
+    return to_uint8(images, tuple(data_range)).permute(0, 2, 3, 1).numpy()
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -87,14 +91,14 @@ def _run_record(sampler: Sampler, seed: int, chunk_size: int) -> dict[str, Any]:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return {"sampler": str(folder.resolve()), "sampler_sha256": digest.hexdigest(), "form": form,
-            "seed": seed, "chunk_size": chunk_size}
+            "seed": seed, "chunk_size": chunk_size, "noise": NOISE_RULE}
 
 
 def _check_run_record(out: Path, record: dict[str, Any]) -> None:
     path = out / RUN_FILE
     if path.is_file():
         previous = json.loads(path.read_text())
-        keys = ("sampler_sha256", "form", "seed", "chunk_size")
+        keys = ("sampler_sha256", "form", "seed", "chunk_size", "noise")
         changed = [k for k in keys if previous.get(k) != record[k]]
         if changed:
             raise UserError(f"{out} holds samples made with different {', '.join(changed)} "
@@ -139,7 +143,7 @@ def write_samples(sampler_path: str | os.PathLike, n: int, out: str | os.PathLik
             made = images is None
             if made:
                 samples = sampler.sample(count, seed=chunk_seed(seed, c), batch_size=batch_size)
-                images = to_uint8(samples.numpy(), sampler.data_range)
+                images = to_pixels(samples, sampler.data_range)
             for i, image in enumerate(images):
                 png, data = png_dir / f"{start + i:06d}.png", png_bytes(image)
                 if made or not png.is_file() or png.read_bytes() != data:

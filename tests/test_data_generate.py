@@ -27,6 +27,7 @@ from dsno.data import (
     trajectory_noise,
     verify_dataset,
 )
+from dsno.data.generate import noise_seed
 from dsno.data.manifest import MANIFEST_NAME
 
 TIMES = [0.75, 0.5, 0.0]
@@ -95,6 +96,15 @@ def test_values_are_noise_and_its_solution(tmp_path):
     generate(tmp_path / "other", shard_size=4, batch_size=3)
     x_other = np.concatenate([np.load(tmp_path / "other" / f"shard-{i:05d}.x_T.npy") for i in range(3)])
     assert np.array_equal(x_other, x_T)
+
+
+def test_noise_seeds_are_the_ones_every_data_set_was_made_with():
+    # values of the hand-written BLAKE2b seed before it moved to dsno.seeding: fingerprints and resume hold
+    assert [noise_seed(s, i) for s in (0, 7, 2**63 - 1) for i in (0, 1, 12345)] == [
+        3750911886836698674, 16807491087351725307, 9746722059088943131, 1461523427588417409,
+        4901085577757109828, 7899590534170044112, 3325559682322043172, 3962829866412714849,
+        16571546931992647327]
+    assert float(trajectory_noise(7, 0, 5, (1, 4, 4)).double().sum()) == -1.456631924957037
 
 
 def test_float64_solve_sees_the_stored_noise(tmp_path):

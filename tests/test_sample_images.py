@@ -1,5 +1,6 @@
 """python -m dsno.sample_images: PNG folder + .npz, chunked and resumable with byte-identical results."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from dsno.data.generate import noise_seed
 from dsno.errors import UserError
 from dsno.export import export_sampler
 from dsno.nn import build_dsno
-from dsno.sample_images import chunk_seed, main, png_bytes, to_uint8, write_samples
+from dsno.sample_images import chunk_seed, main, png_bytes, to_pixels, write_samples
 from dsno.sampler import load_sampler
 
 N, CHUNK, BATCH = 1000, 50, 25
@@ -82,7 +84,7 @@ def test_kill_and_resume_gives_byte_identical_files(sampler_dir, tmp_path):
     assert np.array_equal(np.array(Image.open(resumed / "png" / "000777.png")), samples[777, :, :, 0])
     # chunk c holds the sampler's images for seed chunk_seed(seed, c)
     sampler = load_sampler(sampler_dir)
-    chunk3 = to_uint8(sampler.sample(CHUNK, seed=chunk_seed(0, 3), batch_size=BATCH).numpy(), (-1.0, 1.0))
+    chunk3 = to_pixels(sampler.sample(CHUNK, seed=chunk_seed(0, 3), batch_size=BATCH), (-1.0, 1.0))
     assert np.array_equal(samples[3 * CHUNK:4 * CHUNK], chunk3)
 
 
@@ -95,13 +97,28 @@ def test_rerun_with_other_settings_is_refused_and_missing_pngs_are_rewritten(sam
     assert tree(out) == before
     with pytest.raises(UserError, match="different seed"):
         write_samples(sampler_dir, 60, out, seed=2, batch_size=BATCH, chunk_size=CHUNK, progress=False)
+    record = json.loads((out / "run.json").read_text())
+    del record["noise"]                                # a folder written before the noise rule was recorded
+    (out / "run.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match="different noise"):
+        write_samples(sampler_dir, 60, out, seed=1, batch_size=BATCH, chunk_size=CHUNK, progress=False)
+
+
+def test_chunk_seed_is_the_recorded_blake2b_rule():
+    import hashlib
+    import struct
+    for seed, c in ((0, 0), (0, 3), (2**63 - 1, 12345)):
+        digest = hashlib.blake2b(struct.pack("<QQ", seed, c), digest_size=8, person=b"dsno.chunk").digest()
+        assert chunk_seed(seed, c) == int.from_bytes(digest, "little")
+    assert chunk_seed(0, 3) != noise_seed(0, 3)       # the chunk and trajectory streams differ
 
 
 def test_uint8_mapping_and_rgb_png():
-    images = np.array([[[[-1.0, 0.0], [1.0, 2.0]]] * 3])  # [1, 3, 2, 2]
-    out = to_uint8(images, (-1.0, 1.0))
+    images = torch.tensor([[[[-1.0, 0.0], [1.0, 2.0]]] * 3])  # [1, 3, 2, 2]
+    out = to_pixels(images, (-1.0, 1.0))
     assert out.shape == (1, 2, 2, 3) and out.dtype == np.uint8
     assert out[0, :, :, 0].tolist() == [[0, 128], [255, 255]]
+    assert to_pixels(torch.tensor([[[[0.0, 0.5, 1.0]]]]), (0.0, 1.0))[0, 0, :, 0].tolist() == [0, 128, 255]
     import io
     decoded = np.array(Image.open(io.BytesIO(png_bytes(out[0]))))
     assert decoded.shape == (2, 2, 3) and np.array_equal(decoded, out[0])

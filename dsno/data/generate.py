@@ -17,12 +17,10 @@ listed are verified (`dsno.data.verify`) before the run resumes from them.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import re
 import shutil
-import struct
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -52,6 +50,7 @@ from dsno.data.manifest import (
 from dsno.data.lock import generation_lock
 from dsno.data.shards import TEMP_SUFFIX, find_bad_shards, npy_file_size, remove_stray_temp, write_shard
 from dsno.data.verify import CACHE_NAME, ShardVerifier
+from dsno.seeding import NOISE, index_seed
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +68,8 @@ MAX_SHARDS = 10_000  # the manifest is rewritten after each shard: its size must
 
 
 def noise_seed(seed: int, index: int) -> int:
-    """64-bit generator seed of trajectory `index` under data set `seed` (BLAKE2b of both)."""
-    digest = hashlib.blake2b(struct.pack("<QQ", seed, index), digest_size=8, person=b"dsno.noise").digest()
-    return int.from_bytes(digest, "little")
+    """64-bit generator seed of trajectory `index` under data set `seed` (`dsno.seeding.index_seed`)."""
+    return index_seed(seed, index, NOISE)
 
 
 def trajectory_noise(seed: int, start: int, stop: int, sample_shape: Sequence[int]) -> torch.Tensor:

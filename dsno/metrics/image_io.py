@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] -> uint8 in [0, 255] (rounded, out-of-range values clipped); uint8 passes through.
+def to_uint8(images: torch.Tensor, data_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    """Float images in data_range (default [-1, 1]) -> uint8 in [0, 255] (rounded half to even,
+    out-of-range values clipped); uint8 passes through. The one float -> uint8 conversion of dsno.
 
     images: [..., C, H, W] float or uint8 -> same shape, uint8.
     """
@@ -16,7 +17,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
         return images
     if not images.is_floating_point():
         raise TypeError(f"images must be float in [-1, 1] or uint8 in [0, 255], got dtype {images.dtype}")
-    return ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    lo, hi = (float(v) for v in data_range)
+    return ((images.float() - lo) * (255.0 / (hi - lo))).round().clamp(0, 255).to(torch.uint8)
 
 
 def from_uint8(images: torch.Tensor) -> torch.Tensor:

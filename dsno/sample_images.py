@@ -17,7 +17,6 @@ seed, chunk_size or noise rule is refused.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -26,7 +25,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from dsno.atomic import atomic_path, atomic_write_bytes
 from dsno.errors import UserError, report_errors
 from dsno.export import parse_options
 from dsno.metrics.image_io import to_uint8
+from dsno.progress import counter
 from dsno.sampler import CONFIG_FILE, FORM_FILES, Sampler, load_sampler
 from dsno.seeding import CHUNK, index_seed
 
@@ -135,7 +135,7 @@ def write_samples(sampler_path: str | os.PathLike, n: int, out: str | os.PathLik
 
     num_chunks = -(-n // chunk_size)
     chunk_files = [chunk_dir / f"{c:05d}.npy" for c in range(num_chunks)]
-    with _progress(progress, n) as advance:
+    with counter("sampling", n, progress) as advance:
         for c, chunk_file in enumerate(chunk_files):
             start = c * chunk_size
             count = min(chunk_size, n - start)
@@ -175,19 +175,6 @@ def _load_complete_chunk(path: Path, shape: tuple[int, ...]) -> np.ndarray | Non
     except ValueError:
         return None
     return images if images.shape == shape and images.dtype == np.uint8 else None
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar over `total` images (or nothing); yields advance(k)."""
-    if not enabled:
-        yield lambda k: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn()) as bar:
-        task = bar.add_task("sampling", total=total)
-        yield lambda k: bar.advance(task, k)
 
 
 @dataclass

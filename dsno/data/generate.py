@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import shutil
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -50,6 +49,7 @@ from dsno.data.manifest import (
 from dsno.data.lock import generation_lock
 from dsno.data.shards import TEMP_SUFFIX, find_bad_shards, npy_file_size, remove_stray_temp, write_shard
 from dsno.data.verify import CACHE_NAME, ShardVerifier
+from dsno.progress import progress_bar
 from dsno.seeding import NOISE, index_seed
 
 log = logging.getLogger(__name__)
@@ -290,16 +290,6 @@ def _solve_batches(solve: Solve, target: Manifest, index: int, batch_size: int, 
         yield x_T.numpy(), states.numpy()
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return nullcontext(None)
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
-
-
 def generate_dataset(out_dir: str | os.PathLike, *, solve: Solve, fingerprint: Mapping[str, Any],
                      num_trajectories: int, shard_size: int, sample_shape: Sequence[int], seed: int,
                      batch_size: int, rank: int | None = None, world_size: int | None = None,
@@ -382,12 +372,12 @@ def _generate_locked(folder: Path, target: Manifest, solve: Solve, batch_size: i
         torch.distributed.barrier()  # nobody writes before every rank has checked and cleaned up
 
     ledger = folder / (MANIFEST_NAME if world_size == 1 else part_name(rank, world_size))
-    show = progress and rank == 0 and bool(todo)
-    with _progress(show) as bar:
-        if bar is not None:
-            t_shards = bar.add_task(f"shards (rank {rank}/{world_size})", total=len(todo))
-            t_traj = bar.add_task("trajectories", total=sum(target.expected_count(i) for i in todo))
-        on_batch = (lambda n: bar.advance(t_traj, n)) if bar is not None else (lambda n: None)
+    with progress_bar(progress and rank == 0 and bool(todo)) as bar:
+        t_shards = bar.add_task(f"shards (rank {rank}/{world_size})", total=len(todo))
+        t_traj = bar.add_task("trajectories", total=sum(target.expected_count(i) for i in todo))
+
+        def on_batch(n: int) -> None:
+            bar.advance(t_traj, n)
         for i in todo:
             try:
                 rec = write_shard(folder, target, i, _solve_batches(solve, target, i, batch_size,
@@ -405,8 +395,7 @@ def _generate_locked(folder: Path, target: Manifest, solve: Solve, batch_size: i
             listed = records if world_size == 1 else {j: r for j, r in records.items() if j % world_size == rank}
             write_json_atomic(ledger, _with_shards(target, listed, created).to_dict(),
                               temp_suffix=f".tmp.r{rank}")
-            if bar is not None:
-                bar.advance(t_shards)
+            bar.advance(t_shards)
 
     if group:
         torch.distributed.barrier()

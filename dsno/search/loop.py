@@ -20,8 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +28,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from dsno.atomic import atomic_path, atomic_write_text
 from dsno.errors import UserError
+from dsno.progress import progress_bar
 from dsno.search.predictor import Predictor, kendall_tau
 from dsno.search.space import Space, _tidy, crossover, encode, mutate, random_schedule
 from dsno.solvers import usf
@@ -103,19 +103,6 @@ def check_config(sc: SearchConfig, nfe: int, t_start: float, t_end: float) -> No
         fail("search.pin_times", pins, f"{len(pins)} pinned times need nfe >= {len(pins) + 1}")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _key(s: usf.Schedule) -> str:
     d = usf.to_dict(s)
     d["timesteps"] = [round(t, 10) for t in d["timesteps"]]
@@ -163,10 +150,8 @@ def reference(teacher, x: torch.Tensor, t_end: float, steps: int, cache: Path | 
         ref = sample(teacher, x.double(), grid, solver="dpm_solver_pp", order=3)
     if cache is not None:
         from safetensors.torch import save_file
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
-        save_file({"x": ref.contiguous()}, str(tmp))
-        os.replace(tmp, cache)
+        with atomic_path(cache) as tmp:
+            save_file({"x": ref.contiguous()}, str(tmp))
     return ref
 
 
@@ -263,8 +248,6 @@ def _load_state(path: Path, fp: dict, resume: bool) -> dict:
 
 def _run(teacher, space: Space, sc: SearchConfig, state: dict, scored_path: Path, x_s, ref_s, x_v, ref_v,
          progress: bool, t0: tuple[float, float], counter: _Counter):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     seen = {_key(usf.from_dict(r["schedule"])) for r in state["scored"]}
     calls0, samples0, wall0 = state["teacher_calls"], state["teacher_samples"], state["wall_s"]
     cpu0 = state.get("cpu_s", 0.0)
@@ -273,7 +256,7 @@ def _run(teacher, space: Space, sc: SearchConfig, state: dict, scored_path: Path
         state["wall_s"] = wall0 + time.perf_counter() - t0[0]
         state["cpu_s"] = cpu0 + time.process_time() - t0[1]
         state["teacher_calls"], state["teacher_samples"] = calls0 + counter.calls, samples0 + counter.samples
-        _atomic_write(scored_path, json.dumps(state))
+        atomic_write_text(scored_path, json.dumps(state))
 
     def add(s: usf.Schedule, rnd: int, predicted: float | None = None, explore: bool = False) -> None:
         state["scored"].append({"schedule": usf.to_dict(s), "rmse": _score(teacher, s, x_s, ref_s), "round": rnd,
@@ -283,10 +266,8 @@ def _run(teacher, space: Space, sc: SearchConfig, state: dict, scored_path: Path
     seeds = seeded_schedules(space)
     total_initial = len(seeds) + sc.initial
     total = total_initial + sc.rounds * sc.scored_per_round + sc.verify_top
-    with Progress(TextColumn("[bold]search nfe={task.fields[nfe]}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), disable=not progress,
-                  transient=False) as bar:
-        task = bar.add_task("search", total=total, nfe=space.nfe, best="-")
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"search nfe={space.nfe} best -", total=total)
         done = min(len(state["scored"]), total_initial) + state["rounds_done"] * sc.scored_per_round
         bar.update(task, completed=done)
         n_initial = sum(1 for r in state["scored"] if r["round"] == 0)
@@ -305,7 +286,8 @@ def _run(teacher, space: Space, sc: SearchConfig, state: dict, scored_path: Path
             state["rounds_done"] = rnd
             save()
             best = _ranked(state)[0]["rmse"]
-            bar.update(task, completed=total_initial + rnd * sc.scored_per_round, best=f"{best:.4g}")
+            bar.update(task, completed=total_initial + rnd * sc.scored_per_round,
+                       description=f"search nfe={space.nfe} best {best:.4g}")
             log.info("search round %d: best RMSE %.4g, predictor Kendall tau %.3f", rnd, best, state["taus"][-1])
         ranked = _ranked(state)
         top = ranked[: sc.verify_top]

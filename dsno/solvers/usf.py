@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -36,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from dsno.atomic import atomic_write_text
 from dsno.errors import UserError
 from dsno.solvers.coefficients import exponential_frame, phi
 from dsno.solvers.core import Point, Trajectory, combine, grid_points, step_orders
@@ -226,20 +226,11 @@ def load(src: "str | os.PathLike | Schedule | Mapping") -> Schedule:
 
 
 def save(s: Schedule, path: "str | os.PathLike") -> Path:
-    """Write `s` as YAML atomically (temp file + os.replace); returns the path."""
+    """Write `s` as YAML atomically (`dsno.atomic`); returns the path."""
     import yaml
     validate(s)
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(to_dict(s), f, sort_keys=False, default_flow_style=None, width=120)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(p, yaml.safe_dump(to_dict(s), sort_keys=False, default_flow_style=None, width=120))
     return p
 
 

@@ -109,7 +109,7 @@ def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed
                   extra: list[str], timing_steps: int = 3, steps: int | None = None, fid: bool = False) -> dict:
     from dsno.builders import build_student, build_teacher, sample_shape
     from dsno.nn.temporal import set_temporal_impl
-    from dsno.training.ema import EMA
+    from dsno.training.ema import averaged_model
     from dsno.training.losses import build_loss, time_weights
 
     overrides, opts = VARIANTS[name]
@@ -140,8 +140,8 @@ def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed
     set_temporal_impl(model, opts.get("temporal_impl", rc.train.temporal_impl))
     weights = time_weights(teacher.schedule, times, rc.train.weight_min, rc.train.weight_max)
     loss_fn = build_loss(weights, rc.train.loss, rc.train.perceptual_weights)
-    ema = EMA(model, rc.train.ema_decay)
-    set_temporal_impl(ema.shadow, opts.get("temporal_impl", rc.train.temporal_impl))
+    ema = averaged_model(model, rc.train.ema_decay)
+    set_temporal_impl(ema.module, opts.get("temporal_impl", rc.train.temporal_impl))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=rc.train.lr)
     warm = max(1, rc.train.warmup_steps)
@@ -150,9 +150,9 @@ def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed
     eval_x, ref = ref_set
 
     def final_samples() -> torch.Tensor:
-        ema.shadow.eval()
+        ema.module.eval()
         with torch.no_grad():
-            return torch.cat([ema.shadow(eval_x[i:i + 256])[:, -1] for i in range(0, len(eval_x), 256)])
+            return torch.cat([ema.module(eval_x[i:i + 256])[:, -1] for i in range(0, len(eval_x), 256)])
 
     def score() -> float:
         return float((final_samples().double() - ref.double()).square().mean().sqrt())
@@ -178,7 +178,7 @@ def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed
             torch.nn.utils.clip_grad_norm_(params, rc.train.grad_clip)
         opt.step()
         sched.step()
-        ema.update(model)
+        ema.update_parameters(model)
 
     # equal training time: the step count is the budget over this variant's measured step cost
     # (timed on a throw-away copy of the optimiser state, so the run itself starts at step 0)
@@ -206,9 +206,9 @@ def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed
     step = total
     with torch.no_grad():
         xb = eval_x[:256]
-        ema.shadow(xb)
+        ema.module(xb)
         t0 = time.perf_counter()
-        ema.shadow(xb)
+        ema.module(xb)
         per_sample_ms = (time.perf_counter() - t0) / len(xb) * 1e3
     fid = digit_fid(final_samples()) if fid and shape[0] == 1 else None
     return {"variant": name, "overrides": overrides, "options": opts, "times": times, "steps": step,

@@ -309,7 +309,7 @@ def test_non_finite_loss_message_claims_a_checkpoint_only_if_there_is_one(tmp_pa
 
 
 def test_nan_loss_at_the_first_step_says_no_checkpoint_exists(tiny_run, tmp_path):
-    from dsno.stages.training import run
+    from dsno.stages.pipeline import run
     from dsno.training.module import DSNOModule, NonFiniteLossError
     rc = tiny_run(run_dir=tmp_path / "nan0")
     orig = DSNOModule.training_step
@@ -320,7 +320,7 @@ def test_nan_loss_at_the_first_step_says_no_checkpoint_exists(tiny_run, tmp_path
     DSNOModule.training_step = poisoned
     try:
         with pytest.raises(NonFiniteLossError, match=r"at step 0; stopping: no checkpoint was written yet \("):
-            run(rc, evaluate=False)
+            run(rc, through="train")
     finally:
         DSNOModule.training_step = orig
     assert not (tmp_path / "nan0" / "checkpoints" / "last.ckpt").exists()

@@ -36,13 +36,13 @@ def test_checkpoint_io_refuses_code_carrying_pickles(tmp_path):
 
 
 def test_resuming_from_a_malicious_last_ckpt_fails_clearly(tiny_run, tmp_path):
-    from dsno.stages.training import run
+    from dsno.stages.pipeline import run
     rc = tiny_run(run_dir=tmp_path / "run")
     marker = tmp_path / "pwned"
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     torch.save({"state_dict": _Exploit(marker)}, tmp_path / "run" / "checkpoints" / "last.ckpt")
     with pytest.raises(CheckpointRefusedError, match="refusing to load checkpoint"):
-        run(rc, evaluate=False)
+        run(rc, through="train")
     assert not marker.exists()
 
 

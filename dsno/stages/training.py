@@ -1,102 +1,114 @@
-"""The training stage: trajectories in (made first if missing), a DSNO checkpoint and sampler out."""
+"""The training stage: a complete trajectory set in, a DSNO checkpoint out (checkpoints/last.ckpt
+to resume from; the EMA weights, dsno_ema.safetensors, and their build config, dsno_config.json,
+for export). `dsno.stages.pipeline` composes it with the teacher stage, export and eval."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import warnings
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
-from dsno.builders import build_student, build_teacher, sample_shape
 from dsno.atomic import atomic_path, atomic_write_text
+from dsno.builders import build_student, build_teacher, sample_shape
 from dsno.config import RunConfig, check_trainer_hardware
 from dsno.errors import UserError
 from dsno.stages import trajectories
 from dsno.training.checkpoint_io import AtomicCheckpointIO
 from dsno.training.data import StepTrajectoryData
+from dsno.training.ema import EMA
 from dsno.training.losses import build_loss, time_weights
 from dsno.training.module import DSNOModule
 
 log = logging.getLogger("dsno")
 
-
-def _dataset_complete(data_dir: Path) -> bool:
-    from dsno.data import DatasetError, load_manifest
-    try:
-        return load_manifest(data_dir).complete
-    except DatasetError:      # missing or unreadable: the teacher stage (re)makes or reports it
-        return False
+WEIGHTS_FILE, CONFIG_FILE = "dsno_ema.safetensors", "dsno_config.json"
 
 
-def make_logger(rc: RunConfig, run_dir: Path, config: dict[str, Any]):
-    if rc.logger.kind == "csv":
-        return L.pytorch.loggers.CSVLogger(str(run_dir), name="logs")
-    os.environ.setdefault("WANDB_SILENT", "true")
-    from lightning.pytorch.loggers import WandbLogger
-    lg = WandbLogger(project=rc.logger.project, name=rc.experiment, save_dir=str(run_dir), mode=rc.logger.mode,
-                     config=config)
-    return lg
+class ProgressLog(L.Callback):
+    """Without a terminal: one log line every `every` steps instead of a redrawn bar."""
+
+    def __init__(self, every: int):
+        self.every = max(1, every)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if trainer.is_global_zero and (step % self.every == 0 or step == trainer.max_steps):
+            loss = trainer.callback_metrics.get("train/loss")
+            log.info("train: step %d/%d%s", step, trainer.max_steps,
+                     "" if loss is None else f"  loss {float(loss):.4g}")
+
+
+def progress_callback(rc: RunConfig, tty: bool | None = None) -> L.Callback:
+    """Lightning's RichProgressBar on a terminal; else `ProgressLog` about 20 times a run."""
+    if sys.stderr.isatty() if tty is None else tty:
+        from lightning.pytorch.callbacks import RichProgressBar
+        return RichProgressBar()
+    return ProgressLog(rc.trainer.max_steps // 20)
 
 
 def make_trainer(rc: RunConfig, run_dir: Path, logger, extra_callbacks=()) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
-    # the EMA copy is kept in eval mode on purpose; Lightning would warn about it at every start
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                            every_n_train_steps=rc.train.checkpoint_every)
+    progress = progress_callback(rc)
     t = rc.trainer
     return L.Trainer(max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
                      strategy=t.strategy, precision=t.precision, logger=logger,
-                     callbacks=[ckpt, *extra_callbacks], log_every_n_steps=t.log_every_n_steps,
+                     callbacks=[ckpt, EMA(rc.train.ema_decay), progress, *extra_callbacks],
+                     enable_progress_bar=not isinstance(progress, ProgressLog),
+                     log_every_n_steps=t.log_every_n_steps,
                      val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
                      gradient_clip_val=rc.train.grad_clip or None, use_distributed_sampler=False,
                      enable_model_summary=False, default_root_dir=str(run_dir), num_sanity_val_steps=0,
                      plugins=[AtomicCheckpointIO()])
 
 
-def save_student(module: DSNOModule, config: dict[str, Any], ckpt_dir: Path) -> Path:
+def ema_weights(trainer: L.Trainer) -> dict[str, torch.Tensor]:
+    """The EMA weights of the trained DSNO (keys of the bare DSNO model), on the CPU."""
+    ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
+    return {k: v.detach().cpu().contiguous() for k, v in ema.averaged().model.state_dict().items()}
+
+
+def save_student(weights: dict[str, torch.Tensor], config: dict[str, Any], ckpt_dir: Path) -> Path:
     """Write the EMA weights (safetensors) and build config (JSON) atomically; return the weights path."""
     from safetensors.torch import save_file
-    w, c = ckpt_dir / "dsno_ema.safetensors", ckpt_dir / "dsno_config.json"
+    w, c = ckpt_dir / WEIGHTS_FILE, ckpt_dir / CONFIG_FILE
     with atomic_path(w) as tmp:
-        save_file(module.ema_state_dict(), str(tmp))
+        save_file(weights, str(tmp))
     atomic_write_text(c, json.dumps(config, indent=2))
     return w
 
 
-def run(rc: RunConfig, config_for_logging: dict[str, Any] | None = None, evaluate: bool = True) -> Path:
-    """Train DSNO for `rc`; then export the sampler and (optionally) evaluate. Returns the run dir."""
+def run(rc: RunConfig, logger=None, teacher=None) -> Path | None:
+    """Train DSNO for `rc` on its complete trajectory set (resuming from checkpoints/last.ckpt when
+    train.resume); return the EMA weights' path, or None on ranks other than 0. `logger`: a
+    Lightning logger (default: a CSVLogger under run_dir/logs); the caller ends it."""
     check_trainer_hardware(rc)
     run_dir = Path(rc.run_dir)
     L.seed_everything(rc.seed, workers=True, verbose=False)
-    teacher = build_teacher(rc.teacher)
+    teacher = teacher if teacher is not None else build_teacher(rc.teacher)
     shape = sample_shape(teacher, rc.teacher)
     if rc.train.loss == "lpips":            # the VGG weights file is checked before any work
         from dsno.training.perceptual import vgg_weights_path
         vgg_weights_path(rc.train.perceptual_weights)
-    if evaluate:
-        from dsno.stages.evaluation import check_prerequisites
-        check_prerequisites(rc, shape)
-    data_dir = Path(rc.data.dir)
-    if rc.data.repair or not _dataset_complete(data_dir):
-        if not rc.data.repair:
-            log.warning("trajectories missing or incomplete at %s: generating them first "
-                        "(python -m data_gen experiment=%s)", data_dir, rc.experiment)
-        trajectories.generate(rc, teacher, shape)
     expected = trajectories.expected_fingerprint(rc, teacher, shape)
 
     model, config = build_student(rc, teacher, shape)
     weights = time_weights(teacher.schedule, rc.data.times, rc.train.weight_min, rc.train.weight_max)
     module = DSNOModule(model, build_loss(weights, rc.train.loss, rc.train.perceptual_weights), rc.train.lr,
-                        rc.train.warmup_steps, rc.train.ema_decay, rc.train.temporal_impl)
+                        rc.train.warmup_steps, rc.train.temporal_impl)
     data = StepTrajectoryData(rc.data.dir, rc.train.batch_size, num_workers=rc.data.num_workers,
                               val_fraction=rc.data.val_fraction, seed=rc.seed, expected_fingerprint=expected,
                               verify=rc.data.verify)
-    trainer = make_trainer(rc, run_dir, make_logger(rc, run_dir, config_for_logging or {}))
+    if logger is None:
+        from lightning.pytorch.loggers import CSVLogger
+        logger = CSVLogger(str(run_dir), name="logs")
+    trainer = make_trainer(rc, run_dir, logger)
     last = run_dir / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if rc.train.resume and last.is_file() else None
     if ckpt_path:
@@ -109,13 +121,5 @@ def run(rc: RunConfig, config_for_logging: dict[str, Any] | None = None, evaluat
                             "run_dir or train.resume=false to start over") from e
         raise
     if trainer.global_rank != 0:
-        return run_dir
-    save_student(module, config, run_dir / "checkpoints")
-    from dsno.export import export_sampler
-    module.ema.shadow.cpu()
-    export_sampler(module.ema.shadow, config, run_dir / "sampler", forms=tuple(rc.export.forms))
-    if evaluate:
-        from dsno.stages import evaluation
-        evaluation.run(rc, logger=trainer.logger)
-    return run_dir
-
+        return None
+    return save_student(ema_weights(trainer), config, run_dir / "checkpoints")

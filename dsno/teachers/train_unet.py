@@ -31,7 +31,7 @@ from dsno.atomic import atomic_path, atomic_write_text
 from dsno.schedules import VPSchedule
 from dsno.teachers.unet import (RECORD_FORMAT, RECORD_KEY, RECORD_VERSION, UNetTeacher, asset_path,
                                 unet_kwargs)
-from dsno.training.ema import EMA
+from dsno.training.ema import averaged_model
 
 
 @dataclass
@@ -112,7 +112,7 @@ def train(settings: TrainSettings, images: torch.Tensor, device: str | torch.dev
     torch.manual_seed(settings.seed)
     g = torch.Generator().manual_seed(settings.seed)
     network = UNetTeacher(settings.network_kwargs(), schedule).network.to(device).train()
-    ema = EMA(network, settings.ema_decay)
+    ema = averaged_model(network, settings.ema_decay)
     opt = torch.optim.Adam(network.parameters(), lr=settings.lr)
     warmup = max(settings.warmup_steps, 1)
     sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
@@ -133,7 +133,7 @@ def train(settings: TrainSettings, images: torch.Tensor, device: str | torch.dev
         torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)
         opt.step()
         sched_lr.step()
-        ema.update(network)
+        ema.update_parameters(network)
         window.append(loss.item())
         if step % log_every == 0 or step == settings.steps:
             elapsed = time.perf_counter() - start
@@ -141,7 +141,7 @@ def train(settings: TrainSettings, images: torch.Tensor, device: str | torch.dev
             log(f"step {step:6d}/{settings.steps}  loss {sum(window) / len(window):.4f}  "
                 f"{step / elapsed:.2f} it/s  eta {eta / 60:.1f} min")
             last_window, window = window, []
-    network_ema = ema.shadow.to("cpu").eval()
+    network_ema = ema.module.to("cpu").eval()
     summary = {"final_train_loss": sum(last_window) / len(last_window), "final_train_loss_window": len(last_window),
                "eval_loss_ema": evaluation_loss(network_ema, images[:1024].cpu(), schedule, settings.t_min),
                "wall_time_s": round(time.perf_counter() - start, 1), "device": str(device)}

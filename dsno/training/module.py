@@ -7,7 +7,6 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from dsno.training.ema import EMA
 from dsno.training.losses import TrajectoryLoss
 
 
@@ -25,26 +24,36 @@ def non_finite_loss_message(loss: float, step: int, last_ckpt: Path | None) -> s
 
 
 class DSNOModule(L.LightningModule):
-    """Regression of the M trajectory states from x_T, with EMA weights and linear warm-up.
+    """Regression of the M trajectory states from x_T, with linear warm-up.
 
-    Batches are (x_T: [B, C, H, W], states: [B, M, C, H, W]). Validation scores the EMA model.
+    Batches are (x_T: [B, C, H, W], states: [B, M, C, H, W]). The EMA of the weights is the
+    `dsno.training.ema.EMA` callback's: during validation `model` holds the EMA weights, so
+    validation scores (and `val_samples` shows) the EMA model. Resuming needs a checkpoint
+    written with that callback (the EMA is part of an exact resume).
     temporal_impl: how the temporal layers run while fitting ("auto" | "fft" | "matmul", see
     `dsno.nn.set_temporal_impl`); the weights and checkpoints are the same for each.
     """
 
     def __init__(self, model: torch.nn.Module, loss: TrajectoryLoss, lr: float = 2e-4,
-                 warmup_steps: int = 100, ema_decay: float = 0.999, temporal_impl: str = "auto"):
+                 warmup_steps: int = 100, temporal_impl: str = "auto", num_val_samples: int = 8):
         super().__init__()
         self.model = model
         self.loss = loss
-        self.ema = EMA(model, ema_decay)
         self.lr, self.warmup_steps = lr, warmup_steps
         self.temporal_impl = temporal_impl
+        self.num_val_samples = num_val_samples
+        self.val_samples: torch.Tensor | None = None   # [n, C, H, W]: the last validation's final samples
 
     def on_fit_start(self) -> None:
         from dsno.nn.temporal import set_temporal_impl
         set_temporal_impl(self.model, self.temporal_impl)
-        set_temporal_impl(self.ema.shadow, self.temporal_impl)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "averaging_state" not in checkpoint:    # before Lightning loads a state dict of another layout
+            from dsno.errors import UserError
+            raise UserError(f"{self.trainer.ckpt_path} holds no EMA of this dsno's checkpoint layout (written before "
+                            "the EMA became Lightning's callback, or by another program); use another run_dir or "
+                            "train.resume=false to start over")
 
     def forward(self, x_T: torch.Tensor) -> torch.Tensor:
         return self.model(x_T)
@@ -61,27 +70,23 @@ class DSNOModule(L.LightningModule):
             self.log(f"train/err_t{m}", v)
         return loss
 
-    def optimizer_step(self, *args, **kwargs):
-        # EMA is updated inside the step, before any callback's on_train_batch_end, so a checkpoint
-        # written at step s already holds EMA update s (and resume repeats none and skips none)
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.model)
-
     def validation_step(self, batch, batch_idx):
         x_T, states = batch
-        pred = self.ema(x_T)
+        pred = self.model(x_T)
+        if batch_idx == 0:
+            self.val_samples = pred[:self.num_val_samples, -1].detach().float().cpu()
         loss, per_time = self.loss(pred, states)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         rmse = (pred[:, -1].float() - states[:, -1].float()).square().mean().sqrt()
         self.log("val/rmse_final", rmse, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_samples is not None and self.trainer.is_global_zero:
+            from dsno.loggers import log_image_grid
+            log_image_grid(self.logger, "val/ema_samples", self.val_samples, step=self.global_step)
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.model.parameters(), lr=self.lr)
         warm = max(1, self.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        """The EMA weights with the keys of the bare DSNO model."""
-        return {k: v.detach().cpu().contiguous() for k, v in self.ema.shadow.state_dict().items()}
-

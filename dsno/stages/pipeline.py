@@ -1,0 +1,79 @@
+"""The stages composed: data (made when missing) -> train -> export -> eval, each stage its own
+W&B run of the experiment's group. `python train.py` runs all four."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from dsno.builders import build_teacher, sample_shape
+from dsno.config import RunConfig
+from dsno.stages import trajectories
+
+log = logging.getLogger("dsno")
+
+STEPS = ("data", "train", "export", "eval")
+
+
+def dataset_complete(data_dir: Path) -> bool:
+    from dsno.data import DatasetError, load_manifest
+    try:
+        return load_manifest(data_dir).complete
+    except DatasetError:      # missing or unreadable: the teacher stage (re)makes or reports it
+        return False
+
+
+def make_data(rc: RunConfig, teacher=None, config: dict[str, Any] | None = None) -> Path:
+    """The teacher stage: (re)make or resume rc's trajectories, log the manifest as a W&B artifact
+    of a `data` run; return the data folder."""
+    import os
+    from dsno import loggers
+    teacher = teacher if teacher is not None else build_teacher(rc.teacher)
+    trajectories.generate(rc, teacher, sample_shape(teacher, rc.teacher))
+    data_dir = Path(rc.data.dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger = loggers.stage_logger(rc, "data", config)
+        try:
+            loggers.log_artifact(logger, loggers.artifact_name("trajectories", rc.experiment), "dataset",
+                                 data_dir / "manifest.json")
+            loggers.record_run(rc.run_dir, "data", logger)
+        finally:
+            loggers.finish(logger)
+    return data_dir
+
+
+def run(rc: RunConfig, config: dict[str, Any] | None = None, through: str = "eval") -> Path:
+    """Run the stages up to and including `through` (train | export | eval); returns the run dir.
+    The trajectories are made first when missing or incomplete (or with data.repair=true).
+    config: the composed config, recorded in each stage's W&B run."""
+    from dsno import loggers
+    from dsno.stages import evaluation, training
+    if through not in STEPS[1:]:
+        raise ValueError(f"through must be one of {STEPS[1:]}, got {through!r}")
+    run_dir = Path(rc.run_dir)
+    teacher = build_teacher(rc.teacher)
+    if through == "eval":        # eval's input files are checked before any work
+        evaluation.check_prerequisites(rc, sample_shape(teacher, rc.teacher))
+    if rc.data.repair or not dataset_complete(Path(rc.data.dir)):
+        if not rc.data.repair:
+            log.warning("trajectories missing or incomplete at %s: generating them first "
+                        "(python -m data_gen experiment=%s)", rc.data.dir, rc.experiment)
+        make_data(rc, teacher, config)
+
+    logger = loggers.training_logger(rc, config)
+    try:
+        weights = training.run(rc, logger=logger, teacher=teacher)
+        if weights is None:         # not rank 0: export and eval are rank 0's
+            return run_dir
+        loggers.record_run(run_dir, "train", logger)
+        if through == "train":
+            return run_dir
+        from dsno.export import export_run
+        sampler = export_run(run_dir, forms=tuple(rc.export.forms))
+        loggers.log_artifact(logger, loggers.artifact_name("sampler", rc.experiment), "model", sampler)
+    finally:
+        loggers.finish(logger)
+    if through == "eval":
+        evaluation.run(rc)
+    return run_dir

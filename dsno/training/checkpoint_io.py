@@ -1,4 +1,4 @@
-"""Checkpoint I/O that never leaves a half-written file under the final name, and loads safely."""
+"""Checkpoint I/O that survives a crash as well as an interrupt, and loads only tensors."""
 
 from __future__ import annotations
 
@@ -17,8 +17,14 @@ class CheckpointRefusedError(UnsafeFileError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temp file, fsync, then rename (a full disk is `DiskFullError` naming the
-    path and leaves no temp file); loads with weights_only=True (no code runs)."""
+    """Lightning's TorchCheckpointIO plus what it lacks.
+
+    Lightning already writes atomically (torch.save to memory, then an fsspec transaction that
+    moves a temp file onto the name), but it never fsyncs: after a power loss the renamed file can
+    be empty. It also loads with whatever `weights_only` the caller passes, and a full disk is an
+    OSError traceback. This class: dsno.atomic's temp file + fsync + rename + folder fsync (a full
+    disk is `DiskFullError` naming the path, no temp file left); loading always weights_only=True
+    (no code runs), a refused or corrupt file is one `CheckpointRefusedError` line."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -2,61 +2,39 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from dsno.config import RunConfig, TeacherConfig, build_schedule
+from dsno.config import RunConfig, TeacherConfig
 from dsno.teachers.base import Teacher, TeacherLoadError
 
 
 def build_teacher(tc: TeacherConfig) -> Teacher:
-    """The teacher of a TeacherConfig (kind: mnist_gmm | gmm_file | unet | diffusers).
-    A file that is missing, unreadable or of another kind is a TeacherLoadError naming it."""
+    """The teacher a teacher config describes, loaded by its kind (dsno.teachers.registry). A file
+    that is missing, unreadable or of another kind is a TeacherLoadError naming it; so is a config
+    value that differs from what the weights record (prediction, size, schedule), showing both."""
     from safetensors import SafetensorError
-    where = f" from {tc.path}" if tc.path else ""
+    from dsno.teachers.registry import get_teacher_kind
+    path = getattr(tc, "path", None)
+    where = f" from {path}" if path else ""
     try:
-        teacher = _load_teacher(tc)
+        teacher = get_teacher_kind(tc.kind).load(tc)
     except TeacherLoadError:
         raise
     except (ValueError, OSError, KeyError, SafetensorError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
         raise TeacherLoadError(f"cannot load the teacher (teacher.kind={tc.kind}){where}: {reason}") from None
-    if tc.prediction != teacher.prediction:     # the weights (or the closed form) decide what is predicted
-        raise TeacherLoadError(f"teacher.prediction={tc.prediction}, but the teacher (teacher.kind={tc.kind}){where} "
+    expected = getattr(tc, "prediction", None)       # kinds whose weights record a prediction have the key
+    if expected is not None and expected != teacher.prediction:
+        raise TeacherLoadError(f"teacher.prediction={expected}, but the teacher (teacher.kind={tc.kind}){where} "
                                f"predicts {teacher.prediction}: set teacher.prediction={teacher.prediction}")
     return teacher
 
 
-def _load_teacher(tc: TeacherConfig) -> Teacher:
-    schedule = build_schedule(tc.schedule)
-    if tc.kind == "mnist_gmm":
-        from dsno.teachers.mnist_gmm import load_mnist_gmm
-        return load_mnist_gmm(tc.size, tc.components, schedule=schedule, path=tc.path)
-    if tc.kind == "gmm_file":
-        from safetensors.torch import load_file
-        from dsno.teachers.gmm import GaussianMixture
-        p = Path(tc.path)
-        t = load_file(str(p))
-        missing = {"means", "variances", "weights"} - set(t)
-        if missing:
-            raise ValueError(f"mixture file {p} lacks tensors {sorted(missing)}; it needs means [K,...], "
-                             "variances [K,...] and weights [K]")
-        return GaussianMixture(t["means"], t["variances"], t["weights"], schedule=schedule, name=p.stem)
-    if tc.kind == "unet":
-        from dsno.teachers.unet import load_unet_teacher
-        return load_unet_teacher(tc.path, schedule=schedule, size=tc.size)
-    if tc.kind == "diffusers":
-        from dsno.teachers.diffusers import load_diffusers_teacher
-        return load_diffusers_teacher(tc.path)
-    raise ValueError(f"unknown teacher.kind {tc.kind!r}")
-
-
-def sample_shape(teacher: Teacher, tc: TeacherConfig) -> tuple[int, ...]:
+def sample_shape(teacher: Teacher, _config: Any = None) -> tuple[int, ...]:
     """[C, H, W] of one image of this teacher."""
-    shape = getattr(teacher, "shape", None) or getattr(teacher, "sample_shape", None)
-    if shape is None:
-        shape = (1, tc.size, tc.size)
-    return tuple(int(s) for s in shape)
+    if teacher.shape is None:
+        raise ValueError(f"{type(teacher).__name__} does not declare the shape of its samples (Teacher.shape)")
+    return tuple(int(s) for s in teacher.shape)
 
 
 def skip_scales(schedule, times, sigma_data: float) -> list[float]:
@@ -88,7 +66,7 @@ def student_config(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> d
     bb = rc.model.backbone
     if bb.type == "teacher":
         backbone = teacher_backbone_config(teacher)
-        time_input = getattr(teacher, "time_input_spec", "continuous")
+        time_input = teacher.time_input_spec
     else:
         backbone = {"type": "unet", "kwargs": {
             "in_channels": shape[0], "out_channels": shape[0], "image_size": shape[-1],
@@ -103,7 +81,7 @@ def student_config(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> d
 
 
 def teacher_backbone_config(teacher: Teacher) -> dict[str, Any]:
-    cfg = getattr(teacher, "backbone_config", None)
+    cfg = teacher.backbone_config
     if cfg is None:
         raise ValueError(f"model.backbone.type=teacher needs a neural teacher; {type(teacher).__name__} has no "
                          "network to copy. Use model.backbone.type=unet")

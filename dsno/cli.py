@@ -16,7 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dsno.config import validate
+from dsno.config import register_configs, validate
 from dsno.errors import UserError, debug_requested, one_line, report_errors
 
 log = logging.getLogger("dsno")
@@ -30,6 +30,7 @@ def prepare_cli(config_dir: str | os.PathLike, config_name: str = "config") -> N
     if "--debug" in sys.argv:
         sys.argv = [a for a in sys.argv if a != "--debug"]
         os.environ["HYDRA_FULL_ERROR"] = "1"
+    register_configs()
     overrides = sys.argv[1:]
     if any(a.startswith("-") for a in overrides):
         return
@@ -42,8 +43,19 @@ def prepare_cli(config_dir: str | os.PathLike, config_name: str = "config") -> N
     except (HydraException, OmegaConfBaseException) as e:
         if debug_requested():
             raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {composition_message(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def composition_message(e: BaseException) -> str:
+    """One line for a Hydra / OmegaConf composition error: what failed (the override) and why (the
+    schema's reason: a wrong type, a value outside an Enum's choices, an unknown key)."""
+    cause = e.__cause__ or e.__context__
+    head = (str(e).strip().splitlines() or [type(e).__name__])[0].strip().rstrip(".")
+    if cause is None or str(cause).strip() == "":
+        return head
+    why = str(cause).strip().splitlines()[0].strip()
+    return head if why in head else f"{head}: {why}"
 
 
 def check_writable(run_dir: str | os.PathLike) -> None:
@@ -94,12 +106,14 @@ def run_stage(stage: str, cfg: DictConfig) -> None:
     with report_errors():
         rc = validate(cfg)
         if stage == "data":
-            from dsno.stages.pipeline import make_data
-            make_data(rc, config=OmegaConf.to_container(cfg, resolve=True))
+            from dsno.builders import build_teacher, sample_shape
+            from dsno.stages.trajectories import generate
+            teacher = build_teacher(rc.teacher)
+            generate(rc, teacher, sample_shape(teacher, rc.teacher))
             log.info("trajectories ready in %s", rc.data.dir)
-        elif stage == "train":          # data (when missing) -> train -> export -> eval
-            from dsno.stages.pipeline import run
-            run(rc, config=OmegaConf.to_container(cfg, resolve=True))
+        elif stage == "train":
+            from dsno.stages.training import run
+            run(rc, config_for_logging=OmegaConf.to_container(cfg, resolve=True))
         elif stage == "eval":
             from dsno.stages.evaluation import run
             result = run(rc)

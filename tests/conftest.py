@@ -29,6 +29,8 @@ def compose(*overrides, default_experiment: str | None = "mnist_gmm"):
     """The composed root config; tests run on the exact mixture teacher unless they name an experiment
     (default_experiment=None composes what a user's bare `python train.py` gets)."""
     from hydra import compose as hcompose, initialize_config_dir
+    from dsno.config import register_configs
+    register_configs()
     overrides = list(overrides)
     if default_experiment and not any(o.startswith("experiment=") for o in overrides):
         overrides.insert(0, f"experiment={default_experiment}")

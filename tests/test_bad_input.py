@@ -56,7 +56,7 @@ def test_entry_points_print_one_line_and_write_nothing(tmp_path):
     assert line == "error: config error: data.times=[0.5, nan, 0.001]: must be finite numbers"
     assert not run.exists()
     line = _one_line(_cli("train.py", f"run_dir={run}", "trainer.devicez=2"))
-    assert line == "error: Could not override 'trainer.devicez'. | To append to your config use +trainer.devicez=2"
+    assert line == "error: Could not override 'trainer.devicez': Key 'devicez' not in 'TrainerConfig'"
     line = _one_line(_cli("train.py", "run_dir=/proc/dsno-cannot-write-here"))
     assert line.startswith("error: run_dir=/proc/dsno-cannot-write-here is not writable")
     line = _one_line(_cli("eval.py", f"run_dir={run}"))
@@ -76,16 +76,16 @@ def test_teacher_files_of_the_wrong_kind_are_named(tmp_path, capsys):
     (bad_json / "scheduler").mkdir()
     (bad_json / "scheduler" / "scheduler_config.json").write_text("{}")
     cases = [
-        (["teacher=mnist_unet", f"teacher.path={unet}"],
+        (["teacher=unet", f"teacher.path={unet}"],
          f"error: cannot load the teacher (teacher.kind=unet) from {unet}: {unet} has no 'dsno_teacher' metadata"),
         (["teacher=diffusers", f"teacher.path={bad_json}"],
          f"error: cannot load the teacher (teacher.kind=diffusers) from {bad_json}: {bad_json}/unet/config.json "
          "is not readable JSON"),
-        (["teacher=mnist_unet", "teacher.prediction=v"],     # the weights decide; a different value is refused
+        (["teacher=unet", "teacher.prediction=v"],     # the weights decide; a different value is refused
          "error: teacher.prediction=v, but the teacher (teacher.kind=unet) predicts eps: set teacher.prediction=eps"),
-        (["teacher.prediction=eps"],
-         "error: teacher.prediction=eps, but the teacher (teacher.kind=mnist_gmm) predicts x0: set "
-         "teacher.prediction=x0"),
+        (["teacher=mnist_gmm", f"teacher.path={unet}", "teacher.components=32"],   # the file's K decides
+         f"error: cannot load the teacher (teacher.kind=mnist_gmm) from {unet}: {unet} holds 64 components of "
+         "1x16x16 images, but the config asks for teacher.components=32"),
     ]
     for overrides, message in cases:
         cfg = compose(f"run_dir={tmp_path / 'run'}", *TINY_RUN, *overrides)

@@ -54,7 +54,6 @@ def run(cfg: DictConfig) -> dict:
     """Build the teacher and search; prints the one-line summary, returns it."""
     from dsno.builders import build_teacher, sample_shape
     from dsno.search.loop import search
-    from dsno.stages.trajectories import working_dtype
 
     logging.getLogger("dsno").setLevel(logging.INFO)
     rc, nfe, sc = split(cfg)
@@ -63,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
         torch.set_num_threads(sc.threads)
     teacher = build_teacher(rc.teacher)
     out = Path(sc.out) if sc.out else Path(rc.run_dir) / "schedules"
-    result = search(teacher, nfe, sc, out, rc.solver.t_end, working_dtype(teacher),
+    result = search(teacher, nfe, sc, out, rc.solver.t_end, teacher.solve_dtype,
                     shape=sample_shape(teacher, rc.teacher))
     c = result["cost"]
     print(f"wrote {result['path']}: RMSE {result['score']['rmse_verify']:.4g} on {sc.verify_batch} verify samples; "

@@ -45,10 +45,7 @@ def solver_runs(rc: RunConfig) -> list[dict[str, Any]]:
     from dsno.solvers import get, nfe as nfe_of, steps_for_nfe
     runs = []
     for spec in rc.eval.solvers:
-        spec = dict(spec)
-        name, order = spec.pop("name"), spec.pop("order", None)
-        label = (name if order is None else f"{name}-{order}") + "".join(f" {k}={v}" for k, v in spec.items())
-        kwargs = {**({} if order is None else {"order": order}), **spec}
+        name, label, kwargs = spec.name, spec.label(), spec.kwargs()
         stochastic = get(name).stochastic
         for budget in rc.eval.nfe:
             try:
@@ -100,7 +97,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     if abs(sampler.times[-1] - rc.solver.t_end) > 1e-12:
         raise UserError(f"sampler's last time {sampler.times[-1]} differs from solver.t_end {rc.solver.t_end}")
     out.mkdir(parents=True, exist_ok=True)
-    n, bs, dtype = rc.eval.num_samples, rc.eval.batch_size, trajectories.working_dtype(teacher)
+    n, bs, dtype = rc.eval.num_samples, rc.eval.batch_size, teacher.solve_dtype
     x_T = torch.randn(n, *shape, generator=torch.Generator().manual_seed(rc.eval.seed))
     t_end = rc.solver.t_end
 
@@ -167,13 +164,14 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
         "device": _device_name(), "rows": rows}
     from dsno.stages.report import write_report
     write_report(result, finals, out, rc.eval.grid_samples)
-    from dsno import loggers
-    own_logger = logger is None                # a W&B run of its own, linked to the training run
+    own_logger = logger is None and rc.logger.kind == "wandb"      # eval.py on its own: a W&B run of its own
     if own_logger:
-        logger = loggers.eval_logger(rc)
-    loggers.log_eval(logger, result, out)
+        from dsno.stages.training import make_logger
+        logger = make_logger(rc, run_dir, {"stage": "eval", "experiment": rc.experiment})
+    if logger is not None:
+        _log_to_logger(logger, result, out)
     if own_logger:
-        loggers.finish(logger)
+        logger.experiment.finish()
     return result
 
 
@@ -232,3 +230,18 @@ def _device_name() -> str:
         return torch.cuda.get_device_name()
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
+
+def _log_to_logger(logger, result: dict[str, Any], out: Path) -> None:
+    try:
+        import wandb
+        from lightning.pytorch.loggers import WandbLogger
+    except ImportError:
+        return
+    if not isinstance(logger, WandbLogger):
+        return
+    cols = ["method", "nfe", "rmse_vs_reference", "sec_per_sample", "fid", "kid", "is_mean", "precision", "recall"]
+    table = [[r.get(c) for c in cols] for r in result["rows"] if "skipped" not in r]
+    logger.log_table("eval/metrics", columns=cols, data=table)
+    images = sorted(out.glob("*.png"))
+    if images:
+        logger.experiment.log({f"eval/{p.stem}": wandb.Image(str(p)) for p in images})

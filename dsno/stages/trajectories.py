@@ -56,12 +56,6 @@ def solver_spec(sc: SolverConfig) -> dict[str, Any]:
     return spec
 
 
-def working_dtype(teacher: Teacher) -> torch.dtype:
-    """Exact teachers are solved in float64; neural ones in float32."""
-    from dsno.teachers.gmm import GaussianMixture
-    return torch.float64 if isinstance(teacher, GaussianMixture) else torch.float32
-
-
 def make_solve(teacher: Teacher, sc: SolverConfig, grid: torch.Tensor, times: list[float],
                device: torch.device | str = "cpu", precision: str = "fp32", compile: bool = False,
                channels_last: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -72,8 +66,8 @@ def make_solve(teacher: Teacher, sc: SolverConfig, grid: torch.Tensor, times: li
     default mode) speed it up on a GPU."""
     from dsno.solvers import sample
     idx = output_indices(grid, times)
-    dtype = working_dtype(teacher)
-    net = getattr(teacher, "network", None)
+    dtype = teacher.solve_dtype
+    net = teacher.network
     if net is not None and channels_last:
         net.to(memory_format=torch.channels_last)
     if net is not None and compile:
@@ -94,7 +88,7 @@ def make_solve(teacher: Teacher, sc: SolverConfig, grid: torch.Tensor, times: li
 
 def fingerprint(rc: RunConfig, teacher: Teacher, grid: torch.Tensor, shape: tuple[int, ...]) -> dict[str, Any]:
     """What a trajectory data set must match to be used with this config."""
-    solver = {**solver_spec(rc.solver), "precision": rc.data.precision if working_dtype(teacher) == torch.float32
+    solver = {**solver_spec(rc.solver), "precision": rc.data.precision if teacher.solve_dtype == torch.float32
               else "float64"}
     return {"teacher": teacher.fingerprint(), "solver": solver,
             "grid": [float(t) for t in grid], "times": [float(t) for t in rc.data.times],

@@ -95,10 +95,33 @@ class Teacher(torch.nn.Module):
     """Base class. Subclasses set `schedule`, `prediction` and implement `forward(x, t)`.
 
     `forward` returns the raw prediction of kind `self.prediction`; t is a float64 [B] tensor.
+
+    Optional capabilities, declared here with their defaults and overridden by the kinds that have them:
+    `shape` ([C, H, W] of one sample, None when unknown), `network` (the denoiser a student may copy),
+    `backbone_config` (its DSNO "backbone" build entry), `time_input_spec` (how that network takes time:
+    "continuous" or {"discrete": N}), `exact` (closed form: solved and scored in float64, see
+    `solve_dtype`) and `data_mean` (one sample's mean, for USF's afs=mean).
     """
 
     schedule: Schedule
     prediction: str
+    shape: tuple[int, ...] | None = None
+    backbone_config: dict[str, Any] | None = None
+    time_input_spec: Any = "continuous"
+    exact: bool = False
+
+    @property
+    def network(self) -> torch.nn.Module | None:
+        return None
+
+    @property
+    def data_mean(self) -> torch.Tensor | None:
+        return None
+
+    @property
+    def solve_dtype(self) -> torch.dtype:
+        """The dtype solves of this teacher run in: float64 for an exact teacher, float32 for a network."""
+        return torch.float64 if self.exact else torch.float32
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -25,7 +25,9 @@ from dsno.nn.dsno import DiffusersUNet, diffusers_backbone_spec
 from dsno.schedules import VPSchedule
 from dsno.teachers.base import WrappedTeacher
 from dsno.teachers.unet import weights_sha256
+from dsno.config import TeacherConfig, _existing_path, _fail, check_prediction_key
 from dsno.errors import UserFileNotFoundError
+from dsno.teachers.registry import register_teacher
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
@@ -201,3 +203,26 @@ def load_diffusers_teacher(path: str | Path) -> DiffusersTeacher:
         found = "; ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {', '.join(map(str, v[:3]))})" for k, v in bad.items())
         raise ValueError(f"{files.weights} does not fit {files.unet_dir / 'config.json'}: {found}")
     return DiffusersTeacher(unet, schedule, prediction, name=Path(path).resolve().name).eval()
+
+
+@dataclass
+class DiffusersTeacherConfig(TeacherConfig):
+    """teacher=diffusers: a UNet2DModel and its scheduler config from a local folder (DDPM CIFAR-10
+    layout: DIR/unet/config.json + weights, or config.json at the top, and scheduler/scheduler_config.json).
+    The folder decides the image size and the schedule; prediction, when given, must equal the
+    scheduler's prediction_type (a different value is refused, showing both)."""
+
+    kind: str = "diffusers"
+    path: Optional[str] = None      # the folder (required); nothing is downloaded
+    prediction: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.path is None:
+            _fail("teacher.path", None, "teacher=diffusers needs teacher.path=DIR (a local diffusers folder)")
+        _existing_path("teacher.path", self.path, "the teacher's diffusers folder")
+        check_prediction_key("teacher", self.prediction)
+
+
+@register_teacher("diffusers", DiffusersTeacherConfig)
+def load_config(c: DiffusersTeacherConfig) -> DiffusersTeacher:
+    return load_diffusers_teacher(c.path)

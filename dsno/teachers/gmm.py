@@ -9,12 +9,16 @@ Computed in float64 whatever the input dtype.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
 from dsno.schedules import Schedule, VPSchedule
+from dsno.config import ScheduleConfig, TeacherConfig, _existing_path, _fail, build_schedule
 from dsno.teachers.base import Teacher
+from dsno.teachers.registry import register_teacher
 
 
 def register_mixture(module: torch.nn.Module, means: torch.Tensor, variances: torch.Tensor,
@@ -50,6 +54,7 @@ class GaussianMixture(Teacher):
     schedule: any scalar schedule (default VPSchedule.linear())."""
 
     prediction = "x0"
+    exact = True
 
     def __init__(self, means: torch.Tensor, variances: torch.Tensor, weights: torch.Tensor | None = None,
                  schedule: Schedule | None = None, name: str = "gmm"):
@@ -60,6 +65,11 @@ class GaussianMixture(Teacher):
     @property
     def num_components(self) -> int:
         return self.means.shape[0]
+
+    @property
+    def data_mean(self) -> torch.Tensor:
+        """sum_k w_k mu_k: [*shape], float64."""
+        return (self.log_weights.exp() @ self.means).reshape(self.shape)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """E[x0 | x_t = x]; x: [B, *shape], t: [B] float64. Rows sharing a time share the work."""
@@ -132,3 +142,34 @@ class GaussianMixture(Teacher):
         fp.update(name=self.name, components=self.num_components, shape=list(self.shape),
                   params_sha256=h.hexdigest()[:16])
         return fp
+
+
+@dataclass
+class GMMFileConfig(TeacherConfig):
+    """teacher=gmm_file: an exact mixture from a safetensors file with means [K, ...], variances
+    [K, ...] (or [K]) and weights [K]."""
+
+    kind: str = "gmm_file"
+    path: Optional[str] = None      # the mixture file (required)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        if self.path is None:
+            _fail("teacher.path", None, "teacher=gmm_file needs teacher.path=FILE")
+        _existing_path("teacher.path", self.path, "the mixture's safetensors file")
+        self.schedule.check("teacher.schedule")
+
+    def fixed_schedule(self):
+        return build_schedule(self.schedule)
+
+
+@register_teacher("gmm_file", GMMFileConfig)
+def load_config(c: GMMFileConfig) -> GaussianMixture:
+    from safetensors.torch import load_file
+    p = Path(c.path)
+    t = load_file(str(p))
+    missing = {"means", "variances", "weights"} - set(t)
+    if missing:
+        raise ValueError(f"mixture file {p} lacks tensors {sorted(missing)}; it needs means [K,...], "
+                         "variances [K,...] and weights [K]")
+    return GaussianMixture(t["means"], t["variances"], t["weights"], schedule=build_schedule(c.schedule), name=p.stem)

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from dsno.schedules import VPSchedule
 from dsno.teachers.gmm import GaussianMixture
 from dsno.atomic import atomic_path
+from dsno.config import ScheduleConfig, TeacherConfig, _count, _existing_path, build_schedule
 from dsno.errors import UserFileNotFoundError
+from dsno.teachers.registry import register_teacher
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -68,7 +72,9 @@ def fit_mnist_gmm(size: int = 16, components: int = 64, seed: int = 0, iters: in
 
 def load_mnist_gmm(size: int = 16, components: int = 64, schedule: VPSchedule | None = None,
                    path: str | Path | None = None) -> GaussianMixture:
-    """The shipped mixture fit as a GaussianMixture teacher (linear VP schedule by default)."""
+    """The shipped mixture fit as a GaussianMixture teacher (linear VP schedule by default).
+    path: another fit of `python -m dsno.teachers.mnist_gmm`; it must hold `components` means of
+    size x size digits (ValueError showing both otherwise)."""
     from safetensors.torch import load_file
     p = Path(path) if path is not None else asset_path(size, components)
     if not p.is_file():
@@ -76,8 +82,38 @@ def load_mnist_gmm(size: int = 16, components: int = 64, schedule: VPSchedule | 
             f"mixture fit {p} not found; make it with: python -m dsno.teachers.mnist_gmm "
             f"--size {size} --components {components} --out {p}")
     t = load_file(str(p))
+    held = (int(t["means"].shape[0]), tuple(int(v) for v in t["means"].shape[1:]))
+    if held != (components, (1, size, size)):
+        raise ValueError(f"{p} holds {held[0]} components of {'x'.join(map(str, held[1]))} images, but the config "
+                         f"asks for teacher.components={components} of 1x{size}x{size} (teacher.size={size}): set "
+                         f"them to the file's")
     return GaussianMixture(t["means"], t["variances"], t["weights"], schedule=schedule or VPSchedule.linear(),
                            name=f"mnist_gmm{size}_k{components}")
+
+
+@dataclass
+class MnistGMMConfig(TeacherConfig):
+    """teacher=mnist_gmm: the exact diagonal mixture fitted to the 5,000 shipped MNIST digits."""
+
+    kind: str = "mnist_gmm"
+    size: int = 16                  # image side, pixels
+    components: int = 64            # mixture components K
+    path: Optional[str] = None      # another fit (python -m dsno.teachers.mnist_gmm --out); None: the shipped one
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        _count("teacher.size", self.size, 64, "the mixture is fitted to digits resized to at most 64x64", lo=4)
+        _count("teacher.components", self.components, 5000, "one component per shipped digit at most")
+        _existing_path("teacher.path", self.path, "a mixture file of python -m dsno.teachers.mnist_gmm")
+        self.schedule.check("teacher.schedule")
+
+    def fixed_schedule(self):
+        return build_schedule(self.schedule)
+
+
+@register_teacher("mnist_gmm", MnistGMMConfig)
+def load_config(c: MnistGMMConfig) -> GaussianMixture:
+    return load_mnist_gmm(c.size, c.components, schedule=build_schedule(c.schedule), path=c.path)
 
 
 def main(argv: list[str] | None = None) -> None:

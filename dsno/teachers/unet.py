@@ -12,15 +12,18 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from dsno.nn.unet import UNet
 from dsno.schedules import VPSchedule
 from dsno.teachers.base import WrappedTeacher
+from dsno.config import ScheduleConfig, TeacherConfig, _count, _existing_path, build_schedule, check_prediction_key
 from dsno.errors import UserFileNotFoundError
+from dsno.teachers.registry import register_teacher
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 RECORD_KEY = "dsno_teacher"
@@ -137,3 +140,30 @@ def load_unet_teacher(path: str | Path | None = None, schedule: VPSchedule | Non
     except RuntimeError as e:
         raise ValueError(f"{p}: weights do not fit UNet({kwargs}): {e}") from e
     return teacher.eval()
+
+
+@dataclass
+class UNetTeacherConfig(TeacherConfig):
+    """teacher=unet: the project's own UNet teacher (dsno.teachers.train_unet). Its weights file
+    records its image size, schedule and prediction; each key here must equal the file's (a different
+    value is refused, showing both)."""
+
+    kind: str = "unet"
+    size: int = 16                  # image side, pixels (picks the shipped weights when path is None)
+    path: Optional[str] = None      # a weights file of python -m dsno.teachers.train_unet; None: the shipped one
+    prediction: str = "eps"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        _count("teacher.size", self.size, 64, "the UNet teachers are trained on digits of at most 64x64", lo=4)
+        _existing_path("teacher.path", self.path, "the teacher's weights file")
+        check_prediction_key("teacher", self.prediction)
+        self.schedule.check("teacher.schedule")
+
+    def fixed_schedule(self):
+        return build_schedule(self.schedule)
+
+
+@register_teacher("unet", UNetTeacherConfig)
+def load_config(c: UNetTeacherConfig) -> UNetTeacher:
+    return load_unet_teacher(c.path, schedule=build_schedule(c.schedule), size=c.size)

@@ -25,8 +25,11 @@ def test_train_py_runs_every_stage_and_eval_py_rereads(tmp_path):
     _run("train.py", f"run_dir={run_dir}", *TINY_RUN, "export.forms=[safetensors,pt2]")
     for f in ("trajectories/manifest.json", "checkpoints/last.ckpt", "checkpoints/dsno_ema.safetensors",
               "sampler/config.json", "sampler/weights.safetensors", "sampler/sampler.pt2",
-              "eval/metrics.json", "eval/report.md", "eval/grid_dsno_nfe1.png", "eval/plot_rmse_vs_nfe.png"):
+              "eval/metrics.json", "eval/report.md", "eval/comparison.png", "eval/grids/grid_dsno_nfe1.png",
+              "eval/plot_rmse_vs_nfe.png"):
         assert (run_dir / f).is_file(), f
+    assert "![comparison](comparison.png)" in (run_dir / "eval" / "report.md").read_text()
+    assert not list((run_dir / "eval").glob("grid_*.png"))      # the per-run grids sit in eval/grids/
     rows = json.loads((run_dir / "eval" / "metrics.json").read_text())["rows"]
     methods = {r["method"] for r in rows}
     assert {"dsno", "ddim-1", "deis-3", "dpm_solver_pp-3"} <= methods

@@ -14,6 +14,7 @@ from dsno.builders import build_teacher, sample_shape
 from dsno.config import RunConfig
 from dsno.stages import trajectories
 from dsno.errors import UserError, UserFileNotFoundError
+from dsno.progress import counter
 
 log = logging.getLogger("dsno")
 
@@ -124,8 +125,11 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
         finals[f"{method}@{nfe}"] = x
         log.info("eval: %-36s NFE %3d  RMSE %.4f  %.3f ms/sample", method, nfe, rows[-1]["rmse_vs_reference"],
                  sec * 1e3)
+        advance(1)
 
-    with torch.no_grad():
+    runs, schedules = solver_runs(rc), schedule_runs(rc)
+    total = 2 + sum("skipped" not in r for r in runs + schedules)
+    with torch.no_grad(), counter("eval", total) as advance:
         add_row("dsno", 1, lambda z: sampler(z)[:, -1], note=f"one pass, backbone on M={len(sampler.times)} time points")
 
         from dsno.solvers import nfe as nfe_of
@@ -136,7 +140,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
                 solve(grid, rc.solver.name, order=rc.solver.order, **teacher_opts),
                 note="the solver that made DSNO's training trajectories")
 
-        for r in solver_runs(rc):
+        for r in runs:
             if "skipped" in r:
                 rows.append({"method": r["method"], "nfe": r["nfe"], "skipped": r["skipped"]})
                 continue
@@ -146,11 +150,12 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
                 # draws on from it, which changes no result)
                 gen = torch.Generator(device).manual_seed(rc.eval.seed + 1)
                 add_row(r["method"], r["nfe"], solve(g, r["solver"], generator=gen, **r["kwargs"]),
-                        note="stochastic (reverse SDE): converges in distribution, not to the ODE path")
+                        note="stochastic (reverse SDE): converges in distribution, not to the ODE path",
+                        stochastic=True)
             else:
                 add_row(r["method"], r["nfe"], solve(g, r["solver"], **r["kwargs"]))
 
-        for r in schedule_runs(rc):
+        for r in schedules:
             if "skipped" in r:
                 rows.append(r)
                 continue

@@ -1,19 +1,20 @@
-"""Write an evaluation result: metrics.json, report.md, sample grids and plots (pure I/O)."""
+"""Write an evaluation result: metrics.json, report.md, the comparison figure, the per-run sample
+grids (in grids/) and the plots."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dsno.atomic import atomic_path, atomic_write_text
+from dsno.metrics.image_io import to_uint8
+from dsno.stages.comparison import Figure, save_comparison, upscale_for
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+GRID_DIR = "grids"
+FIGURE_FILE = "comparison.png"
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -80,10 +81,34 @@ def grid_file(key: str) -> str:
     return f"grid_{name}.png"
 
 
-def save_grid(x: torch.Tensor, path: Path, nrow: int = 8) -> None:
-    """x: [N, C, H, W] in [-1, 1] -> PNG grid."""
+def save_grid(x: torch.Tensor, path: Path, nrow: int = 8, upscale: int = 1) -> None:
+    """x: [N, C, H, W] in [-1, 1] -> PNG grid (1 px black lines; each pixel upscale x upscale)."""
     import torchvision
-    torchvision.utils.save_image(((x.float().clamp(-1, 1) + 1) / 2), str(path), nrow=nrow, padding=1)
+    from PIL import Image
+    grid = torchvision.utils.make_grid(to_uint8(x.detach().cpu()), nrow=nrow, padding=1)     # [3, H', W']
+    grid = grid.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+
+
+def comparison_figure(result: dict[str, Any], finals: dict[str, torch.Tensor]) -> Figure:
+    """What eval's comparison figure shows: the reference, the teacher solve and DSNO, then every
+    deterministic solver row (stochastic ones follow other noise) at each NFE it ran at."""
+    done = [r for r in result["rows"] if "skipped" not in r]
+    ref = result["reference"]
+    top = [(f"reference: {ref['solver']}, {ref['steps']} steps, {ref['dtype']}", finals["reference"], "")]
+
+    def run(r: dict[str, Any]) -> tuple[torch.Tensor, str]:
+        return finals[f"{r['method']}@{r['nfe']}"], f"RMSE {r['rmse_vs_reference']:.4f}"
+
+    top += [(f"{r['method']}: NFE {r['nfe']}", *run(r)) for r in done if r["method"].startswith("teacher")]
+    top += [("DSNO: one pass", *run(r)) for r in done if r["method"] == "dsno"]
+    solvers: dict[str, dict[int, tuple[torch.Tensor, str]]] = {}
+    for r in done:
+        if r["method"] != "dsno" and not r["method"].startswith("teacher") and not r.get("stochastic"):
+            solvers.setdefault(r["method"], {})[r["nfe"]] = run(r)
+    columns = sorted({nfe for runs in solvers.values() for nfe in runs})
+    return Figure(top=top, solvers=list(solvers.items()), columns=columns)
 
 
 def save_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -113,28 +138,42 @@ def save_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.legend(fontsize=7)
             fig.tight_layout()
             p = out / f"plot_{key.split('_')[0]}_vs_{name}.png"
-            fig.savefig(p, dpi=110)
+            with atomic_path(p) as tmp:
+                fig.savefig(tmp, dpi=110, format="png")
             plt.close(fig)
             paths.append(p)
     return paths
 
 
 def write_report(result: dict[str, Any], finals: dict[str, torch.Tensor], out: Path, grid_samples: int = 64) -> None:
-    """metrics.json, report.md, grid_<method>_nfe<k>.png for every run, and the plots, into `out`."""
+    """Into `out`: metrics.json, report.md, comparison.png, the plots, and grids/grid_<method>_nfe<k>.png
+    for every run (grids of an earlier eval there, or loose in `out`, are removed)."""
     out.mkdir(parents=True, exist_ok=True)
+    grids = out / GRID_DIR
+    grids.mkdir(exist_ok=True)
+    names = {grid_file(k) for k in finals}
+    for stale in [*out.glob("grid_*.png"), *(p for p in grids.glob("grid_*.png") if p.name not in names)]:
+        stale.unlink()
+    upscale = upscale_for(next(iter(finals.values())).shape[-2:]) if finals else 1
     for key, x in finals.items():
-        save_grid(x[:grid_samples], out / grid_file(key))
+        save_grid(x[:grid_samples], grids / grid_file(key), upscale=upscale)
+    layout = save_comparison(comparison_figure(result, finals), out / FIGURE_FILE)
     plots = save_plots(result["rows"], out)
-    _atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
     md = [f"# Evaluation: {result['experiment']}", "",
           f"{result['num_samples']} samples from the same noise for every method; reference: "
           f"{result['reference']['solver']} with {result['reference']['steps']} steps in float64. "
           f"Device: {result['device']}.", "",
+          "## Samples (same noise)", "",
+          f"The first {layout.per_cell} samples of every method, {layout.upscale}x nearest-neighbour upscaled, with "
+          "each run's RMSE against the reference; stochastic solvers are left out (their samples follow other noise). "
+          f"Every run's first {grid_samples} samples: `{GRID_DIR}/`.", "",
+          f"![comparison]({FIGURE_FILE})", "",
           "## Quality at equal NFE", "", "RMSE of the final sample against the reference:", "",
           pivot_table(result["rows"]), "", "FID against the real digits (digit-classifier features):", "",
           pivot_table(result["rows"], "fid", ".1f"), "", "Every run:", "", equal_nfe_table(result["rows"]), "",
           "## Quality at equal wall-clock", "", at_dsno_cost(result["rows"]), "", equal_time_table(result["rows"]), "",
           "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + \
-         ["", "## Samples (same noise)", ""] + \
-         [f"- {k}: ![{k}]({grid_file(k)})" for k in finals]
-    _atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+         ["", "## Every run's samples", ""] + \
+         [f"- {k}: [{GRID_DIR}/{grid_file(k)}]({GRID_DIR}/{grid_file(k)})" for k in finals]
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")

@@ -144,6 +144,12 @@ class ScheduleConfig:
                             "ddpm_linear": ("num_steps", "beta_start", "beta_end")}
 
     def check(self, at: str) -> None:
+        unread = [k for ks in (v for kind, v in self.KEYS.items() if kind != self.kind) for k in ks
+                  if getattr(self, k) != ScheduleConfig.__dataclass_fields__[k].default]
+        if unread:
+            owner = next(kind for kind, ks in self.KEYS.items() if unread[0] in ks)
+            _fail(f"{at}.{unread[0]}", getattr(self, unread[0]), f"is read by {at}.kind={owner} only, and this "
+                  f"schedule is kind={self.kind}; remove it or set {at}.kind={owner}")
         if self.kind == "linear":
             _in_range(f"{at}.beta_min", self.beta_min, 0.0, 1e4, lo_open=True)
             _in_range(f"{at}.beta_max", self.beta_max, 0.0, 1e4, lo_open=True)

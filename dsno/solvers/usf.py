@@ -312,11 +312,8 @@ def update_weights(z: float, h: float, rs: Sequence[float], order: int, n: int, 
 
 
 def data_mean(teacher) -> torch.Tensor:
-    """The teacher's data mean (for afs=mean): a mixture's sum_k w_k mu_k, else `teacher.data_mean`."""
-    from dsno.teachers.gmm import GaussianMixture
-    if isinstance(teacher, GaussianMixture):
-        return (teacher.log_weights.exp() @ teacher.means).reshape(teacher.shape)
-    mean = getattr(teacher, "data_mean", None)
+    """The teacher's data mean (for afs=mean): its `data_mean` capability (a mixture's sum_k w_k mu_k)."""
+    mean = getattr(teacher, "data_mean", None)      # any teacher-like object may be solved, not only a Teacher
     if mean is None:
         raise ScheduleError(f"afs=mean needs the data mean, which a {type(teacher).__name__} teacher does not provide "
                             f"(set teacher.data_mean to a tensor of one sample's shape); or use afs: zero")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 from neuralop.layers.spectral_convolution import SpectralConv
 from torch import nn
 from torch.nn import functional as F
@@ -27,18 +28,14 @@ def _check_modes(num_times: int, modes: int) -> None:
                          f"for num_times={num_times}, got {modes}")
 
 
-def _to_time_major(h: torch.Tensor, num_times: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """[B*M, C, H, W] -> ([B*H*W, C, M] float32, the [B, M, C, H, W] shape)."""
-    _, c, height, width = h.shape
-    u = h.reshape(-1, num_times, c, height, width)
-    shape = tuple(u.shape)
-    return u.permute(0, 3, 4, 2, 1).reshape(-1, c, num_times).float(), shape
+def _to_time_major(h: torch.Tensor, num_times: int) -> torch.Tensor:
+    """[B*M, C, H, W] -> [B*H*W, C, M] float32 (pixels into the batch, the M branches last)."""
+    return rearrange(h, "(b m) c y x -> (b y x) c m", m=num_times).float()
 
 
-def _from_time_major(y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """[B*H*W, C, M] -> [B*M, C, H, W]."""
-    b, m, c, height, width = shape
-    return y.reshape(b, height, width, c, m).permute(0, 4, 3, 1, 2).reshape(b * m, c, height, width)
+def _from_time_major(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B*H*W, C, M] -> [B*M, C, H, W], H and W those of `like` ([B*M, C, H, W])."""
+    return rearrange(y, "(b y x) c m -> (b m) c y x", y=like.shape[2], x=like.shape[3])
 
 
 class TemporalConv(nn.Module):
@@ -81,13 +78,13 @@ class TemporalConv(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=h.device.type, enabled=False):
-            u, shape = _to_time_major(h, self.num_times)
+            u = _to_time_major(h, self.num_times)
             if self.impl == "matmul":
                 z = torch.einsum("oimn,bin->bom", self.real_kernel(differentiable=True), u)
             else:
                 z = self.spectral(u)
             y = F.leaky_relu(z, NEGATIVE_SLOPE)
-            return (h.float() + _from_time_major(y, shape)).to(h.dtype)
+            return (h.float() + _from_time_major(y, h)).to(h.dtype)
 
     def real_kernel(self, differentiable: bool = False) -> torch.Tensor:
         """The spectral map as a real matrix K [C_out, C_in, M, M]: y[o, m] = sum K[o, i, m, n] u[i, n].
@@ -134,9 +131,9 @@ class TemporalMatmul(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=h.device.type, enabled=False):
-            u, shape = _to_time_major(h, self.num_times)
+            u = _to_time_major(h, self.num_times)
             y = F.leaky_relu(torch.einsum("oimn,bin->bom", self.kernel, u), NEGATIVE_SLOPE)
-            return (h.float() + _from_time_major(y, shape)).to(h.dtype)
+            return (h.float() + _from_time_major(y, h)).to(h.dtype)
 
 
 TEMPORAL_IMPLS = ("fft", "matmul")

@@ -1,9 +1,9 @@
 """Typed run configuration: the schema, the one place a default is written.
 
 The dataclasses below are registered in Hydra's ConfigStore by `register_configs()`: the root schema
-`dsno_schema`, one `teacher=KIND` option per teacher kind (its own dataclass, from
+`schema=run` (`schema=search` adds `nfe` and `search.*` for `python -m dsno.search`), one `teacher=KIND` option per teacher kind (its own dataclass, from
 `dsno.teachers.registry`), one `solver=NAME` option per deterministic solver (from the solver
-registry), `trainer=default`, `logger=wandb` and `search=default`. YAML files under conf/ carry only
+registry), `trainer=default` and `logger=wandb`. YAML files under conf/ carry only
 what an experiment (or `trainer=gpu`, `logger=csv`) changes.
 
 `validate(cfg)` merges a composed config into the schema, the `teacher` block into its kind's
@@ -605,6 +605,15 @@ def check_trainer_hardware(c: RunConfig) -> None:
               f"{c.train.batch_size}; make more trajectories or use fewer devices")
 
 
+def search_run_config(search_config: type) -> type:
+    """The schema of `python -m dsno.search` (schema=search): a run plus `nfe` and `search.*`."""
+    @dataclass
+    class SearchRunConfig(RunConfig):
+        nfe: int = 5
+        search: Any = field(default_factory=search_config)
+    return SearchRunConfig
+
+
 # ----------------------------------------------------------------------------------------- ConfigStore
 def _open_options(node: DictConfig) -> DictConfig:
     """Let solver.options take new keys from the command line (solver.options.method=fast, no `+`):
@@ -622,9 +631,10 @@ def register_configs() -> None:
     from dsno.teachers.registry import teacher_kinds
 
     cs = ConfigStore.instance()
-    schema = OmegaConf.structured(RunConfig)
-    _open_options(schema.solver)
-    cs.store(name="dsno_schema", node=schema)
+    for name, cls in (("run", RunConfig), ("search", search_run_config(SearchConfig))):
+        schema = OmegaConf.structured(cls)
+        _open_options(schema.solver)
+        cs.store(group="schema", name=name, node=schema, package="_global_")
     for name, kind in teacher_kinds().items():
         cs.store(group="teacher", name=name, node=OmegaConf.structured(kind.config))
     for name in available():
@@ -635,5 +645,3 @@ def register_configs() -> None:
             cs.store(group="solver", name=name, node=node)
     cs.store(group="trainer", name="default", node=OmegaConf.structured(TrainerConfig))
     cs.store(group="logger", name="wandb", node=OmegaConf.structured(LoggerConfig))
-    cs.store(group="search", name="default", package="_global_",
-             node={"nfe": 5, "search": OmegaConf.structured(SearchConfig)})

@@ -1,6 +1,6 @@
 """Search a USF solver schedule: `python -m dsno.search experiment=mnist_gmm nfe=5`.
 
-Keys: nfe, and search.* (dsno.search.loop.SearchConfig, stored as search=default): search.mode=timesteps for the timestep-only
+Keys: nfe, and search.* (dsno.search.loop.SearchConfig; the schema=search config): search.mode=timesteps for the timestep-only
 (GITS / LD3-style) baseline, search.pin_times=[...] for grids that must pass through given times
 (e.g. data.times, to make DSNO's training data with solver=usf). Writes
 <run_dir>/schedules/nfe<N>.yaml (nfe<N>_timesteps.yaml) and resumes from <name>.scored.json."""
@@ -23,8 +23,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if not any(a.split("=")[0].lstrip("+~") == "search" for a in sys.argv[1:]):
-        sys.argv.insert(1, "+search=default")
+    sys.argv.insert(1, "schema=search")
     sys.argv.insert(1, "hydra.callbacks.preflight._target_=dsno.search.cli.SearchPreflight")
     prepare_cli(Path(__file__).resolve().parent.parent.parent / "conf")
     main()

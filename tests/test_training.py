@@ -12,7 +12,7 @@ import torch
 
 from dsno.training.ema import averaged_model
 from dsno.training.losses import TrajectoryLoss, time_weights
-from dsno.training.sampler import StepBatchSampler
+from dsno.training.batch_order import StepBatchOrder
 
 
 def test_time_weights_follow_sqrt_snr_clamped():
@@ -35,18 +35,18 @@ def test_loss_weights_and_kinds():
 
 
 def test_step_sampler_is_a_function_of_step_and_rank():
-    s = StepBatchSampler(100, 8, seed=3)
+    s = StepBatchOrder(100, 8, seed=3)
     it = iter(s)
     first = [next(it) for _ in range(20)]
-    resumed = StepBatchSampler(100, 8, seed=3, start_step=lambda: 7)
+    resumed = StepBatchOrder(100, 8, seed=3, start_step=lambda: 7)
     assert next(iter(resumed)) == first[7]
     # one epoch = 12 steps of 8 distinct items
     assert len({i for b in first[:12] for i in b}) == 96
-    r0 = StepBatchSampler(100, 4, seed=3, rank=0, world_size=2)
-    r1 = StepBatchSampler(100, 4, seed=3, rank=1, world_size=2)
+    r0 = StepBatchOrder(100, 4, seed=3, rank=0, world_size=2)
+    r1 = StepBatchOrder(100, 4, seed=3, rank=1, world_size=2)
     assert sorted(r0.batch(5) + r1.batch(5)) == sorted(s.batch(5))
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        StepBatchSampler(5, 8)
+        StepBatchOrder(5, 8)
 
 
 def test_ema_copies_first_then_follows_the_warmup_rule():

@@ -1,1 +1,1 @@
-"""Training: the trajectory loss, EMA weights, a step-indexed sampler and the LightningModule."""
+"""Training: the trajectory loss, EMA weights, a step-indexed batch order and the LightningModule."""

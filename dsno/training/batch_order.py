@@ -1,4 +1,4 @@
-"""A batch sampler whose batches depend only on (seed, global step, rank): exact resume, DDP-ready."""
+"""The order of training batches: index batches that depend only on (seed, global step, rank), for exact resume and DDP (a torch Sampler, named for what it decides: "sampler" in dsno means the exported one-pass model)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Callable, Iterator
 import torch
 
 
-class StepBatchSampler(torch.utils.data.Sampler):
+class StepBatchOrder(torch.utils.data.Sampler):
     """Infinite stream of index batches. Step s of epoch e = s // steps_per_epoch draws from the
     permutation torch.randperm(n, Generator(seed + e)); each rank takes its own slice of the
     global batch (batch_size * world_size). Iteration starts at `start_step()`, read lazily, so a

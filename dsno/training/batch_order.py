@@ -1,4 +1,5 @@
-"""The order of training batches: index batches that depend only on (seed, global step, rank), for exact resume and DDP (a torch Sampler, named for what it decides: "sampler" in dsno means the exported one-pass model)."""
+"""The order of training batches: index batches that depend only on (seed, global step, rank), for exact
+resume and DDP. A torch Sampler, named for what it decides ("sampler" in dsno is the exported model)."""
 
 from __future__ import annotations
 

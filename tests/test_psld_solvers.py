@@ -159,7 +159,7 @@ def test_euler_maruyama_draws_from_its_generator():
 # --- 5. the registry -------------------------------------------------------------------------
 
 def test_registry_keeps_augmented_solvers_apart():
-    assert available("augmented") == ["augmented_euler", "augmented_euler_maruyama", "lambda_ddim"]
+    assert {"augmented_euler", "augmented_euler_maruyama", "lambda_ddim"} <= set(available("augmented"))
     assert not set(available()) & set(available("augmented"))
     assert set(available(None)) == set(available()) | set(available("augmented"))
     teacher = PSLDGaussianMixture(torch.zeros(1, 2), torch.ones(1), process=PSLD())

@@ -7,10 +7,11 @@
 Solvers (`available()`): ddim, deis (tab / logrho / rhoab / rhork), ipndm, dpm_solver,
 dpm_solver_pp, unipc (bh1 / bh2), euler, heun, usf (per-step schedules, `dsno.solvers.usf`), and the
 stochastic ddpm, sde_dpm_solver_pp. For augmented processes (PSLD; `available("augmented")`,
-`dsno.solvers.psld`): augmented_euler, augmented_euler_maruyama, lambda_ddim.
+`dsno.solvers.psld`, `dsno.solvers.psld_splitting`): augmented_euler, augmented_euler_maruyama, lambda_ddim
+(variant I / II), sscs, nvv, rvv, noba, roba, csps_d, sps_s, csps_s.
 """
 
-from dsno.solvers import ddim, deis, dpm_solver, ipndm, pf_ode, psld, sde, unipc, usf  # noqa: F401  (registers them)
+from dsno.solvers import ddim, deis, dpm_solver, ipndm, pf_ode, psld, psld_splitting, sde, unipc, usf  # noqa: F401  (registers them)
 from dsno.solvers.api import sample
 from dsno.solvers.core import LOWER_ORDER_FINAL_BELOW
 from dsno.solvers.grids import SPACINGS, check_grid, from_grid, timesteps

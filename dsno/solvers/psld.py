@@ -20,6 +20,21 @@ to it). With drift = beta F and diffusion = beta D:
 
   (Gauss-Legendre in the process's own variable, `process.quadrature`). lam = 0 on VP is DDIM:
   Phi(s -> t) = alpha_t / alpha_s and C_e = alpha_t (rho_t - rho_s).
+  variant="II" takes B_t = lam 1 (the all-ones k x k matrix, lambda-DDIM-II): A_t = e^(lam t 1) Phi(0, t)^-1
+  solves dA/dt = B A - A beta F although 1 and F do not commute, and the step becomes
+
+      z_t = Phi(0, t) (I + lam (t - s) 1) e^(lam (s - t) 1) Phi(0, s)^-1 z_s + C_e eps(z_s, s),
+      C_e = int_s^t 1/2 Phi(0, t) e^(lam (u - t) 1) Phi(0, u)^-1 beta_u D L_u^-T du,
+
+  e^(c 1) = I + (e^(k c) - 1) / k 1. Both variants are one option of one solver (same step, same cost; only
+  B_t differs). They agree exactly at lam = 0 (B_t = 0) and for k = 1 (1 = I).
+- "sscs": the symmetric splitting CLD sampler (Dockhorn et al. 2022) for the reverse SDE. With the
+  stationary covariance S = diag(1, M) (prior_cov) the reverse drift is -beta F z + beta D score
+  = beta F_A z + beta D (score + S^-1 z), F_A = S F^T S^-1 (F_A S + S F_A^T + D = 0: the reverse of the
+  stationary process). A step s -> t is an exact half step of dz = beta F_A z dtau + sqrt(beta) G dW
+  (mean expm(F_A b / 2), covariance by Van Loan's block exponential, b = B(s) - B(t)), an Euler step
+  z += b D (score + S^-1 z) at the midpoint time, and another exact half step. denoise_to_zero: the
+  public PSLD code's final step, the noise-free reverse-SDE Euler step from t_end to 0 (one more NFE).
 """
 
 from __future__ import annotations
@@ -29,10 +44,13 @@ from typing import Any
 
 import torch
 
+from dsno.errors import UserError
 from dsno.processes.linear import ScalarLinear
 from dsno.solvers.coefficients import GAUSS_LEGENDRE_NODES
 from dsno.solvers.core import NoiseSampler, Trajectory, combine, noise_source
-from dsno.solvers.registry import register
+from dsno.solvers.registry import choice, register
+
+VARIANTS = ("I", "II")
 
 
 class AugmentedView:
@@ -133,28 +151,117 @@ def lower_inverse_t(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(m, eye, upper=False).transpose(-1, -2)
 
 
-def lambda_ddim_weights(process: Any, s: float, t: float, lam: float, n_quad: int = GAUSS_LEGENDRE_NODES
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def finite_option(name: str, value: Any) -> float:
+    """value as a float; UserError (one line) unless it is a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"option {name}={value!r} must be a finite number")
+    return float(value)
+
+
+def exp_ones(c: Any, k: int) -> torch.Tensor:
+    """e^(c 1) [..., k, k] for the all-ones matrix 1 (1^2 = k 1) and c [...]: I + (e^(k c) - 1) / k 1, float64."""
+    c = torch.as_tensor(c, dtype=torch.float64)
+    return torch.eye(k, dtype=torch.float64) + (torch.expm1(k * c) / k)[..., None, None] * torch.ones(
+        k, k, dtype=torch.float64)
+
+
+def lambda_ddim_weights(process: Any, s: float, t: float, lam: float, n_quad: int = GAUSS_LEGENDRE_NODES,
+                        variant: str = "I") -> tuple[torch.Tensor, torch.Tensor]:
     """(C_x, C_e) [k, k] float64 of one lambda-DDIM step from s to t < s (see the module doc)."""
-    c_x = (1.0 + lam * (t - s)) * math.exp(lam * (s - t)) * process.mean_map(s, t).reshape(process.k, process.k)
+    k = process.k
     u, w = process.quadrature(t, s, n_quad)                                            # nodes in (t, s)
     l_inv_t = lower_inverse_t(process.kernel_cholesky(u))                               # [n, k, k]
-    integrand = process.mean_map(u, t) @ process.diffusion(u) @ l_inv_t                 # [n, k, k]
-    c_e = -0.5 * ((w * torch.exp(lam * (u - t)))[:, None, None] * integrand).sum(0)    # int_s^t = -int_t^s
+    forcing = process.diffusion(u) @ l_inv_t                                            # [n, k, k]
+    if variant == "I":
+        c_x = (1.0 + lam * (t - s)) * math.exp(lam * (s - t)) * process.mean_map(s, t).reshape(k, k)
+        integrand = torch.exp(lam * (u - t))[:, None, None] * process.mean_map(u, t) @ forcing
+    else:
+        to_t = process.mean_map(0.0, t).reshape(k, k)
+        ones = torch.ones(k, k, dtype=torch.float64)
+        mid = (torch.eye(k, dtype=torch.float64) + lam * (t - s) * ones) @ exp_ones(lam * (s - t), k)
+        c_x = to_t @ mid @ process.mean_map(s, 0.0).reshape(k, k)
+        conj = exp_ones(lam * (u - t), k)                                                # [n, k, k]
+        integrand = to_t @ conj @ process.mean_map(u, 0.0) @ forcing
+    c_e = -0.5 * (w[:, None, None] * integrand).sum(0)                                   # int_s^t = -int_t^s
     return c_x, c_e
 
 
 @register("lambda_ddim", orders=(1,), cost=_one_per_step, cost_rule="1 per step", process="augmented")
 def lambda_ddim(teacher, x: torch.Tensor, ts: torch.Tensor, *, order: int = 1, return_trajectory: bool = False,
-                lam: float = 0.0) -> torch.Tensor:
-    """lambda-DDIM-I (conjugate integrator, B_t = lam I); lam = 0 on a VP teacher is DDIM."""
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-        raise ValueError(f"option lam={lam!r} must be a finite number")
+                lam: float = 0.0, variant: str = "I") -> torch.Tensor:
+    """lambda-DDIM (conjugate integrator): variant "I" B_t = lam I, "II" B_t = lam 1 (all ones); lam = 0 on
+    a VP teacher is DDIM."""
+    lam = finite_option("lam", lam)
+    choice("variant", variant, VARIANTS)
     k = _state_check(teacher, x)
     times = ts.tolist()
     traj = Trajectory(x, return_trajectory)
     for s, t in zip(times[:-1], times[1:]):
-        c_x, c_e = lambda_ddim_weights(teacher.process, s, t, float(lam))
+        c_x, c_e = lambda_ddim_weights(teacher.process, s, t, lam, variant=variant)
         x = combine([(1.0, apply(c_x, x, k)), (1.0, apply(c_e, teacher.eps(x, s).to(x.dtype), k))])
+        traj.add(x)
+    return traj.result(x)
+
+
+# --- SSCS -------------------------------------------------------------------------------------
+
+def stationary_parts(process: Any, solver: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(F, D, S) [k, k] float64 of a process dz = beta F z dt + sqrt(beta) G dW (G G^T = D) with stationary
+    covariance S (PSLD); UserError naming the solver for one without them (a scalar schedule)."""
+    if not all(hasattr(process, a) for a in ("F", "D", "prior_cov", "B")):
+        raise UserError(f"solver {solver!r} needs a process dz = beta F z dt + sqrt(beta) G dW with a stationary "
+                        f"law (PSLD); {process!r} is not one, use lambda_ddim, augmented_euler or "
+                        f"augmented_euler_maruyama")
+    return process.F, process.D, process.prior_cov()
+
+
+def stationary_reverse_kernel(process: Any, b: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, Q) [k, k] float64: dz = beta F_A z dtau + sqrt(beta) G dW over int beta = b >= 0 gives
+    z -> N(E z, Q), F_A = S F^T S^-1 (Van Loan: expm of [[-F_A, D], [0, F_A^T]] b, no cancellation)."""
+    k = process.k
+    f, d, sig = stationary_parts(process, "sscs")
+    f_a = sig @ f.T @ torch.linalg.inv(sig)
+    block = torch.zeros(2 * k, 2 * k, dtype=torch.float64)
+    block[:k, :k], block[:k, k:], block[k:, k:] = -f_a, d, f_a.T
+    e = torch.linalg.matrix_exp(block * b)
+    phi = e[k:, k:].T
+    q = phi @ e[:k, k:]
+    return phi, 0.5 * (q + q.T)
+
+
+def _sscs_cost(steps: int, order: int, o: dict) -> int:
+    return steps + int(o["denoise_to_zero"])
+
+
+@register("sscs", orders=(1,), cost=_sscs_cost, cost_rule="1 per step (+1 with denoise_to_zero)", stochastic=True,
+          process="augmented")
+def sscs(teacher, x: torch.Tensor, ts: torch.Tensor, *, order: int = 1, return_trajectory: bool = False,
+         generator: torch.Generator | None = None, noise_sampler: NoiseSampler | None = None,
+         denoise_to_zero: bool = False) -> torch.Tensor:
+    """Symmetric splitting CLD sampler: exact half step, Euler score step, exact half step (module doc)."""
+    k = _state_check(teacher, x)
+    proc = teacher.process
+    _, d_unit, sig = stationary_parts(proc, "sscs")
+    noise = noise_source(x, generator, noise_sampler)
+    sig_inv = torch.linalg.inv(sig)
+    times = ts.tolist()
+    traj = Trajectory(x, return_trajectory)
+
+    def half(z: torch.Tensor, a: float, b: float) -> torch.Tensor:
+        e, q = stationary_reverse_kernel(proc, float(proc.B(a) - proc.B(b)))
+        return combine([(1.0, apply(e, z, k)), (1.0, apply(psd_sqrt(q), noise(a, b), k))])
+
+    for s, t in zip(times[:-1], times[1:]):
+        mid = 0.5 * (s + t)
+        x = half(x, s, mid)
+        rel = combine([(1.0, teacher.score(x, mid).to(x.dtype)), (1.0, apply(sig_inv, x, k))])
+        x = combine([(1.0, x), (float(proc.B(s) - proc.B(t)), apply(d_unit, rel, k))])
+        x = half(x, mid, t)
+        traj.add(x)
+    if denoise_to_zero:
+        t_end = times[-1]
+        slope = combine([(1.0, apply(proc.drift(t_end), x, k)),
+                         (-1.0, apply(proc.diffusion(t_end), teacher.score(x, t_end).to(x.dtype), k))])
+        x = combine([(1.0, x), (-t_end, slope)])
         traj.add(x)
     return traj.result(x)

@@ -11,7 +11,8 @@ stochastic ddpm, sde_dpm_solver_pp. For augmented processes (PSLD; `available("a
 (variant I / II), sscs, nvv, rvv, noba, roba, csps_d, sps_s, csps_s.
 """
 
-from dsno.solvers import ddim, deis, dpm_solver, ipndm, pf_ode, psld, psld_splitting, sde, unipc, usf  # noqa: F401  (registers them)
+from dsno.solvers import (ddim, deis, dpm_solver, ipndm, pf_ode, psld, psld_splitting, sde,  # noqa: F401  (registers)
+                         unipc, usf)
 from dsno.solvers.api import sample
 from dsno.solvers.core import LOWER_ORDER_FINAL_BELOW
 from dsno.solvers.grids import SPACINGS, check_grid, from_grid, timesteps

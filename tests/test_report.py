@@ -73,6 +73,7 @@ def test_comparison_figure_geometry_contents_and_links(tmp_path):
 
     md = (tmp_path / "report.md").read_text()
     assert "![comparison](comparison.png)" in md and "4x nearest-neighbour upscaled" in md
+    assert "Every run's first 4 samples" in md
     assert "(grids/grid_ddim-1_nfe2.png)" in md
     grids = sorted(p.name for p in (tmp_path / "grids").iterdir())
     assert grids == sorted(["grid_reference.png", "grid_dsno_nfe1.png", "grid_teacher_dpm_solver_pp-3_nfe12.png",

@@ -167,7 +167,7 @@ def write_report(result: dict[str, Any], finals: dict[str, torch.Tensor], out: P
           "## Samples (same noise)", "",
           f"The first {layout.per_cell} samples of every method, {layout.upscale}x nearest-neighbour upscaled, with "
           "each run's RMSE against the reference; stochastic solvers are left out (their samples follow other noise). "
-          f"Every run's first {grid_samples} samples: `{GRID_DIR}/`.", "",
+          f"Every run's first {min(grid_samples, result['num_samples'])} samples: `{GRID_DIR}/`.", "",
           f"![comparison]({FIGURE_FILE})", "",
           "## Quality at equal NFE", "", "RMSE of the final sample against the reference:", "",
           pivot_table(result["rows"]), "", "FID against the real digits (digit-classifier features):", "",

@@ -6,14 +6,28 @@ Layout of the DDPM CIFAR-10 checkpoint (google/ddpm-cifar10-32), or the same fil
     DIR/unet/diffusion_pytorch_model.safetensors (.bin)   DIR/diffusion_pytorch_model.safetensors (.bin)
     DIR/scheduler/scheduler_config.json                   DIR/scheduler_config.json
 
-The scheduler's discrete betas become `VPSchedule.discrete(betas)` (step i at t = (i + 1) / N) and
-the network is called with the step index t * N - 1. Nothing is downloaded: the folder must exist,
-weights load from safetensors or from a .bin only through torch.load(weights_only=True).
+The scheduler config's `_class_name` decides the process (`scheduler_process`):
+- the DDPM family (`VP_SCHEDULERS`, or no `_class_name`): the discrete betas become
+  `VPSchedule.discrete(betas)` (step i at t = (i + 1) / N), the network is called with the step
+  index t * N - 1;
+- EDM (`EDM_SCHEDULERS`): `VESchedule(sigma_min, sigma_max)`, t = sigma, and the network runs inside
+  diffusers' EDM preconditioning (`EDMPreconditioning`), exposed as an x0 (denoised) prediction;
+- flow matching (`FLOW_SCHEDULERS`, or a DDPM-family solver with `use_flow_sigmas=True`):
+  `FlowSchedule()`, the network called at t * num_train_timesteps, predicting the velocity eps - x0
+  (`flow_velocity`). `shift` / `flow_shift`, dynamic shifting and the sigma spacings only move the
+  sampling grid (dsno's grids come from `dsno.timesteps`); the model input stays t * N (diffusers'
+  multistep solvers round that down to an integer, FlowMatchEulerDiscreteScheduler does not; dsno
+  does not round).
+Any other class is refused by name. Only `time_embedding_type="positional"` UNets load: it is the one
+embedding that takes step indices, 0.25 log sigma (negative below sigma = 1) and fractional t * N alike.
+Nothing is downloaded: the folder must exist, weights load from safetensors or from a .bin only through
+torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -22,7 +36,7 @@ import numpy as np
 import torch
 
 from dsno.nn.dsno import DiffusersUNet, diffusers_backbone_spec
-from dsno.schedules import VPSchedule
+from dsno.schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
 from dsno.teachers.base import WrappedTeacher
 from dsno.teachers.unet import weights_sha256
 from dsno.config import TeacherConfig, _existing_path, _fail, check_prediction_key
@@ -35,6 +49,23 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 # diffusers' DDPMScheduler defaults, used for keys a scheduler config leaves out
 SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
                       "beta_schedule": "linear", "prediction_type": "epsilon"}
+
+# scheduler classes whose model is a DDPM eps / x0 / v network at discrete step indices over betas
+VP_SCHEDULERS = ("DDPMScheduler", "DDPMParallelScheduler", "DDIMScheduler", "DDIMParallelScheduler",
+                 "DDIMInverseScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
+                 "DPMSolverMultistepInverseScheduler", "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler",
+                 "DEISMultistepScheduler", "UniPCMultistepScheduler", "SASolverScheduler", "EulerDiscreteScheduler",
+                 "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+                 "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler", "RePaintScheduler")
+# those of them that take use_flow_sigmas=True: then the model is a flow model called at sigma * N
+FLOW_SIGMA_SCHEDULERS = ("DPMSolverMultistepScheduler", "DPMSolverMultistepInverseScheduler",
+                         "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
+                         "SASolverScheduler")
+FLOW_SIGMA_PREDICTIONS = {"flow_prediction": "flow_velocity", "epsilon": "eps", "sample": "x0"}
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+EDM_DEFAULTS = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "prediction_type": "epsilon"}
+EDM_PREDICTIONS = ("epsilon", "v_prediction")     # the two diffusers' precondition_outputs defines
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
 EXPECTED_LAYOUT = """expected a diffusers UNet2DModel folder, in the DDPM layout (e.g. google/ddpm-cifar10-32):
   DIR/unet/config.json
@@ -129,13 +160,103 @@ def scheduler_prediction(config: dict[str, Any]) -> str:
     return PREDICTION_TYPES[kind]
 
 
+def scheduler_process(config: dict[str, Any]) -> str:
+    """The process ("vp", "edm" or "flow") a scheduler config's `_class_name` describes.
+
+    No `_class_name` is VP (as the DDPM configs of old); a VP-family class with use_flow_sigmas=True is
+    "flow"; any other class is refused, naming it and the supported ones.
+    """
+    name = config.get("_class_name")
+    if name is None or name in VP_SCHEDULERS:
+        if config.get("use_flow_sigmas"):
+            if name is not None and name not in FLOW_SIGMA_SCHEDULERS:
+                raise ValueError(f"{name} has no use_flow_sigmas (diffusers ignores it there); flow sigmas come with "
+                                 f"{', '.join(FLOW_SIGMA_SCHEDULERS)}")
+            return "flow"
+        if config.get("prediction_type") == "flow_prediction":
+            raise ValueError("prediction_type 'flow_prediction' needs use_flow_sigmas=True (a flow-matching model); "
+                             "without it the scheduler would read the output on a VP schedule")
+        if config.get("timestep_type", "discrete") != "discrete":
+            raise ValueError(f"timestep_type={config['timestep_type']!r} calls the model with 0.25 log sigma instead "
+                             "of the step index; only timestep_type='discrete' VP models are supported")
+        return "vp"
+    if name in EDM_SCHEDULERS:
+        return "edm"
+    if name in FLOW_SCHEDULERS:
+        if config.get("invert_sigmas"):
+            raise ValueError("invert_sigmas=True (noise at t = 0) is not the x_t = (1 - t) x0 + t eps of "
+                             "dsno.FlowSchedule; use a config without it")
+        return "flow"
+    raise ValueError(f"scheduler class {name!r} is not supported; dsno loads EDM ({', '.join(EDM_SCHEDULERS)}), "
+                     f"flow matching ({', '.join(FLOW_SCHEDULERS)}, or use_flow_sigmas=True) and the DDPM family "
+                     f"({', '.join(VP_SCHEDULERS)})")
+
+
+def scheduler_num_train_timesteps(config: dict[str, Any]) -> int:
+    """N of a flow scheduler config: the model is called at timestep t * N."""
+    n = config.get("num_train_timesteps", SCHEDULER_DEFAULTS["num_train_timesteps"])
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_train_timesteps must be an integer >= 1, got {n!r}")
+    return n
+
+
+def flow_sigma_prediction(config: dict[str, Any]) -> str:
+    """dsno's prediction kind of a use_flow_sigmas config (flow_prediction -> flow_velocity, eps, x0)."""
+    kind = config.get("prediction_type", SCHEDULER_DEFAULTS["prediction_type"])
+    if kind not in FLOW_SIGMA_PREDICTIONS:
+        raise ValueError(f"prediction_type {kind!r} is not supported with use_flow_sigmas=True; use one of "
+                         f"{sorted(FLOW_SIGMA_PREDICTIONS)} (v_prediction on flow sigmas is not VP's v)")
+    return FLOW_SIGMA_PREDICTIONS[kind]
+
+
+@dataclass(frozen=True)
+class EDMPreconditioning:
+    """diffusers' EDM preconditioning of a network F: D(x; sigma) = c_skip x + c_out F(c_in x, c_noise).
+
+    sigma_data: the data's std; prediction_type: "epsilon" (c_out = +sigma sigma_data / sqrt(sigma^2 +
+    sigma_data^2), EDM's F) or "v_prediction" (c_out with the opposite sign), as in
+    `EDMEulerScheduler.precondition_outputs`.
+    """
+
+    sigma_data: float = 0.5
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        sd = self.sigma_data
+        if isinstance(sd, bool) or not isinstance(sd, (int, float)) or not math.isfinite(sd) or sd <= 0:
+            raise ValueError(f"sigma_data must be a finite number > 0, got {sd!r}")
+        if self.prediction_type not in EDM_PREDICTIONS:
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported by diffusers' EDM "
+                             f"preconditioning; use one of {list(EDM_PREDICTIONS)}")
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c_in, c_noise, c_skip, c_out) at noise levels sigma [B] > 0, float64 [B] each."""
+        s = sigma.to(torch.float64)
+        sd2 = float(self.sigma_data) ** 2
+        norm = torch.sqrt(s**2 + sd2)
+        sign = 1.0 if self.prediction_type == "epsilon" else -1.0
+        return 1.0 / norm, 0.25 * torch.log(s), sd2 / (s**2 + sd2), sign * s * self.sigma_data / norm
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sigma_data": float(self.sigma_data), "prediction_type": self.prediction_type}
+
+
+def edm_config(config: dict[str, Any]) -> tuple[VESchedule, EDMPreconditioning]:
+    """The VE schedule and preconditioning an EDM scheduler config describes (diffusers' defaults for
+    keys it leaves out)."""
+    cfg = {**EDM_DEFAULTS, **config}
+    return VESchedule(cfg["sigma_min"], cfg["sigma_max"]), EDMPreconditioning(cfg["sigma_data"], cfg["prediction_type"])
+
+
 def _check_unet_config(config: dict[str, Any], path: Path) -> None:
     name = config.get("_class_name", "UNet2DModel")
     if name != "UNet2DModel":
         raise ValueError(f"{path} describes a {name}; a diffusers teacher needs a UNet2DModel")
     if config.get("time_embedding_type", "positional") != "positional":
-        raise ValueError(f"{path}: time_embedding_type={config['time_embedding_type']!r} takes noise levels, "
-                         "not DDPM step indices; only 'positional' (discrete-time) UNets are supported")
+        raise ValueError(f"{path}: time_embedding_type={config['time_embedding_type']!r} is not supported; dsno calls "
+                         "the UNet with DDPM step indices (VP), 0.25 log sigma (EDM, negative below sigma = 1) or "
+                         "t * N (flow, fractional), which only 'positional' embeds ('fourier' takes log(timestep) "
+                         "and divides the output by it, 'learned' looks integer steps up in a table)")
     if config.get("num_class_embeds") is not None or config.get("class_embed_type") is not None:
         raise ValueError(f"{path}: a class-conditional UNet2DModel is not supported (teachers are unconditional)")
     c_in, c_out = config.get("in_channels", 3), config.get("out_channels", 3)
@@ -146,19 +267,19 @@ def _check_unet_config(config: dict[str, Any], path: Path) -> None:
         raise ValueError(f"{path}: config has no sample_size; set it to the image side the model was trained at")
 
 
-class DiffusersTeacher(WrappedTeacher):
-    """A diffusers `UNet2DModel` on a discrete VP schedule, called with the step index t * N - 1.
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class _UNet2DTeacher(WrappedTeacher):
+    """What every diffusers UNet2DModel teacher shares: the network, its shape, its fingerprint.
 
     `network` is the UNet2DModel; inputs are cast to its dtype, so solvers may call in float64.
     """
 
-    def __init__(self, unet: torch.nn.Module, schedule: VPSchedule, prediction: str = "eps",
-                 name: str = "diffusers_unet2d"):
-        if schedule.kind != "discrete":
-            raise ValueError(f"a diffusers teacher needs a discrete schedule (VPSchedule.discrete), got {schedule!r}")
-        super().__init__(DiffusersUNet(unet), schedule, prediction, "discrete", name)
-        self.time_input_spec = {"discrete": schedule.num_steps}
-        self.backbone_config = diffusers_backbone_spec(unet)
+    def __init__(self, unet: torch.nn.Module, schedule: Schedule, prediction: str, time_input: str, name: str):
+        super().__init__(DiffusersUNet(unet), schedule, prediction, time_input, name)
+        self.architecture = diffusers_backbone_spec(unet)
         size = unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         self.shape = (int(unet.config.in_channels), int(h), int(w))
@@ -172,20 +293,108 @@ class DiffusersTeacher(WrappedTeacher):
 
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
-        fp.update(backbone=self.backbone_config, shape=list(self.shape), time_input=self.time_input_spec,
+        fp.update(backbone=self.architecture, shape=list(self.shape), time_input=self.time_input_spec,
                   weights_sha256=weights_sha256(self.network))
         return fp
 
 
-def load_diffusers_teacher(path: str | Path) -> DiffusersTeacher:
-    """Load a UNet2DModel and its scheduler config from a local folder (offline) as a teacher, in eval mode."""
+class DiffusersTeacher(_UNet2DTeacher):
+    """A diffusers `UNet2DModel` on a discrete VP schedule, called with the step index t * N - 1."""
+
+    def __init__(self, unet: torch.nn.Module, schedule: VPSchedule, prediction: str = "eps",
+                 name: str = "diffusers_unet2d"):
+        if not isinstance(schedule, VPSchedule) or schedule.kind != "discrete":
+            raise ValueError(f"a diffusers teacher needs a discrete schedule (VPSchedule.discrete), got {schedule!r}")
+        super().__init__(unet, schedule, prediction, "discrete", name)
+        self.time_input_spec = {"discrete": schedule.num_steps}
+        self.backbone_config = self.architecture
+
+
+class DiffusersEDMTeacher(_UNet2DTeacher):
+    """A diffusers `UNet2DModel` trained with EDM preconditioning, on `VESchedule` (t = sigma).
+
+    Predicts x0 = D(x; sigma) = c_skip x + c_out F(c_in x, 0.25 log sigma), exactly as diffusers'
+    EDM schedulers do. No `backbone_config`: a DSNO student built from this network would need its
+    preconditioning and noise-level input, which DSNO's build config does not carry.
+    """
+
+    def __init__(self, unet: torch.nn.Module, schedule: VESchedule, preconditioning: EDMPreconditioning,
+                 name: str = "diffusers_unet2d_edm"):
+        if not isinstance(schedule, VESchedule):
+            raise ValueError(f"an EDM diffusers teacher needs a VESchedule, got {schedule!r}")
+        super().__init__(unet, schedule, "x0", "continuous", name)
+        self.preconditioning = preconditioning
+        self.time_input_spec = {"edm": preconditioning.to_dict()}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        c_in, c_noise, c_skip, c_out = self.preconditioning.coefficients(t)
+        f = self.network((_bcast(c_in, x) * x).to(self.network.dtype), c_noise.to(torch.float32)).sample
+        return _bcast(c_skip, x) * x + _bcast(c_out, x) * f.to(x.dtype)
+
+
+class DiffusersFlowTeacher(_UNet2DTeacher):
+    """A diffusers `UNet2DModel` flow-matching model on `FlowSchedule`, called at timestep t * N.
+
+    prediction: "flow_velocity" (u = eps - x0, FlowMatchEulerDiscreteScheduler's model output), or
+    "eps" / "x0" for use_flow_sigmas configs that say so. No `backbone_config` (see DiffusersEDMTeacher).
+    """
+
+    def __init__(self, unet: torch.nn.Module, num_train_timesteps: int = 1000, prediction: str = "flow_velocity",
+                 schedule: FlowSchedule | None = None, name: str = "diffusers_unet2d_flow"):
+        schedule = FlowSchedule() if schedule is None else schedule
+        if not isinstance(schedule, FlowSchedule):
+            raise ValueError(f"a flow-matching diffusers teacher needs a FlowSchedule, got {schedule!r}")
+        super().__init__(unet, schedule, prediction, "continuous", name)
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.time_input_spec = {"flow": self.num_train_timesteps}
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        return t * self.num_train_timesteps
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """What a scheduler config says about its model: process ("vp" / "edm" / "flow"), schedule,
+    dsno prediction kind, and the EDM preconditioning or the flow time scale N where they apply."""
+
+    process: str
+    schedule: Schedule
+    prediction: str
+    preconditioning: Optional[EDMPreconditioning] = None
+    num_train_timesteps: Optional[int] = None
+
+
+def scheduler_spec(config: dict[str, Any]) -> SchedulerSpec:
+    """Read a scheduler config (see `scheduler_process`); a config dsno cannot represent is a ValueError."""
+    process = scheduler_process(config)
+    if process == "edm":
+        schedule, preconditioning = edm_config(config)
+        return SchedulerSpec("edm", schedule, "x0", preconditioning=preconditioning)
+    if process == "flow":
+        prediction = flow_sigma_prediction(config) if config.get("use_flow_sigmas") else "flow_velocity"
+        n = scheduler_num_train_timesteps(config)
+        return SchedulerSpec("flow", FlowSchedule(), prediction, num_train_timesteps=n)
+    return SchedulerSpec("vp", VPSchedule.discrete(scheduler_betas(config)), scheduler_prediction(config))
+
+
+def make_teacher(unet: torch.nn.Module, spec: SchedulerSpec, name: str) -> _UNet2DTeacher:
+    """The teacher of `unet` under the process of `spec`."""
+    if spec.process == "edm":
+        return DiffusersEDMTeacher(unet, spec.schedule, spec.preconditioning, name=name)
+    if spec.process == "flow":
+        return DiffusersFlowTeacher(unet, spec.num_train_timesteps, spec.prediction, spec.schedule, name=name)
+    return DiffusersTeacher(unet, spec.schedule, spec.prediction, name=name)
+
+
+def load_diffusers_teacher(path: str | Path) -> _UNet2DTeacher:
+    """Load a UNet2DModel and its scheduler config from a local folder (offline) as a teacher, in eval mode:
+    a `DiffusersTeacher` (VP), `DiffusersEDMTeacher` or `DiffusersFlowTeacher`, by the scheduler class."""
     files = locate_files(path)
     unet_config = _read_json(files.unet_dir / "config.json")
     _check_unet_config(unet_config, files.unet_dir / "config.json")
     scheduler_config = _read_json(files.scheduler_config)
     try:
-        schedule = VPSchedule.discrete(scheduler_betas(scheduler_config))
-        prediction = scheduler_prediction(scheduler_config)
+        spec = scheduler_spec(scheduler_config)
     except ValueError as e:
         raise ValueError(f"{files.scheduler_config}: {e}") from e
 
@@ -202,15 +411,16 @@ def load_diffusers_teacher(path: str | Path) -> DiffusersTeacher:
     if bad:
         found = "; ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {', '.join(map(str, v[:3]))})" for k, v in bad.items())
         raise ValueError(f"{files.weights} does not fit {files.unet_dir / 'config.json'}: {found}")
-    return DiffusersTeacher(unet, schedule, prediction, name=Path(path).resolve().name).eval()
+    return make_teacher(unet, spec, Path(path).resolve().name).eval()
 
 
 @dataclass
 class DiffusersTeacherConfig(TeacherConfig):
     """teacher=diffusers: a UNet2DModel and its scheduler config from a local folder (DDPM CIFAR-10
     layout: DIR/unet/config.json + weights, or config.json at the top, and scheduler/scheduler_config.json).
-    The folder decides the image size and the schedule; prediction, when given, must equal the
-    scheduler's prediction_type (a different value is refused, showing both)."""
+    The folder decides the image size, the process and the schedule; prediction, when given, must equal
+    the teacher's (the scheduler's prediction_type; x0 for EDM, flow_velocity for flow matching; a
+    different value is refused, showing both)."""
 
     kind: str = "diffusers"
     path: Optional[str] = None      # the folder (required); nothing is downloaded
@@ -224,5 +434,5 @@ class DiffusersTeacherConfig(TeacherConfig):
 
 
 @register_teacher("diffusers", DiffusersTeacherConfig)
-def load_config(c: DiffusersTeacherConfig) -> DiffusersTeacher:
+def load_config(c: DiffusersTeacherConfig) -> WrappedTeacher:
     return load_diffusers_teacher(c.path)

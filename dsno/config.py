@@ -184,6 +184,7 @@ class TeacherConfig:
     before loading, or None when the weights alone decide it (data.times is then checked at load)."""
 
     kind: str = MISSING
+    process: ClassVar[str] = "scalar"     # the solver registry's process the kind's teacher needs
 
     def fixed_schedule(self):
         return None
@@ -210,7 +211,7 @@ class SolverChoice:
     def check(self, at: str) -> None:
         from dsno.solvers import available
         from dsno.solvers import get as get_solver
-        _choice(f"{at}.name", self.name, tuple(available()))
+        _choice(f"{at}.name", self.name, tuple(available(None)))
         try:
             get_solver(self.name).resolve(self.order, dict(self.options))
         except ValueError as e:
@@ -239,7 +240,7 @@ class SolverConfig(SolverChoice):
     def __post_init__(self) -> None:
         from dsno.solvers import SPACINGS, available
         from dsno.solvers import get as get_solver
-        if self.name in available() and get_solver(self.name).stochastic:
+        if self.name in available(None) and get_solver(self.name).stochastic:
             _fail("solver.name", self.name, "the teacher solve must be deterministic (a probability-flow ODE "
                   "solver): DSNO learns the map from noise to the ODE's trajectory")
         self.check("solver")
@@ -489,11 +490,31 @@ class RunConfig:
         if self.solver.steps < segments:
             _fail("solver.steps", self.solver.steps, f"must be at least {segments}: one step per segment between "
                   f"the {len(times)} output times (data.times) and the start time {t_max:g}")
+        self._check_processes()
         self._check_usf(times)
         m = len(times)
         if self.model.modes > m // 2 + 1:
             _fail("model.modes", self.model.modes, f"must be <= M // 2 + 1 = {m // 2 + 1} for M = {m} output times")
         _in_range("model.denoise_time", self.model.denoise_time, 0.0, t_max, lo_open=True)
+
+    def _check_processes(self) -> None:
+        """Every solver (the teacher solve, eval's baselines) integrates the teacher's kind of process;
+        an augmented process (PSLD) has no log-SNR, so its grids are spaced in time."""
+        from dsno.solvers import available
+        process = type(self.teacher).process
+        own = available(process)
+        for key, choice in (("solver", self.solver), *((f"eval.solvers[{i}]", s) for i, s in enumerate(self.eval.solvers))):
+            if choice.name not in own:
+                _fail(f"{key}.name", choice.name, f"integrates another kind of process than teacher kind "
+                      f"{self.teacher.kind} ({process}); its solvers are: {', '.join(own)}")
+        if process == "augmented":
+            for key, spacing in (("solver.spacing", self.solver.spacing), ("eval.spacing", self.eval.spacing)):
+                if spacing not in ("time_uniform", "time_quadratic"):
+                    _fail(key, spacing, f"teacher kind {self.teacher.kind} is an augmented process: use "
+                          "time_uniform or time_quadratic")
+            if self.model.parameterization != "state":
+                _fail("model.parameterization", str(self.model.parameterization), f"teacher kind "
+                      f"{self.teacher.kind} has no scalar schedule to read a denoised output with: use state")
 
     def _check_usf(self, times: list) -> None:
         """solver=usf: a valid schedule ending at solver.t_end and passing through data.times."""

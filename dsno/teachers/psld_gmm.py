@@ -13,14 +13,19 @@ Everything in float64.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import torch
 
+from dsno.config import TeacherConfig, _count, _existing_path, _fail, _finite
 from dsno.processes.psld import PSLD
+from dsno.schedules import ProcessError
 from dsno.teachers.base import batch_times
 from dsno.teachers.gmm import register_mixture
+from dsno.teachers.registry import register_teacher
 
 
 class PSLDGaussianMixture(torch.nn.Module):
@@ -31,6 +36,11 @@ class PSLDGaussianMixture(torch.nn.Module):
 
     prediction = "eps"
     augmented = True
+    exact = True                    # the Teacher capabilities (dsno.teachers.base.Teacher) it has
+    network = None
+    backbone_config = None
+    time_input_spec = "continuous"
+    solve_dtype = torch.float64
 
     def __init__(self, means: torch.Tensor, variances: torch.Tensor, weights: torch.Tensor | None = None,
                  process: PSLD | None = None, name: str = "psld_gmm"):
@@ -46,6 +56,34 @@ class PSLDGaussianMixture(torch.nn.Module):
     def state_shape(self) -> tuple[int, ...]:
         """The shape of one state z: (2C, ...)."""
         return (2 * self.shape[0], *self.shape[1:])
+
+    @property
+    def data_channels(self) -> int:
+        """The leading channels of a state that are the data (x); the rest are the momentum."""
+        return self.shape[0]
+
+    def prior_scale(self) -> torch.Tensor:
+        """The prior's std per channel of a state, [2C, 1, ...] float64: z_T = prior_scale * xi, xi ~ N(0, I)
+        (x ~ N(0, 1), m ~ N(0, M))."""
+        c = self.shape[0]
+        scale = torch.ones(2 * c, *([1] * (len(self.shape) - 1)), dtype=torch.float64)
+        scale[c:] = math.sqrt(self.process.M)
+        return scale
+
+    def snr(self, t: Any) -> torch.Tensor:
+        """The data part's signal-to-noise ratio at t: Phi_xx^2 / Var(x_t | x_0) (momentum start included)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        phi, q = self.process.transition(0.0, t)
+        km = self.process.kappa * self.process.M
+        return phi[..., 0, 0] ** 2 / (phi[..., 0, 1] ** 2 * km + q[..., 0, 0])
+
+    def fingerprint(self) -> dict[str, Any]:
+        h = hashlib.sha256()
+        for b in (self.means, self.variances, self.log_weights):
+            h.update(b.detach().cpu().numpy().tobytes())
+        return {"class": type(self).__name__, "prediction": self.prediction, "process": self.process.to_dict(),
+                "name": self.name, "components": self.num_components, "shape": list(self.shape),
+                "params_sha256": h.hexdigest()[:16]}
 
     # layout ---------------------------------------------------------------------------
     def split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,25 +127,28 @@ class PSLDGaussianMixture(torch.nn.Module):
         return outs
 
     def _responsibilities(self, x, m, stats) -> tuple[torch.Tensor, ...]:
-        """(log p_t per row [B], r [B, K], dx, dm [B, K, D]) for rows at one time."""
+        """(log p_t per row [B], r [B, K], and the precision entries E, Cc, A [K, D] of each 2x2
+        covariance [[a, c], [c, e]]: its inverse is [[E, -Cc], [-Cc, A]]) for rows at one time. The
+        quadratic forms are matrix products [B, D] x [D, K], never [B, K, D] temporaries."""
         mx, mm, a, c, e, _ = stats
         det = a * e - c**2
-        dx, dm = x[:, None] - mx[None], m[:, None] - mm[None]
-        quad = (e * dx**2 - 2 * c * dx * dm + a * dm**2) / det
-        lp = -0.5 * (quad + torch.log(det) + 2 * math.log(2 * math.pi)).sum(-1) + self.log_weights
+        ea, ca, aa = e / det, c / det, a / det
+        quad = ((x * x) @ ea.T - 2 * x @ (ea * mx).T + (ea * mx * mx).sum(1)
+                - 2 * ((x * m) @ ca.T - x @ (ca * mm).T - m @ (ca * mx).T + (ca * mx * mm).sum(1))
+                + (m * m) @ aa.T - 2 * m @ (aa * mm).T + (aa * mm * mm).sum(1))
+        lp = -0.5 * (quad + torch.log(det).sum(1) + 2 * x.shape[1] * math.log(2 * math.pi)) + self.log_weights
         log_p = torch.logsumexp(lp, dim=1)
-        return log_p, torch.exp(lp - log_p[:, None]), dx, dm
+        return log_p, torch.exp(lp - log_p[:, None]), ea, ca, aa
 
     # the teacher ------------------------------------------------------------------------
     def score(self, z: torch.Tensor, t: Any) -> torch.Tensor:
         """grad_z log p_t(z): [B, 2C, ...] float64."""
         def fn(x, m, tu):
             stats = self._stats(tu)
-            _, r, dx, dm = self._responsibilities(x, m, stats)
-            a, c, e = stats[2:5]
-            det = a * e - c**2
-            sx = -(r[..., None] * (e * dx - c * dm) / det).sum(1)
-            sm = -(r[..., None] * (a * dm - c * dx) / det).sum(1)
+            mx, mm = stats[:2]
+            _, r, ea, ca, aa = self._responsibilities(x, m, stats)
+            sx = -(x * (r @ ea) - r @ (ea * mx) - m * (r @ ca) + r @ (ca * mm))
+            sm = -(m * (r @ aa) - r @ (aa * mm) - x * (r @ ca) + r @ (ca * mx))
             return sx, sm
         return self.join(*self._per_time(z, t, fn))
 
@@ -139,16 +180,15 @@ class PSLDGaussianMixture(torch.nn.Module):
         return torch.cat([sx, sm], dim=1)
 
     def x0(self, z: torch.Tensor, t: Any) -> torch.Tensor:
-        """E[x0 | z_t]: [B, C, ...] float64 (cov(x0, z_t | k) = v (Phi_xx, Phi_mx) per pixel)."""
+        """E[x0 | z_t]: [B, C, ...] float64 (cov(x0, z_t | k) = v (Phi_xx, Phi_mx) per pixel, so the
+        posterior mean of component k is mu + gx (E dx - Cc dm) + gm (A dm - Cc dx))."""
         def fn(x, m, tu):
             stats = self._stats(tu)
-            _, r, dx, dm = self._responsibilities(x, m, stats)
-            a, c, e, phi = stats[2:]
-            det = a * e - c**2
+            mx, mm, phi = stats[0], stats[1], stats[5]
+            _, r, ea, ca, aa = self._responsibilities(x, m, stats)
             gx, gm = self.variances * phi[0, 0], self.variances * phi[1, 0]      # [K, D]
-            wx, wm = (e * dx - c * dm) / det, (a * dm - c * dx) / det
-            post = self.means[None] + gx * wx + gm * wm
-            return ((r[..., None] * post).sum(1),)
+            px, pm = gx * ea - gm * ca, gm * aa - gx * ca                        # the weights of dx and dm
+            return (r @ self.means + x * (r @ px) - r @ (px * mx) + m * (r @ pm) - r @ (pm * mm),)
         (x0,) = self._per_time(z, t, fn)
         return x0.reshape(z.shape[0], *self.shape)
 
@@ -169,3 +209,47 @@ class PSLDGaussianMixture(torch.nn.Module):
     def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The 6-channel-style network output: eps(z, t)."""
         return self.eps(z, t)
+
+
+@dataclass
+class PSLDMnistGMMConfig(TeacherConfig):
+    """teacher=psld_mnist_gmm: the shipped MNIST digit mixture (the mnist_gmm fit) under PSLD, exact."""
+
+    kind: str = "psld_mnist_gmm"
+    size: int = 16                  # image side, pixels
+    components: int = 64            # mixture components K
+    path: Optional[str] = None      # another fit (python -m dsno.teachers.mnist_gmm --out); None: the shipped one
+    beta_min: float = 8.0           # PSLD's CIFAR-10 settings (notes/psld.md)
+    beta_max: float = 8.0
+    nu: float = 4.01
+    gamma: float = 0.01
+    m_inv: Optional[float] = None   # M^-1; None: critical damping (gamma - nu)^2 / 4
+    kappa: float = 0.04             # initial momentum variance kappa M
+
+    process: ClassVar[str] = "augmented"
+
+    def __post_init__(self) -> None:
+        _count("teacher.size", self.size, 64, "the mixture is fitted to digits resized to at most 64x64", lo=4)
+        _count("teacher.components", self.components, 5000, "one component per shipped digit at most")
+        _existing_path("teacher.path", self.path, "a mixture file of python -m dsno.teachers.mnist_gmm")
+        for key in ("beta_min", "beta_max", "nu", "gamma", "kappa", *(("m_inv",) if self.m_inv is not None else ())):
+            _finite(f"teacher.{key}", getattr(self, key))
+        try:
+            self.psld()
+        except ProcessError as e:
+            _fail("teacher", {k: getattr(self, k) for k in ("beta_min", "beta_max", "nu", "gamma", "m_inv", "kappa")},
+                  str(e))
+
+    def psld(self) -> PSLD:
+        return PSLD(self.beta_min, self.beta_max, self.nu, self.gamma, m_inv=self.m_inv, kappa=self.kappa)
+
+    def fixed_schedule(self):
+        return self.psld()
+
+
+@register_teacher("psld_mnist_gmm", PSLDMnistGMMConfig)
+def load_config(c: PSLDMnistGMMConfig) -> PSLDGaussianMixture:
+    from dsno.teachers.mnist_gmm import load_mnist_gmm
+    mix = load_mnist_gmm(c.size, c.components, path=c.path)
+    return PSLDGaussianMixture(mix.means.reshape(-1, *mix.shape), mix.variances.reshape(-1, *mix.shape),
+                               mix.log_weights.exp(), process=c.psld(), name=f"psld_{mix.name}")

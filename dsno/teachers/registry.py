@@ -10,7 +10,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-BUILTIN_MODULES = ("dsno.teachers.mnist_gmm", "dsno.teachers.gmm", "dsno.teachers.unet", "dsno.teachers.diffusers")
+BUILTIN_MODULES = ("dsno.teachers.mnist_gmm", "dsno.teachers.gmm", "dsno.teachers.unet", "dsno.teachers.diffusers",
+                   "dsno.teachers.psld_gmm")
 _KINDS: dict[str, "TeacherKind"] = {}
 
 

@@ -238,6 +238,7 @@ def test_solvers_run_end_to_end_on_edm_and_flow_teachers(tmp_path, scheduler, so
             "flow": diffusers.FlowMatchEulerDiscreteScheduler}[scheduler]
     write(tmp_path, make())
     teacher = load_diffusers_teacher(tmp_path)
+    assert teacher.backbone_config is None and teacher.network is not None   # no DSNO copy of its network
     grid = timesteps(teacher.schedule, steps=4)
     x_T = torch.randn(2, *teacher.shape, generator=torch.Generator().manual_seed(5)) * float(
         (teacher.schedule.alpha(grid[0]) ** 2 * 0.25 + teacher.schedule.sigma(grid[0]) ** 2).sqrt())

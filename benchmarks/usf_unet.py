@@ -1,0 +1,252 @@
+"""Benchmark of searched USF schedules on the neural UNet teacher (experiment mnist_unet_cpu): on
+noise never used by the search, the searched schedule's final-sample RMSE next to every
+hand-designed ODE solver of the library (each on every library spacing) and the timestep-only
+search of the same budget, against the teacher's long solve (state float64, network float32);
+then, from eval's metrics.json of the trained run, the usf rows' RMSE and FID beside the solvers'.
+
+    python benchmarks/usf_unet.py                  # searches what is missing, checks, writes RESULTS.md
+    python benchmarks/usf_unet.py --nfe 5 --no-write
+
+Searches: SEARCH_COMMON + SEARCH_FULL (or SEARCH_TS) below, their schedules read from
+RUN/schedules/. Per-solver RMSEs are kept in RUN/heldout.json (resumable; keyed by the teacher's
+fingerprint, the noise and the reference). Checks, per NFE: USF RMSE <= 0.7 x the best hand-designed
+solver's, and < the timestep-only search's. Exit status 1 when one fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import usf as gmm_bench
+from results_md import write_section
+from dsno.solvers import sample, steps_for_nfe, timesteps
+from dsno.solvers import usf as schedules
+from dsno.solvers.grids import SPACINGS
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENT = "mnist_unet_cpu"
+HELD_OUT_SEED = 777_777          # the search draws seeds 1 and 2, eval 1234
+SEARCH_COMMON = [f"experiment={EXPERIMENT}", "logger=csv", "search.batch=64", "search.verify_batch=256",
+                 "search.reference_steps=200", "search.verify_top=5"]
+SEARCH_FULL = ["search.initial=60", "search.rounds=3", "search.scored_per_round=16", "search.proposals=600"]
+SEARCH_TS = ["search.mode=timesteps", "search.initial=16", "search.rounds=2", "search.scored_per_round=10",
+             "search.proposals=300"]
+
+
+def search_command(nfe: int, mode: str, run_dir: str) -> list[str]:
+    return [sys.executable, "-m", "dsno.search", *SEARCH_COMMON, f"run_dir={run_dir}", f"nfe={nfe}",
+            *(SEARCH_TS if mode == "timesteps" else SEARCH_FULL)]
+
+
+def ensure_schedule(nfe: int, mode: str, run_dir: str) -> Path:
+    path = ROOT / run_dir / "schedules" / (f"nfe{nfe}" + ("_timesteps" if mode == "timesteps" else "") + ".yaml")
+    if not path.is_file():
+        cmd = search_command(nfe, mode, run_dir)
+        print("running:", " ".join(cmd[1:]), flush=True)
+        subprocess.run(["nice", "-n", "15", *cmd], cwd=ROOT, check=True)
+    return path
+
+
+def load_teacher():
+    from hydra import compose, initialize_config_dir
+    from dsno.builders import build_teacher, sample_shape
+    from dsno.config import validate
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        rc = validate(compose(config_name="config", overrides=[f"experiment={EXPERIMENT}", "logger=csv"]))
+    teacher = build_teacher(rc.teacher)
+    return teacher, tuple(sample_shape(teacher, rc.teacher)), float(rc.solver.t_end)
+
+
+class HeldOut:
+    """The held-out noise, its reference and the RMSE of every solve, cached under RUN/."""
+
+    def __init__(self, teacher, shape, t_end: float, samples: int, ref_steps: int, run_dir: Path):
+        self.teacher, self.t_end = teacher, t_end
+        key = {"teacher": teacher.fingerprint(), "samples": samples, "seed": HELD_OUT_SEED, "reference_steps": ref_steps,
+               "t_end": t_end}
+        self.tag = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        self.path = run_dir / "heldout.json"
+        state = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.rows = state.get("rows", {}) if state.get("tag") == self.tag else {}
+        self.x = torch.randn(samples, *shape, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
+        cache = run_dir / ".heldout" / f"{self.tag}-reference.safetensors"
+        t0 = time.perf_counter()
+        from dsno.search.loop import reference
+        self.ref = reference(teacher, self.x, t_end, ref_steps, cache)
+        if "reference_s" not in self.rows:
+            self.rows["reference_s"] = time.perf_counter() - t0
+            self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"tag": self.tag, "rows": self.rows}, indent=0))
+        os.replace(tmp, self.path)
+
+    def score(self, name: str, fn) -> float:
+        """RMSE of fn(x in float32) against the reference, computed once per name."""
+        if name not in self.rows:
+            with torch.no_grad():
+                out = torch.cat([fn(xb) for xb in self.x.split(256)])
+            self.rows[name] = gmm_bench.rmse(out.double(), self.ref)
+            self.save()
+        return self.rows[name]
+
+
+def hand_designed(h: HeldOut, nfe: int) -> list[tuple[float, str]]:
+    sched, out = h.teacher.schedule, []
+    for label, name, order, opts in gmm_bench.HAND:
+        for spacing in SPACINGS:
+            try:
+                steps = steps_for_nfe(name, nfe, order=order, **opts)
+            except ValueError:
+                continue
+            g = timesteps(sched, steps=steps, spacing=spacing, t_end=h.t_end)
+            out.append((h.score(f"{label} ({spacing}) nfe{nfe}",
+                                lambda x: sample(h.teacher, x, g, solver=name, order=order, **opts)),
+                        f"{label} ({spacing})"))
+    return sorted(out)
+
+
+def eval_rows(metrics: Path, nfes: list[int]) -> list[str]:
+    """The FID table: per NFE, the usf rows of eval and its best hand-designed solvers by RMSE and by FID."""
+    d = json.loads(metrics.read_text())
+    rows = [r for r in d["rows"] if "skipped" not in r]
+    lines = [f"From `{metrics.relative_to(ROOT)}` ({d['num_samples']} samples of eval's own noise, seed 1234; "
+             f"eval's reference: {d['reference']['solver']}, {d['reference']['steps']} logSNR steps; hand-designed: "
+             f"eval.solvers on eval.spacing=logsnr; FID against the real digits with the digit-classifier features):",
+             "", "| NFE | usf nfeN: RMSE | FID | best solver by RMSE | RMSE | FID | best solver by FID | RMSE | FID | "
+             "usf FID <= best solver's |", "|---:|---:|---:|---|---:|---:|---|---:|---:|---|"]
+    for n in nfes:
+        at = [r for r in rows if r["nfe"] == n]
+        usf_row = next((r for r in at if r["method"] == f"usf nfe{n}"), None)
+        hand = [r for r in at if not r["method"].startswith(("usf", "dsno", "teacher"))]
+        if usf_row is None or not hand:
+            lines.append(f"| {n} | not in this eval | | | | | | | | |")
+            continue
+        by_rmse = min(hand, key=lambda r: r["rmse_vs_reference"])
+        by_fid = min(hand, key=lambda r: r.get("fid", float("inf")))
+
+        def cell(r):
+            return f"{r['rmse_vs_reference']:.4f} | {r['fid']:.1f}" if "fid" in r else f"{r['rmse_vs_reference']:.4f} | -"
+        better = "yes" if usf_row.get("fid", float("inf")) <= by_fid.get("fid", float("inf")) else "NO"
+        lines.append(f"| {n} | {cell(usf_row)} | {by_rmse['method']} | {cell(by_rmse)} | {by_fid['method']} | "
+                     f"{cell(by_fid)} | {better} |")
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nfe", type=int, nargs="+", default=[5, 10])
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--reference-steps", type=int, default=200)
+    ap.add_argument("--run-dir", default="runs/usf_unet")
+    ap.add_argument("--eval-metrics", default=f"runs/{EXPERIMENT}/eval/metrics.json")
+    ap.add_argument("--hand-only", action="store_true", help="score the hand-designed solvers only (no searches)")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    run_dir = ROOT / args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    teacher, shape, t_end = load_teacher()
+    h = HeldOut(teacher, shape, t_end, args.samples, args.reference_steps, run_dir)
+    rows = []
+    for n in args.nfe:
+        hand = hand_designed(h, n)
+        if args.hand_only:
+            print(f"NFE {n}: best hand-designed {hand[0][1]} {hand[0][0]:.4f}")
+            continue
+        found = {}
+        for mode in ("full", "timesteps"):
+            path = ensure_schedule(n, mode, args.run_dir)
+            s = schedules.load(path)
+            found[mode] = (h.score(f"usf {path.stem} {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}",
+                                   lambda x: sample(teacher, x, solver="usf", schedule=s)), s, path)
+        rows.append((n, hand, found))
+    if args.hand_only:
+        return 0
+    lines = ["| NFE | best hand-designed (spacing) | RMSE | timestep-only search (unipc bh2-3 grid) | USF search | "
+             "USF / best hand | <= 0.7x | < timestep-only | USF search: wall s (CPU s), teacher calls (sample evals), "
+             "scored, rounds, predictor tau | timestep-only search: wall s (CPU s), teacher calls, scored |",
+             "|---:|---|---:|---:|---:|---:|---|---|---|---|"]
+    ok = True
+    for n, hand, found in rows:
+        (h_rmse, hname) = hand[0]
+        (u, s, _), (ts_only, s_ts, _) = found["full"], found["timesteps"]
+        c, ct = s.info.get("cost", {}), s_ts.info.get("cost", {})
+        ratio = u / h_rmse
+        good_ratio, good_ts = ratio <= 0.7, u < ts_only
+        ok = ok and good_ratio and good_ts
+        lines.append(f"| {n} | {hname} | {h_rmse:.4f} | {ts_only:.4f} | {u:.4f} | {ratio:.2f} | "
+                     f"{'yes' if good_ratio else 'NO'} | {'yes' if good_ts else 'NO'} | "
+                     f"{c.get('wall_s', 0):.0f} ({gmm_bench._cpu(c)}), {c.get('teacher_calls')} "
+                     f"({c.get('teacher_sample_evals')}), {c.get('candidates_scored')}, "
+                     f"{s.info.get('search', {}).get('rounds')}, {c.get('predictor_kendall_tau')} | "
+                     f"{ct.get('wall_s', 0):.0f} ({gmm_bench._cpu(ct)}), {ct.get('teacher_calls')}, "
+                     f"{ct.get('candidates_scored')} |")
+    detail = ["", "Next best hand-designed solvers on the held-out noise:", ""]
+    for n, hand, _ in rows:
+        detail.append(f"- NFE {n}: " + "; ".join(f"{name} {r:.4f}" for r, name in hand[1:6]))
+    detail += ["", "The searched schedules (afs; per step: prediction, Taylor order, estimation order, corrector):", ""]
+    for n, _, found in rows:
+        s = found["full"][1]
+        steps = ", ".join(f"{st.prediction[0]}{st.order}/{st.est_order}{'+c' if st.corrector == 'pseudo' else ''}"
+                          for st in s.steps)
+        detail.append(f"- NFE {n}: `{found['full'][2].relative_to(ROOT)}`: afs={s.afs}, {len(s.steps)} steps "
+                      f"(t = {', '.join(f'{t:.4g}' for t in s.ts)}): {steps}; search verify RMSE "
+                      f"{s.info.get('score', {}).get('rmse_verify', float('nan')):.4f}")
+    metrics = ROOT / args.eval_metrics
+    fid = eval_rows(metrics, args.nfe) if metrics.is_file() else [f"(no {args.eval_metrics}: eval not run)"]
+    commands = ["`nice -n 15 python " + " ".join(search_command(n, mode, args.run_dir)[1:]) + "`"
+                for n in args.nfe for mode in ("full", "timesteps")]
+    table = "\n".join(lines)
+    print(table)
+    print("\n".join(detail))
+    print("\n".join(fid))
+    wall = time.perf_counter() - t0
+    body = "\n".join([
+        "Searches, one at a time on the shared machine: " + "; ".join(commands) + "; then `python "
+        "benchmarks/usf_unet.py` (it runs the searches that are missing). FID: the two full-search schedules "
+        f"copied into `runs/{EXPERIMENT}/schedules/`, then `nice -n 15 python eval.py experiment={EXPERIMENT} "
+        "logger=csv 'eval.nfe=[1,2,3,4,5,6,7,8,10]'` (eval lists each schedule as its `usf <stem>` rows).",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, shared with other "
+        f"jobs (searches and eval under nice -n 15); torch {torch.__version__}. Date: "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; this script {wall:.0f} s (its "
+        f"held-out reference {h.rows['reference_s']:.0f} s when made).",
+        "",
+        f"Teacher: the shipped 16x16 UNet (eps prediction, linear VP schedule), experiment {EXPERIMENT}, t_end = "
+        f"{t_end:g}. Final-state RMSE over {args.samples} held-out noise samples x 256 pixels (seed "
+        f"{HELD_OUT_SEED}, never used by a search) against the reference: DPM-Solver++ 3M, {args.reference_steps} "
+        "logSNR steps, state float64, network float32 (as eval's reference). Every method runs in float32, as the "
+        f"searches score them. Hand-designed: every deterministic solver of the library ({len(gmm_bench.HAND)} "
+        f"variants) on each of the {len(SPACINGS)} spacings ({', '.join(SPACINGS)}), at exactly N model "
+        "evaluations, the best kept. Timestep-only: the same search restricted to the interior times of UniPC "
+        "bh2-3 (GITS / LD3-style). Each search scores candidates on 64 noise samples against a 200-step reference "
+        "and verifies its 5 best on 256 others (its reference, made once by the first search of the run directory "
+        "and then read from its cache, is inside the first search's cost). Search cost: wall time (CPU time) and "
+        "teacher calls (sample evaluations) of the whole search.",
+        "",
+        table,
+        *detail,
+        "",
+        *fid,
+    ])
+    if not args.no_write:
+        write_section("usf_unet", "USF schedules on the UNet teacher (`benchmarks/usf_unet.py`)", body)
+    print("all checks passed" if ok else "some checks FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

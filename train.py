@@ -1,7 +1,8 @@
 """Train DSNO: `python train.py [experiment=mnist_gmm] [key=value ...]`.
 
-Makes the teacher trajectories first if they are missing, then trains, exports the one-pass
-sampler to runs/<experiment>/sampler and evaluates it (runs/<experiment>/eval)."""
+The stages of dsno.stages.pipeline: makes the teacher trajectories first if they are missing,
+then trains, exports the one-pass sampler to runs/<experiment>/sampler and evaluates it
+(runs/<experiment>/eval); each stage is a W&B run of the experiment's group (or logger=csv)."""
 
 from pathlib import Path
 

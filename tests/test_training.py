@@ -96,11 +96,23 @@ def _weights(path):
     return load_file(str(path))
 
 
-def test_resume_continues_the_same_run(tiny_run, tmp_path):
+def test_progress_is_a_rich_bar_on_a_terminal_and_log_lines_elsewhere(tiny_run):
+    from lightning.pytorch.callbacks import RichProgressBar
+    from dsno.stages.training import ProgressLog, progress_callback
+    assert isinstance(progress_callback(tiny_run(), tty=True), RichProgressBar)
+    quiet = progress_callback(tiny_run("trainer.max_steps=300"), tty=False)
+    assert isinstance(quiet, ProgressLog) and quiet.every == 15          # about 20 lines a run
+
+
+def test_resume_continues_the_same_run(tiny_run, tmp_path, caplog):
+    import logging
     from dsno.stages.pipeline import run
     data = f"data.dir={tmp_path / 'data'}"
     run(tiny_run(data, run_dir=tmp_path / "full"), through="train")
-    run(tiny_run(data, "trainer.max_steps=3", run_dir=tmp_path / "part"), through="train")
+    with caplog.at_level(logging.INFO, logger="dsno"):
+        run(tiny_run(data, "trainer.max_steps=3", run_dir=tmp_path / "part"), through="train")
+    steps = [r.getMessage().split()[2] for r in caplog.records if r.getMessage().startswith("train: step")]
+    assert steps == ["1/3", "2/3", "3/3"]                 # no terminal under pytest: log lines, not a bar
     ckpt = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
     assert ckpt["averaging_state"]["n_averaged"].item() == 3        # EMA update s is in the step-s checkpoint
@@ -176,6 +188,8 @@ def _wandb_records(run_file):
             pos += left
             continue
         _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + n > len(data):                       # still being written
+            return
         chunk, pos = chunk + data[pos + 7:pos + 7 + n], pos + 7 + n
         if kind in (1, 4):                                # FULL or LAST chunk ends a record
             record = pb.Record()
@@ -184,10 +198,22 @@ def _wandb_records(run_file):
             chunk = b""
 
 
+def _finished_run_file(f, timeout=60.0):
+    """Wait for W&B's service process to write a run file out to its exit record (run.finish()
+    returns before the file is flushed)."""
+    import time
+    deadline = time.time() + timeout
+    while not any(r.WhichOneof("record_type") == "exit" for r in _wandb_records(f)):
+        assert time.time() < deadline, f"{f} has no exit record after {timeout} s"
+        time.sleep(0.2)
+    return f
+
+
 def _offline_runs(run_dir):
     """{job_type: {"run": RunRecord, "config": {...}, "artifacts": [...], "history_keys": set()}}."""
     runs = {}
     for f in sorted(glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))):
+        _finished_run_file(f)
         info = {"config": {}, "artifacts": [], "history_keys": set()}
         for r in _wandb_records(f):
             kind = r.WhichOneof("record_type")
@@ -200,6 +226,7 @@ def _offline_runs(run_dir):
                 info["artifacts"].append(r.artifact)
             elif kind == "history":
                 info["history_keys"] |= {item.key or item.nested_key[0] for item in r.history.item}
+        assert "run" in info, f"{f} holds no run record ({Path(f).stat().st_size} bytes)"
         info["folder"] = Path(f).parent
         runs[info["run"].job_type] = info
     return runs

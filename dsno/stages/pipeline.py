@@ -4,6 +4,7 @@ W&B run of the experiment's group. `python train.py` runs all four."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,6 @@ def dataset_complete(data_dir: Path) -> bool:
 def make_data(rc: RunConfig, teacher=None, config: dict[str, Any] | None = None) -> Path:
     """The teacher stage: (re)make or resume rc's trajectories, log the manifest as a W&B artifact
     of a `data` run; return the data folder."""
-    import os
     from dsno import loggers
     teacher = teacher if teacher is not None else build_teacher(rc.teacher)
     trajectories.generate(rc, teacher, sample_shape(teacher, rc.teacher))

@@ -83,6 +83,7 @@ def train_worker(args: argparse.Namespace) -> dict:
     from dsno.config import validate
     from dsno.training.data import StepTrajectoryData
     from dsno.training.losses import TrajectoryLoss, time_weights
+    from dsno.training.ema import EMA
     from dsno.training.module import DSNOModule
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -92,8 +93,7 @@ def train_worker(args: argparse.Namespace) -> dict:
     shape = sample_shape(teacher, rc.teacher)
     model, _ = build_student(rc, teacher, shape)
     weights = time_weights(teacher.schedule, rc.data.times, rc.train.weight_min, rc.train.weight_max)
-    module = DSNOModule(model, TrajectoryLoss(weights, rc.train.loss), rc.train.lr, rc.train.warmup_steps,
-                        rc.train.ema_decay)
+    module = DSNOModule(model, TrajectoryLoss(weights, rc.train.loss), rc.train.lr, rc.train.warmup_steps)
     data = StepTrajectoryData(args.out, rc.train.batch_size, val_fraction=rc.data.val_fraction, seed=0,
                               verify="none")
     stamps: list[float] = []
@@ -107,7 +107,7 @@ def train_worker(args: argparse.Namespace) -> dict:
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                         gradient_clip_val=rc.train.grad_clip or None, use_distributed_sampler=False,
-                        callbacks=[Clock()])
+                        callbacks=[EMA(rc.train.ema_decay), Clock()])   # a step includes its EMA update
     trainer.fit(module, datamodule=data)
     timed = stamps[args.warmup_steps - 1:]
     return {"step_seconds": (timed[-1] - timed[0]) / (len(timed) - 1), "max_steps": rc.trainer.max_steps,

@@ -106,14 +106,12 @@ def run_stage(stage: str, cfg: DictConfig) -> None:
     with report_errors():
         rc = validate(cfg)
         if stage == "data":
-            from dsno.builders import build_teacher, sample_shape
-            from dsno.stages.trajectories import generate
-            teacher = build_teacher(rc.teacher)
-            generate(rc, teacher, sample_shape(teacher, rc.teacher))
+            from dsno.stages.pipeline import make_data
+            make_data(rc, config=OmegaConf.to_container(cfg, resolve=True))
             log.info("trajectories ready in %s", rc.data.dir)
-        elif stage == "train":
-            from dsno.stages.training import run
-            run(rc, config_for_logging=OmegaConf.to_container(cfg, resolve=True))
+        elif stage == "train":          # data (when missing) -> train -> export -> eval
+            from dsno.stages.pipeline import run
+            run(rc, config=OmegaConf.to_container(cfg, resolve=True))
         elif stage == "eval":
             from dsno.stages.evaluation import run
             result = run(rc)

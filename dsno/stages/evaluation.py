@@ -169,14 +169,13 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
         "device": _device_name(), "rows": rows}
     from dsno.stages.report import write_report
     write_report(result, finals, out, rc.eval.grid_samples)
-    own_logger = logger is None and rc.logger.kind == "wandb"      # eval.py on its own: a W&B run of its own
+    from dsno import loggers
+    own_logger = logger is None                # a W&B run of its own, linked to the training run
     if own_logger:
-        from dsno.stages.training import make_logger
-        logger = make_logger(rc, run_dir, {"stage": "eval", "experiment": rc.experiment})
-    if logger is not None:
-        _log_to_logger(logger, result, out)
+        logger = loggers.eval_logger(rc)
+    loggers.log_eval(logger, result, out)
     if own_logger:
-        logger.experiment.finish()
+        loggers.finish(logger)
     return result
 
 
@@ -235,18 +234,3 @@ def _device_name() -> str:
         return torch.cuda.get_device_name()
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
-
-def _log_to_logger(logger, result: dict[str, Any], out: Path) -> None:
-    try:
-        import wandb
-        from lightning.pytorch.loggers import WandbLogger
-    except ImportError:
-        return
-    if not isinstance(logger, WandbLogger):
-        return
-    cols = ["method", "nfe", "rmse_vs_reference", "sec_per_sample", "fid", "kid", "is_mean", "precision", "recall"]
-    table = [[r.get(c) for c in cols] for r in result["rows"] if "skipped" not in r]
-    logger.log_table("eval/metrics", columns=cols, data=table)
-    images = sorted(out.glob("*.png"))
-    if images:
-        logger.experiment.log({f"eval/{p.stem}": wandb.Image(str(p)) for p in images})

@@ -31,10 +31,10 @@ def build_teacher(tc: TeacherConfig) -> Teacher:
 
 
 def sample_shape(teacher: Teacher, _config: Any = None) -> tuple[int, ...]:
-    """[C, H, W] of one image of this teacher."""
-    if teacher.shape is None:
+    """[C, H, W] of one solver state of this teacher: an image, or (augmented) data and momentum."""
+    if teacher.state_shape is None:
         raise ValueError(f"{type(teacher).__name__} does not declare the shape of its samples (Teacher.shape)")
-    return tuple(int(s) for s in teacher.shape)
+    return tuple(int(s) for s in teacher.state_shape)
 
 
 def skip_scales(schedule, times, sigma_data: float) -> list[float]:
@@ -51,6 +51,10 @@ def output_parameterization(rc: RunConfig, teacher: Teacher) -> dict[str, Any]:
     a fresh backbone predicts x0 ("denoised") or the state ("state")."""
     from dsno.nn.parameterization import coefficients
     kind = rc.model.parameterization
+    if teacher.augmented:        # no scalar schedule to read a skip from: the network emits the whole state
+        m = len(rc.data.times)
+        return {"skip": [0.0] * m, "out_scale": [1.0] * m, "in_scale": [1.0] * m,
+                "net_times": [float(t) for t in rc.data.times], "parameterization": {"kind": kind, "skip": "none"}}
     prediction = teacher.prediction if rc.model.backbone.type == "teacher" else "x0"
     coef = coefficients(teacher.schedule, [float(t) for t in rc.data.times], kind, prediction,
                         rc.model.sigma_data, rc.model.denoise_time)
@@ -76,8 +80,9 @@ def student_config(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> d
         time_input = "continuous"
     return {"format_version": 1, "backbone": backbone, "time_input": time_input, "times": times,
             "modes": rc.model.modes, **output_parameterization(rc, teacher),
-            "image_shape": list(shape), "data_range": [-1.0, 1.0], "schedule": teacher.schedule.to_dict(),
-            "experiment": rc.experiment}
+            "image_shape": list(shape), "data_range": [-1.0, 1.0], "experiment": rc.experiment,
+            **({"process": teacher.process.to_dict(), "data_channels": teacher.data_channels} if teacher.augmented
+               else {"schedule": teacher.schedule.to_dict()})}
 
 
 def teacher_backbone_config(teacher: Teacher) -> dict[str, Any]:

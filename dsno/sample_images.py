@@ -123,7 +123,7 @@ def write_samples(sampler_path: str | os.PathLike, n: int, out: str | os.PathLik
             raise UserError(f"{key}={value!r}: must be an integer in [{lo}, {hi}] (n is capped at {MAX_SAMPLES:,} "
                             "images, chunk_size at a million, batch_size at 65,536, seed below 2**63)")
     sampler = load_sampler(sampler_path, form, trust_program=trust_program)
-    channels, height, width = sampler.image_shape
+    channels, (height, width) = sampler.data_channels, sampler.image_shape[1:]
     if channels not in (1, 3):
         raise UserError(f"PNG output needs 1 (grayscale) or 3 (RGB) channels, the sampler makes {channels}")
     out = Path(out)

@@ -120,6 +120,7 @@ class Sampler(abc.ABC):
         self.times: list[float] = [float(t) for t in config["times"]]
         self.image_shape: tuple[int, int, int] = tuple(config["image_shape"])
         self.data_range: tuple[float, float] = tuple(float(v) for v in config.get("data_range", (-1.0, 1.0)))
+        self.data_channels: int = int(config.get("data_channels", self.image_shape[0]))
 
     @abc.abstractmethod
     def _run(self, x_T: torch.Tensor) -> torch.Tensor:
@@ -135,15 +136,17 @@ class Sampler(abc.ABC):
             return self._run(x_T.float()).to(x_T.device)
 
     def sample(self, n: int, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
-        """n images [n, C, H, W] (CPU, float32): the last time's output, clamped to data_range.
+        """n images [n, c, H, W] (CPU, float32): the last time's output, its first c = data_channels
+        channels (all of them but for an augmented process), clamped to data_range.
 
         The noise is torch.randn(n, C, H, W) from torch.Generator().manual_seed(seed).
         """
         if not (isinstance(n, int) and n >= 0 and isinstance(batch_size, int) and batch_size >= 1):
             raise ValueError(f"need an int n >= 0 and batch_size >= 1, got n={n!r}, batch_size={batch_size!r}")
         noise = torch.randn(n, *self.image_shape, generator=torch.Generator().manual_seed(seed))
-        out = [self(noise[i:i + batch_size].to(self.device))[:, -1].cpu() for i in range(0, n, batch_size)]
-        images = torch.cat(out) if out else noise
+        c = self.data_channels
+        out = [self(noise[i:i + batch_size].to(self.device))[:, -1, :c].cpu() for i in range(0, n, batch_size)]
+        images = torch.cat(out) if out else noise[:, :c]
         return images.clamp(*self.data_range)
 
     def __repr__(self) -> str:

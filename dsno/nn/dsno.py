@@ -268,7 +268,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
      "times": [t_1, ..., t_M], "modes": k, "skip": [c_1, ..., c_M] (optional),
      "out_scale", "in_scale", "net_times": [M] each (optional; defaults 1, 1, times: old configs),
      "parameterization": {"kind": "state" | "denoised", "prediction": ..., ...} (optional, a record),
-     "image_shape": [C, H, W], "data_range": [lo, hi], "schedule": {...} (VPSchedule.to_dict())}
+     "image_shape": [C, H, W], "data_range": [lo, hi], "schedule": {...} (VPSchedule.to_dict()),
+     "data_channels": c (optional: an augmented process's states [C, H, W] hold the data in the first c
+     channels, the momentum after them; "process": its record)}
     """
     if not isinstance(config, dict):
         raise ValueError(f"config must be a dict, got {type(config).__name__}")
@@ -303,6 +305,10 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     data_range = config.get("data_range", [-1.0, 1.0])
     if not (isinstance(data_range, (list, tuple)) and len(data_range) == 2 and data_range[0] < data_range[1]):
         raise ValueError(f"config['data_range'] must be [lo, hi] with lo < hi, got {data_range!r}")
+    channels = config.get("data_channels", shape[0])
+    if isinstance(channels, bool) or not isinstance(channels, int) or not 1 <= channels <= shape[0]:
+        raise ValueError(f"config['data_channels'] must be an int in [1, {shape[0]}] (the leading channels of a "
+                         f"state that are the data), got {channels!r}")
     _check_times(config["times"])
     for key in ("skip", "out_scale", "in_scale", "net_times"):
         values = config.get(key)

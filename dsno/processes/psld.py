@@ -144,6 +144,12 @@ class PSLD:
         e = torch.exp(tau)[..., None, None]
         return e * (ch[..., None, None] * torch.eye(2, dtype=torch.float64) + (sh * b)[..., None, None] * n)
 
+    def lam(self, t: Any) -> torch.Tensor:
+        """The data part's half log-SNR, log(Phi_xx / std(x_t | x_0)) with m_0 ~ N(0, kappa M): what
+        time grids are spaced by and loss weights read (as a VP schedule's lam)."""
+        phi, q = self.transition(0.0, _f64(t))
+        return torch.log(phi[..., 0, 0].abs()) - 0.5 * torch.log(phi[..., 0, 1] ** 2 * self.kappa * self.M + q[..., 0, 0])
+
     def drift(self, t: Any) -> torch.Tensor:
         """beta(t) F [..., 2, 2]: dz = drift z dt + ..."""
         return self.beta(t)[..., None, None] * self.F

@@ -23,7 +23,7 @@ def solver_grid(teacher: Teacher, sc: SolverConfig, times: list[float]) -> torch
     if sc.name == "usf":                     # a USF schedule carries its grid (checked to pass through `times`)
         from dsno.solvers.usf import load
         return torch.tensor(load(sc.schedule).ts, dtype=torch.float64)
-    sched = teacher.schedule
+    sched = teacher.grid_schedule
     bounds = [sched.T, *times] if times[0] < sched.T else list(times)
     lam = sched.lam(torch.tensor(bounds, dtype=torch.float64))
     lengths = (lam[1:] - lam[:-1]).tolist()
@@ -56,6 +56,13 @@ def solver_spec(sc: SolverConfig) -> dict[str, Any]:
     return spec
 
 
+def prior_state(teacher: Teacher, noise: torch.Tensor) -> torch.Tensor:
+    """The solver's start state for standard-normal `noise` [B, *state_shape]: the noise itself, or
+    scaled per channel to an augmented prior (PSLD: m ~ N(0, M)). DSNO maps the same noise."""
+    scale = teacher.prior_scale()
+    return noise if scale is None else noise * scale.to(device=noise.device, dtype=noise.dtype)
+
+
 def make_solve(teacher: Teacher, sc: SolverConfig, grid: torch.Tensor, times: list[float],
                device: torch.device | str = "cpu", precision: str = "fp32", compile: bool = False,
                channels_last: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -77,7 +84,7 @@ def make_solve(teacher: Teacher, sc: SolverConfig, grid: torch.Tensor, times: li
 
     @torch.no_grad()
     def solve(x_T: torch.Tensor) -> torch.Tensor:
-        x = x_T.to(device=device, dtype=dtype)
+        x = prior_state(teacher, x_T.to(device=device, dtype=dtype))
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
             traj = sample(teacher, x, grid, solver=sc.name, order=sc.order, return_trajectory=idx, **sc.options,
                           **({"schedule": sc.schedule} if sc.name == "usf" else {}))

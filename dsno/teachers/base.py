@@ -100,7 +100,9 @@ class Teacher(torch.nn.Module):
     `shape` ([C, H, W] of one sample, None when unknown), `network` (the denoiser a student may copy),
     `backbone_config` (its DSNO "backbone" build entry), `time_input_spec` (how that network takes time:
     "continuous" or {"discrete": N}), `exact` (closed form: solved and scored in float64, see
-    `solve_dtype`) and `data_mean` (one sample's mean, for USF's afs=mean).
+    `solve_dtype`) and `data_mean` (one sample's mean, for USF's afs=mean). An augmented teacher
+    (PSLD: `dsno.teachers.psld_gmm`) has the same names, with states of `state_shape` whose first
+    `data_channels` channels are the data, and a prior `prior_scale() * N(0, I)`.
     """
 
     schedule: Schedule
@@ -109,6 +111,7 @@ class Teacher(torch.nn.Module):
     backbone_config: dict[str, Any] | None = None
     time_input_spec: Any = "continuous"
     exact: bool = False
+    augmented: bool = False
 
     @property
     def network(self) -> torch.nn.Module | None:
@@ -117,6 +120,25 @@ class Teacher(torch.nn.Module):
     @property
     def data_mean(self) -> torch.Tensor | None:
         return None
+
+    @property
+    def state_shape(self) -> tuple[int, ...] | None:
+        """The shape of one solver state: one sample's `shape` for a scalar process."""
+        return self.shape
+
+    @property
+    def data_channels(self) -> int:
+        """The leading channels of a state that are the data: all of them for a scalar process."""
+        return int(self.shape[0])
+
+    def prior_scale(self) -> torch.Tensor | None:
+        """The prior's std per state channel (None: x_T ~ N(0, I) as the solvers take it)."""
+        return None
+
+    @property
+    def grid_schedule(self) -> Schedule:
+        """What time grids and loss weights are computed on (T, t_min, lam): the schedule."""
+        return self.schedule
 
     @property
     def solve_dtype(self) -> torch.dtype:

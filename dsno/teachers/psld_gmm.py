@@ -70,12 +70,10 @@ class PSLDGaussianMixture(torch.nn.Module):
         scale[c:] = math.sqrt(self.process.M)
         return scale
 
-    def snr(self, t: Any) -> torch.Tensor:
-        """The data part's signal-to-noise ratio at t: Phi_xx^2 / Var(x_t | x_0) (momentum start included)."""
-        t = torch.as_tensor(t, dtype=torch.float64)
-        phi, q = self.process.transition(0.0, t)
-        km = self.process.kappa * self.process.M
-        return phi[..., 0, 0] ** 2 / (phi[..., 0, 1] ** 2 * km + q[..., 0, 0])
+    @property
+    def grid_schedule(self) -> PSLD:
+        """What time grids and loss weights are computed on (T, t_min, lam): the process."""
+        return self.process
 
     def fingerprint(self) -> dict[str, Any]:
         h = hashlib.sha256()

@@ -3,7 +3,7 @@
 The dataclasses below are registered in Hydra's ConfigStore by `register_configs()`: the root schema
 `schema=run` (`schema=search` adds `nfe` and `search.*` for `python -m dsno.search`), one `teacher=KIND` option per teacher kind (its own dataclass, from
 `dsno.teachers.registry`), one `solver=NAME` option per deterministic solver (from the solver
-registry), `trainer=default` and `logger=wandb`. YAML files under conf/ carry only
+registry, scalar and augmented), `trainer=default` and `logger=wandb`. YAML files under conf/ carry only
 what an experiment (or `trainer=gpu`, `logger=csv`) changes.
 
 `validate(cfg)` merges a composed config into the schema, the `teacher` block into its kind's
@@ -658,7 +658,7 @@ def register_configs() -> None:
         cs.store(group="schema", name=name, node=schema, package="_global_")
     for name, kind in teacher_kinds().items():
         cs.store(group="teacher", name=name, node=OmegaConf.structured(kind.config))
-    for name in available():
+    for name in available(None):
         spec = get_solver(name)
         if not spec.stochastic:
             node = _open_options(OmegaConf.structured(SolverConfig))

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from dsno.atomic import atomic_path
+from dsno.atomic import atomic_path, atomic_write_text
 from dsno.errors import UserFileNotFoundError
 
 NUM_CLASSES = 10
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         "tensors_sha256": tensors_sha256(model.state_dict()),
         "file_sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
     }
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     print(f"wrote {out} (held-out accuracy {acc:.4f}, {seconds:.0f} s)", file=sys.stderr)
 
 

@@ -175,7 +175,7 @@ def test_nan_shard_with_a_valid_checksum_is_refused_by_name(tmp_path):
 
 
 def test_teacher_stage_refuses_non_finite_states_naming_trajectories(tiny_run):
-    from dsno.builders import build_schedule
+    from dsno.config import build_schedule
     from dsno.stages.trajectories import generate as stage_generate
     from dsno.teachers import wrap
     rc = tiny_run()

@@ -79,10 +79,15 @@ def schedule_runs(rc: RunConfig) -> list[dict[str, Any]]:
     return runs
 
 
+REFERENCE_AUGMENTED = {"solver": "DOP853 (scipy, adaptive) on the augmented PF-ODE", "rtol": 1e-7, "dtype": "float64"}
+
+
 def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> dict[str, Any]:
     """Evaluate the run's exported sampler and the solvers; write metrics.json, report.md, PNGs."""
     from dsno.sampler import load_sampler
     from dsno.solvers import sample, timesteps
+    from dsno.solvers.reference import reference_solve
+    from dsno.stages.trajectories import prior_state
 
     run_dir = Path(rc.run_dir)
     out = run_dir / "eval"
@@ -90,8 +95,10 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sampler = load_sampler(sampler_path, device=device, trust_program=rc.eval.trust_program)
     teacher = build_teacher(rc.teacher).to(device)
-    shape = sample_shape(teacher, rc.teacher)
-    check_prerequisites(rc, shape)
+    shape = sample_shape(teacher, rc.teacher)                  # one solver state (augmented: data + momentum)
+    c = teacher.data_channels
+    data_shape = (c, *shape[1:])
+    check_prerequisites(rc, data_shape)
     if list(sampler.config.get("image_shape", shape)) != list(shape):
         raise UserError(f"sampler at {sampler_path} makes images of shape {sampler.config['image_shape']}, "
                         f"the teacher of experiment {rc.experiment} {list(shape)}")
@@ -104,15 +111,18 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
 
     def solve(grid: torch.Tensor, solver: str, as_dtype: torch.dtype = dtype, **kwargs: Any
               ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A call that solves one batch of noise on `grid` with `solver`, in `as_dtype`."""
-        return lambda x: sample(teacher, x.to(as_dtype), grid, solver=solver, **kwargs).float()
+        """A call that solves one batch of noise on `grid` with `solver`, in `as_dtype`: the final data."""
+        return lambda x: sample(teacher, prior_state(teacher, x.to(as_dtype)), grid, solver=solver,
+                                **kwargs)[:, :c].float()
 
-    log.info("eval: float64 reference (%d steps of 3rd-order DPM-Solver++) on %d samples", rc.eval.reference_steps, n)
-    ref_grid = timesteps(teacher.schedule, steps=rc.eval.reference_steps, spacing="logsnr", t_end=t_end)
+    reference = REFERENCE_AUGMENTED if teacher.augmented else {
+        "solver": "dpm_solver_pp-3", "steps": rc.eval.reference_steps, "dtype": "float64"}
+    log.info("eval: float64 reference (%s) on %d samples", ", ".join(f"{k} {v}" for k, v in reference.items()), n)
     with torch.no_grad():
-        # the solve is float64; a network teacher is evaluated in its own float32 (its rounding moves the
+        # the state is float64; a network teacher is evaluated in its own float32 (its rounding moves the
         # reference by ~1e-7 RMSE, far below the reference's own step error, and runs 2.6x faster than float64)
-        ref = in_batches(solve(ref_grid, "dpm_solver_pp", torch.float64, order=3), x_T, bs, device)
+        ref = in_batches(lambda x: reference_solve(teacher, prior_state(teacher, x), t_end, rc.eval.reference_steps,
+                                                   REFERENCE_AUGMENTED["rtol"])[:, :c].float(), x_T, bs, device)
 
     finals: dict[str, torch.Tensor] = {"reference": ref}
     rows: list[dict[str, Any]] = []
@@ -130,7 +140,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     runs, schedules = solver_runs(rc), schedule_runs(rc)
     total = 2 + sum("skipped" not in r for r in runs + schedules)
     with torch.no_grad(), counter("eval", total) as advance:
-        add_row("dsno", 1, lambda z: sampler(z)[:, -1], note=f"one pass, backbone on M={len(sampler.times)} time points")
+        add_row("dsno", 1, lambda z: sampler(z)[:, -1, :c], note=f"one pass, backbone on M={len(sampler.times)} time points")
 
         from dsno.solvers import nfe as nfe_of
         grid = trajectories.solver_grid(teacher, rc.solver, [float(t) for t in rc.data.times])
@@ -144,7 +154,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
             if "skipped" in r:
                 rows.append({"method": r["method"], "nfe": r["nfe"], "skipped": r["skipped"]})
                 continue
-            g = timesteps(teacher.schedule, steps=r["steps"], spacing=rc.eval.spacing, t_end=t_end)
+            g = timesteps(teacher.grid_schedule, steps=r["steps"], spacing=rc.eval.spacing, t_end=t_end)
             if r["stochastic"]:
                 # one generator of fixed seed for the pass over all the noise (the timed batch after it
                 # draws on from it, which changes no result)
@@ -163,10 +173,9 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
                                                  schedule=r["schedule"]), note=f"searched schedule {r['path']}")
 
     if rc.eval.fidelity:
-        _add_fidelity(rows, finals, shape, rc)
-    result = {"experiment": rc.experiment, "num_samples": n, "reference": {
-        "solver": "dpm_solver_pp-3", "steps": rc.eval.reference_steps, "dtype": "float64"},
-        "device": _device_name(), "rows": rows}
+        _add_fidelity(rows, finals, data_shape, rc)
+    result = {"experiment": rc.experiment, "num_samples": n, "reference": reference, "device": _device_name(),
+              "rows": rows}
     from dsno.stages.report import write_report
     write_report(result, finals, out, rc.eval.grid_samples)
     from dsno import loggers

@@ -91,12 +91,22 @@ def save_grid(x: torch.Tensor, path: Path, nrow: int = 8, upscale: int = 1) -> N
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
 
 
+def reference_caption(ref: dict[str, Any]) -> str:
+    """'dpm_solver_pp-3, 500 steps, float64' (or the solver, its tolerance and dtype for an adaptive one)."""
+    parts = [str(ref["solver"])]
+    if "steps" in ref:
+        parts.append(f"{ref['steps']} steps")
+    if "rtol" in ref:
+        parts.append(f"rtol {ref['rtol']:g}")
+    return ", ".join([*parts, str(ref.get("dtype", "float64"))])
+
+
 def comparison_figure(result: dict[str, Any], finals: dict[str, torch.Tensor]) -> Figure:
     """What eval's comparison figure shows: the reference, the teacher solve and DSNO, then every
     deterministic solver row (stochastic ones follow other noise) at each NFE it ran at."""
     done = [r for r in result["rows"] if "skipped" not in r]
     ref = result["reference"]
-    top = [(f"reference: {ref['solver']}, {ref['steps']} steps, {ref['dtype']}", finals["reference"], "")]
+    top = [(f"reference: {reference_caption(ref)}", finals["reference"], "")]
 
     def run(r: dict[str, Any]) -> tuple[torch.Tensor, str]:
         return finals[f"{r['method']}@{r['nfe']}"], f"RMSE {r['rmse_vs_reference']:.4f}"
@@ -162,7 +172,7 @@ def write_report(result: dict[str, Any], finals: dict[str, torch.Tensor], out: P
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
     md = [f"# Evaluation: {result['experiment']}", "",
           f"{result['num_samples']} samples from the same noise for every method; reference: "
-          f"{result['reference']['solver']} with {result['reference']['steps']} steps in float64. "
+          f"{reference_caption(result['reference'])}. "
           f"Device: {result['device']}.", "",
           "## Samples (same noise)", "",
           f"The first {layout.per_cell} samples of every method, {layout.upscale}x nearest-neighbour upscaled, with "

@@ -99,7 +99,7 @@ def run(rc: RunConfig, logger=None, teacher=None) -> Path | None:
     expected = trajectories.expected_fingerprint(rc, teacher, shape)
 
     model, config = build_student(rc, teacher, shape)
-    weights = time_weights(teacher.schedule, rc.data.times, rc.train.weight_min, rc.train.weight_max)
+    weights = time_weights(teacher.grid_schedule, rc.data.times, rc.train.weight_min, rc.train.weight_max)
     module = DSNOModule(model, build_loss(weights, rc.train.loss, rc.train.perceptual_weights), rc.train.lr,
                         rc.train.warmup_steps, rc.train.temporal_impl)
     data = StepTrajectoryData(rc.data.dir, rc.train.batch_size, num_workers=rc.data.num_workers,

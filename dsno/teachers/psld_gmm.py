@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -234,9 +235,10 @@ class PSLDMnistGMMConfig(TeacherConfig):
             _finite(f"teacher.{key}", getattr(self, key))
         try:
             self.psld()
-        except ProcessError as e:
-            _fail("teacher", {k: getattr(self, k) for k in ("beta_min", "beta_max", "nu", "gamma", "m_inv", "kappa")},
-                  str(e))
+        except ProcessError as e:        # name the first parameter the process's message mentions
+            keys = ("beta_min", "beta_max", "m_inv", "gamma", "kappa", "nu")
+            key = next((k for k in keys if re.search(rf"\b{k}\b", str(e))), "beta_min")
+            _fail(f"teacher.{key}", getattr(self, key), str(e))
 
     def psld(self) -> PSLD:
         return PSLD(self.beta_min, self.beta_max, self.nu, self.gamma, m_inv=self.m_inv, kappa=self.kappa)

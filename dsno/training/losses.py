@@ -10,7 +10,8 @@ from dsno.schedules import VPSchedule
 
 
 def time_weights(schedule: VPSchedule, times: Sequence[float], w_min: float = 1.0, w_max: float = 1e4) -> torch.Tensor:
-    """w_m = clamp(sqrt(SNR(t_m)), w_min, w_max) = clamp(alpha/sigma, ...): [M] float32."""
+    """w_m = clamp(sqrt(SNR(t_m)), w_min, w_max) = clamp(exp(lam), ...): [M] float32. schedule: any object
+    with lam(t), a teacher's grid_schedule (PSLD: its data part's half log-SNR)."""
     return torch.exp(schedule.lam(list(times))).clamp(w_min, w_max).to(torch.float32)
 
 

@@ -1,0 +1,41 @@
+"""Reference solutions of a teacher's probability-flow ODE, the yardstick eval and the search score against.
+
+- scalar teachers (VP / VE / flow): DPM-Solver++ 3M on `steps` log-SNR steps, state in float64;
+- augmented teachers (PSLD): scipy's adaptive DOP853 (8th order) on the augmented PF-ODE
+  dz/dt = beta F z - 1/2 beta D score(z, t), float64, to relative and absolute tolerance `rtol`
+  (the library's PSLD samplers are first order, so none of them makes a reference in few steps).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def reference_solve(teacher: Any, x: torch.Tensor, t_end: float, steps: int = 500, rtol: float = 1e-7
+                    ) -> torch.Tensor:
+    """The final state at t_end of the ODE from the start state x [B, ...] at the grid's T: float64."""
+    from dsno.solvers import sample, timesteps
+    x = x.to(torch.float64)
+    if not getattr(teacher, "augmented", False):
+        grid = timesteps(teacher.schedule, steps=steps, spacing="logsnr", t_end=t_end)
+        return sample(teacher, x, grid, solver="dpm_solver_pp", order=3)
+    return _dop853(teacher, x, t_end, rtol)
+
+
+def _dop853(teacher: Any, z: torch.Tensor, t_end: float, rtol: float) -> torch.Tensor:
+    from scipy.integrate import solve_ivp
+    from dsno.solvers.psld import apply
+    proc, k, shape, device = teacher.process, int(teacher.process.k), z.shape, z.device
+
+    def slope(t: float, y):
+        s = torch.from_numpy(y).reshape(shape).to(device)
+        d = apply(proc.drift(t), s, k) - 0.5 * apply(proc.diffusion(t), teacher.score(s, t).to(s.dtype), k)
+        return d.reshape(-1).cpu().numpy()
+
+    sol = solve_ivp(slope, (float(proc.T), float(t_end)), z.reshape(-1).cpu().numpy(), method="DOP853",
+                    rtol=rtol, atol=rtol)
+    if sol.status != 0:
+        raise RuntimeError(f"the DOP853 reference solve failed: {sol.message}")
+    return torch.from_numpy(sol.y[:, -1]).reshape(shape).to(device)

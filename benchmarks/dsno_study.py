@@ -121,7 +121,7 @@ def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed
     rc = compose(experiment, [*overrides, f"data.times=[{','.join(repr(t) for t in run_times)}]",
                               f"model.modes={min(2, len(times) // 2 + 1)}", *extra])
     teacher = build_teacher(rc.teacher)
-    shape = sample_shape(teacher, rc.teacher)
+    shape = sample_shape(teacher)
     torch.manual_seed(seed)
     if len(times) > 1:
         model, _ = build_student(rc, teacher, shape)
@@ -255,7 +255,7 @@ def main() -> None:
     from dsno.builders import build_teacher, sample_shape
     rc = compose(args.experiment, args.override)
     teacher = build_teacher(rc.teacher)
-    shape = sample_shape(teacher, rc.teacher)
+    shape = sample_shape(teacher)
     data = load_trajectories(args.data)
     if args.holdout:
         x_T, states, times = data

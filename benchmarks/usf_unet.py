@@ -65,7 +65,7 @@ def load_teacher():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         rc = validate(compose(config_name="config", overrides=[f"experiment={EXPERIMENT}", "logger=csv"]))
     teacher = build_teacher(rc.teacher)
-    return teacher, tuple(sample_shape(teacher, rc.teacher)), float(rc.solver.t_end)
+    return teacher, tuple(sample_shape(teacher)), float(rc.solver.t_end)
 
 
 class HeldOut:

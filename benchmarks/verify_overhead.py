@@ -90,7 +90,7 @@ def train_worker(args: argparse.Namespace) -> dict:
         rc = validate(compose(config_name="config", overrides=["experiment=mnist_gmm", f"run_dir={args.out}/run",
                                                                "logger=csv"]))
     teacher = build_teacher(rc.teacher)
-    shape = sample_shape(teacher, rc.teacher)
+    shape = sample_shape(teacher)
     model, _ = build_student(rc, teacher, shape)
     weights = time_weights(teacher.schedule, rc.data.times, rc.train.weight_min, rc.train.weight_max)
     module = DSNOModule(model, TrajectoryLoss(weights, rc.train.loss), rc.train.lr, rc.train.warmup_steps)

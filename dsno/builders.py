@@ -30,7 +30,7 @@ def build_teacher(tc: TeacherConfig) -> Teacher:
     return teacher
 
 
-def sample_shape(teacher: Teacher, _config: Any = None) -> tuple[int, ...]:
+def sample_shape(teacher: Teacher) -> tuple[int, ...]:
     """[C, H, W] of one solver state of this teacher: an image, or (augmented) data and momentum."""
     if teacher.state_shape is None:
         raise ValueError(f"{type(teacher).__name__} does not declare the shape of its samples (Teacher.shape)")

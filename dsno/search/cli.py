@@ -63,7 +63,7 @@ def run(cfg: DictConfig) -> dict:
     teacher = build_teacher(rc.teacher)
     out = Path(sc.out) if sc.out else Path(rc.run_dir) / "schedules"
     result = search(teacher, nfe, sc, out, rc.solver.t_end, teacher.solve_dtype,
-                    shape=sample_shape(teacher, rc.teacher))
+                    shape=sample_shape(teacher))
     c = result["cost"]
     print(f"wrote {result['path']}: RMSE {result['score']['rmse_verify']:.4g} on {sc.verify_batch} verify samples; "
           f"{c['wall_s']:.0f} s ({c['cpu_s']:.0f} s CPU), {c['teacher_calls']} teacher calls ({c['teacher_sample_evals']} sample evaluations), "

@@ -95,7 +95,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sampler = load_sampler(sampler_path, device=device, trust_program=rc.eval.trust_program)
     teacher = build_teacher(rc.teacher).to(device)
-    shape = sample_shape(teacher, rc.teacher)                  # one solver state (augmented: data + momentum)
+    shape = sample_shape(teacher)                  # one solver state (augmented: data + momentum)
     c = teacher.data_channels
     data_shape = (c, *shape[1:])
     check_prerequisites(rc, data_shape)

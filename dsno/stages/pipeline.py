@@ -30,7 +30,7 @@ def make_data(rc: RunConfig, teacher=None, config: dict[str, Any] | None = None)
     of a `data` run; return the data folder."""
     from dsno import loggers
     teacher = teacher if teacher is not None else build_teacher(rc.teacher)
-    trajectories.generate(rc, teacher, sample_shape(teacher, rc.teacher))
+    trajectories.generate(rc, teacher, sample_shape(teacher))
     data_dir = Path(rc.data.dir)
     if int(os.environ.get("RANK", "0")) == 0:
         logger = loggers.stage_logger(rc, "data", config)
@@ -54,7 +54,7 @@ def run(rc: RunConfig, config: dict[str, Any] | None = None, through: str = "eva
     run_dir = Path(rc.run_dir)
     teacher = build_teacher(rc.teacher)
     if through == "eval":        # eval's input files are checked before any work
-        evaluation.check_prerequisites(rc, sample_shape(teacher, rc.teacher))
+        evaluation.check_prerequisites(rc, sample_shape(teacher))
     if rc.data.repair or not dataset_complete(Path(rc.data.dir)):
         if not rc.data.repair:
             log.warning("trajectories missing or incomplete at %s: generating them first "

@@ -92,7 +92,7 @@ def run(rc: RunConfig, logger=None, teacher=None) -> Path | None:
     run_dir = Path(rc.run_dir)
     L.seed_everything(rc.seed, workers=True, verbose=False)
     teacher = teacher if teacher is not None else build_teacher(rc.teacher)
-    shape = sample_shape(teacher, rc.teacher)
+    shape = sample_shape(teacher)
     if rc.train.loss == "lpips":            # the VGG weights file is checked before any work
         from dsno.training.perceptual import vgg_weights_path
         vgg_weights_path(rc.train.perceptual_weights)

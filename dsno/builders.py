@@ -37,6 +37,12 @@ def sample_shape(teacher: Teacher) -> tuple[int, ...]:
     return tuple(int(s) for s in teacher.state_shape)
 
 
+def data_shape(teacher: Teacher) -> tuple[int, ...]:
+    """[c, H, W] of one data sample: a state's first `data_channels` channels."""
+    shape = sample_shape(teacher)
+    return (int(teacher.data_channels), *shape[1:])
+
+
 def skip_scales(schedule, times, sigma_data: float) -> list[float]:
     """Gaussian-optimal linear part of the ODE map x_T -> x_t for data of std sigma_data:
     s_t / s_T with s_t^2 = alpha_t^2 sigma_data^2 + sigma_t^2 (exact for a single Gaussian)."""

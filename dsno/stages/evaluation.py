@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from dsno.builders import build_teacher, sample_shape
+from dsno.builders import build_teacher, data_shape, sample_shape
 from dsno.config import RunConfig
 from dsno.stages import trajectories
 from dsno.errors import UserError, UserFileNotFoundError
@@ -95,10 +95,9 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sampler = load_sampler(sampler_path, device=device, trust_program=rc.eval.trust_program)
     teacher = build_teacher(rc.teacher).to(device)
-    shape = sample_shape(teacher)                  # one solver state (augmented: data + momentum)
-    c = teacher.data_channels
-    data_shape = (c, *shape[1:])
-    check_prerequisites(rc, data_shape)
+    shape, image_shape = sample_shape(teacher), data_shape(teacher)     # a solver state; the data part of it
+    c = image_shape[0]
+    check_prerequisites(rc, image_shape)
     if list(sampler.config.get("image_shape", shape)) != list(shape):
         raise UserError(f"sampler at {sampler_path} makes images of shape {sampler.config['image_shape']}, "
                         f"the teacher of experiment {rc.experiment} {list(shape)}")
@@ -173,7 +172,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
                                                  schedule=r["schedule"]), note=f"searched schedule {r['path']}")
 
     if rc.eval.fidelity:
-        _add_fidelity(rows, finals, data_shape, rc)
+        _add_fidelity(rows, finals, image_shape, rc)
     result = {"experiment": rc.experiment, "num_samples": n, "reference": reference, "device": _device_name(),
               "rows": rows}
     from dsno.stages.report import write_report

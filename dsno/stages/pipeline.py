@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dsno.builders import build_teacher, sample_shape
+from dsno.builders import build_teacher, data_shape, sample_shape
 from dsno.config import RunConfig
 from dsno.stages import trajectories
 
@@ -54,7 +54,7 @@ def run(rc: RunConfig, config: dict[str, Any] | None = None, through: str = "eva
     run_dir = Path(rc.run_dir)
     teacher = build_teacher(rc.teacher)
     if through == "eval":        # eval's input files are checked before any work
-        evaluation.check_prerequisites(rc, sample_shape(teacher))
+        evaluation.check_prerequisites(rc, data_shape(teacher))
     if rc.data.repair or not dataset_complete(Path(rc.data.dir)):
         if not rc.data.repair:
             log.warning("trajectories missing or incomplete at %s: generating them first "

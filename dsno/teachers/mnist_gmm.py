@@ -92,19 +92,28 @@ def load_mnist_gmm(size: int = 16, components: int = 64, schedule: VPSchedule | 
 
 
 @dataclass
-class MnistGMMConfig(TeacherConfig):
-    """teacher=mnist_gmm: the exact diagonal mixture fitted to the 5,000 shipped MNIST digits."""
+class DigitMixtureConfig(TeacherConfig):
+    """The keys of a teacher built on the digit mixture fit (mnist_gmm, psld_mnist_gmm)."""
 
-    kind: str = "mnist_gmm"
     size: int = 16                  # image side, pixels
     components: int = 64            # mixture components K
     path: Optional[str] = None      # another fit (python -m dsno.teachers.mnist_gmm --out); None: the shipped one
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
-    def __post_init__(self) -> None:
+    def check_mixture_keys(self) -> None:
         _count("teacher.size", self.size, 64, "the mixture is fitted to digits resized to at most 64x64", lo=4)
         _count("teacher.components", self.components, 5000, "one component per shipped digit at most")
         _existing_path("teacher.path", self.path, "a mixture file of python -m dsno.teachers.mnist_gmm")
+
+
+@dataclass
+class MnistGMMConfig(DigitMixtureConfig):
+    """teacher=mnist_gmm: the exact diagonal mixture fitted to the 5,000 shipped MNIST digits."""
+
+    kind: str = "mnist_gmm"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        self.check_mixture_keys()
         self.schedule.check("teacher.schedule")
 
     def fixed_schedule(self):

@@ -21,11 +21,12 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from dsno.config import TeacherConfig, _count, _existing_path, _fail, _finite
+from dsno.config import _fail, _finite
 from dsno.processes.psld import PSLD
 from dsno.schedules import ProcessError
 from dsno.teachers.base import batch_times
 from dsno.teachers.gmm import register_mixture
+from dsno.teachers.mnist_gmm import DigitMixtureConfig
 from dsno.teachers.registry import register_teacher
 
 
@@ -211,13 +212,10 @@ class PSLDGaussianMixture(torch.nn.Module):
 
 
 @dataclass
-class PSLDMnistGMMConfig(TeacherConfig):
+class PSLDMnistGMMConfig(DigitMixtureConfig):
     """teacher=psld_mnist_gmm: the shipped MNIST digit mixture (the mnist_gmm fit) under PSLD, exact."""
 
     kind: str = "psld_mnist_gmm"
-    size: int = 16                  # image side, pixels
-    components: int = 64            # mixture components K
-    path: Optional[str] = None      # another fit (python -m dsno.teachers.mnist_gmm --out); None: the shipped one
     beta_min: float = 8.0           # PSLD's CIFAR-10 settings (notes/psld.md)
     beta_max: float = 8.0
     nu: float = 4.01
@@ -228,9 +226,7 @@ class PSLDMnistGMMConfig(TeacherConfig):
     process: ClassVar[str] = "augmented"
 
     def __post_init__(self) -> None:
-        _count("teacher.size", self.size, 64, "the mixture is fitted to digits resized to at most 64x64", lo=4)
-        _count("teacher.components", self.components, 5000, "one component per shipped digit at most")
-        _existing_path("teacher.path", self.path, "a mixture file of python -m dsno.teachers.mnist_gmm")
+        self.check_mixture_keys()
         for key in ("beta_min", "beta_max", "nu", "gamma", "kappa", *(("m_inv",) if self.m_inv is not None else ())):
             _finite(f"teacher.{key}", getattr(self, key))
         try:

@@ -25,14 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-from scipy.integrate import solve_ivp
 
 from results_md import write_section
 from dsno import VPSchedule
 from dsno.processes import PSLD
 from dsno.solvers import nfe as nfe_of
 from dsno.solvers import sample, steps_for_nfe, timesteps
-from dsno.solvers.psld import apply
+from dsno.solvers.reference import reference_solve
 from dsno.teachers import PSLDGaussianMixture
 from dsno.teachers.mnist_gmm import load_mnist_gmm
 
@@ -63,26 +62,6 @@ VP = [("DDIM", "ddim", 1, {}), ("DPM-Solver++ 3M", "dpm_solver_pp", 3, {}), ("Un
       ("DEIS tAB-3", "deis", 3, {})]
 
 
-class FastPSLDMixture(PSLDGaussianMixture):
-    """The same exact score, with the per-component quadratic forms as matrix products ([B, D] x [D, K])
-    instead of [B, K, D] temporaries (checked against the parent at start-up)."""
-
-    def score(self, z: torch.Tensor, t) -> torch.Tensor:
-        def fn(x, m, tu):
-            mx, mm, a, c, e, _ = self._stats(tu)
-            det = a * e - c**2
-            ea, ca, aa = e / det, c / det, a / det
-            quad = ((x * x) @ ea.T - 2 * x @ (ea * mx).T + (ea * mx * mx).sum(1)
-                    - 2 * ((x * m) @ ca.T - x @ (ca * mm).T - m @ (ca * mx).T + (ca * mx * mm).sum(1))
-                    + (m * m) @ aa.T - 2 * m @ (aa * mm).T + (aa * mm * mm).sum(1))
-            lp = -0.5 * (quad + torch.log(det).sum(1) + 2 * x.shape[1] * math.log(2 * math.pi)) + self.log_weights
-            r = torch.softmax(lp, dim=1)
-            sx = -(x * (r @ ea) - r @ (ea * mx) - m * (r @ ca) + r @ (ca * mm))
-            sm = -(m * (r @ aa) - r @ (aa * mm) - x * (r @ ca) + r @ (ca * mx))
-            return sx, sm
-        return self.join(*self._per_time(z, t, fn))
-
-
 def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
     v = float((x - ref).square().mean().sqrt())
     return v if math.isfinite(v) else float("inf")
@@ -109,18 +88,9 @@ def budget(solver: str, n: int, opts: dict) -> tuple[int, int]:
 
 
 def psld_reference(teacher, z_T: torch.Tensor, rtol: float) -> tuple[torch.Tensor, int]:
-    proc = teacher.process
-    calls = [0]
-
-    def f(t, y):
-        calls[0] += 1
-        z = torch.from_numpy(y).reshape(z_T.shape)
-        return (apply(proc.drift(t), z, 2) - 0.5 * apply(proc.diffusion(t), teacher.score(z, t), 2)).reshape(-1).numpy()
-
-    sol = solve_ivp(f, (1.0, T_END), z_T.reshape(-1).numpy(), method="DOP853", rtol=rtol, atol=rtol)
-    if sol.status != 0:
-        raise RuntimeError(f"reference solve failed: {sol.message}")
-    return torch.from_numpy(sol.y[:, -1]).reshape(z_T.shape), calls[0]
+    """The DOP853 reference (dsno.solvers.reference) and the teacher calls it made."""
+    stats: dict = {}
+    return reference_solve(teacher, z_T, T_END, rtol=rtol, stats=stats), stats["calls"]
 
 
 def run_psld(teacher, solver, opts, n, z, **extra):
@@ -157,15 +127,8 @@ def main() -> int:
     vp = load_mnist_gmm()
     c, shape = vp.means.shape[0], vp.shape
     proc = PSLD(beta_min=8.0, beta_max=8.0, nu=4.01, gamma=0.01)
-    teacher = FastPSLDMixture(vp.means.reshape(c, *shape), vp.variances.reshape(c, *shape), vp.log_weights.exp(),
-                              process=proc)
-    slow = PSLDGaussianMixture(vp.means.reshape(c, *shape), vp.variances.reshape(c, *shape), vp.log_weights.exp(),
-                               process=proc)
-    probe = proc.sample_prior((8, *shape), torch.Generator().manual_seed(9))
-    for t in (T_END, 0.05, 0.5, 1.0):
-        zt = probe * (0.2 if t < 0.1 else 1.0)
-        a, b = teacher.score(zt, t), slow.score(zt, t)
-        assert float((a - b).abs().max() / b.abs().max()) < 1e-8, t
+    teacher = PSLDGaussianMixture(vp.means.reshape(c, *shape), vp.variances.reshape(c, *shape), vp.log_weights.exp(),
+                                  process=proc)
     g = torch.Generator().manual_seed(1234)
     z_T = proc.sample_prior((args.samples, *shape), g)
     z_tune = proc.sample_prior((args.tune, *shape), g)
@@ -332,9 +295,9 @@ indistinguishable from exact. Each PSLD cell is the better of the time-uniform a
 lam is chosen per NFE from {{{lams}}} on separate tuning runs (deterministic: the RMSE of a {tune}-sample batch;
 CSPS-S: the MMD of {tune_draws} other draws to {tune_draws} other exact draws), then the reported run uses it. Where a sampler's cost rule
 cannot meet an NFE exactly (NVV: 3 per step; the reduced forms: 1 per step + 1) it gets the most steps within
-the budget and the cell says what it spent. The exact score is computed by matrix products (FastPSLDMixture in
-the script, checked against dsno.teachers.PSLDGaussianMixture to 1e-8 at start-up): the teacher as shipped
-takes ~0.3 s per call on 64 samples here."""
+the budget and the cell says what it spent. The exact score is dsno.teachers.PSLDGaussianMixture's (matrix
+products [B, D] x [D, K]; the numbers were made with the same form in this script before it moved into the
+teacher, checked equal to 1e-8)."""
 
 FINDINGS = """Findings (the run of 2026-12-01; the splitting schemes' update orders and score-evaluation points are this
 project's reading of the paper, written down in dsno/solvers/psld_splitting.py; the paper's own update equations

@@ -13,23 +13,28 @@ from typing import Any
 import torch
 
 
-def reference_solve(teacher: Any, x: torch.Tensor, t_end: float, steps: int = 500, rtol: float = 1e-7
-                    ) -> torch.Tensor:
-    """The final state at t_end of the ODE from the start state x [B, ...] at the grid's T: float64."""
+def reference_solve(teacher: Any, x: torch.Tensor, t_end: float, steps: int = 500, rtol: float = 1e-7,
+                    stats: dict | None = None) -> torch.Tensor:
+    """The final state at t_end of the ODE from the start state x [B, ...] at the grid's T: float64.
+    stats: a dict that gets "calls", the teacher evaluations the solve made."""
     from dsno.solvers import sample, timesteps
     x = x.to(torch.float64)
+    stats = {} if stats is None else stats
     if not getattr(teacher, "augmented", False):
         grid = timesteps(teacher.schedule, steps=steps, spacing="logsnr", t_end=t_end)
+        stats["calls"] = steps
         return sample(teacher, x, grid, solver="dpm_solver_pp", order=3)
-    return _dop853(teacher, x, t_end, rtol)
+    return _dop853(teacher, x, t_end, rtol, stats)
 
 
-def _dop853(teacher: Any, z: torch.Tensor, t_end: float, rtol: float) -> torch.Tensor:
+def _dop853(teacher: Any, z: torch.Tensor, t_end: float, rtol: float, stats: dict) -> torch.Tensor:
     from scipy.integrate import solve_ivp
     from dsno.solvers.psld import apply
     proc, k, shape, device = teacher.process, int(teacher.process.k), z.shape, z.device
+    stats["calls"] = 0
 
     def slope(t: float, y):
+        stats["calls"] += 1
         s = torch.from_numpy(y).reshape(shape).to(device)
         d = apply(proc.drift(t), s, k) - 0.5 * apply(proc.diffusion(t), teacher.score(s, t).to(s.dtype), k)
         return d.reshape(-1).cpu().numpy()

@@ -99,7 +99,8 @@ def reference(rc, teacher, shape, n: int, steps: int, cache: Path) -> tuple[torc
 
 def fresh_batches(rc, teacher, shape, times, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`count` new trajectories of an exact teacher (the teacher stage's solve), for fresh data each epoch."""
-    from dsno.stages.trajectories import make_solve, solver_grid
+    from dsno.builders import solver_grid
+    from dsno.stages.trajectories import make_solve
     solve = make_solve(teacher, rc.solver, solver_grid(teacher, rc.solver, times), times)
     x_T = torch.randn(count, *shape, generator=torch.Generator().manual_seed(seed))
     return x_T, torch.cat([solve(x_T[i:i + 512]) for i in range(0, count, 512)])

@@ -29,7 +29,8 @@ def worker(steps: int, keep: str, batch: int) -> dict:
 
     from dsno.config import SolverConfig
     from dsno.solvers import sample
-    from dsno.stages.trajectories import make_solve, output_indices, solver_grid
+    from dsno.builders import output_indices, solver_grid
+    from dsno.stages.trajectories import make_solve
     from dsno.teachers.mnist_gmm import load_mnist_gmm
     torch.set_num_threads(1)
     teacher = load_mnist_gmm()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dsno.config import RunConfig, TeacherConfig
+import torch
+
+from dsno.config import RunConfig, SolverConfig, TeacherConfig
 from dsno.teachers.base import Teacher, TeacherLoadError
 
 
@@ -35,6 +37,44 @@ def sample_shape(teacher: Teacher) -> tuple[int, ...]:
     if teacher.state_shape is None:
         raise ValueError(f"{type(teacher).__name__} does not declare the shape of its samples (Teacher.shape)")
     return tuple(int(s) for s in teacher.state_shape)
+
+
+def solver_grid(teacher: Teacher, sc: SolverConfig, times: list[float]) -> torch.Tensor:
+    """The teacher solve's grid through every output time: float64 [N+1], strictly decreasing.
+
+    The sc.steps steps are shared among the segments [T, t_1], [t_1, t_2], ..., [t_{M-1}, t_M] in
+    proportion to their log-SNR length (at least one each), each segment spaced by sc.spacing,
+    so the output times are grid points without creating the tiny steps that merging two grids
+    would (multistep methods lose accuracy on abrupt step-size ratios)."""
+    from dsno.solvers import timesteps
+    if sc.name == "usf":                     # a USF schedule carries its grid (checked to pass through `times`)
+        from dsno.solvers.usf import load
+        return torch.tensor(load(sc.schedule).ts, dtype=torch.float64)
+    sched = teacher.grid_schedule
+    bounds = [sched.T, *times] if times[0] < sched.T else list(times)
+    lam = sched.lam(torch.tensor(bounds, dtype=torch.float64))
+    lengths = (lam[1:] - lam[:-1]).tolist()
+    if sc.steps < len(lengths):
+        raise ValueError(f"solver.steps={sc.steps} is fewer than the {len(lengths)} segments between output times")
+    steps = [max(1, round(sc.steps * h / sum(lengths))) for h in lengths]
+    pieces = [timesteps(sched, steps=n, spacing=sc.spacing, t_start=a, t_end=b)
+              for n, a, b in zip(steps, bounds[:-1], bounds[1:])]
+    return torch.cat([pieces[0]] + [p[1:] for p in pieces[1:]])
+
+
+def output_indices(grid: torch.Tensor, times: list[float]) -> list[int]:
+    idx = [int(torch.argmin((grid - t).abs())) for t in times]
+    for t, i in zip(times, idx):
+        if abs(float(grid[i]) - t) > 1e-9:
+            raise ValueError(f"output time {t} is not on the solver grid")
+    return idx
+
+
+def prior_state(teacher: Teacher, noise: torch.Tensor) -> torch.Tensor:
+    """The solver's start state for standard-normal `noise` [B, *state_shape]: the noise itself, or
+    scaled per channel to an augmented prior (PSLD: m ~ N(0, M)). DSNO maps the same noise."""
+    scale = teacher.prior_scale()
+    return noise if scale is None else noise * scale.to(device=noise.device, dtype=noise.dtype)
 
 
 def data_shape(teacher: Teacher) -> tuple[int, ...]:

@@ -20,11 +20,10 @@ def _rc(tmp_path, *extra):
 
 
 def test_psld_experiment_runs_end_to_end_and_scores_the_data_part(tmp_path):
-    from dsno.builders import build_teacher
+    from dsno.builders import build_teacher, prior_state
     from dsno.sampler import load_sampler
     from dsno.solvers.reference import reference_solve
     from dsno.stages.pipeline import run
-    from dsno.stages.trajectories import prior_state
     rc = _rc(tmp_path)
     run(rc, config={})
     teacher = build_teacher(rc.teacher)

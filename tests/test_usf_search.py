@@ -157,13 +157,14 @@ def _pinned_schedule(tmp_path, times):
 
 def test_data_gen_makes_trajectories_with_a_schedule(tiny_run, tmp_path):
     from dsno.config import ConfigError
+    from dsno.builders import solver_grid
     from dsno.stages import trajectories
     times = [0.5625, 0.25, 0.0625, 0.001]
     path, s, _ = _pinned_schedule(tmp_path, times)
     rc = tiny_run("solver=usf", f"solver.schedule={path}")
     from dsno.builders import build_teacher
     teacher = build_teacher(rc.teacher)
-    grid = trajectories.solver_grid(teacher, rc.solver, times)
+    grid = solver_grid(teacher, rc.solver, times)
     assert grid.tolist() == list(s.ts)
     solve = trajectories.make_solve(teacher, rc.solver, grid, times)
     x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -10,9 +10,8 @@ from typing import Any, Callable
 
 import torch
 
-from dsno.builders import build_teacher, data_shape, sample_shape
+from dsno.builders import build_teacher, data_shape, prior_state, sample_shape, solver_grid
 from dsno.config import RunConfig
-from dsno.stages import trajectories
 from dsno.errors import UserError, UserFileNotFoundError
 from dsno.progress import counter
 
@@ -87,7 +86,6 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     from dsno.sampler import load_sampler
     from dsno.solvers import sample, timesteps
     from dsno.solvers.reference import reference_solve
-    from dsno.stages.trajectories import prior_state
 
     run_dir = Path(rc.run_dir)
     out = run_dir / "eval"
@@ -142,7 +140,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
         add_row("dsno", 1, lambda z: sampler(z)[:, -1, :c], note=f"one pass, backbone on M={len(sampler.times)} time points")
 
         from dsno.solvers import nfe as nfe_of
-        grid = trajectories.solver_grid(teacher, rc.solver, [float(t) for t in rc.data.times])
+        grid = solver_grid(teacher, rc.solver, [float(t) for t in rc.data.times])
         teacher_opts = {**rc.solver.options, **({"schedule": rc.solver.schedule} if rc.solver.name == "usf" else {})}
         teacher_nfe = nfe_of(rc.solver.name, len(grid) - 1, order=rc.solver.order, **teacher_opts)
         add_row(f"teacher ({rc.solver.name}-{rc.solver.order})", teacher_nfe,

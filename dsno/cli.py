@@ -51,7 +51,11 @@ def composition_message(e: BaseException) -> str:
     """One line for a Hydra / OmegaConf composition error: what failed (the override) and why (the
     schema's reason: a wrong type, a value outside an Enum's choices, an unknown key)."""
     cause = e.__cause__ or e.__context__
-    head = (str(e).strip().splitlines() or [type(e).__name__])[0].strip().rstrip(".")
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    head = lines[0].rstrip(".")
+    if lines[1:] and lines[1].startswith("Available options in"):      # a group option that does not exist
+        options = [o for o in lines[2:] if not o.startswith(("Config search path", "provider="))]
+        return f"{head}; {lines[1].rstrip(':')}: {', '.join(options)}"
     if cause is None or str(cause).strip() == "":
         return head
     why = str(cause).strip().splitlines()[0].strip()

@@ -58,6 +58,7 @@ BAD = [
     ("solver.spacing=cubic", "solver.spacing='cubic': must be one of"),
     ("solver.steps=0", "solver.steps=0: must be a positive integer"),
     ("solver.order=7", "solver='dpm_solver_pp-7': solver 'dpm_solver_pp' has orders 1..3"),
+    ("solver=ddpm", "Could not find 'solver/ddpm'; Available options in 'solver': augmented_euler, csps_d, ddim"),
     ("solver.name=ddpm", "solver.name='ddpm': the teacher solve must be deterministic"),
     ("solver.options.warp=2", "solver 'dpm_solver_pp' has no option 'warp'"),
     ("eval.solvers=[{name:unipc,order:9}]", "eval.solvers[0]="),

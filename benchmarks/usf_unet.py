@@ -151,7 +151,7 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--reference-steps", type=int, default=200)
     ap.add_argument("--run-dir", default="runs/usf_unet")
-    ap.add_argument("--eval-metrics", default=f"runs/{EXPERIMENT}/eval/metrics.json")
+    ap.add_argument("--eval-metrics", default="runs/usf_unet/eval_run/eval/metrics.json")
     ap.add_argument("--hand-only", action="store_true", help="score the hand-designed solvers only (no searches)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -218,8 +218,11 @@ def main() -> int:
     body = "\n".join([
         "Searches, one at a time on the shared machine: " + "; ".join(commands) + "; then `python "
         "benchmarks/usf_unet.py` (it runs the searches that are missing). FID: the two full-search schedules "
-        f"copied into `runs/{EXPERIMENT}/schedules/`, then `nice -n 15 python eval.py experiment={EXPERIMENT} "
-        "logger=csv 'eval.nfe=[1,2,3,4,5,6,7,8,10]'` (eval lists each schedule as its `usf <stem>` rows).",
+        f"copied into `runs/{EXPERIMENT}/schedules/` (for later evals of the run) and, with the run's exported "
+        f"sampler (`runs/{EXPERIMENT}/sampler/`), into `runs/usf_unet/eval_run/`, then `nice -n 15 python eval.py "
+        f"experiment={EXPERIMENT} logger=csv run_dir=runs/usf_unet/eval_run 'eval.nfe=[5,10]'` (eval's own noise, "
+        "reference and solvers; only the two budgets, for time on the shared machine; eval lists each schedule "
+        "as its `usf <stem>` row).",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, shared with other "
         f"jobs (searches and eval under nice -n 15); torch {torch.__version__}. Date: "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; this script {wall:.0f} s (its "
@@ -233,8 +236,9 @@ def main() -> int:
         f"variants) on each of the {len(SPACINGS)} spacings ({', '.join(SPACINGS)}), at exactly N model "
         "evaluations, the best kept. Timestep-only: the same search restricted to the interior times of UniPC "
         "bh2-3 (GITS / LD3-style). Each search scores candidates on 64 noise samples against a 200-step reference "
-        "and verifies its 5 best on 256 others (its reference, made once by the first search of the run directory "
-        "and then read from its cache, is inside the first search's cost). Search cost: wall time (CPU time) and "
+        "and verifies its 5 best on 256 others (its reference is made by the first search of the run directory, "
+        "inside that search's cost when it runs through, and read from its cache by the others). Search cost: "
+        "wall time (CPU time) and "
         "teacher calls (sample evaluations) of the whole search.",
         "",
         table,

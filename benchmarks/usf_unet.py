@@ -73,8 +73,8 @@ class HeldOut:
 
     def __init__(self, teacher, shape, t_end: float, samples: int, ref_steps: int, run_dir: Path):
         self.teacher, self.t_end = teacher, t_end
-        key = {"teacher": teacher.fingerprint(), "samples": samples, "seed": HELD_OUT_SEED, "reference_steps": ref_steps,
-               "t_end": t_end}
+        key = {"teacher": teacher.fingerprint(), "samples": samples, "seed": HELD_OUT_SEED,
+               "reference_steps": ref_steps, "t_end": t_end}
         self.tag = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
         self.path = run_dir / "heldout.json"
         state = json.loads(self.path.read_text()) if self.path.is_file() else {}
@@ -138,7 +138,8 @@ def eval_rows(metrics: Path, nfes: list[int]) -> list[str]:
         by_fid = min(hand, key=lambda r: r.get("fid", float("inf")))
 
         def cell(r):
-            return f"{r['rmse_vs_reference']:.4f} | {r['fid']:.1f}" if "fid" in r else f"{r['rmse_vs_reference']:.4f} | -"
+            fid = f"{r['fid']:.1f}" if "fid" in r else "-"
+            return f"{r['rmse_vs_reference']:.4f} | {fid}"
         better = "yes" if usf_row.get("fid", float("inf")) <= by_fid.get("fid", float("inf")) else "NO"
         lines.append(f"| {n} | {cell(usf_row)} | {by_rmse['method']} | {cell(by_rmse)} | {by_fid['method']} | "
                      f"{cell(by_fid)} | {better} |")

@@ -61,7 +61,8 @@ def ensure_schedule(nfe: int, mode: str, run_dir: str) -> Path:
 def load_teacher():
     from hydra import compose, initialize_config_dir
     from dsno.builders import build_teacher, sample_shape
-    from dsno.config import validate
+    from dsno.config import register_configs, validate
+    register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         rc = validate(compose(config_name="config", overrides=[f"experiment={EXPERIMENT}", "logger=csv"]))
     teacher = build_teacher(rc.teacher)

@@ -63,11 +63,8 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
 
 
 def compose(experiment: str, overrides: list[str]):
-    from hydra import compose as hcompose, initialize_config_dir
-    from dsno.config import validate
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return validate(hcompose(config_name="config", overrides=[f"experiment={experiment}", "logger=csv",
-                                                                  *overrides]))
+    from dsno.config import compose as compose_config, validate
+    return validate(compose_config(f"experiment={experiment}", "logger=csv", *overrides))
 
 
 def load_trajectories(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor, list[float]]:

@@ -59,12 +59,9 @@ def ensure_schedule(nfe: int, mode: str, run_dir: str) -> Path:
 
 
 def load_teacher():
-    from hydra import compose, initialize_config_dir
     from dsno.builders import build_teacher, sample_shape
-    from dsno.config import register_configs, validate
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        rc = validate(compose(config_name="config", overrides=[f"experiment={EXPERIMENT}", "logger=csv"]))
+    from dsno.config import compose, validate
+    rc = validate(compose(f"experiment={EXPERIMENT}", "logger=csv"))
     teacher = build_teacher(rc.teacher)
     return teacher, tuple(sample_shape(teacher)), float(rc.solver.t_end)
 

@@ -77,18 +77,15 @@ def train_worker(args: argparse.Namespace) -> dict:
     """Mean seconds per training step of the mnist_gmm experiment's model on this machine."""
     import lightning as L
     import torch
-    from hydra import compose, initialize_config_dir
 
     from dsno.builders import build_student, build_teacher, sample_shape
-    from dsno.config import validate
+    from dsno.config import compose, validate
     from dsno.training.data import StepTrajectoryData
     from dsno.training.losses import TrajectoryLoss, time_weights
     from dsno.training.ema import EMA
     from dsno.training.module import DSNOModule
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        rc = validate(compose(config_name="config", overrides=["experiment=mnist_gmm", f"run_dir={args.out}/run",
-                                                               "logger=csv"]))
+    rc = validate(compose("experiment=mnist_gmm", f"run_dir={args.out}/run", "logger=csv"))
     teacher = build_teacher(rc.teacher)
     shape = sample_shape(teacher)
     model, _ = build_student(rc, teacher, shape)

@@ -16,13 +16,13 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dsno.config import register_configs, validate
+from dsno.config import compose, register_configs, validate
 from dsno.errors import UserError, debug_requested, one_line, report_errors
 
 log = logging.getLogger("dsno")
 
 
-def prepare_cli(config_dir: str | os.PathLike, config_name: str = "config") -> None:
+def prepare_cli(config_dir: str | os.PathLike) -> None:
     """Before a Hydra entry point runs: take `--debug` out of sys.argv (Hydra would reject it;
     it turns on full tracebacks), and compose the overrides once, so that an unknown key or a
     malformed override is one line `error: ...` and exit status 2 instead of Hydra's report.
@@ -34,12 +34,10 @@ def prepare_cli(config_dir: str | os.PathLike, config_name: str = "config") -> N
     overrides = sys.argv[1:]
     if any(a.startswith("-") for a in overrides):
         return
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
     try:
-        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
-            compose(config_name=config_name, overrides=overrides)
+        compose(*overrides, config_dir=config_dir)
     except (HydraException, OmegaConfBaseException) as e:
         if debug_requested():
             raise

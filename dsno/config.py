@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from enum import StrEnum
 from typing import Any, ClassVar, Dict, List, Optional
 
@@ -666,3 +667,15 @@ def register_configs() -> None:
             cs.store(group="solver", name=name, node=node)
     cs.store(group="trainer", name="default", node=OmegaConf.structured(TrainerConfig))
     cs.store(group="logger", name="wandb", node=OmegaConf.structured(LoggerConfig))
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose(*overrides: str, config_dir: str | os.PathLike | None = None) -> DictConfig:
+    """The root config of conf/ (this checkout's, or config_dir) composed with `overrides`, as the
+    entry points get it (the ConfigStore is filled first). Not validated: see `validate`."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    register_configs()
+    with initialize_config_dir(config_dir=str(Path(config_dir or CONF_DIR).resolve()), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))

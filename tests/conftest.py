@@ -28,14 +28,11 @@ TINY_RUN = [
 def compose(*overrides, default_experiment: str | None = "mnist_gmm"):
     """The composed root config; tests run on the exact mixture teacher unless they name an experiment
     (default_experiment=None composes what a user's bare `python train.py` gets)."""
-    from hydra import compose as hcompose, initialize_config_dir
-    from dsno.config import register_configs
-    register_configs()
+    from dsno.config import compose as compose_config
     overrides = list(overrides)
     if default_experiment and not any(o.startswith("experiment=") for o in overrides):
         overrides.insert(0, f"experiment={default_experiment}")
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return hcompose(config_name="config", overrides=overrides)
+    return compose_config(*overrides, config_dir=CONF)
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import CONF, TINY_RUN, compose
-from hydra import compose as hcompose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dsno.builders import build_teacher
-from dsno.config import ConfigError, register_configs, teacher_config, validate
+from dsno.config import ConfigError, teacher_config, validate
+from dsno.config import compose as compose_config
 from dsno.teachers.base import TeacherLoadError
 from dsno.teachers.registry import teacher_kinds
 
@@ -30,10 +30,7 @@ def _leaves(d: dict, prefix: tuple = ()) -> list[tuple]:
 
 
 def _composed(conf_dir: Path, overrides: list[str]) -> dict:
-    register_configs()
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        cfg = hcompose(config_name="config", overrides=overrides)
-    d = OmegaConf.to_container(cfg, resolve=False)
+    d = OmegaConf.to_container(compose_config(*overrides, config_dir=conf_dir), resolve=False)
     d.pop("hydra", None)
     return d
 

@@ -2,10 +2,11 @@
 PSLDGaussianMixture: the exact score of the augmented PSLD process (z = (x, m))."""
 
 from dsno.teachers.base import PREDICTIONS, Teacher, WrappedTeacher, convert, wrap
-from dsno.teachers.diffusers import DiffusersTeacher, load_diffusers_teacher
+from dsno.teachers.diffusers import DiffusersEDMTeacher, DiffusersFlowTeacher, DiffusersTeacher, load_diffusers_teacher
 from dsno.teachers.gmm import GaussianMixture
 from dsno.teachers.psld_gmm import PSLDGaussianMixture
 from dsno.teachers.unet import UNetTeacher, load_unet_teacher
 
 __all__ = ["PREDICTIONS", "Teacher", "WrappedTeacher", "GaussianMixture", "PSLDGaussianMixture", "UNetTeacher",
-           "DiffusersTeacher", "convert", "wrap", "load_unet_teacher", "load_diffusers_teacher"]
+           "DiffusersTeacher", "DiffusersEDMTeacher", "DiffusersFlowTeacher", "convert", "wrap", "load_unet_teacher",
+           "load_diffusers_teacher"]

@@ -134,8 +134,10 @@ def student_config(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> d
 def teacher_backbone_config(teacher: Teacher) -> dict[str, Any]:
     cfg = teacher.backbone_config
     if cfg is None:
-        raise ValueError(f"model.backbone.type=teacher needs a neural teacher; {type(teacher).__name__} has no "
-                         "network to copy. Use model.backbone.type=unet")
+        raise ValueError(f"model.backbone.type=teacher copies the teacher's network into the student, and "
+                         f"{type(teacher).__name__} has none a DSNO build config can carry (exact teachers have no "
+                         "network; EDM and flow diffusers teachers wrap theirs in a preconditioning): use "
+                         "model.backbone.type=unet")
     return cfg
 
 

@@ -55,6 +55,32 @@ def _cpu(cost: dict) -> str:
     return f"{cost['cpu_s']:.0f}" if "cpu_s" in cost else "not recorded"
 
 
+def search_table(rows: list[tuple], timesteps_scored: bool = False) -> tuple[list[str], bool]:
+    """Markdown lines of the search table and whether every row passes (<= 0.7x the best hand-designed
+    solver and below the timestep-only search). rows: (nfe, best hand RMSE, its name, found) with
+    found["full"] / found["timesteps"] = (held-out RMSE, schedule, path)."""
+    lines = ["| NFE | best hand-designed (spacing) | RMSE | timestep-only search (unipc bh2-3 grid) | USF search | "
+             "USF / best hand | <= 0.7x | < timestep-only | USF search: wall s (CPU s), teacher calls (sample evals), "
+             "scored, rounds, predictor tau | timestep-only search: wall s (CPU s), teacher calls"
+             + (", scored |" if timesteps_scored else " |"),
+             "|---:|---|---:|---:|---:|---:|---|---|---|---|"]
+    ok = True
+    for n, h, hname, found in rows:
+        (u, s, _), (ts_only, s_ts, _) = found["full"], found["timesteps"]
+        c, ct = s.info.get("cost", {}), s_ts.info.get("cost", {})
+        ratio = u / h
+        good_ratio, good_ts = ratio <= 0.7, u < ts_only
+        ok = ok and good_ratio and good_ts
+        lines.append(f"| {n} | {hname} | {h:.4f} | {ts_only:.4f} | {u:.4f} | {ratio:.2f} | "
+                     f"{'yes' if good_ratio else 'NO'} | {'yes' if good_ts else 'NO'} | "
+                     f"{c.get('wall_s', 0):.0f} ({_cpu(c)}), {c.get('teacher_calls')} "
+                     f"({c.get('teacher_sample_evals')}), {c.get('candidates_scored')}, "
+                     f"{s.info.get('search', {}).get('rounds')}, {c.get('predictor_kendall_tau')} | "
+                     f"{ct.get('wall_s', 0):.0f} ({_cpu(ct)}), {ct.get('teacher_calls')}"
+                     + (f", {ct.get('candidates_scored')} |" if timesteps_scored else " |"))
+    return lines, ok
+
+
 def search_command(nfe: int, mode: str, run_dir: str) -> list[str]:
     cmd = [sys.executable, "-m", "dsno.search", "experiment=mnist_gmm", f"nfe={nfe}", f"run_dir={run_dir}",
            "logger=csv"]
@@ -106,23 +132,7 @@ def main() -> int:
                 s = usf.load(path)
                 found[mode] = (rmse(sample(teacher, x, solver="usf", schedule=s), ref), s, path)
             rows.append((n, best_hand, found))
-    lines = ["| NFE | best hand-designed (spacing) | RMSE | timestep-only search (unipc bh2-3 grid) | USF search | "
-             "USF / best hand | <= 0.7x | < timestep-only | USF search: wall s (CPU s), teacher calls (sample evals), "
-             "scored, rounds, predictor tau | timestep-only search: wall s (CPU s), teacher calls |",
-             "|---:|---|---:|---:|---:|---:|---|---|---|---|"]
-    ok = True
-    for n, (h, hname), found in rows:
-        (u, s, _), (ts_only, s_ts, _) = found["full"], found["timesteps"]
-        c, ct = s.info.get("cost", {}), s_ts.info.get("cost", {})
-        ratio = u / h
-        good_ratio, good_ts = ratio <= 0.7, u < ts_only
-        ok = ok and good_ratio and good_ts
-        lines.append(f"| {n} | {hname} | {h:.4f} | {ts_only:.4f} | {u:.4f} | {ratio:.2f} | "
-                     f"{'yes' if good_ratio else 'NO'} | {'yes' if good_ts else 'NO'} | "
-                     f"{c.get('wall_s', 0):.0f} ({_cpu(c)}), {c.get('teacher_calls')} "
-                     f"({c.get('teacher_sample_evals')}), {c.get('candidates_scored')}, "
-                     f"{s.info.get('search', {}).get('rounds')}, {c.get('predictor_kendall_tau')} | {ct.get('wall_s', 0):.0f} ({_cpu(ct)}), "
-                     f"{ct.get('teacher_calls')} |")
+    lines, ok = search_table([(n, h, hname, found) for n, (h, hname), found in rows])
     detail = ["", "The searched schedules (afs; per step: prediction, Taylor order, estimation order, corrector):", ""]
     for n, _, found in rows:
         s = found["full"][1]

@@ -175,25 +175,8 @@ def main() -> int:
         rows.append((n, hand, found))
     if args.hand_only:
         return 0
-    lines = ["| NFE | best hand-designed (spacing) | RMSE | timestep-only search (unipc bh2-3 grid) | USF search | "
-             "USF / best hand | <= 0.7x | < timestep-only | USF search: wall s (CPU s), teacher calls (sample evals), "
-             "scored, rounds, predictor tau | timestep-only search: wall s (CPU s), teacher calls, scored |",
-             "|---:|---|---:|---:|---:|---:|---|---|---|---|"]
-    ok = True
-    for n, hand, found in rows:
-        (h_rmse, hname) = hand[0]
-        (u, s, _), (ts_only, s_ts, _) = found["full"], found["timesteps"]
-        c, ct = s.info.get("cost", {}), s_ts.info.get("cost", {})
-        ratio = u / h_rmse
-        good_ratio, good_ts = ratio <= 0.7, u < ts_only
-        ok = ok and good_ratio and good_ts
-        lines.append(f"| {n} | {hname} | {h_rmse:.4f} | {ts_only:.4f} | {u:.4f} | {ratio:.2f} | "
-                     f"{'yes' if good_ratio else 'NO'} | {'yes' if good_ts else 'NO'} | "
-                     f"{c.get('wall_s', 0):.0f} ({gmm_bench._cpu(c)}), {c.get('teacher_calls')} "
-                     f"({c.get('teacher_sample_evals')}), {c.get('candidates_scored')}, "
-                     f"{s.info.get('search', {}).get('rounds')}, {c.get('predictor_kendall_tau')} | "
-                     f"{ct.get('wall_s', 0):.0f} ({gmm_bench._cpu(ct)}), {ct.get('teacher_calls')}, "
-                     f"{ct.get('candidates_scored')} |")
+    lines, ok = gmm_bench.search_table([(n, hand[0][0], hand[0][1], found) for n, hand, found in rows],
+                                       timesteps_scored=True)
     detail = ["", "Next best hand-designed solvers on the held-out noise:", ""]
     for n, hand, _ in rows:
         detail.append(f"- NFE {n}: " + "; ".join(f"{name} {r:.4f}" for r, name in hand[1:6]))

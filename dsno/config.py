@@ -1,10 +1,11 @@
 """Typed run configuration: the schema, the one place a default is written.
 
-The dataclasses below are registered in Hydra's ConfigStore by `register_configs()`: the root schema
-`schema=run` (`schema=search` adds `nfe` and `search.*` for `python -m dsno.search`), one `teacher=KIND` option per teacher kind (its own dataclass, from
-`dsno.teachers.registry`), one `solver=NAME` option per deterministic solver (from the solver
-registry, scalar and augmented), `trainer=default` and `logger=wandb`. YAML files under conf/ carry only
-what an experiment (or `trainer=gpu`, `logger=csv`) changes.
+The dataclasses below are registered in Hydra's ConfigStore by `register_configs()`: the root
+schema `schema=run` (`schema=search` adds `nfe` and `search.*` for `python -m dsno.search`), one
+`teacher=KIND` option per teacher kind (its own dataclass, from `dsno.teachers.registry`), one
+`solver=NAME` option per deterministic solver (from the solver registry, scalar and augmented),
+`trainer=default` and `logger=wandb`. YAML files under conf/ carry only what an experiment (or
+`trainer=gpu`, `logger=csv`) changes. `compose(*overrides)` composes outside a Hydra entry point.
 
 `validate(cfg)` merges a composed config into the schema, the `teacher` block into its kind's
 dataclass (an unknown key, a wrong type or an Enum value outside its choices fails there, naming
@@ -19,8 +20,8 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf

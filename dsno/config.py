@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional
@@ -552,15 +552,18 @@ def teacher_config(raw: Any) -> TeacherConfig:
     """The `teacher` block as its kind's dataclass (checked); ConfigError naming a key it lacks."""
     from dsno.teachers.registry import teacher_kinds
     kinds = teacher_kinds()
-    node = OmegaConf.create(OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else raw) \
-        if raw is not None and raw is not MISSING and raw != MISSING else None
+    node = None
+    if isinstance(raw, DictConfig):
+        node = OmegaConf.create(OmegaConf.to_container(raw, resolve=True))
+    elif isinstance(raw, dict):
+        node = OmegaConf.create(raw)
     if node is None or "kind" not in node:
         raise ConfigError(f"config error: teacher: no teacher kind given; choose one with teacher=KIND "
                           f"({', '.join(kinds)})")
     kind = node.kind
     _choice("teacher.kind", kind, tuple(kinds))
     schema = kinds[kind].config
-    own = set(schema.__dataclass_fields__)
+    own = {f.name for f in fields(schema)}
     extra = [k for k in node if k not in own]
     if extra:
         raise ConfigError(f"config error: teacher.{extra[0]}: teacher kind {kind} has no key {extra[0]!r} (its "

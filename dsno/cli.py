@@ -109,11 +109,11 @@ def run_stage(stage: str, cfg: DictConfig) -> None:
         rc = validate(cfg)
         if stage == "data":
             from dsno.stages.pipeline import make_data
-            make_data(rc, config=OmegaConf.to_container(cfg, resolve=True))
+            make_data(rc, config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
             log.info("trajectories ready in %s", rc.data.dir)
         elif stage == "train":          # data (when missing) -> train -> export -> eval
             from dsno.stages.pipeline import run
-            run(rc, config=OmegaConf.to_container(cfg, resolve=True))
+            run(rc, config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         elif stage == "eval":
             from dsno.stages.evaluation import run
             result = run(rc)

@@ -587,7 +587,23 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         raise _omegaconf_error(e) from None
     rc.teacher = teacher_config(teacher)
     rc.check()
-    return rc
+    return _plain_choices(rc)
+
+
+def _plain_choices(obj: Any) -> Any:
+    """The validated config with every Enum choice as its plain str value (a fingerprint, a JSON record
+    or a YAML dump then holds the same type a user's file does); dataclasses edited in place."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, StrEnum):
+            setattr(obj, f.name, str.__str__(value))
+        elif hasattr(value, "__dataclass_fields__"):
+            _plain_choices(value)
+        elif isinstance(value, list):
+            for item in value:
+                if hasattr(item, "__dataclass_fields__"):
+                    _plain_choices(item)
+    return obj
 
 
 ACCELERATORS = tuple(a.value for a in Accelerator)

@@ -307,9 +307,14 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
 
 
 def to_jsonable(obj: Any, path: str = "fingerprint") -> Any:
-    """Plain JSON types from tuples, NumPy scalars/arrays and tensors; error naming the bad key."""
-    if obj is None or isinstance(obj, (bool, int, str)):
+    """Plain JSON types from tuples, NumPy scalars/arrays, tensors and str / int subclasses (Enum
+    choices: their value); error naming the bad key."""
+    if obj is None or type(obj) in (bool, int, str):
         return obj
+    if isinstance(obj, str):
+        return str.__str__(obj)
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        return int(obj)
     if isinstance(obj, float):
         if not math.isfinite(obj):
             raise ValueError(f"{path} is {obj}; only finite numbers can be stored")

@@ -110,6 +110,7 @@ def test_resume_continues_the_same_run(tiny_run, tmp_path, caplog):
     data = f"data.dir={tmp_path / 'data'}"
     run(tiny_run(data, run_dir=tmp_path / "full"), through="train")
     with caplog.at_level(logging.INFO, logger="dsno"):
+        caplog.clear()         # only this run's lines (an earlier test may have left the dsno logger at INFO)
         run(tiny_run(data, "trainer.max_steps=3", run_dir=tmp_path / "part"), through="train")
     steps = [r.getMessage().split()[2] for r in caplog.records if r.getMessage().startswith("train: step")]
     assert steps == ["1/3", "2/3", "3/3"]                 # no terminal under pytest: log lines, not a bar

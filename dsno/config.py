@@ -606,9 +606,6 @@ def _plain_choices(obj: Any) -> Any:
     return obj
 
 
-ACCELERATORS = tuple(a.value for a in Accelerator)
-
-
 def check_trainer_hardware(c: RunConfig) -> None:
     """Before training: trainer.accelerator / trainer.devices name hardware this machine has,
     and the data set gives every rank at least one batch. ConfigError (one line) otherwise."""

@@ -117,9 +117,9 @@ def student_config(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> d
     if bb.type == "teacher":
         backbone = teacher_backbone_config(teacher)
         time_input = teacher.time_input_spec
-    else:
+    else:        # a fresh backbone of an augmented process emits only the data part of each state
         backbone = {"type": "unet", "kwargs": {
-            "in_channels": shape[0], "out_channels": shape[0], "image_size": shape[-1],
+            "in_channels": shape[0], "out_channels": int(teacher.data_channels), "image_size": shape[-1],
             "base_channels": bb.base_channels, "channel_mult": list(bb.channel_mult),
             "num_res_blocks": bb.num_res_blocks, "attn_resolutions": list(bb.attn_resolutions),
             "dropout": bb.dropout}}

@@ -2,8 +2,9 @@
 
     sampler = load_sampler("runs/x/sampler")     # form="auto": safetensors, else a program made here
     sampler.times                                 # the M output times
-    sampler(x_T)                                  # [B, C, H, W] -> [B, M, C, H, W]
-    sampler.sample(n, seed=0)                     # [n, C, H, W], the last time, clamped to data_range
+    sampler(x_T)                                  # [B, C, H, W] -> [B, M, c, H, W] (c = C, or an augmented
+                                                  #   student's data part: c = data_channels)
+    sampler.sample(n, seed=0)                     # [n, c, H, W], the last time, clamped to data_range
 
 Loading never runs code from the folder. Every file is checked against the folder's signed
 checksums.json (a changed file is refused by name). Weights come from safetensors (always
@@ -25,6 +26,7 @@ import torch
 
 from dsno.errors import UnsafeFileError, UserError, UserFileNotFoundError, read_json_file
 from dsno.nn import CONFIG_FORMAT_VERSION, DSNO, build_dsno, validate_config
+from dsno.nn.dsno import output_channels
 from dsno.nn.temporal import set_temporal_impl
 from dsno.trust import CHECKSUM_FILE, TamperedFileError, check_onnx_model, check_pt2_archive, verify_checksums
 from dsno.trust.checksums import read_checksums
@@ -109,7 +111,7 @@ def load_pt2_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
 
 
 class Sampler(abc.ABC):
-    """Base: `times`, `config`, `__call__(x_T) -> [B, M, C, H, W]` and `sample(n, seed)`."""
+    """Base: `times`, `config`, `__call__(x_T) -> [B, M, c, H, W]` and `sample(n, seed)`."""
 
     form = ""
 
@@ -121,13 +123,15 @@ class Sampler(abc.ABC):
         self.image_shape: tuple[int, int, int] = tuple(config["image_shape"])
         self.data_range: tuple[float, float] = tuple(float(v) for v in config.get("data_range", (-1.0, 1.0)))
         self.data_channels: int = int(config.get("data_channels", self.image_shape[0]))
+        self.output_channels: int = output_channels(config)     # C, or data_channels: the data part only
 
     @abc.abstractmethod
     def _run(self, x_T: torch.Tensor) -> torch.Tensor:
-        """float32 [B, C, H, W] -> [B, M, C, H, W]."""
+        """float32 [B, C, H, W] -> [B, M, c, H, W] (c = `output_channels`)."""
 
     def __call__(self, x_T: torch.Tensor) -> torch.Tensor:
-        """x_T [B, C, H, W] (float) -> the M trajectory points [B, M, C, H, W] (float32, x_T's device)."""
+        """x_T [B, C, H, W] (float) -> the M trajectory points [B, M, c, H, W] (float32, x_T's device):
+        whole states (c = C), or an augmented student's data part (c = data_channels)."""
         if not isinstance(x_T, torch.Tensor) or x_T.ndim != 4 or tuple(x_T.shape[1:]) != self.image_shape:
             shape = tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__
             raise ValueError(f"x_T must be a tensor of shape [B, {', '.join(map(str, self.image_shape))}], "
@@ -173,7 +177,7 @@ class ProgramSampler(Sampler):
     def check_signature(self) -> None:
         """Run a batch of 2 zero images; the output must be finite [2, M, C, H, W] (else refused)."""
         file = self.path / FORM_FILES[self.form]
-        expected = (2, len(self.times), *self.image_shape)
+        expected = (2, len(self.times), self.output_channels, *self.image_shape[1:])
         try:
             with torch.inference_mode():
                 out = self._run(torch.zeros(2, *self.image_shape))
@@ -184,7 +188,7 @@ class ProgramSampler(Sampler):
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise SamplerFileError(f"{file} maps [2, {', '.join(map(str, self.image_shape))}] to {got}, but "
-                                   f"config.json declares [B, M={len(self.times)}, C, H, W] = {expected}; "
+                                   f"config.json declares [B, M={len(self.times)}, c, H, W] = {expected}; "
                                    "the program and its config do not belong together")
         if not torch.isfinite(out).all():
             raise SamplerFileError(f"{file} returns non-finite values on zero noise; export the sampler again")

@@ -281,6 +281,29 @@ def test_build_dsno_from_config():
     assert model(x).shape == (2, 4, 1, 8, 8)
 
 
+def test_an_augmented_student_emits_the_data_part_and_skips_from_its_noise():
+    """A backbone taking the 2 channels of (x, m) and emitting 1 (data_channels): the output is the data
+    part of each state, and the skip reads x_T's leading (data) channels."""
+    kwargs = {**UNET_KWARGS, "in_channels": 2, "out_channels": 1}
+    cfg = config(backbone={"type": "unet", "kwargs": kwargs}, image_shape=[2, 8, 8], data_channels=1,
+                 skip=[0.5, 0.25, 0.125, 0.0])
+    model = build_dsno(cfg).eval()
+    reference = randomize_(UNet(**kwargs), seed=3).eval()
+    load_backbone_weights(model, reference)
+    x = torch.randn(3, 2, 8, 8)
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (3, 4, 1, 8, 8)
+        for m, t in enumerate(TIMES):
+            expected = cfg["skip"][m] * x[:, :1] + reference(x, torch.full((3,), t))
+            assert float((out[:, m] - expected).abs().max()) < 1e-5
+    from dsno.nn.dsno import output_channels
+    assert output_channels(cfg) == 1 and output_channels(config()) == 1
+    with pytest.raises(ValueError, match=r"emit C or data_channels \(1\)"):
+        build_dsno(config(backbone={"type": "unet", "kwargs": {**kwargs, "out_channels": 3}}, image_shape=[2, 8, 8],
+                          data_channels=1))
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"backbone": {"type": "resnet"}}, "backbone']\\['type'\\] must be"),
     ({"image_shape": [3, 8, 8]}, "does not match the backbone"),

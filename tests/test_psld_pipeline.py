@@ -29,6 +29,9 @@ def test_psld_experiment_runs_end_to_end_and_scores_the_data_part(tmp_path):
     teacher = build_teacher(rc.teacher)
     sampler = load_sampler(tmp_path / "run" / "sampler")
     assert sampler.image_shape == (2, 16, 16) and sampler.data_channels == 1
+    # the operator maps (x_T, m_T) to the data part of the trajectory: its backbone emits 1 channel of 2
+    assert sampler.output_channels == 1 and sampler.config["backbone"]["kwargs"]["out_channels"] == 1
+    assert tuple(sampler(torch.zeros(2, 2, 16, 16)).shape) == (2, len(rc.data.times), 1, 16, 16)
     images = sampler.sample(4, seed=3)
     assert images.shape == (4, 1, 16, 16) and bool(torch.isfinite(images).all())
 

@@ -182,8 +182,10 @@ class DSNO(nn.Module):
         t = self.net_times.repeat(b)
         if self.time_input is not None:
             t = self.time_input(t)
-        net = self.backbone(x, t).reshape(b, m, *x_T.shape[1:])
-        return (self.skip.to(net.dtype).reshape(per_time) * x_T.unsqueeze(1)
+        net = self.backbone(x, t).reshape(b, m, -1, *x_T.shape[2:])
+        # a backbone with fewer output channels than inputs (an augmented student's data part) skips from
+        # the leading channels of x_T
+        return (self.skip.to(net.dtype).reshape(per_time) * x_T[:, :net.shape[2]].unsqueeze(1)
                 + self.out_scale.to(net.dtype).reshape(per_time) * net)
 
     def temporal_layers(self) -> list[nn.Module]:
@@ -271,6 +273,8 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
      "image_shape": [C, H, W], "data_range": [lo, hi], "schedule": {...} (VPSchedule.to_dict()),
      "data_channels": c (optional: an augmented process's states [C, H, W] hold the data in the first c
      channels, the momentum after them; "process": its record)}
+    The backbone takes image_shape's C channels and emits C (whole states) or data_channels (the data
+    part of each state, an augmented student's; see `output_channels`).
     """
     if not isinstance(config, dict):
         raise ValueError(f"config must be a dict, got {type(config).__name__}")
@@ -321,11 +325,11 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     param = config.get("parameterization", {"kind": "state"})
     if not (isinstance(param, dict) and param.get("kind") in ("state", "denoised")):
         raise ValueError(f"config['parameterization'] must be a dict with kind 'state' or 'denoised', got {param!r}")
-    _check_backbone_shape(backbone, shape)
+    _check_backbone_shape(backbone, shape, channels)
     return config
 
 
-def _check_backbone_shape(backbone: dict[str, Any], image_shape: Sequence[int]) -> None:
+def _check_backbone_shape(backbone: dict[str, Any], image_shape: Sequence[int], data_channels: int) -> None:
     c, h, w = image_shape
     if backbone["type"] == "unet":
         defaults = {k: p.default for k, p in inspect.signature(UNet).parameters.items()}
@@ -335,10 +339,21 @@ def _check_backbone_shape(backbone: dict[str, Any], image_shape: Sequence[int]) 
         args["image_size"] = args["sample_size"]
     size = args["image_size"]
     sizes = (size, size) if isinstance(size, int) else tuple(size) if size is not None else (h, w)
-    if (args["in_channels"], args["out_channels"], *sizes) != (c, c, h, w):
+    if (args["in_channels"], *sizes) != (c, h, w) or args["out_channels"] not in (c, data_channels):
         raise ValueError(f"config['image_shape'] {list(image_shape)} does not match the backbone "
                          f"(in_channels={args['in_channels']}, out_channels={args['out_channels']}, "
-                         f"image size={list(sizes)})")
+                         f"image size={list(sizes)}); it must take C channels and emit C or data_channels "
+                         f"({data_channels})")
+
+
+def output_channels(config: dict[str, Any]) -> int:
+    """The channels a DSNO of this (validated) build config emits per time: image_shape's C, or
+    data_channels for a backbone that emits only the data part of an augmented state."""
+    backbone = config["backbone"]
+    if backbone["type"] == "unet":
+        return int(backbone.get("kwargs", {}).get("out_channels", inspect.signature(UNet).parameters["out_channels"]
+                                                  .default))
+    return int(backbone["config"].get("out_channels", 3))
 
 
 def _time_input(spec: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:

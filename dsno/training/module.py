@@ -26,7 +26,8 @@ def non_finite_loss_message(loss: float, step: int, last_ckpt: Path | None) -> s
 class DSNOModule(L.LightningModule):
     """Regression of the M trajectory states from x_T, with linear warm-up.
 
-    Batches are (x_T: [B, C, H, W], states: [B, M, C, H, W]). The EMA of the weights is the
+    Batches are (x_T: [B, C, H, W], states: [B, M, C, H, W]); a model that emits c < C channels (an
+    augmented student: the data part of each state) is scored on the states' first c. The EMA of the weights is the
     `dsno.training.ema.EMA` callback's: during validation `model` holds the EMA weights, so
     validation scores (and `val_samples` shows) the EMA model. Resuming needs a checkpoint
     written with that callback (the EMA is part of an exact resume).
@@ -60,7 +61,8 @@ class DSNOModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x_T, states = batch
-        loss, per_time = self.loss(self.model(x_T), states)
+        pred = self.model(x_T)
+        loss, per_time = self.loss(pred, states[:, :, :pred.shape[2]])
         if not torch.isfinite(loss):
             ckpt = getattr(self._trainer, "checkpoint_callback", None)
             last = Path(ckpt.dirpath) / "last.ckpt" if getattr(ckpt, "dirpath", None) else None
@@ -73,6 +75,7 @@ class DSNOModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x_T, states = batch
         pred = self.model(x_T)
+        states = states[:, :, :pred.shape[2]]
         if batch_idx == 0:
             self.val_samples = pred[:self.num_val_samples, -1].detach().float().cpu()
         loss, per_time = self.loss(pred, states)

@@ -5,10 +5,8 @@ its own. PSLD is linear, so per pixel and component z_t | k ~ N(Phi (mu, 0), S_k
 S_k = Phi diag(v_k, kappa M) Phi^T + Q, (Phi, Q) = process.transition(0, t): the marginal is a
 Gaussian mixture and its score is closed form (2x2 inverses per pixel, responsibilities over k).
 
-Layout: data of shape [C, ...] give states z: [B, 2C, ...], x = z[:, :C] then m = z[:, C:]
-(CIFAR-10: 6 channels). The network parameterisation: with L_t the Cholesky factor of the
-perturbation kernel S_t = Phi diag(0, kappa M) Phi^T + Q (of z_t given x0), score = -L_t^-T eps.
-Everything in float64.
+The state layout, the prior and the eps parameterisation (score = -L_t^-T eps) are every PSLD
+teacher's (`dsno.teachers.psld_teacher`). Everything in float64.
 """
 
 from __future__ import annotations
@@ -27,21 +25,19 @@ from dsno.schedules import ProcessError
 from dsno.teachers.base import batch_times
 from dsno.teachers.gmm import register_mixture
 from dsno.teachers.mnist_gmm import DigitMixtureConfig
+from dsno.teachers.psld_teacher import PSLDTeacher
 from dsno.teachers.registry import register_teacher
 
 
-class PSLDGaussianMixture(torch.nn.Module):
+class PSLDGaussianMixture(PSLDTeacher):
     """means: [K, C, ...]; variances: [K, C, ...] or [K]; weights: [K] (normalised); process: PSLD.
 
     score(z, t), eps(z, t), x0(z, t) (E[x0 | z_t]), log_prob(z, t); z: [B, 2C, ...], t: scalar or [B].
     """
 
-    prediction = "eps"
-    augmented = True
     exact = True                    # the Teacher capabilities (dsno.teachers.base.Teacher) it has
     network = None
     backbone_config = None
-    time_input_spec = "continuous"
     solve_dtype = torch.float64
 
     def __init__(self, means: torch.Tensor, variances: torch.Tensor, weights: torch.Tensor | None = None,
@@ -53,29 +49,6 @@ class PSLDGaussianMixture(torch.nn.Module):
     @property
     def num_components(self) -> int:
         return self.means.shape[0]
-
-    @property
-    def state_shape(self) -> tuple[int, ...]:
-        """The shape of one state z: (2C, ...)."""
-        return (2 * self.shape[0], *self.shape[1:])
-
-    @property
-    def data_channels(self) -> int:
-        """The leading channels of a state that are the data (x); the rest are the momentum."""
-        return self.shape[0]
-
-    def prior_scale(self) -> torch.Tensor:
-        """The prior's std per channel of a state, [2C, 1, ...] float64: z_T = prior_scale * xi, xi ~ N(0, I)
-        (x ~ N(0, 1), m ~ N(0, M))."""
-        c = self.shape[0]
-        scale = torch.ones(2 * c, *([1] * (len(self.shape) - 1)), dtype=torch.float64)
-        scale[c:] = math.sqrt(self.process.M)
-        return scale
-
-    @property
-    def grid_schedule(self) -> PSLD:
-        """What time grids and loss weights are computed on (T, t_min, lam): the process."""
-        return self.process
 
     def fingerprint(self) -> dict[str, Any]:
         h = hashlib.sha256()
@@ -152,32 +125,9 @@ class PSLDGaussianMixture(torch.nn.Module):
             return sx, sm
         return self.join(*self._per_time(z, t, fn))
 
-    def kernel_cholesky(self, t: Any) -> torch.Tensor:
-        """L_t [..., 2, 2]: the Cholesky factor of the perturbation kernel covariance of z_t given x0."""
-        return self.process.kernel_cholesky(torch.as_tensor(t, dtype=torch.float64).cpu())
-
     def eps(self, z: torch.Tensor, t: Any) -> torch.Tensor:
         """The network target eps = -L_t^T score (so score = -L_t^-T eps): [B, 2C, ...] float64."""
-        s = self.score(z, t)
-        tb = batch_times(t, z).to("cpu")
-        lt = self.kernel_cholesky(tb)                                   # [B, 2, 2]
-        c = self.shape[0]
-        bshape = (-1, *([1] * (z.ndim - 1)))
-        sx, sm = s[:, :c], s[:, c:]
-        ex = -(lt[:, 0, 0].reshape(bshape) * sx + lt[:, 1, 0].reshape(bshape) * sm)
-        em = -(lt[:, 1, 1].reshape(bshape) * sm)
-        return torch.cat([ex, em], dim=1)
-
-    def score_from_eps(self, eps: torch.Tensor, t: Any) -> torch.Tensor:
-        """score = -L_t^-T eps: [B, 2C, ...] float64 (what a PSLD network's output means)."""
-        tb = batch_times(t, eps).to("cpu")
-        lt = self.kernel_cholesky(tb)
-        c = self.shape[0]
-        bshape = (-1, *([1] * (eps.ndim - 1)))
-        e = eps.to(torch.float64)
-        sm = -e[:, c:] / lt[:, 1, 1].reshape(bshape)
-        sx = -(e[:, :c] + lt[:, 1, 0].reshape(bshape) * sm) / lt[:, 0, 0].reshape(bshape)
-        return torch.cat([sx, sm], dim=1)
+        return self.eps_from_score(self.score(z, t), t)
 
     def x0(self, z: torch.Tensor, t: Any) -> torch.Tensor:
         """E[x0 | z_t]: [B, C, ...] float64 (cov(x0, z_t | k) = v (Phi_xx, Phi_mx) per pixel, so the

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 BUILTIN_MODULES = ("dsno.teachers.mnist_gmm", "dsno.teachers.gmm", "dsno.teachers.unet", "dsno.teachers.diffusers",
-                   "dsno.teachers.psld_gmm")
+                   "dsno.teachers.psld_gmm", "dsno.teachers.psld_unet")
 _KINDS: dict[str, "TeacherKind"] = {}
 
 

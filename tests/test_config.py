@@ -97,6 +97,7 @@ BAD = [
     ("eval.grid_samples=-5", "eval.grid_samples=-5: must be an integer >= 0"),
     ("eval.num_samples=100000000000", "eval.num_samples=100000000000: must be at most 10,000,000"),
     ("eval.reference_steps=1000000", "eval.reference_steps=1000000: must be at most 10,000"),
+    ("eval.reference_rtol=0", "eval.reference_rtol=0.0: must lie in (0, 0.001]"),
     ("trainer.max_steps=10000000000", "trainer.max_steps=10000000000: must be at most 1,000,000,000"),
     ("model.backbone.attn_resolutions=[banana]", "Value 'banana' of type 'str' could not be converted to Integer"),
     ("model.backbone.base_channels=100000", "model.backbone.base_channels=100000: must be at most 4,096"),

@@ -1,8 +1,11 @@
-"""`experiment=mnist_gmm_psld` end to end on a tiny config: trajectories of the exact PSLD mixture,
-DSNO on the augmented states, its export, and eval beside the PSLD samplers; the config refuses what
-an augmented process cannot run, in one line."""
+"""`experiment=mnist_gmm_psld` and `experiment=mnist_unet_psld` end to end on a tiny config:
+trajectories of the exact PSLD mixture or of the PSLD score network, DSNO from the augmented noise to the
+data part, its export, and eval beside the PSLD samplers; the config refuses what an augmented process
+cannot run, in one line."""
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +70,30 @@ def test_what_an_augmented_process_cannot_run_is_one_line(tmp_path, override, me
     with pytest.raises((ConfigError, ConfigCompositionException)) as e:
         _rc(tmp_path, override)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_neural_psld_experiment_distils_the_score_network(tmp_path):
+    """The shipped PSLD score network: its NVV trajectories make the data set, the student maps (x_T, m_T)
+    to their data part, and eval scores it and the samplers against the network's own DOP853 solve."""
+    from dsno.builders import build_teacher
+    from dsno.sampler import load_sampler
+    from dsno.stages.pipeline import run
+    from dsno.teachers.psld_unet import PSLDUNetTeacher
+    rc = validate(compose("experiment=mnist_unet_psld", f"run_dir={tmp_path / 'run'}", *TINY, "eval.nfe=[6,12]",
+                          "solver.steps=8", "eval.num_samples=4", "eval.reference_rtol=1e-4"))
+    run(rc, config={})
+    assert isinstance(build_teacher(rc.teacher), PSLDUNetTeacher)
+    manifest = json.loads((Path(rc.data.dir) / "manifest.json").read_text())
+    assert manifest["fingerprint"]["teacher"]["class"] == "PSLDUNetTeacher"
+    assert manifest["fingerprint"]["sample_shape"] == [2, 16, 16]
+    sampler = load_sampler(tmp_path / "run" / "sampler")
+    assert sampler.output_channels == 1 and sampler.image_shape == (2, 16, 16)
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert metrics["reference"]["solver"].startswith("DOP853")
+    rows = {(r["method"], r["nfe"]): r for r in metrics["rows"] if "skipped" not in r}
+    assert {m for m, _ in rows} >= {"dsno", "lambda_ddim", "csps_d", "nvv", "rvv", "augmented_euler", "sscs"}
+    assert all(math.isfinite(r["rmse_vs_reference"]) for r in rows.values())
+    # NVV on its 8-step data grid (24 NFE) is closer to the reference than 6 Euler steps
+    teacher_row = next(r for r in metrics["rows"] if r["method"].startswith("teacher"))
+    assert teacher_row["nfe"] == 24
+    assert teacher_row["rmse_vs_reference"] < rows[("augmented_euler", 6)]["rmse_vs_reference"]

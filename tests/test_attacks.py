@@ -259,7 +259,7 @@ def test_a_program_that_does_not_match_its_config_is_refused_at_load(folder, tmp
     write_checksums(mixed, ["config.json", "sampler.pt2", "sampler.onnx"])
     for form in ("pt2", "onnx"):
         with pytest.raises(SamplerFileError, match=rf"sampler.{form} maps \[2, 1, 8, 8\] to \(2, 3, 1, 8, 8\), but "
-                                                   r"config.json declares \[B, M=4, C, H, W\]"):
+                                                   r"config.json declares \[B, M=4, c, H, W\]"):
             load_sampler(mixed, form=form, trust_program=True)
 
 

@@ -111,6 +111,7 @@ CHANGES = {
     "diffusers": {"path": "/nonexistent-diffusers-folder", "prediction": "v"},
     "psld_mnist_gmm": {"size": 8, "components": 32, "path": str(UNET_ASSET), "beta_min": 4.0, "beta_max": 12.0,
                        "nu": 3.0, "gamma": 0.5, "m_inv": 2.0, "kappa": 0.1},
+    "psld_unet": {"size": 8, "path": str(UNET_ASSET)},       # no shipped 8x8 one; a VP teacher's file
 }
 BASE = {"gmm_file": {"path": str(GMM_ASSET)}, "diffusers": {"path": str(Path(__file__).resolve().parent)}}
 
@@ -132,7 +133,7 @@ def test_every_key_of_every_teacher_kind_is_tested():
         assert keys == set(CHANGES[name]), f"teacher kind {name}: keys {sorted(keys)} vs tested {sorted(CHANGES[name])}"
 
 
-@pytest.mark.parametrize("kind", ["mnist_gmm", "gmm_file", "unet", "psld_mnist_gmm"])
+@pytest.mark.parametrize("kind", ["mnist_gmm", "gmm_file", "unet", "psld_mnist_gmm", "psld_unet"])
 def test_every_teacher_key_changes_what_is_loaded_or_is_refused(kind):
     base = BASE.get(kind, {})
     reference = _outcome(kind, **_nested(base))

@@ -9,6 +9,6 @@ from dsno.teachers.psld_gmm import PSLDGaussianMixture
 from dsno.teachers.psld_unet import PSLDUNetTeacher, load_psld_unet_teacher
 from dsno.teachers.unet import UNetTeacher, load_unet_teacher
 
-__all__ = ["PREDICTIONS", "Teacher", "WrappedTeacher", "GaussianMixture", "PSLDGaussianMixture", "PSLDUNetTeacher", "UNetTeacher",
-           "DiffusersTeacher", "DiffusersEDMTeacher", "DiffusersFlowTeacher", "convert", "wrap", "load_unet_teacher",
-           "load_diffusers_teacher", "load_psld_unet_teacher"]
+__all__ = ["PREDICTIONS", "Teacher", "WrappedTeacher", "GaussianMixture", "PSLDGaussianMixture", "PSLDUNetTeacher",
+           "UNetTeacher", "DiffusersTeacher", "DiffusersEDMTeacher", "DiffusersFlowTeacher", "convert", "wrap",
+           "load_unet_teacher", "load_diffusers_teacher", "load_psld_unet_teacher"]

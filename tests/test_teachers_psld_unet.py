@@ -5,6 +5,7 @@ shipped weights, and the PSLD samplers on it."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -126,6 +127,26 @@ def test_psld_training_lowers_the_loss_and_its_file_loads_as_psld_unet_only(tmp_
                                        "teacher.size=8")).teacher)
     with pytest.raises(TeacherLoadError, match="a teacher for teacher.kind=psld_unet, not teacher.kind=unet"):
         build_teacher(validate(compose("teacher=unet", f"teacher.path={out}", "teacher.size=8")).teacher)
+
+
+@pytest.mark.parametrize("process,message", [
+    ({"kind": "linear"}, "its record's process is not a PSLD"),
+    ({"kind": "psld", "mass": 2.0}, "is not a PSLD's"),
+    ({"kind": "psld", "m_inv": -1.0}, "PSLD needs M^-1 > 0"),
+    ("psld", "its record's process is not a PSLD"),
+])
+def test_a_weights_file_with_a_bad_process_record_is_one_line(tmp_path, process, message):
+    from dsno.builders import build_teacher
+    from dsno.config import validate
+    from dsno.teachers.base import TeacherLoadError
+    from conftest import compose
+    settings = tiny_settings(steps=1)
+    record = make_record(settings, {"eval_loss_ema": 1.0}, "python -m dsno.teachers.train_unet --schedule psld")
+    out = tmp_path / "bad.safetensors"
+    save_teacher(out, PSLDUNetTeacher(settings.network_kwargs(), PSLD()).network, {**record, "process": process})
+    with pytest.raises(TeacherLoadError, match=re.escape(message)) as e:
+        build_teacher(validate(compose("experiment=mnist_unet_psld", f"teacher.path={out}", "teacher.size=8")).teacher)
+    assert "\n" not in str(e.value) and str(out) in str(e.value)
 
 
 def test_missing_weights_and_bad_cli_flags_say_how_to_fix_them(tmp_path, capsys):

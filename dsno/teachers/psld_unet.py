@@ -19,6 +19,7 @@ from dsno.config import TeacherConfig, _count, _existing_path
 from dsno.errors import UserFileNotFoundError
 from dsno.nn.unet import UNet
 from dsno.processes.psld import PSLD
+from dsno.schedules import ProcessError
 from dsno.teachers.psld_teacher import PSLDTeacher
 from dsno.teachers.registry import register_teacher
 from dsno.teachers.unet import PSLD_RECORD_FORMAT, asset_path, read_record, remake_command, unet_kwargs, weights_sha256
@@ -91,10 +92,14 @@ def load_psld_unet_teacher(path: str | Path | None = None, size: int = 16) -> PS
     if kwargs["image_size"] != size:
         raise ValueError(f"{p} holds a teacher for {kwargs['image_size']}x{kwargs['image_size']} images, "
                          f"but size={size} was asked for")
-    params = dict(record["process"])
-    if params.pop("kind", None) != "psld":
-        raise ValueError(f"{p}: its record's process is not a PSLD ({record['process']!r})")
-    teacher = PSLDUNetTeacher(kwargs, PSLD(**params), name=record.get("name", p.stem))
+    process = record.get("process")
+    if not isinstance(process, dict) or process.get("kind") != "psld":
+        raise ValueError(f"{p}: its record's process is not a PSLD ({process!r})")
+    try:
+        psld = PSLD(**{k: v for k, v in process.items() if k != "kind"})
+    except (TypeError, ProcessError) as e:          # a key PSLD does not take, or an ill-posed value
+        raise ValueError(f"{p}: its record's process {process!r} is not a PSLD's ({e})") from None
+    teacher = PSLDUNetTeacher(kwargs, psld, name=record.get("name", p.stem))
     try:
         teacher.network.load_state_dict(load_file(str(p)))
     except RuntimeError as e:

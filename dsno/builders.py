@@ -22,7 +22,7 @@ def build_teacher(tc: TeacherConfig) -> Teacher:
         teacher = get_teacher_kind(tc.kind).load(tc)
     except TeacherLoadError:
         raise
-    except (ValueError, OSError, KeyError, SafetensorError) as e:
+    except (ValueError, TypeError, OSError, KeyError, SafetensorError) as e:     # TypeError: a malformed record
         reason = " ".join(str(e).split()) or type(e).__name__
         raise TeacherLoadError(f"cannot load the teacher (teacher.kind={tc.kind}){where}: {reason}") from None
     expected = getattr(tc, "prediction", None)       # kinds whose weights record a prediction have the key

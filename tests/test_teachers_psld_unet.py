@@ -149,6 +149,24 @@ def test_a_weights_file_with_a_bad_process_record_is_one_line(tmp_path, process,
     assert "\n" not in str(e.value) and str(out) in str(e.value)
 
 
+@pytest.mark.parametrize("kind", ["unet", "psld_unet"])
+def test_a_record_whose_backbone_is_malformed_is_one_line(tmp_path, kind):
+    from dsno.builders import build_teacher
+    from dsno.config import validate
+    from dsno.teachers.base import TeacherLoadError
+    from conftest import compose
+    settings = tiny_settings(steps=1) if kind == "psld_unet" else TrainSettings(size=8, base_channels=8,
+                                                                                  attn_resolutions=[4])
+    record = make_record(settings, {"eval_loss_ema": 1.0}, "python -m dsno.teachers.train_unet")
+    out = tmp_path / "bad.safetensors"
+    from dsno.nn.unet import UNet
+    save_teacher(out, UNet(**settings.network_kwargs()), {**record, "backbone": {"type": "unet", "kwargs": "big"}})
+    experiment = "experiment=mnist_unet_psld" if kind == "psld_unet" else "experiment=mnist_unet_cpu"
+    with pytest.raises(TeacherLoadError, match="cannot load the teacher") as e:
+        build_teacher(validate(compose(experiment, f"teacher.path={out}", "teacher.size=8")).teacher)
+    assert "\n" not in str(e.value)
+
+
 def test_missing_weights_and_bad_cli_flags_say_how_to_fix_them(tmp_path, capsys):
     from dsno.errors import UserFileNotFoundError
     missing = tmp_path / "none.safetensors"

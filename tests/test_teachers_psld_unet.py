@@ -130,10 +130,10 @@ def test_psld_training_lowers_the_loss_and_its_file_loads_as_psld_unet_only(tmp_
 
 
 @pytest.mark.parametrize("process,message", [
-    ({"kind": "linear"}, "its record's process is not a PSLD"),
-    ({"kind": "psld", "mass": 2.0}, "is not a PSLD's"),
+    ({"kind": "linear"}, "its record's process: not a PSLD record (kind 'psld')"),
+    ({"kind": "psld", "mass": 2.0}, "not a PSLD record (PSLD.__init__() got an unexpected keyword argument 'mass')"),
     ({"kind": "psld", "m_inv": -1.0}, "PSLD needs M^-1 > 0"),
-    ("psld", "its record's process is not a PSLD"),
+    ("psld", "its record's process: not a PSLD record (kind 'psld')"),
 ])
 def test_a_weights_file_with_a_bad_process_record_is_one_line(tmp_path, process, message):
     from dsno.builders import build_teacher

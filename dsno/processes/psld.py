@@ -87,6 +87,16 @@ class PSLD:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **self.params}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PSLD":
+        """`to_dict()` read back; ProcessError (one line) for a dict that is not a well-posed PSLD's."""
+        if not isinstance(d, dict) or d.get("kind") != cls.kind:
+            raise ProcessError(f"not a PSLD record (kind 'psld'): {d!r}")
+        try:
+            return cls(**{k: v for k, v in d.items() if k != "kind"})
+        except TypeError as e:
+            raise ProcessError(f"not a PSLD record ({e}): {d!r}") from None
+
     def __repr__(self) -> str:
         return f"PSLD({', '.join(f'{k}={v:g}' for k, v in self.params.items())})"
 

@@ -92,13 +92,10 @@ def load_psld_unet_teacher(path: str | Path | None = None, size: int = 16) -> PS
     if kwargs["image_size"] != size:
         raise ValueError(f"{p} holds a teacher for {kwargs['image_size']}x{kwargs['image_size']} images, "
                          f"but size={size} was asked for")
-    process = record.get("process")
-    if not isinstance(process, dict) or process.get("kind") != "psld":
-        raise ValueError(f"{p}: its record's process is not a PSLD ({process!r})")
     try:
-        psld = PSLD(**{k: v for k, v in process.items() if k != "kind"})
-    except (TypeError, ProcessError) as e:          # a key PSLD does not take, or an ill-posed value
-        raise ValueError(f"{p}: its record's process {process!r} is not a PSLD's ({e})") from None
+        psld = PSLD.from_dict(record.get("process"))
+    except ProcessError as e:
+        raise ValueError(f"{p}: its record's process: {e}") from None
     teacher = PSLDUNetTeacher(kwargs, psld, name=record.get("name", p.stem))
     try:
         teacher.network.load_state_dict(load_file(str(p)))

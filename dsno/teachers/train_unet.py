@@ -88,9 +88,7 @@ def stratified_times(n: int, t_min: float, t_max: float, generator: torch.Genera
 
 def diffusion_from_dict(d: dict[str, Any]) -> VPSchedule | PSLD:
     """A VP schedule's or a PSLD's `to_dict()` read back."""
-    if d.get("kind") == "psld":
-        return PSLD(**{k: v for k, v in d.items() if k != "kind"})
-    return VPSchedule.from_dict(d)
+    return PSLD.from_dict(d) if d.get("kind") == PSLD.kind else VPSchedule.from_dict(d)
 
 
 def noise_shape(process: VPSchedule | PSLD, x0: torch.Tensor) -> tuple[int, ...]:

@@ -329,14 +329,19 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def _check_backbone_shape(backbone: dict[str, Any], image_shape: Sequence[int], data_channels: int) -> None:
-    c, h, w = image_shape
+def _backbone_args(backbone: dict[str, Any]) -> dict[str, Any]:
+    """A "backbone" entry's in_channels, out_channels and image_size, the constructor's defaults filled in."""
     if backbone["type"] == "unet":
         defaults = {k: p.default for k, p in inspect.signature(UNet).parameters.items()}
-        args = {**defaults, **backbone.get("kwargs", {})}
-    else:
-        args = {"in_channels": 3, "out_channels": 3, "sample_size": None, **backbone["config"]}
-        args["image_size"] = args["sample_size"]
+        return {**defaults, **backbone.get("kwargs", {})}
+    args = {"in_channels": 3, "out_channels": 3, "sample_size": None, **backbone["config"]}
+    args["image_size"] = args["sample_size"]
+    return args
+
+
+def _check_backbone_shape(backbone: dict[str, Any], image_shape: Sequence[int], data_channels: int) -> None:
+    c, h, w = image_shape
+    args = _backbone_args(backbone)
     size = args["image_size"]
     sizes = (size, size) if isinstance(size, int) else tuple(size) if size is not None else (h, w)
     if (args["in_channels"], *sizes) != (c, h, w) or args["out_channels"] not in (c, data_channels):
@@ -349,11 +354,7 @@ def _check_backbone_shape(backbone: dict[str, Any], image_shape: Sequence[int], 
 def output_channels(config: dict[str, Any]) -> int:
     """The channels a DSNO of this (validated) build config emits per time: image_shape's C, or
     data_channels for a backbone that emits only the data part of an augmented state."""
-    backbone = config["backbone"]
-    if backbone["type"] == "unet":
-        return int(backbone.get("kwargs", {}).get("out_channels", inspect.signature(UNet).parameters["out_channels"]
-                                                  .default))
-    return int(backbone["config"].get("out_channels", 3))
+    return int(_backbone_args(config["backbone"])["out_channels"])
 
 
 def _time_input(spec: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -15,14 +15,15 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from dsno.config import TeacherConfig, _count, _existing_path
-from dsno.errors import UserFileNotFoundError
+from dsno.config import TeacherConfig
 from dsno.nn.unet import UNet
 from dsno.processes.psld import PSLD
 from dsno.schedules import ProcessError
+from dsno.teachers.base import batch_times
 from dsno.teachers.psld_teacher import PSLDTeacher
 from dsno.teachers.registry import register_teacher
-from dsno.teachers.unet import PSLD_RECORD_FORMAT, asset_path, read_record, remake_command, unet_kwargs, weights_sha256
+from dsno.teachers.unet import (check_weights_file_keys, load_weights, open_weights_file, unet_kwargs,
+                                weights_sha256)
 
 
 class PSLDUNetTeacher(PSLDTeacher):
@@ -55,7 +56,6 @@ class PSLDUNetTeacher(PSLDTeacher):
 
     def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The raw network output eps_theta(z, t) in the network's dtype."""
-        from dsno.teachers.base import batch_times
         return self.model(z.to(self.model.conv_in.weight.dtype), batch_times(t, z).to(torch.float32))
 
     def eps(self, z: torch.Tensor, t: Any) -> torch.Tensor:
@@ -82,25 +82,14 @@ def load_psld_unet_teacher(path: str | Path | None = None, size: int = 16) -> PS
     path: a weights file of `train_unet --schedule psld`; None -> the shipped asset for `size`.
     size: the image side the caller expects; must match the file's.
     """
-    from safetensors.torch import load_file
-    p = Path(path) if path is not None else asset_path(size, psld=True)
-    if not p.is_file():
-        raise UserFileNotFoundError(f"PSLD UNet teacher weights {p} not found; make them with: "
-                                    f"{remake_command(size, p, psld=True)}")
-    record = read_record(p, expected=PSLD_RECORD_FORMAT)
+    p, record = open_weights_file(path, size, psld=True)
     kwargs = record["backbone"]["kwargs"]
-    if kwargs["image_size"] != size:
-        raise ValueError(f"{p} holds a teacher for {kwargs['image_size']}x{kwargs['image_size']} images, "
-                         f"but size={size} was asked for")
     try:
         psld = PSLD.from_dict(record.get("process"))
     except ProcessError as e:
         raise ValueError(f"{p}: its record's process: {e}") from None
     teacher = PSLDUNetTeacher(kwargs, psld, name=record.get("name", p.stem))
-    try:
-        teacher.network.load_state_dict(load_file(str(p)))
-    except RuntimeError as e:
-        raise ValueError(f"{p}: weights do not fit UNet({kwargs}): {e}") from e
+    load_weights(teacher.network, p, kwargs)
     return teacher.eval()
 
 
@@ -116,8 +105,7 @@ class PSLDUNetTeacherConfig(TeacherConfig):
     process: ClassVar[str] = "augmented"
 
     def __post_init__(self) -> None:
-        _count("teacher.size", self.size, 64, "the UNet teachers are trained on digits of at most 64x64", lo=4)
-        _existing_path("teacher.path", self.path, "the teacher's weights file")
+        check_weights_file_keys(self)
 
 
 @register_teacher("psld_unet", PSLDUNetTeacherConfig)

@@ -127,6 +127,31 @@ def read_record(path: str | Path, expected: str = RECORD_FORMAT) -> dict[str, An
     return record
 
 
+def open_weights_file(path: str | Path | None, size: int, psld: bool = False) -> tuple[Path, dict[str, Any]]:
+    """(the weights file, its record) of a `train_unet` teacher: path, or the shipped asset for `size`
+    when None. Refused: a missing file (naming the command that makes it), a record of another format,
+    a teacher for another image size than `size`."""
+    p = Path(path) if path is not None else asset_path(size, psld)
+    if not p.is_file():
+        raise UserFileNotFoundError(f"{'PSLD ' if psld else ''}UNet teacher weights {p} not found; make them with: "
+                                    f"{remake_command(size, p, psld)}")
+    record = read_record(p, expected=PSLD_RECORD_FORMAT if psld else RECORD_FORMAT)
+    kwargs = record["backbone"]["kwargs"]
+    if kwargs["image_size"] != size:
+        raise ValueError(f"{p} holds a teacher for {kwargs['image_size']}x{kwargs['image_size']} images, "
+                         f"but size={size} was asked for")
+    return p, record
+
+
+def load_weights(network: torch.nn.Module, path: Path, kwargs: dict[str, Any]) -> None:
+    """The file's weights into `network` (a UNet(**kwargs)); ValueError naming the file when they do not fit."""
+    from safetensors.torch import load_file
+    try:
+        network.load_state_dict(load_file(str(path)))
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit UNet({kwargs}): {e}") from e
+
+
 def load_unet_teacher(path: str | Path | None = None, schedule: VPSchedule | None = None,
                       size: int = 16) -> UNetTeacher:
     """Load a trained UNet teacher (safetensors only) in eval mode.
@@ -135,25 +160,20 @@ def load_unet_teacher(path: str | Path | None = None, schedule: VPSchedule | Non
     schedule: None -> the schedule it was trained with; otherwise it must equal that one.
     size: the image side the caller expects; must match the file's.
     """
-    from safetensors.torch import load_file
-    p = Path(path) if path is not None else asset_path(size)
-    if not p.is_file():
-        raise UserFileNotFoundError(f"UNet teacher weights {p} not found; make them with: {remake_command(size, p)}")
-    record = read_record(p)
+    p, record = open_weights_file(path, size)
     kwargs = record["backbone"]["kwargs"]
-    if kwargs["image_size"] != size:
-        raise ValueError(f"{p} holds a teacher for {kwargs['image_size']}x{kwargs['image_size']} images, "
-                         f"but size={size} was asked for")
     trained = VPSchedule.from_dict(record["schedule"])
     if schedule is not None and schedule != trained:
         raise ValueError(f"{p} was trained with {trained!r}; it cannot be used with {schedule!r}")
     teacher = UNetTeacher(kwargs, trained, record["prediction"], name=record.get("name", p.stem))
-    state = load_file(str(p))
-    try:
-        teacher.network.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{p}: weights do not fit UNet({kwargs}): {e}") from e
+    load_weights(teacher.network, p, kwargs)
     return teacher.eval()
+
+
+def check_weights_file_keys(c: Any) -> None:
+    """teacher.size and teacher.path of a kind that loads a `train_unet` weights file."""
+    _count("teacher.size", c.size, 64, "the UNet teachers are trained on digits of at most 64x64", lo=4)
+    _existing_path("teacher.path", c.path, "the teacher's weights file")
 
 
 @dataclass
@@ -169,8 +189,7 @@ class UNetTeacherConfig(TeacherConfig):
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
-        _count("teacher.size", self.size, 64, "the UNet teachers are trained on digits of at most 64x64", lo=4)
-        _existing_path("teacher.path", self.path, "the teacher's weights file")
+        check_weights_file_keys(self)
         check_prediction_key("teacher", self.prediction)
         self.schedule.check("teacher.schedule")
 

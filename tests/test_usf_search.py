@@ -37,12 +37,15 @@ def test_random_and_mutated_schedules_are_valid_and_keep_the_budget():
     teacher = mixture()
     space = Space(schedule=teacher.schedule, nfe=5, t_start=1.0, t_end=1e-3, pins=(0.25, 0.0625))
     rng = np.random.default_rng(0)
+    seen_adams = False
     for _ in range(200):
         s = random_schedule(space, rng)
         for c in (s, mutate(space, s, rng)):
             assert usf.validate(c).cost == 5
             assert 0.25 in c.ts and 0.0625 in c.ts and c.ts[0] == 1.0 and c.ts[-1] == 1e-3
-            assert encode(space, c).shape == ((5 + 1) * 16 + 3,)
+            assert encode(space, c).shape == ((5 + 1) * 17 + 3,)
+            seen_adams = seen_adams or any(st.relax == "adams" for st in c.steps)
+    assert seen_adams
 
 
 def test_predictor_ranks_held_out_candidates_better_than_chance():
@@ -116,6 +119,20 @@ def test_search_resumes_to_the_same_result(tmp_path, monkeypatch):
     with pytest.raises(SearchError, match=r"belongs to another search \(batch differs\)") as e:
         search(teacher, 4, SearchConfig(**{**TINY, "batch": 16}), tmp_path / "b", 1e-3, torch.float64, progress=False)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("base,order", [(b, o) for b in loop.BASES for o in (1, 3) if not (b == "ddim" and o > 1)])
+def test_timestep_only_mode_runs_every_base(base, order):
+    """Every search.base draws schedules of that solver (deis through its logrho variant), and the
+    seeds are the base on each library spacing."""
+    teacher = mixture()
+    space = Space(schedule=teacher.schedule, nfe=4, t_start=1.0, t_end=1e-3, mode="timesteps", base=base,
+                  base_order=order)
+    s = random_schedule(space, np.random.default_rng(0))
+    opts = {"variant": "logrho"} if base == "deis" else {}
+    assert s.steps == usf.from_solver(base, s.ts, order, **opts).steps and s.cost == 4
+    seeds = loop.seeded_schedules(space)
+    assert len(seeds) == 4 and all(x.steps == s.steps for x in seeds)
 
 
 def test_search_beats_its_seeds_and_timestep_only_mode_keeps_the_base(tmp_path):

@@ -32,14 +32,15 @@ from dsno.atomic import atomic_path, atomic_write_text
 from dsno.errors import UserError
 from dsno.progress import progress_bar
 from dsno.search.predictor import Predictor, kendall_tau
-from dsno.search.space import Space, _tidy, crossover, encode, mutate, random_schedule
+from dsno.search.space import BASE_OPTIONS, Space, _tidy, crossover, encode, mutate, random_schedule
 from dsno.solvers import usf
 from dsno.solvers.grids import SPACINGS, timesteps
 
 log = logging.getLogger("dsno")
 MODES = ("full", "timesteps")
-BASES = ("unipc", "dpm_solver_pp", "deis", "ddim")
-SEEDED = (("unipc", 3, {}), ("dpm_solver_pp", 3, {}), ("dpm_solver_pp", 2, {}), ("deis", 3, {"variant": "logrho"}))
+BASES = ("unipc", "dpm_solver_pp", "deis", "ipndm", "ddim")
+SEEDED = (("unipc", 3, {}), ("dpm_solver_pp", 3, {}), ("dpm_solver_pp", 2, {}), ("deis", 3, {"variant": "logrho"}),
+          ("ipndm", 3, {}), ("ipndm", 4, {}))
 MAX_RMSE = 1e3
 
 
@@ -50,7 +51,7 @@ class SearchError(UserError):
 @dataclass
 class SearchConfig:
     mode: str = "full"                  # full | timesteps (GITS / LD3-style: the grid of `base` only)
-    base: str = "unipc"                 # timesteps mode: the fixed solver (unipc | dpm_solver_pp | deis | ddim)
+    base: str = "unipc"                 # timesteps mode: the fixed solver (unipc | dpm_solver_pp | deis | ipndm | ddim)
     base_order: int = 3
     afs: list = field(default_factory=lambda: ["none", "zero", "mean"])
     batch: int = 256                    # noise samples of the cheap metric
@@ -80,7 +81,7 @@ def check_config(sc: SearchConfig, nfe: int, t_start: float, t_end: float) -> No
         fail("search.mode", sc.mode, f"must be one of {', '.join(MODES)}")
     if sc.base not in BASES:
         fail("search.base", sc.base, f"must be one of {', '.join(BASES)}")
-    if not 1 <= sc.base_order <= (1 if sc.base == "ddim" else 4 if sc.base == "deis" else 3):
+    if not 1 <= sc.base_order <= (1 if sc.base == "ddim" else 4 if sc.base in ("deis", "ipndm") else 3):
         fail("search.base_order", sc.base_order, f"is not an order of {sc.base}")
     if not sc.afs or any(a not in usf.AFS for a in sc.afs):
         fail("search.afs", sc.afs, f"must be a non-empty list of {', '.join(usf.AFS)}")
@@ -159,7 +160,7 @@ def seeded_schedules(space: Space) -> list[usf.Schedule]:
     """The hand-designed solvers of the space on every library spacing (and, in full mode, with
     each allowed analytic first step on one more step)."""
     out = []
-    bases = [(space.base, space.base_order, {})] if space.mode == "timesteps" else SEEDED
+    bases = [(space.base, space.base_order, BASE_OPTIONS.get(space.base, {}))] if space.mode == "timesteps" else SEEDED
     for spacing in SPACINGS:
         for name, order, opts in bases:
             for afs in (("none",) if space.mode == "timesteps" else space.afs):

@@ -21,7 +21,9 @@ from dsno.solvers.usf import AFS, Schedule, Step, from_solver, validate
 
 ORDER_PRIOR = {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.1}
 MIN_GAP = 1e-3
-STEP_FEATURES = 16
+STEP_FEATURES = 17
+BASE_OPTIONS = {"deis": {"variant": "logrho"}}      # the options that make a base solver a USF schedule
+RELAX_PRIOR = {"bh1": 0.1, "bh2": 0.2, "adams": 0.15, "linear": 0.55}
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,11 @@ def _random_step(rng: np.random.Generator, i: int, last: bool) -> Step:
     points = list(range(1, est + 1))
     if points and points[-1] < i and rng.random() < 0.15:
         points.append(points[-1] + 1)
-    r = rng.random()
-    relax, coef = ("bh1", 0.0) if r < 0.1 else ("bh2", 0.0) if r < 0.3 else \
-        ("linear", 0.0 if rng.random() < 0.5 else float(rng.normal(0.0, 0.15)))
+    names, probs = zip(*RELAX_PRIOR.items())
+    relax = str(rng.choice(names, p=probs))
+    coef = float(rng.normal(0.0, 0.15)) if relax == "linear" and rng.random() < 0.5 else 0.0
+    if relax == "adams":
+        est, points = k - 1, list(range(1, k))
     return Step(prediction="data" if rng.random() < 0.6 else "noise", order=k, points=tuple(points), est_order=est,
                 relax=relax, coef=coef, corrector="pseudo" if (not last and rng.random() < 0.5) else "none")
 
@@ -110,7 +114,7 @@ def _build(space: Space, u: np.ndarray, steps: Sequence[Step], afs: str) -> Sche
         ts[j] = pin
     ts = tuple(ts)
     if space.mode == "timesteps":
-        return from_solver(space.base, ts, space.base_order)
+        return from_solver(space.base, ts, space.base_order, **BASE_OPTIONS.get(space.base, {}))
     return repair(Schedule(ts=ts, steps=tuple(steps), afs=afs))
 
 
@@ -127,7 +131,8 @@ def random_schedule(space: Space, rng: np.random.Generator) -> Schedule:
 
 def repair(s: Schedule) -> Schedule:
     """The nearest valid schedule: orders and lags capped by the evaluations that exist, est_order
-    in [order - 1, 3], no corrector on the last step, coef 0 off relax=linear; nfe declared."""
+    in [order - 1, 3] (exactly order - 1 with as many lags for relax=adams), no corrector on the
+    last step, coef 0 off relax=linear; nfe declared."""
     steps = []
     n = len(s.steps)
     for i, st in enumerate(s.steps):
@@ -136,6 +141,9 @@ def repair(s: Schedule) -> Schedule:
         points = [p for p in dict.fromkeys(st.points) if 1 <= p <= i]
         if len(points) < est:
             points = list(range(1, est + 1))
+        if st.relax == "adams":
+            est = k - 1
+            points = points[:est] if len(points) >= est else list(range(1, est + 1))
         steps.append(replace(st, order=k, est_order=est, points=tuple(points),
                              coef=st.coef if st.relax == "linear" else 0.0,
                              corrector="none" if i == n - 1 else st.corrector))
@@ -191,7 +199,7 @@ def _mutate_step(st: Step, rng: np.random.Generator, i: int) -> Step:
     if what == 2:
         return replace(st, relax="linear", coef=float(st.coef + rng.normal(0.0, 0.03)))
     if what == 3:
-        return replace(st, relax=("bh1", "bh2", "linear")[rng.integers(3)], coef=0.0)
+        return replace(st, relax=("bh1", "bh2", "adams", "linear")[rng.integers(4)], coef=0.0)
     if what == 4:
         est = int(np.clip(st.est_order + rng.choice([-1, 1]), st.order - 1, 3))
         return replace(st, est_order=est, points=tuple(range(1, est + 1)))
@@ -231,5 +239,6 @@ def encode(space: Space, s: Schedule) -> np.ndarray:
         out[i, 13] = st.relax == "bh2"
         out[i, 14] = st.corrector == "pseudo"
         out[i, 15] = max(st.points, default=0) / 4
+        out[i, 16] = st.relax == "adams"
     afs = np.array([s.afs == a for a in AFS], dtype=np.float32)
     return np.concatenate([out.reshape(-1), afs])

@@ -14,6 +14,10 @@ A schedule of N steps holds the times ts[0] > ... > ts[N] and, for step i (ts[i]
 - relax, coef: the first derivative's weight: "linear" scales D_1 by 1 + coef h (coef = 0: the
   plain Taylor update); "bh1" / "bh2" (UniPC's B(h) = h / e^h - 1) weight D_1 by B(h) / 2 in a
   second-order update (DPM-Solver++'s "midpoint" is bh2) and leave higher orders exact;
+  "adams": no derivatives; f is replaced by its mean over the step as if the grid were uniform,
+  z phi_1(z) sum_m w_m f_m with the fixed Adams-Bashforth weights of the k evaluations at
+  lags (0, points...) (Adams-Moulton with the corrector's point at lag -1); k - 1 points, est_order
+  k - 1. With noise prediction this is iPNDM (`from_solver("ipndm")`);
 - corrector: "none" or "pseudo": evaluate the teacher at the predicted state, then redo the update
   one order higher with that evaluation as one more point (r = 1), UniC-style; the next step reuses
   the evaluation, so it costs no extra model evaluation (not allowed on the last step, where it would).
@@ -42,7 +46,7 @@ from dsno.solvers.core import Point, Trajectory, combine, grid_points, step_orde
 from dsno.solvers.registry import register
 
 PREDICTIONS = ("data", "noise")
-RELAXATIONS = ("linear", "bh1", "bh2")
+RELAXATIONS = ("linear", "bh1", "bh2", "adams")
 CORRECTORS = ("none", "pseudo")
 AFS = ("none", "zero", "mean")
 MAX_ORDER = 4
@@ -148,6 +152,10 @@ def _validate_step(st: Step, i: int, n_steps: int, w: str) -> None:
         raise ScheduleError(f"{key}.relax={st.relax!r} must be one of {', '.join(RELAXATIONS)}")
     if isinstance(st.coef, bool) or not isinstance(st.coef, (int, float)) or not math.isfinite(st.coef):
         raise ScheduleError(f"{key}.coef={st.coef!r} must be a finite number")
+    if st.relax == "adams" and not (st.est_order == len(st.points) == st.order - 1):
+        raise ScheduleError(f"{key}: relax=adams of order={st.order} takes exactly {st.order - 1} points and "
+                            f"est_order={st.order - 1} (one past evaluation per order above 1), got "
+                            f"points={list(st.points)}, est_order={st.est_order}")
     if st.relax != "linear" and st.coef != 0.0:
         raise ScheduleError(f"{key}.coef={st.coef!r} applies to relax=linear only; set coef: 0 for relax={st.relax}")
     if st.corrector not in CORRECTORS:
@@ -240,7 +248,7 @@ def from_solver(name: str, ts: Sequence[float], order: int = 3, **options: Any) 
     """The schedule of a fixed multistep solver on grid ts (the same result as
     `sample(..., solver=name, order=order, **options)`): ddim; dpm_solver_pp (multistep,
     solver_type midpoint / heun, lower_order_final); unipc (variant, use_corrector, predict_x0,
-    lower_order_final); deis (variant="logrho", lower_order_final)."""
+    lower_order_final); deis (variant="logrho", lower_order_final); ipndm (lower_order_final)."""
     ts = tuple(float(t) for t in (ts.tolist() if isinstance(ts, torch.Tensor) else ts))
     n = len(ts) - 1
     lof = options.pop("lower_order_final", True)
@@ -264,8 +272,15 @@ def from_solver(name: str, ts: Sequence[float], order: int = 3, **options: Any) 
             raise ScheduleError("deis is a USF schedule with variant='logrho' only (the others interpolate in t or rho)")
         _no_options(name, options)
         steps = [_multistep(k, "noise", "linear") for k in step_orders(order, n, lof)]
+    elif name == "ipndm":
+        if options.pop("denoise_to_zero", False):
+            raise ScheduleError("ipndm's denoise_to_zero has no USF schedule equivalent (a schedule ends at its last "
+                                "time); set denoise_to_zero=False")
+        _no_options(name, options)
+        steps = [_multistep(k, "noise", "adams") for k in step_orders(order, n, lof)]
     else:
-        raise ScheduleError(f"solver {name!r} has no USF schedule; use one of ddim, dpm_solver_pp, unipc, deis")
+        raise ScheduleError(f"solver {name!r} has no USF schedule; use one of ddim, dpm_solver_pp, unipc, deis, "
+                            f"ipndm")
     return validate(Schedule(ts=ts, steps=tuple(steps)).declared())
 
 
@@ -289,11 +304,28 @@ def derivative_operator(rs: Sequence[float], n: int) -> np.ndarray:
     return np.linalg.pinv(a)
 
 
+def adams_weights(rs: Sequence[float]) -> np.ndarray:
+    """(w_s, w_1, ..., w_m): the integral over r in [0, 1] of the Lagrange basis polynomials of
+    the nodes (0, *rs); rs = (-1, -2, ...) gives the Adams-Bashforth weights, rs = (1, -1, ...)
+    Adams-Moulton. They sum to 1. float64."""
+    nodes = np.array([0.0, *rs], dtype=np.float64)
+    out = np.zeros(len(nodes))
+    for j, r_j in enumerate(nodes):
+        others = np.delete(nodes, j)
+        basis = np.polynomial.polynomial.polyfromroots(others) / np.prod(r_j - others)
+        out[j] = np.polynomial.polynomial.polyval(1.0, np.polynomial.polynomial.polyint(basis))
+    return out
+
+
 def update_weights(z: float, h: float, rs: Sequence[float], order: int, n: int, relax: str, coef: float
                    ) -> list[float]:
     """Weights (w_s, w_1, ..., w_m) of f_s and the m point values in
     x_t = ratio x_s - gain (w_s f_s + sum_m w_m f_m); a Taylor update of `order` with the first
-    n derivatives estimated from the points at rs (see the module doc). Pure float64."""
+    n derivatives estimated from the points at rs (see the module doc); relax="adams": rs are the
+    equal-step node positions (minus the lags) and the update is z phi_1(z) times their
+    Adams weights. Pure float64."""
+    if relax == "adams":
+        return [float(v) for v in z * phi(1, z) * adams_weights(rs)]
     taylor = [z * phi(j + 1, z) for j in range(1, order)]            # weights of D_1..D_{k-1}
     if order >= 2:
         if relax == "linear":
@@ -346,12 +378,13 @@ def _analytic(teacher, x: torch.Tensor, p: Point, afs: str) -> _Eval:
     return _Eval(p.lam, x0, (x - p.alpha * x0) / p.sigma)
 
 
-def _update(x: torch.Tensor, s: Point, t: Point, st: Step, cur: _Eval, pts: list[_Eval], order: int, n: int
-            ) -> torch.Tensor:
+def _update(x: torch.Tensor, s: Point, t: Point, st: Step, cur: _Eval, pts: list[_Eval], lags: Sequence[int],
+            order: int, n: int) -> torch.Tensor:
+    """One update from s to t with the evaluations pts at lags (-1: the corrector's, at t)."""
     data = st.prediction == "data"
     ratio, gain, z = exponential_frame(s.lam, t.lam, (s.alpha, t.alpha), (s.sigma, t.sigma), data)
     h = t.lam - s.lam
-    rs = [(e.lam - s.lam) / h for e in pts]
+    rs = [-float(lag) for lag in lags] if st.relax == "adams" else [(e.lam - s.lam) / h for e in pts]
     w = update_weights(z, h, rs, order, n, st.relax, st.coef)
     terms = [(ratio, x), (-gain * w[0], cur.get(st.prediction))]
     terms += [(-gain * wm, e.get(st.prediction)) for wm, e in zip(w[1:], pts)]
@@ -369,11 +402,11 @@ def run(teacher, x: torch.Tensor, schedule: Schedule, return_trajectory: bool = 
         cur = pending if pending is not None else _evaluate(teacher, x, s)
         evals.append(cur)
         past = [evals[i - lag] for lag in st.points]
-        x_pred = _update(x, s, t, st, cur, past, st.order, st.est_order)
+        x_pred = _update(x, s, t, st, cur, past, st.points, st.order, st.est_order)
         pending = None
         if st.corrector == "pseudo":
             pending = _evaluate(teacher, x_pred, t)
-            x = _update(x, s, t, st, cur, [pending] + past, st.order + 1, st.est_order + 1)
+            x = _update(x, s, t, st, cur, [pending] + past, (-1, *st.points), st.order + 1, st.est_order + 1)
         else:
             x = x_pred
         traj.add(x)

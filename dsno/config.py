@@ -462,6 +462,32 @@ class ExportConfig:
             _choice("export.forms", f, tuple(FORM_FILES))
 
 
+@dataclass
+class SearchConfig:
+    """`python -m dsno.search` (dsno.search.loop): its sizes are an experiment's to set (a network teacher
+    on a CPU needs a smaller search than the mixture); range-checked by dsno.search.loop.check_config."""
+
+    mode: str = "full"                  # full | timesteps (GITS / LD3-style: the grid of `base` only)
+    base: str = "unipc"                 # timesteps mode: the fixed solver (unipc | dpm_solver_pp | deis | ipndm | ddim)
+    base_order: int = 3
+    afs: list = field(default_factory=lambda: ["none", "zero", "mean"])
+    batch: int = 256                    # noise samples of the cheap metric
+    verify_batch: int = 512             # other noise samples of the full metric
+    reference_steps: int = 500          # float64 reference: DPM-Solver++ 3M, logSNR grid
+    initial: int = 300                  # random candidates scored before the first round
+    rounds: int = 12
+    proposals: int = 1500               # children ranked by the predictor per round
+    scored_per_round: int = 40
+    explore: float = 0.25               # share of a round's scores drawn at random (held out for tau)
+    parents: int = 15
+    verify_top: int = 10
+    pin_times: list = field(default_factory=list)
+    seed: int = 0
+    resume: bool = True
+    out: Optional[str] = None           # default: <run_dir>/schedules
+    threads: int = 1                    # torch CPU threads (0: torch's default); small batches run best on one
+
+
 # ----------------------------------------------------------------------------------------- the run
 @dataclass
 class RunConfig:
@@ -479,6 +505,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def check(self) -> None:
         """The rules between sections (each section checked its own values when it was built)."""
@@ -646,13 +673,11 @@ def check_trainer_hardware(c: RunConfig) -> None:
               f"{c.train.batch_size}; make more trajectories or use fewer devices")
 
 
-def search_run_config(search_config: type) -> type:
-    """The schema of `python -m dsno.search` (schema=search): a run plus `nfe` and `search.*`."""
-    @dataclass
-    class SearchRunConfig(RunConfig):
-        nfe: int = 5
-        search: Any = field(default_factory=search_config)
-    return SearchRunConfig
+@dataclass
+class SearchRunConfig(RunConfig):
+    """The schema of `python -m dsno.search` (schema=search): a run plus the budget `nfe`."""
+
+    nfe: int = 5
 
 
 # ----------------------------------------------------------------------------------------- ConfigStore
@@ -666,13 +691,12 @@ def _open_options(node: DictConfig) -> DictConfig:
 def register_configs() -> None:
     """Store the schema and the registry-made group options in Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
-    from dsno.search.loop import SearchConfig
     from dsno.solvers import available
     from dsno.solvers import get as get_solver
     from dsno.teachers.registry import teacher_kinds
 
     cs = ConfigStore.instance()
-    for name, cls in (("run", RunConfig), ("search", search_run_config(SearchConfig))):
+    for name, cls in (("run", RunConfig), ("search", SearchRunConfig)):
         schema = OmegaConf.structured(cls)
         _open_options(schema.solver)
         cs.store(group="schema", name=name, node=schema, package="_global_")

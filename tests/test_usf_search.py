@@ -154,6 +154,8 @@ def test_search_beats_its_seeds_and_timestep_only_mode_keeps_the_base(tmp_path):
     (["search.mode=grid"], "config error: search.mode='grid': must be one of full, timesteps"),
     (["search.pin_times=[2.0]"], "config error: search.pin_times=[2.0]: must be distinct times strictly between"),
     (["search.batch=0"], "config error: search.batch=0: must be a positive integer"),
+    (["search.batches=64"], "search.batches"),
+    (["search.batch=many"], "search.batch"),
 ])
 def test_cli_bad_settings_are_one_line(tmp_path, args, msg):
     p = subprocess.run([sys.executable, "-m", "dsno.search", f"run_dir={tmp_path}/run", *args], cwd=ROOT,
@@ -162,6 +164,24 @@ def test_cli_bad_settings_are_one_line(tmp_path, args, msg):
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], p.stderr
     assert not (tmp_path / "run" / "schedules").exists()
+
+
+def test_an_experiment_sizes_its_search_and_train_checks_those_keys():
+    """The UNet experiments carry a CPU-sized search (conf/experiment/mnist_unet_cpu.yaml, inherited by
+    the default mnist_unet_quick); the mixture keeps the schema's; a misspelt search key in a run
+    config is a one-line config error for train as for the search."""
+    from omegaconf import OmegaConf
+    from dsno.config import ConfigError, SearchConfig, compose, validate
+    from dsno.search.cli import split
+    rc, nfe, sc = split(compose("schema=search", "nfe=10"))
+    assert rc.experiment == "mnist_unet_quick" and nfe == 10
+    assert (sc.batch, sc.verify_batch, sc.reference_steps, sc.initial, sc.rounds) == (128, 256, 100, 150, 8)
+    assert split(compose("schema=search", "experiment=mnist_gmm"))[2] == SearchConfig()
+    d = OmegaConf.to_container(compose(), resolve=False)
+    d["search"]["batches"] = 3                      # as a user's experiment file might hold it
+    with pytest.raises(ConfigError, match=r"search\.batches") as e:
+        validate(OmegaConf.create(d))
+    assert "\n" not in str(e.value)
 
 
 def _pinned_schedule(tmp_path, times):

@@ -17,20 +17,15 @@ SEARCH_KEYS = ("nfe", "search")
 
 
 def split(cfg: DictConfig) -> tuple[Any, Any, Any]:
-    """(validated RunConfig, nfe, SearchConfig) of a composed config; ConfigError on mistakes."""
-    from dsno.config import ConfigError, validate
-    from dsno.search.loop import SearchConfig
+    """(validated RunConfig, nfe, SearchConfig) of a composed config; ConfigError on mistakes.
+    search.* is typed as the run's `search` section (an experiment may size it)."""
+    from dsno.config import validate
 
     d = OmegaConf.to_container(cfg, resolve=False)
     d.pop("hydra", None)
-    nfe, raw = d.pop("nfe", None), d.pop("search", None) or {}
+    nfe = d.pop("nfe", None)
     rc = validate(OmegaConf.create(d))
-    try:
-        sc = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SearchConfig), raw))
-    except Exception as e:  # omegaconf's key / type errors
-        key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"config error: search.{key}: {str(e).splitlines()[0]}") from None
-    return rc, nfe, sc
+    return rc, nfe, rc.search
 
 
 class SearchPreflight(Callback):

@@ -21,14 +21,15 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from dsno.atomic import atomic_path, atomic_write_text
+from dsno.config import SearchConfig
 from dsno.errors import UserError
 from dsno.progress import progress_bar
 from dsno.search.predictor import Predictor, kendall_tau
@@ -46,29 +47,6 @@ MAX_RMSE = 1e3
 
 class SearchError(UserError):
     """A search cannot run as configured (or cannot resume); the message names the key or file."""
-
-
-@dataclass
-class SearchConfig:
-    mode: str = "full"                  # full | timesteps (GITS / LD3-style: the grid of `base` only)
-    base: str = "unipc"                 # timesteps mode: the fixed solver (unipc | dpm_solver_pp | deis | ipndm | ddim)
-    base_order: int = 3
-    afs: list = field(default_factory=lambda: ["none", "zero", "mean"])
-    batch: int = 256                    # noise samples of the cheap metric
-    verify_batch: int = 512             # other noise samples of the full metric
-    reference_steps: int = 500          # float64 reference: DPM-Solver++ 3M, logSNR grid
-    initial: int = 300                  # random candidates scored before the first round
-    rounds: int = 12
-    proposals: int = 1500               # children ranked by the predictor per round
-    scored_per_round: int = 40
-    explore: float = 0.25               # share of a round's scores drawn at random (held out for tau)
-    parents: int = 15
-    verify_top: int = 10
-    pin_times: list = field(default_factory=list)
-    seed: int = 0
-    resume: bool = True
-    out: Optional[str] = None           # default: <run_dir>/schedules
-    threads: int = 1                    # torch CPU threads (0: torch's default); small batches run best on one
 
 
 def check_config(sc: SearchConfig, nfe: int, t_start: float, t_end: float) -> None:

@@ -153,7 +153,7 @@ def main() -> int:
     print("\n".join(detail))
     wall = time.perf_counter() - t0
     body = "\n".join([
-        "Commands (default search config, conf/search/default.yaml: 12 rounds; a larger search.rounds resumes "
+        "Commands (default search config, the schema's dsno.config.SearchConfig, which mnist_gmm keeps: 12 rounds; a larger search.rounds resumes "
         "the 12-round search from its scored-candidates file): " + "; ".join(commands) + "; then `python "
         "benchmarks/usf.py` (it runs the searches that are missing).",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, shared with other "

@@ -478,6 +478,7 @@ class SearchConfig:
     rounds: int = 12
     proposals: int = 1500               # children ranked by the predictor per round
     scored_per_round: int = 40
+    refine: int = 3                     # sweeps of coordinate descent on the best candidate's times (0: none)
     explore: float = 0.25               # share of a round's scores drawn at random (held out for tau)
     parents: int = 15
     verify_top: int = 10

@@ -97,7 +97,7 @@ def test_adams_corrector_raises_the_order_on_a_single_gaussian():
 def test_yaml_round_trip(tmp_path):
     ts = timesteps(dsno.VPSchedule.linear(), steps=5, spacing="logsnr").tolist()
     steps = [Step(), Step("noise", 2, (1,), 1, "linear", 0.137, "pseudo"), Step("data", 3, (1, 2), 2, "bh2"),
-             Step("data", 2, (1, 3, 2), 2, "linear", -0.02, "pseudo"), Step("noise", 4, (1, 2, 3), 3)]
+             Step("data", 2, (1, 3, 2), 2, "linear", -0.02, "pseudo"), Step("noise", 4, (1, 2, 3), 3, "adams")]
     s = Schedule(ts=tuple(ts), steps=tuple(steps), afs="mean", info={"score": {"rmse": 0.1}}).declared()
     p = usf.save(s, tmp_path / "s.yaml")
     back = usf.load(p)

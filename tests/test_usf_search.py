@@ -135,6 +135,24 @@ def test_timestep_only_mode_runs_every_base(base, order):
     assert len(seeds) == 4 and all(x.steps == s.steps for x in seeds)
 
 
+def test_refinement_only_moves_times_and_never_loses(tmp_path):
+    """The coordinate descent after the rounds scores candidates that differ from the best of the
+    rounds in their times only, and the best after it is at least as good; refine=0 skips it."""
+    teacher = mixture()
+    res = search(teacher, 4, SearchConfig(**TINY), tmp_path, 1e-3, torch.float64, progress=False)
+    scored = json.loads((tmp_path / "nfe4.scored.json").read_text())["scored"]
+    before = [r for r in scored if r["round"] <= TINY["rounds"] and not r.get("duplicate")]
+    refined = [r for r in scored if r["round"] == TINY["rounds"] + 1]
+    best = min(before, key=lambda r: r["rmse"])
+    assert 0 < len(refined) <= 2 * 3 * 4
+    first = usf.from_dict(refined[0]["schedule"])
+    assert first.steps == usf.from_dict(best["schedule"]).steps and first.ts != tuple(best["schedule"]["timesteps"])
+    assert min(r["rmse"] for r in scored if not r.get("duplicate")) <= best["rmse"]
+    assert res["search"]["refine"] == 3
+    none = search(teacher, 4, SearchConfig(**{**TINY, "refine": 0}), tmp_path / "b", 1e-3, torch.float64, progress=False)
+    assert none["cost"]["candidates_scored"] == len(before)
+
+
 def test_search_beats_its_seeds_and_timestep_only_mode_keeps_the_base(tmp_path):
     teacher = mixture()
     res = search(teacher, 4, SearchConfig(**TINY), tmp_path, 1e-3, torch.float64, progress=False)
@@ -154,6 +172,7 @@ def test_search_beats_its_seeds_and_timestep_only_mode_keeps_the_base(tmp_path):
     (["search.mode=grid"], "config error: search.mode='grid': must be one of full, timesteps"),
     (["search.pin_times=[2.0]"], "config error: search.pin_times=[2.0]: must be distinct times strictly between"),
     (["search.batch=0"], "config error: search.batch=0: must be a positive integer"),
+    (["search.refine=-1"], "config error: search.refine=-1: must be an integer >= 0"),
     (["search.batches=64"], "search.batches"),
     (["search.batch=many"], "search.batch"),
 ])

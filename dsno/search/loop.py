@@ -7,7 +7,8 @@
    children of the best `parents` (mutation, crossover, a few fresh draws), score the ones the
    predictor ranks best plus a random `explore` share (on which the predictor's Kendall tau is
    measured: they are held out from its training);
-3. verify the `verify_top` best on a larger batch of other noise (the full metric) and write the
+3. refine the best candidate's times by coordinate descent (`refine` sweeps, see `_refine`);
+4. verify the `verify_top` best on a larger batch of other noise (the full metric) and write the
    winner to <out>/nfe<N>.yaml (timestep-only mode: nfe<N>_timesteps.yaml).
 
 Everything scored is kept in <out>/<name>.scored.json (replaced atomically); a rerun resumes
@@ -33,7 +34,7 @@ from dsno.config import SearchConfig
 from dsno.errors import UserError
 from dsno.progress import progress_bar
 from dsno.search.predictor import Predictor, kendall_tau
-from dsno.search.space import BASE_OPTIONS, Space, _tidy, crossover, encode, mutate, random_schedule
+from dsno.search.space import BASE_OPTIONS, Space, _build, _tidy, crossover, encode, mutate, random_schedule
 from dsno.solvers import usf
 from dsno.solvers.grids import SPACINGS, timesteps
 
@@ -68,8 +69,10 @@ def check_config(sc: SearchConfig, nfe: int, t_start: float, t_end: float) -> No
         v = getattr(sc, key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             fail(f"search.{key}", v, "must be a positive integer")
-    if isinstance(sc.rounds, bool) or not isinstance(sc.rounds, int) or sc.rounds < 0:
-        fail("search.rounds", sc.rounds, "must be an integer >= 0")
+    for key in ("rounds", "refine"):
+        v = getattr(sc, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            fail(f"search.{key}", v, "must be an integer >= 0")
     if isinstance(sc.threads, bool) or not isinstance(sc.threads, int) or not 0 <= sc.threads <= 256:
         fail("search.threads", sc.threads, "must be an integer in 0..256 (0: torch's default)")
     if not 0.0 <= sc.explore < 1.0:
@@ -174,7 +177,7 @@ def search(teacher, nfe: int, sc: SearchConfig, out_dir: str | Path, t_end: floa
     scored_path, yaml_path = out_dir / f"{name}.scored.json", out_dir / f"{name}.yaml"
     fp = {"teacher": teacher.fingerprint() if hasattr(teacher, "fingerprint") else type(teacher).__name__,
           "nfe": nfe, "t_end": float(t_end), "dtype": str(dtype),
-          **{k: v for k, v in asdict(sc).items() if k not in ("rounds", "verify_top", "resume", "out", "threads")}}
+          **{k: v for k, v in asdict(sc).items() if k not in ("rounds", "refine", "verify_top", "resume", "out", "threads")}}
     state = _load_state(scored_path, fp, sc.resume)
     t0, counter = (time.perf_counter(), time.process_time()), _Counter(teacher)
     try:
@@ -227,7 +230,7 @@ def _load_state(path: Path, fp: dict, resume: bool) -> dict:
 
 def _run(teacher, space: Space, sc: SearchConfig, state: dict, scored_path: Path, x_s, ref_s, x_v, ref_v,
          progress: bool, t0: tuple[float, float], counter: _Counter):
-    seen = {_key(usf.from_dict(r["schedule"])) for r in state["scored"]}
+    seen = {_key(usf.from_dict(r["schedule"])): r["rmse"] for r in state["scored"] if not r.get("duplicate")}
     calls0, samples0, wall0 = state["teacher_calls"], state["teacher_samples"], state["wall_s"]
     cpu0 = state.get("cpu_s", 0.0)
 
@@ -240,11 +243,20 @@ def _run(teacher, space: Space, sc: SearchConfig, state: dict, scored_path: Path
     def add(s: usf.Schedule, rnd: int, predicted: float | None = None, explore: bool = False) -> None:
         state["scored"].append({"schedule": usf.to_dict(s), "rmse": _score(teacher, s, x_s, ref_s), "round": rnd,
                                 "predicted": predicted, "explore": explore})
-        seen.add(_key(s))
+        seen[_key(s)] = state["scored"][-1]["rmse"]
+
+    def cheap_metric(s: usf.Schedule, rnd: int) -> float:
+        """The search-batch RMSE of s: from the scored file when it is there (a resumed refinement
+        replays its moves), else scored now and kept."""
+        if _key(s) not in seen:
+            add(s, rnd)
+            save()
+            bar.advance(task)
+        return seen[_key(s)]
 
     seeds = seeded_schedules(space)
     total_initial = len(seeds) + sc.initial
-    total = total_initial + sc.rounds * sc.scored_per_round + sc.verify_top
+    total = total_initial + sc.rounds * sc.scored_per_round + sc.verify_top + 2 * sc.refine * space.nfe
     with progress_bar(progress) as bar:
         task = bar.add_task(f"search nfe={space.nfe} best -", total=total)
         done = min(len(state["scored"]), total_initial) + state["rounds_done"] * sc.scored_per_round
@@ -268,6 +280,8 @@ def _run(teacher, space: Space, sc: SearchConfig, state: dict, scored_path: Path
             bar.update(task, completed=total_initial + rnd * sc.scored_per_round,
                        description=f"search nfe={space.nfe} best {best:.4g}")
             log.info("search round %d: best RMSE %.4g, predictor Kendall tau %.3f", rnd, best, state["taus"][-1])
+        if sc.refine:
+            _refine(space, sc, _ranked(state)[0], cheap_metric, sc.rounds + 1)
         ranked = _ranked(state)
         top = ranked[: sc.verify_top]
         verified = []
@@ -287,16 +301,41 @@ def _run(teacher, space: Space, sc: SearchConfig, state: dict, scored_path: Path
                      "candidates_ranked_by_predictor": state["rounds_done"] * sc.proposals,
                      "predictor_kendall_tau": round(float(np.mean(taus)), 4) if taus else None},
             "search": {"mode": sc.mode, "nfe": space.nfe, "seed": sc.seed, "rounds": state["rounds_done"],
+                       "refine": sc.refine,
                        **({"base": f"{sc.base}-{sc.base_order}"} if sc.mode == "timesteps" else {}),
                        **({"pin_times": list(space.pins)} if space.pins else {})}}
     return best, info
+
+
+def _refine(space: Space, sc: SearchConfig, best: dict, metric: Callable, rnd: int) -> None:
+    """Coordinate descent on the free interior times of the best candidate (GITS / LD3-like, its
+    other decisions kept): sweep k = 0..refine-1 moves each time by 0.2 / 2^k of the gap towards
+    either neighbour (in u, so a move adapts to the local step) and keeps a move that lowers the
+    cheap metric. At most 2 * refine * nfe candidates; deterministic, so a resume replays it."""
+    s, score = usf.from_dict(best["schedule"]), best["rmse"]
+    u = list(space.u_of_t(s.ts)[1:-1])
+    pins = set(np.round(space.pin_u, 12).tolist())
+    for sweep in range(sc.refine):
+        frac = 0.2 / 2**sweep
+        for j in range(len(u)):
+            if round(u[j], 12) in pins:
+                continue
+            for side in (1, -1):
+                edges = [0.0, *u, 1.0]
+                moved = list(u)
+                moved[j] = u[j] + frac * (edges[j + 1 + side] - u[j])
+                c = _build(space, _tidy(np.asarray(moved), space), s.steps, s.afs)
+                r = metric(c, rnd)
+                if r < score:
+                    s, score, u = c, r, list(space.u_of_t(c.ts)[1:-1])
+                    break
 
 
 def _ranked(state: dict) -> list[dict]:
     return sorted((r for r in state["scored"] if not r.get("duplicate")), key=lambda r: r["rmse"])
 
 
-def _round(space: Space, sc: SearchConfig, state: dict, rnd: int, add: Callable, seen: set) -> None:
+def _round(space: Space, sc: SearchConfig, state: dict, rnd: int, add: Callable, seen: dict) -> None:
     """One round: fit the predictor, breed proposals, score the predicted best plus a random share."""
     rng = np.random.default_rng([sc.seed, rnd])
     ranked = _ranked(state)

@@ -37,16 +37,27 @@ from dsno.solvers.grids import SPACINGS
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = "mnist_unet_cpu"
 HELD_OUT_SEED = 777_777          # the search draws seeds 1 and 2, eval 1234
-SEARCH_COMMON = [f"experiment={EXPERIMENT}", "logger=csv", "search.batch=64", "search.verify_batch=256",
-                 "search.reference_steps=200", "search.verify_top=5"]
-SEARCH_FULL = ["search.initial=60", "search.rounds=3", "search.scored_per_round=16", "search.proposals=600"]
-SEARCH_TS = ["search.mode=timesteps", "search.initial=16", "search.rounds=2", "search.scored_per_round=10",
+SEARCH_COMMON = [f"experiment={EXPERIMENT}", "logger=csv"]
+SEARCH_FULL: list[str] = []      # the experiment's own search section (conf/experiment/mnist_unet_cpu.yaml)
+SEARCH_MORE = {10: ["search.rounds=12", "search.verify_top=16"]}   # resumes the default search: see the notes
+SEARCH_TS = ["search.mode=timesteps", "search.initial=60", "search.rounds=4", "search.scored_per_round=20",
              "search.proposals=300"]
+
+
+def search_config(mode: str):
+    """The SearchConfig a search of `mode` runs with (the experiment's section plus SEARCH_TS)."""
+    from dsno.config import compose
+    from dsno.search.cli import split
+    return split(compose("schema=search", *SEARCH_COMMON, *(SEARCH_TS if mode == "timesteps" else SEARCH_FULL)))[2]
+
+
+EVAL_RUN = "runs/mnist_unet_quick"
+EVAL_COMMAND = "python eval.py logger=csv eval.spacing=time_quadratic 'eval.nfe=[5,10]'"
 
 
 def search_command(nfe: int, mode: str, run_dir: str) -> list[str]:
     return [sys.executable, "-m", "dsno.search", *SEARCH_COMMON, f"run_dir={run_dir}", f"nfe={nfe}",
-            *(SEARCH_TS if mode == "timesteps" else SEARCH_FULL)]
+            *(SEARCH_TS if mode == "timesteps" else SEARCH_FULL + SEARCH_MORE.get(nfe, []))]
 
 
 def ensure_schedule(nfe: int, mode: str, run_dir: str) -> Path:
@@ -54,7 +65,7 @@ def ensure_schedule(nfe: int, mode: str, run_dir: str) -> Path:
     if not path.is_file():
         cmd = search_command(nfe, mode, run_dir)
         print("running:", " ".join(cmd[1:]), flush=True)
-        subprocess.run(["nice", "-n", "15", *cmd], cwd=ROOT, check=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
     return path
 
 
@@ -122,7 +133,7 @@ def eval_rows(metrics: Path, nfes: list[int]) -> list[str]:
     rows = [r for r in d["rows"] if "skipped" not in r]
     lines = [f"From `{metrics.relative_to(ROOT)}` ({d['num_samples']} samples of eval's own noise, seed 1234; "
              f"eval's reference: {d['reference']['solver']}, {d['reference']['steps']} logSNR steps; hand-designed: "
-             f"eval.solvers on eval.spacing=logsnr; FID against the real digits with the digit-classifier features):",
+             f"eval.solvers on eval.spacing=time_quadratic; FID against the real digits with the digit-classifier features):",
              "", "| NFE | usf nfeN: RMSE | FID | best solver by RMSE | RMSE | FID | best solver by FID | RMSE | FID | "
              "usf FID <= best solver's |", "|---:|---:|---:|---|---:|---:|---|---:|---:|---|"]
     for n in nfes:
@@ -150,7 +161,7 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--reference-steps", type=int, default=200)
     ap.add_argument("--run-dir", default="runs/usf_unet")
-    ap.add_argument("--eval-metrics", default="runs/usf_unet/eval_run/eval/metrics.json")
+    ap.add_argument("--eval-metrics", default=f"{EVAL_RUN}/eval/metrics.json")
     ap.add_argument("--hand-only", action="store_true", help="score the hand-designed solvers only (no searches)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -188,9 +199,10 @@ def main() -> int:
         detail.append(f"- NFE {n}: `{found['full'][2].relative_to(ROOT)}`: afs={s.afs}, {len(s.steps)} steps "
                       f"(t = {', '.join(f'{t:.4g}' for t in s.ts)}): {steps}; search verify RMSE "
                       f"{s.info.get('score', {}).get('rmse_verify', float('nan')):.4f}")
+    sc, ts_sc = search_config("full"), search_config("timesteps")
     metrics = ROOT / args.eval_metrics
     fid = eval_rows(metrics, args.nfe) if metrics.is_file() else [f"(no {args.eval_metrics}: eval not run)"]
-    commands = ["`nice -n 15 python " + " ".join(search_command(n, mode, args.run_dir)[1:]) + "`"
+    commands = ["`python " + " ".join(search_command(n, mode, args.run_dir)[1:]) + "`"
                 for n in args.nfe for mode in ("full", "timesteps")]
     table = "\n".join(lines)
     print(table)
@@ -198,15 +210,14 @@ def main() -> int:
     print("\n".join(fid))
     wall = time.perf_counter() - t0
     body = "\n".join([
-        "Searches, one at a time on the shared machine: " + "; ".join(commands) + "; then `python "
+        "Searches (NFE 5 and 10 side by side, one torch thread each): " + "; ".join(commands) + "; then `python "
         "benchmarks/usf_unet.py` (it runs the searches that are missing). FID: the two full-search schedules "
-        f"copied into `runs/{EXPERIMENT}/schedules/` (for later evals of the run) and, with the run's exported "
-        f"sampler (`runs/{EXPERIMENT}/sampler/`), into `runs/usf_unet/eval_run/`, then `nice -n 15 python eval.py "
-        f"experiment={EXPERIMENT} logger=csv run_dir=runs/usf_unet/eval_run 'eval.nfe=[5,10]'` (eval's own noise, "
-        "reference and solvers; only the two budgets, for time on the shared machine; eval lists each schedule "
-        "as its `usf <stem>` row).",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, shared with other "
-        f"jobs (searches and eval under nice -n 15); torch {torch.__version__}. Date: "
+        f"copied into `{EVAL_RUN}/schedules/` of the default run (`python train.py`, experiment "
+        f"mnist_unet_quick: the same teacher and t_end), then `{EVAL_COMMAND}` (eval's own noise, reference and "
+        "solvers, here on the time-quadratic grid, the best library spacing for this teacher in the held-out table; "
+        "eval lists each schedule as its `usf <stem>` row).",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, no other jobs but "
+        f"this work; torch {torch.__version__}. Date: "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; this script {wall:.0f} s (its "
         f"held-out reference {h.rows['reference_s']:.0f} s when made).",
         "",
@@ -217,10 +228,13 @@ def main() -> int:
         f"searches score them. Hand-designed: every deterministic solver of the library ({len(gmm_bench.HAND)} "
         f"variants) on each of the {len(SPACINGS)} spacings ({', '.join(SPACINGS)}), at exactly N model "
         "evaluations, the best kept. Timestep-only: the same search restricted to the interior times of UniPC "
-        "bh2-3 (GITS / LD3-style). Each search scores candidates on 64 noise samples against a 200-step reference "
-        "and verifies its 5 best on 256 others (its reference is made by the first search of the run directory, "
-        "inside that search's cost when it runs through, and read from its cache by the others). Search cost: "
-        "wall time (CPU time) and "
+        f"bh2-3 (GITS / LD3-style; {ts_sc.initial} random grids and {ts_sc.rounds} rounds of {ts_sc.scored_per_round}, "
+        f"against the full search's {sc.initial} and {sc.rounds} of {sc.scored_per_round}). Each search scores "
+        f"candidates on {sc.batch} noise samples against a {sc.reference_steps}-step reference, refines the best one's "
+        f"times ({sc.refine} sweeps of coordinate descent, `search.refine`) and verifies its "
+        f"{sc.verify_top} best on {sc.verify_batch} others (the experiment's search section, "
+        "conf/experiment/mnist_unet_cpu.yaml; the reference is made by the first search of the run directory, inside "
+        "that search's cost, and read from its cache by the others). Search cost: wall time (CPU time) and "
         "teacher calls (sample evaluations) of the whole search.",
         "",
         table,

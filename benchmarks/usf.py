@@ -92,7 +92,7 @@ def ensure_schedule(nfe: int, mode: str, run_dir: str) -> Path:
     if not path.is_file():
         cmd = search_command(nfe, mode, run_dir)
         print("running:", " ".join(cmd[1:]), flush=True)
-        subprocess.run(["nice", "-n", "15", *cmd], cwd=ROOT, check=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
     return path
 
 
@@ -147,7 +147,7 @@ def main() -> int:
             batch, verify = info.get("score", {}).get("batch"), info.get("score", {}).get("verify_batch")
             cmd = search_command(n, mode, args.run_dir)[1:] + ([f"search.rounds={r}"] if r not in (None, 12) else []) \
                 + ([f"search.batch={batch} search.verify_batch={verify}"] if (batch, verify) != (256, 512) else [])
-            commands.append("`nice -n 15 python " + " ".join(cmd) + "`")
+            commands.append("`python " + " ".join(cmd) + "`")
     table = "\n".join(lines)
     print(table)
     print("\n".join(detail))
@@ -156,8 +156,9 @@ def main() -> int:
         "Commands (default search config, the schema's dsno.config.SearchConfig, which mnist_gmm keeps: 12 rounds; a larger search.rounds resumes "
         "the 12-round search from its scored-candidates file): " + "; ".join(commands) + "; then `python "
         "benchmarks/usf.py` (it runs the searches that are missing).",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, shared with other "
-        f"jobs (the searches ran under nice -n 15); torch {torch.__version__}. Date: "
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, no other jobs but "
+        f"this work (the full and the timestep-only searches ran as two chains side by side, one torch thread "
+        f"each); torch {torch.__version__}. Date: "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; this script {wall:.0f} s.",
         "",
         f"Final-state RMSE at t_end = 1e-3 (over {args.samples} held-out noise samples x 256 pixels, seed "
@@ -166,7 +167,8 @@ def main() -> int:
         f"({len(HAND)} variants) on each of the {len(SPACINGS)} spacings ({', '.join(SPACINGS)}), at exactly N "
         "model evaluations, the best kept. Timestep-only: the same search restricted to the interior times of "
         "UniPC bh2-3 (GITS / LD3-style). The search scores candidates on 256 noise samples and verifies its "
-        "10 best on 512 others. Search cost: wall time and teacher calls (sample evaluations) of the whole "
+        "10 best on 512 others, after 3 sweeps of coordinate descent on the best candidate's times "
+        "(search.refine). Search cost: wall time and teacher calls (sample evaluations) of the whole "
         "search; the float64 reference of the search batches (500 steps) is made by the first search of a run "
         "directory (NFE 5, full) and reused from its cache by the others.",
         "",

@@ -13,7 +13,6 @@ from omegaconf import DictConfig, OmegaConf
 from dsno.errors import UserError, debug_requested, one_line
 
 log = logging.getLogger("dsno")
-SEARCH_KEYS = ("nfe", "search")
 
 
 def split(cfg: DictConfig) -> tuple[Any, Any, Any]:

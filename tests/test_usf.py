@@ -12,6 +12,7 @@ import yaml
 import dsno
 from dsno.errors import UserError
 from dsno.solvers import nfe, steps_for_nfe, timesteps, usf
+from dsno.solvers.coefficients import ADAMS_BASHFORTH, adams_weights
 from dsno.solvers.usf import Schedule, ScheduleError, Step
 from dsno.teachers import GaussianMixture
 
@@ -65,12 +66,14 @@ def test_schedule_equals_named_solver(teacher_fn, steps, name, order, opts):
 def test_adams_weights_are_adams_bashforth_and_moulton():
     """Equal-step nodes at minus the lags: the textbook AB-4 and AM-4 (with the corrector's node at +1)
     weights, and the polynomial integral is exact: a cubic in r integrates to its mean over [0, 1]."""
-    assert np.allclose(usf.adams_weights([-1, -2, -3]) * 24, [55, -59, 37, -9], atol=1e-12)
-    assert np.allclose(usf.adams_weights([1, -1, -2]) * 24, [19, 9, -5, 1], atol=1e-12)
-    assert np.allclose(usf.adams_weights([1]), [0.5, 0.5], atol=1e-15)
+    assert np.allclose(adams_weights([-1, -2, -3]) * 24, [55, -59, 37, -9], atol=1e-12)
+    assert np.allclose(adams_weights([1, -1, -2]) * 24, [19, 9, -5, 1], atol=1e-12)
+    assert np.allclose(adams_weights([1]), [0.5, 0.5], atol=1e-15)
+    for k, table in ADAMS_BASHFORTH.items():                  # the iPNDM table, every order
+        assert np.allclose(adams_weights([-m for m in range(1, k)]), table, atol=1e-13)
     nodes = [0.0, -1.0, -3.0, 0.5]
     cubic = [1.0 - 2 * r + 0.7 * r**3 for r in nodes]
-    assert abs(float(usf.adams_weights(nodes[1:]) @ np.asarray(cubic)) - (1.0 - 1.0 + 0.7 / 4)) < 1e-13
+    assert abs(float(adams_weights(nodes[1:]) @ np.asarray(cubic)) - (1.0 - 1.0 + 0.7 / 4)) < 1e-13
 
 
 def test_adams_corrector_raises_the_order_on_a_single_gaussian():

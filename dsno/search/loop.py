@@ -41,8 +41,8 @@ from dsno.solvers.grids import SPACINGS, timesteps
 log = logging.getLogger("dsno")
 MODES = ("full", "timesteps")
 BASES = ("unipc", "dpm_solver_pp", "deis", "ipndm", "ddim")
-SEEDED = (("unipc", 3, {}), ("dpm_solver_pp", 3, {}), ("dpm_solver_pp", 2, {}), ("deis", 3, {"variant": "logrho"}),
-          ("ipndm", 3, {}), ("ipndm", 4, {}))
+SEEDED = tuple((name, order, BASE_OPTIONS.get(name, {})) for name, order in (
+    ("unipc", 3), ("dpm_solver_pp", 3), ("dpm_solver_pp", 2), ("deis", 3), ("ipndm", 3), ("ipndm", 4)))
 MAX_RMSE = 1e3
 
 
@@ -248,11 +248,12 @@ def _run(teacher, space: Space, sc: SearchConfig, state: dict, scored_path: Path
     def cheap_metric(s: usf.Schedule, rnd: int) -> float:
         """The search-batch RMSE of s: from the scored file when it is there (a resumed refinement
         replays its moves), else scored now and kept."""
-        if _key(s) not in seen:
+        k = _key(s)
+        if k not in seen:
             add(s, rnd)
             save()
             bar.advance(task)
-        return seen[_key(s)]
+        return seen[k]
 
     seeds = seeded_schedules(space)
     total_initial = len(seeds) + sc.initial

@@ -192,6 +192,20 @@ ADAMS_BASHFORTH = {
 }
 
 
+def adams_weights(rs: Sequence[float]) -> np.ndarray:
+    """(w_s, w_1, ..., w_m): the integral over r in [0, 1] of the Lagrange basis polynomials of
+    the nodes (0, *rs); rs = (-1, -2, ...) gives the Adams-Bashforth weights, rs = (1, -1, ...)
+    Adams-Moulton (ADAMS_BASHFORTH[k] is the first for rs = (-1, ..., -(k - 1)), in exact
+    fractions). They sum to 1. float64."""
+    nodes = np.array([0.0, *rs], dtype=np.float64)
+    out = np.zeros(len(nodes))
+    for j, r_j in enumerate(nodes):
+        others = np.delete(nodes, j)
+        basis = np.polynomial.polynomial.polyfromroots(others) / np.prod(r_j - others)
+        out[j] = np.polynomial.polynomial.polyval(1.0, np.polynomial.polynomial.polyint(basis))
+    return out
+
+
 # --- UniPC ---------------------------------------------------------------------------------
 
 def unipc_weights(z: float, rks: Sequence[float], order: int, variant: str, corrector: bool

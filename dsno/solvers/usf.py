@@ -41,7 +41,7 @@ import torch
 
 from dsno.atomic import atomic_write_text
 from dsno.errors import UserError
-from dsno.solvers.coefficients import exponential_frame, phi
+from dsno.solvers.coefficients import adams_weights, exponential_frame, phi
 from dsno.solvers.core import Point, Trajectory, combine, grid_points, step_orders
 from dsno.solvers.registry import register
 
@@ -302,19 +302,6 @@ def derivative_operator(rs: Sequence[float], n: int) -> np.ndarray:
     if len(rs) == n:
         return np.linalg.solve(a, np.eye(n))
     return np.linalg.pinv(a)
-
-
-def adams_weights(rs: Sequence[float]) -> np.ndarray:
-    """(w_s, w_1, ..., w_m): the integral over r in [0, 1] of the Lagrange basis polynomials of
-    the nodes (0, *rs); rs = (-1, -2, ...) gives the Adams-Bashforth weights, rs = (1, -1, ...)
-    Adams-Moulton. They sum to 1. float64."""
-    nodes = np.array([0.0, *rs], dtype=np.float64)
-    out = np.zeros(len(nodes))
-    for j, r_j in enumerate(nodes):
-        others = np.delete(nodes, j)
-        basis = np.polynomial.polynomial.polyfromroots(others) / np.prod(r_j - others)
-        out[j] = np.polynomial.polynomial.polyval(1.0, np.polynomial.polynomial.polyint(basis))
-    return out
 
 
 def update_weights(z: float, h: float, rs: Sequence[float], order: int, n: int, relax: str, coef: float

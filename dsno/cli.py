@@ -16,20 +16,24 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dsno.config import compose, register_configs, validate
+from dsno.config import check_run, compose, register_configs, validate
 from dsno.errors import UserError, debug_requested, one_line, report_errors
 
 log = logging.getLogger("dsno")
 
 
-def prepare_cli(config_dir: str | os.PathLike) -> None:
+def prepare_cli(config_dir: str | os.PathLike, stage: str) -> None:
     """Before a Hydra entry point runs: take `--debug` out of sys.argv (Hydra would reject it;
-    it turns on full tracebacks), and compose the overrides once, so that an unknown key or a
-    malformed override is one line `error: ...` and exit status 2 instead of Hydra's report.
+    it turns on full tracebacks), tell the Preflight callback which `stage` (dsno.config.STAGES) the
+    run reaches, and compose the overrides once, so that an unknown key or a malformed override is one
+    line `error: ...` and exit status 2 instead of Hydra's report.
     Command lines with Hydra's own flags (-m, --cfg, --help, ...) are left to Hydra."""
     if "--debug" in sys.argv:
         sys.argv = [a for a in sys.argv if a != "--debug"]
         os.environ["HYDRA_FULL_ERROR"] = "1"
+    stage_override = f"++hydra.callbacks.preflight.stage={stage}"
+    if stage_override not in sys.argv:       # a DDP rank's process is launched with the parent's argv
+        sys.argv.insert(1, stage_override)
     register_configs()
     overrides = sys.argv[1:]
     if any(a.startswith("-") for a in overrides):
@@ -74,8 +78,12 @@ def check_writable(run_dir: str | os.PathLike) -> None:
 
 
 class Preflight(Callback):
-    """Hydra callback, run before Hydra creates any folder: validate the config and prove
+    """Hydra callback, run before Hydra creates any folder: validate the config, check every value of
+    the stages `stage` reaches against this machine and its files (dsno.config.check_run), and prove
     run_dir writable, so a mistake is one line and leaves nothing on disk."""
+
+    def __init__(self, stage: str = "train"):
+        self.stage = stage
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config)
@@ -83,12 +91,15 @@ class Preflight(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config)
 
-    @staticmethod
-    def _check(config: DictConfig) -> None:
+    def validated(self, config: DictConfig):
+        """The RunConfig of the composed `config` (its `hydra` node left out); ConfigError on mistakes."""
+        with open_dict(config):
+            run_config = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        return validate(run_config)
+
+    def _check(self, config: DictConfig) -> None:
         try:
-            with open_dict(config):
-                run_config = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
-            validate(run_config)
+            check_run(self.validated(config), self.stage)
             check_writable(OmegaConf.select(config, "run_dir"))
         except UserError as e:
             if debug_requested():
@@ -107,6 +118,7 @@ def run_stage(stage: str, cfg: DictConfig) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     with report_errors():
         rc = validate(cfg)
+        check_run(rc, stage)
         if stage == "data":
             from dsno.stages.pipeline import make_data
             make_data(rc, config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))

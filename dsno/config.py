@@ -12,7 +12,9 @@ dataclass (an unknown key, a wrong type or an Enum value outside its choices fai
 the key), then every dataclass range-checks its own values in `__post_init__` and `RunConfig.check()`
 the rules between sections. Each mistake is one line: the key, the bad value, and what is allowed.
 Choice lists that a registry owns (solvers, spacings, teacher kinds, losses, export forms,
-predictions) are read from it, never written here.
+predictions) are read from it, never written here. `check_run(rc, stage)` then checks what this
+machine and its files decide (hardware, weights files, writable folders, a W&B key) for every stage an
+entry point reaches (STAGES); the entry points run both before anything is written (dsno.cli.Preflight).
 """
 
 from __future__ import annotations
@@ -767,6 +769,8 @@ def check_run(c: RunConfig, stage: str) -> None:
     """Before `stage` (a key of STAGES) writes anything: the values of every stage it reaches that this
     machine and its files decide (hardware, weights files, writable folders). ConfigError (one line)."""
     reached = STAGES[stage]
+    if set(reached) & {"data", "train", "eval"}:       # each of them is a W&B run (or CSV log)
+        _check_logger(c.logger)
     if "data" in reached:
         _check_creatable("data.dir", c.data.dir, c.run_dir)
     if "train" in reached:
@@ -784,6 +788,27 @@ def check_run(c: RunConfig, stage: str) -> None:
                   "onnx onnxscript); or drop onnx")
     if "search" in reached and c.search.out is not None:
         _check_creatable("search.out", c.search.out, c.run_dir)
+
+
+def _check_logger(lc: LoggerConfig) -> None:
+    """logger=wandb needs the wandb package; mode=online an API key (WANDB_API_KEY or `wandb login`'s
+    ~/.netrc entry), which W&B would otherwise ask for only after the data stage."""
+    import importlib.util
+    if lc.kind != "wandb" or lc.mode == "disabled":
+        return
+    if importlib.util.find_spec("wandb") is None:
+        _fail("logger.kind", str(lc.kind), "the wandb package is not installed (pip install wandb); or use logger=csv")
+    if lc.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        import netrc
+        from urllib.parse import urlparse
+        host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+        try:
+            entry = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+        except (OSError, netrc.NetrcParseError):
+            entry = None
+        if not entry or not entry[2]:
+            _fail("logger.mode", str(lc.mode), f"W&B has no API key for {host}: run `wandb login` or set "
+                  "WANDB_API_KEY; or log offline (logger.mode=offline, `wandb sync` uploads later)")
 
 
 def _check_creatable(key: str, path: str, run_dir: str) -> None:

@@ -1,0 +1,208 @@
+"""Every value of every stage a run reaches is checked before the first stage starts: a mistake is
+one line `error: config error: KEY=VALUE: ...`, exit status 2, and nothing under run_dir (not even
+the folder). The cases run in-process through the entry points' Preflight callback (what train.py,
+eval.py, python -m data_gen and python -m dsno.search run before Hydra writes anything); a few run
+as real subprocesses."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_RUN, compose
+from dsno.cli import Preflight
+from dsno.config import ConfigError, SearchConfig, check_run, validate
+from dsno.search.cli import SearchPreflight
+
+ROOT = Path(__file__).resolve().parent.parent
+CORES = os.cpu_count() or 1
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="these cases describe a machine without a GPU")
+
+
+@pytest.fixture
+def no_hub_weights(tmp_path, monkeypatch):
+    """torch's hub cache is an empty folder: no VGG-16 or Inception weights are found there."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+
+def preflight_error(stage: str, run: Path, *overrides: str, capsys, preflight=Preflight, schema=()) -> str:
+    """The one line stage's Preflight prints for `overrides` on a tiny run in `run` (exit status 2)."""
+    cfg = compose(*schema, f"run_dir={run}", *TINY_RUN, *overrides)
+    with pytest.raises(SystemExit) as e:
+        preflight(stage).on_run_start(cfg)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: config error: "), err
+    return lines[0].removeprefix("error: ")
+
+
+TRAIN = [   # (overrides, the message's start); each on a machine without a GPU
+    (["trainer.devices=64"] if CORES < 64 else [f"trainer.devices={CORES + 1}"],
+     f"trainer.devices={max(64, CORES + 1)}: asks for {max(64, CORES + 1)} devices, but this machine has {CORES} "
+     "CPU core(s)"),
+    (["trainer.devices=abc"], "trainer.devices='abc': must be auto, -1, a positive integer or a list of device "
+     "indices"),
+    (["trainer.devices=0"], "trainer.devices=0: must be auto, -1, a positive integer"),
+    (["trainer.accelerator=gpu"], "trainer.accelerator='gpu': this machine has no CUDA GPU; train on the CPU with "
+     "trainer.accelerator=cpu (or auto), or trainer=default for the whole CPU trainer"),
+    (["trainer.accelerator=cuda"], "trainer.accelerator='cuda': this machine has no CUDA GPU"),
+    (["trainer.accelerator=cpu", "trainer.devices=-1"], "trainer.devices=-1: names GPUs, but this run trains on "
+     f"the CPU ({CORES} CPU core(s)): give trainer.devices=auto or a count of CPU processes (1..{CORES})"),
+    (["trainer.devices=-1"], "trainer.devices=-1: names GPUs, but this run trains on the CPU"),
+    (["trainer.devices=[0]"], "trainer.devices=[0]: names GPUs, but this run trains on the CPU"),
+    (["trainer.strategy=banana"], "trainer.strategy='banana': must be one of auto, ddp"),
+    (["trainer.strategy=fsdp"], "trainer={'accelerator': 'auto', 'devices': 'auto', 'num_nodes': 1, 'strategy': "
+     "'fsdp', 'precision': '32-true'}: Lightning refuses this setup: The strategy `fsdp` requires a GPU"),
+    (["train.batch_size=100"], "train.batch_size=100: exceeds the 61 training trajectories of "
+     "data.num_trajectories=64 (data.val_fraction=0.05 held out)"),
+    ([f"data.num_workers={CORES + 1}"], f"data.num_workers={CORES + 1}: this machine has {CORES} CPU core(s)"),
+    (["train.loss=lpips"], "train.loss='lpips': VGG-16 weights for the perceptual loss not found at "),
+    (["search.seed=-5"], "search.seed=-5: must be an integer >= 0"),
+    (["search.seed=10000000000000"], "search.seed=10000000000000: must be at most 9,223,344,366,821: the noise "
+     "seeds 1,000,003 * seed + 1 and + 2 are 64-bit signed integers"),
+    (["search.batch=100000000000"], "search.batch=100000000000: must be at most 65,536"),
+    (["search.verify_batch=0"], "search.verify_batch=0: must be a positive integer"),
+    (["search.mode=grid"], "search.mode='grid': must be one of full, timesteps"),
+    (["search.base=euler"], "search.base='euler': must be one of unipc"),
+    (["search.base=ddim", "search.base_order=2"], "search.base_order=2: must be at most 1"),
+    (["search.afs=[]"], "search.afs=[]: must be a non-empty list of none, zero, mean"),
+    (["search.explore=1.0"], "search.explore=1.0: must lie in [0, 1)"),
+    (["search.refine=1000"], "search.refine=1000: must be at most 50"),
+    (["search.threads=-1"], "search.threads=-1: must be an integer >= 0"),
+    (["search.rounds=100000000"], "search.rounds=100000000: must be at most 10,000"),
+    (["search.pin_times=[0.5,0.5]"], "search.pin_times=[0.5, 0.5]: must be distinct times"),
+    (["search.pin_times=[2.0]"], "search.pin_times=[2.0]: must be distinct times strictly between t_end=0.001 "
+     "and T=1"),
+]
+
+
+@no_gpu
+@pytest.mark.parametrize("overrides,message", TRAIN, ids=[" ".join(c[0]) for c in TRAIN])
+def test_train_checks_every_stage_before_writing(overrides, message, tmp_path, capsys, no_hub_weights):
+    run = tmp_path / "run"
+    assert preflight_error("train", run, *overrides, capsys=capsys).startswith(f"config error: {message}")
+    assert not run.exists()
+
+
+def test_a_data_dir_that_cannot_be_made_is_named_by_data_and_train(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for stage in ("data", "train"):
+        line = preflight_error(stage, tmp_path / "run", f"data.dir={blocker}/trajectories", capsys=capsys)
+        assert line == f"config error: data.dir='{blocker}/trajectories': cannot be made: {blocker} is a file, " \
+                       "not a folder"
+    line = preflight_error("data", tmp_path / "run", f"data.dir={blocker}", capsys=capsys)
+    assert line == f"config error: data.dir='{blocker}': is a file, not a folder; point it at a folder"
+    assert not (tmp_path / "run").exists()
+
+
+@no_gpu
+def test_each_entry_point_checks_only_the_stages_it_reaches(tmp_path):
+    """data_gen and eval.py never train: a trainer or loss the machine cannot run does not stop them."""
+    bad_trainer = ["trainer.devices=abc", "trainer.accelerator=gpu", "train.loss=lpips",
+                   "train.perceptual_weights=null"]
+    rc = validate(compose(f"run_dir={tmp_path / 'run'}", *TINY_RUN, *bad_trainer))
+    for stage in ("data", "eval", "search"):
+        check_run(rc, stage)
+    with pytest.raises(ConfigError, match=r"^config error: trainer\.accelerator='gpu'"):
+        check_run(rc, "train")
+    assert not (tmp_path / "run").exists()
+
+
+def test_search_keys_and_budget_are_checked_by_the_search_entry_before_writing(tmp_path, capsys):
+    run = tmp_path / "run"
+    cases = [(["nfe=0"], "config error: nfe=0: must be an integer in 1..50"),
+             (["nfe=3", "search.pin_times=[0.5,0.3,0.2]"],
+              "config error: search.pin_times=[0.5, 0.3, 0.2]: 3 pinned times need nfe >= 4"),
+             (["search.seed=-5"], "config error: search.seed=-5: must be an integer >= 0"),
+             (["search.batch=100000000000"], "config error: search.batch=100000000000: must be at most 65,536"),
+             ([f"search.out={tmp_path}/a-file/schedules"],
+              f"config error: search.out='{tmp_path}/a-file/schedules': cannot be made: {tmp_path}/a-file is a file")]
+    (tmp_path / "a-file").write_text("")
+    for overrides, message in cases:
+        line = preflight_error("search", run, *overrides, capsys=capsys, preflight=SearchPreflight,
+                               schema=["schema=search"])
+        assert line.startswith(message), line
+    assert not run.exists()
+
+
+def test_search_config_bounds_hold_for_library_callers_too():
+    """dsno.search.search takes a SearchConfig: building one runs the same range checks."""
+    with pytest.raises(ConfigError, match=r"^config error: search\.seed=-5: must be an integer >= 0$"):
+        SearchConfig(seed=-5)
+    with pytest.raises(ConfigError, match=r"^config error: search\.batch=100000000000: must be at most 65,536"):
+        SearchConfig(batch=100_000_000_000)
+    from dsno.search.loop import noise_seeds
+    largest = SearchConfig(seed=(2**63 - 3) // 1_000_003).seed        # the bound: its noise seeds still fit
+    assert max(noise_seeds(largest)) <= 2**63 - 1 < max(noise_seeds(largest + 1))
+    torch.Generator().manual_seed(max(noise_seeds(largest)))
+
+
+def test_a_student_copied_from_a_teacher_without_network_fails_before_data(tmp_path, capsys):
+    """model.backbone.type=teacher needs the teacher loaded to know; still before the data stage."""
+    from dsno.cli import run_stage
+    run = tmp_path / "run"
+    cfg = compose(f"run_dir={run}", *TINY_RUN, "model.backbone.type=teacher", "model.parameterization=denoised")
+    with pytest.raises(SystemExit) as e:
+        run_stage("train", cfg)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config error: model.backbone.type=teacher copies the teacher's network into the "
+                          "student, and GaussianMixture has none") and "\n" not in err, err
+    assert not (run / "trajectories").exists()
+
+
+def test_the_checks_cost_no_noticeable_time(tmp_path):
+    rc = validate(compose(f"run_dir={tmp_path / 'run'}", *TINY_RUN))
+    check_run(rc, "train")                         # the imports (Lightning) are the training stage's anyway
+    t0 = time.perf_counter()
+    for _ in range(10):
+        check_run(rc, "train")
+    assert (time.perf_counter() - t0) / 10 < 0.05
+
+
+def _cli(*args, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+@no_gpu
+def test_train_py_prints_one_line_and_writes_nothing(tmp_path):
+    """The issue's cases, as a user types them: each used to make the whole data set first."""
+    run = tmp_path / "run"
+    env = {"TORCH_HOME": str(tmp_path / "torch-home")}
+    cases = [(["trainer.devices=64"] if CORES < 64 else [f"trainer.devices={CORES + 1}"], "trainer.devices="),
+             (["train.loss=lpips"], "train.loss='lpips': VGG-16 weights for the perceptual loss not found"),
+             (["trainer.accelerator=cpu", "trainer.devices=-1"], "trainer.devices=-1: names GPUs"),
+             (["experiment=cifar10_ddpm", f"teacher.path={tmp_path}"],
+              "trainer.accelerator='gpu': this machine has no CUDA GPU; train on the CPU with "
+              "trainer.accelerator=cpu (or auto), or trainer=default")]
+    for overrides, message in cases:
+        p = _cli("train.py", f"run_dir={run}", *overrides, env=env)
+        lines = [line for line in p.stderr.splitlines() if line.strip()]
+        assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
+        assert lines[0].startswith(f"error: config error: {message}"), lines[0]
+        assert not run.exists()
+
+
+def test_wandb_online_without_an_api_key_is_refused_before_the_data_stage(tmp_path, capsys, monkeypatch):
+    """W&B would ask for its key only when the data stage logs its artifact, minutes in."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    run = tmp_path / "run"
+    for stage in ("data", "train", "eval"):
+        line = preflight_error(stage, run, "logger=wandb", "logger.mode=online", capsys=capsys)
+        assert line == "config error: logger.mode='online': W&B has no API key for api.wandb.ai: run `wandb login` " \
+                       "or set WANDB_API_KEY; or log offline (logger.mode=offline, `wandb sync` uploads later)"
+    assert not run.exists()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    rc = validate(compose(f"run_dir={run}", *TINY_RUN, "logger=wandb", "logger.mode=online"))
+    check_run(rc, "data")                 # `wandb login`'s entry is a key
+    check_run(validate(compose(f"run_dir={run}", *TINY_RUN, "logger=wandb")), "data")   # offline needs none

@@ -786,6 +786,11 @@ def check_run(c: RunConfig, stage: str) -> None:
         if "onnx" in c.export.forms and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
             _fail("export.forms", list(c.export.forms), "onnx needs the packages onnx and onnxscript (pip install "
                   "onnx onnxscript); or drop onnx")
+    if "eval" in reached and c.eval.fidelity:
+        from dsno.metrics.fidelity import MIN_IMAGES      # torch-fidelity's import: eval's own, moved here
+        if c.eval.num_samples < MIN_IMAGES:
+            _fail("eval.num_samples", c.eval.num_samples, f"FID / KID / IS need at least {MIN_IMAGES} samples; "
+                  f"use eval.num_samples>={MIN_IMAGES} or eval.fidelity=false")
     if "search" in reached and c.search.out is not None:
         _check_creatable("search.out", c.search.out, c.run_dir)
 

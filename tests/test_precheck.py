@@ -62,6 +62,8 @@ TRAIN = [   # (overrides, the message's start); each on a machine without a GPU
      "data.num_trajectories=64 (data.val_fraction=0.05 held out)"),
     ([f"data.num_workers={CORES + 1}"], f"data.num_workers={CORES + 1}: this machine has {CORES} CPU core(s)"),
     (["train.loss=lpips"], "train.loss='lpips': VGG-16 weights for the perceptual loss not found at "),
+    (["eval.fidelity=true", "eval.num_samples=9"], "eval.num_samples=9: FID / KID / IS need at least 10 samples; "
+     "use eval.num_samples>=10 or eval.fidelity=false"),
     (["search.seed=-5"], "search.seed=-5: must be an integer >= 0"),
     (["search.seed=10000000000000"], "search.seed=10000000000000: must be at most 9,223,344,366,821: the noise "
      "seeds 1,000,003 * seed + 1 and + 2 are 64-bit signed integers"),

@@ -31,9 +31,7 @@ def prepare_cli(config_dir: str | os.PathLike, stage: str) -> None:
     if "--debug" in sys.argv:
         sys.argv = [a for a in sys.argv if a != "--debug"]
         os.environ["HYDRA_FULL_ERROR"] = "1"
-    stage_override = f"++hydra.callbacks.preflight.stage={stage}"
-    if stage_override not in sys.argv:       # a DDP rank's process is launched with the parent's argv
-        sys.argv.insert(1, stage_override)
+    Preflight.entry_stage = stage
     register_configs()
     overrides = sys.argv[1:]
     if any(a.startswith("-") for a in overrides):
@@ -82,8 +80,10 @@ class Preflight(Callback):
     the stages `stage` reaches against this machine and its files (dsno.config.check_run), and prove
     run_dir writable, so a mistake is one line and leaves nothing on disk."""
 
-    def __init__(self, stage: str = "train"):
-        self.stage = stage
+    entry_stage = "train"        # the running entry point's stage, set by prepare_cli
+
+    def __init__(self, stage: str | None = None):
+        self.stage = stage or Preflight.entry_stage
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config)

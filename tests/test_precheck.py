@@ -208,3 +208,16 @@ def test_wandb_online_without_an_api_key_is_refused_before_the_data_stage(tmp_pa
     rc = validate(compose(f"run_dir={run}", *TINY_RUN, "logger=wandb", "logger.mode=online"))
     check_run(rc, "data")                 # `wandb login`'s entry is a key
     check_run(validate(compose(f"run_dir={run}", *TINY_RUN, "logger=wandb")), "data")   # offline needs none
+
+
+def test_eval_and_data_gen_check_their_own_stages(tmp_path):
+    """The stage reaches the Preflight of each entry point: neither eval.py nor python -m data_gen trains,
+    so an unusable trainer does not stop them; their own stage's values do."""
+    run = tmp_path / "run"
+    (tmp_path / "a-file").write_text("")
+    p = _cli("-m", "data_gen", f"run_dir={run}", "trainer.devices=abc", f"data.dir={tmp_path}/a-file/trajectories")
+    assert p.returncode == 2 and p.stderr.strip() == f"error: config error: data.dir='{tmp_path}/a-file/trajectories'" \
+        f": cannot be made: {tmp_path}/a-file is a file, not a folder", p.stderr[-3000:]
+    assert not run.exists()
+    p = _cli("eval.py", f"run_dir={run}", "trainer.devices=abc")
+    assert p.returncode == 2 and p.stderr.strip().startswith(f"error: no sampler folder at {run}/sampler"), p.stderr

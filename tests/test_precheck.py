@@ -64,6 +64,22 @@ TRAIN = [   # (overrides, the message's start); each on a machine without a GPU
     (["train.loss=lpips"], "train.loss='lpips': VGG-16 weights for the perceptual loss not found at "),
     (["eval.fidelity=true", "eval.num_samples=9"], "eval.num_samples=9: FID / KID / IS need at least 10 samples; "
      "use eval.num_samples>=10 or eval.fidelity=false"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0: must be a positive integer"),
+    (["trainer.num_nodes=0"], "trainer.num_nodes=0: must be a positive integer"),
+    (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0: must be a positive integer"),
+    (["trainer.val_check_interval=0"], "trainer.val_check_interval=0: must be a positive integer"),
+    (["trainer.precision=8-bit"], "trainer.precision='8-bit': must be one of 32-true, 32, bf16-mixed, 16-mixed"),
+    (["train.lr=0"], "train.lr=0.0: must lie in (0, 1]"),
+    (["train.ema_decay=1"], "train.ema_decay=1.0: must lie in [0, 1)"),
+    (["train.loss=huber"], "train.loss='huber': must be one of l2, l1"),
+    (["train.warmup_steps=-1"], "train.warmup_steps=-1: must be an integer >= 0"),
+    (["train.weight_min=0"], "train.weight_min=0.0: must lie in (0, 10000]"),
+    (["train.grad_clip=nan"], "train.grad_clip=nan: must be a finite number"),
+    (["train.checkpoint_every=0"], "train.checkpoint_every=0: must be a positive integer"),
+    (["train.perceptual_weights=/nonexistent/vgg.pth"], "train.perceptual_weights='/nonexistent/vgg.pth': does not "
+     "exist; give a local VGG-16 weights file"),
+    (["eval.fidelity_reference=/nonexistent/ref.npz"], "eval.fidelity_reference='/nonexistent/ref.npz': does not "
+     "exist; give a local file"),
     (["search.seed=-5"], "search.seed=-5: must be an integer >= 0"),
     (["search.seed=10000000000000"], "search.seed=10000000000000: must be at most 9,223,344,366,821: the noise "
      "seeds 1,000,003 * seed + 1 and + 2 are 64-bit signed integers"),

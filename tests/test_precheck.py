@@ -5,8 +5,6 @@ eval.py, python -m data_gen and python -m dsno.search run before Hydra writes an
 as real subprocesses."""
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,8 +15,8 @@ from conftest import TINY_RUN, compose
 from dsno.cli import Preflight
 from dsno.config import ConfigError, SearchConfig, check_run, validate
 from dsno.search.cli import SearchPreflight
+from test_bad_input import _cli, _one_line
 
-ROOT = Path(__file__).resolve().parent.parent
 CORES = os.cpu_count() or 1
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="these cases describe a machine without a GPU")
 
@@ -184,12 +182,6 @@ def test_the_checks_cost_no_noticeable_time(tmp_path):
     assert (time.perf_counter() - t0) / 10 < 0.05
 
 
-def _cli(*args, env=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-
-
 @no_gpu
 def test_train_py_prints_one_line_and_writes_nothing(tmp_path):
     """The issue's cases, as a user types them: each used to make the whole data set first."""
@@ -202,10 +194,8 @@ def test_train_py_prints_one_line_and_writes_nothing(tmp_path):
               "trainer.accelerator='gpu': this machine has no CUDA GPU; train on the CPU with "
               "trainer.accelerator=cpu (or auto), or trainer=default")]
     for overrides, message in cases:
-        p = _cli("train.py", f"run_dir={run}", *overrides, env=env)
-        lines = [line for line in p.stderr.splitlines() if line.strip()]
-        assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
-        assert lines[0].startswith(f"error: config error: {message}"), lines[0]
+        line = _one_line(_cli("train.py", f"run_dir={run}", *overrides, env=env))
+        assert line.startswith(f"error: config error: {message}"), line
         assert not run.exists()
 
 
@@ -231,9 +221,30 @@ def test_eval_and_data_gen_check_their_own_stages(tmp_path):
     so an unusable trainer does not stop them; their own stage's values do."""
     run = tmp_path / "run"
     (tmp_path / "a-file").write_text("")
-    p = _cli("-m", "data_gen", f"run_dir={run}", "trainer.devices=abc", f"data.dir={tmp_path}/a-file/trajectories")
-    assert p.returncode == 2 and p.stderr.strip() == f"error: config error: data.dir='{tmp_path}/a-file/trajectories'" \
-        f": cannot be made: {tmp_path}/a-file is a file, not a folder", p.stderr[-3000:]
+    line = _one_line(_cli("-m", "data_gen", f"run_dir={run}", "trainer.devices=abc",
+                          f"data.dir={tmp_path}/a-file/trajectories"))
+    assert line == f"error: config error: data.dir='{tmp_path}/a-file/trajectories': cannot be made: " \
+                   f"{tmp_path}/a-file is a file, not a folder"
     assert not run.exists()
-    p = _cli("eval.py", f"run_dir={run}", "trainer.devices=abc")
-    assert p.returncode == 2 and p.stderr.strip().startswith(f"error: no sampler folder at {run}/sampler"), p.stderr
+    line = _one_line(_cli("eval.py", f"run_dir={run}", "trainer.devices=abc"))
+    assert line.startswith(f"error: no sampler folder at {run}/sampler"), line
+
+
+def test_gpu_settings_are_checked_against_the_machines_gpus(tmp_path, monkeypatch):
+    """The GPU side of the check on a stand-in machine of one GPU without bfloat16 (checked before Lightning
+    is asked, so nothing else of CUDA is needed)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    cases = [(["trainer.accelerator=gpu", "trainer.devices=2"],
+              "config error: trainer.devices=2: asks for 2 devices, but this machine has 1 GPU(s)"),
+             (["trainer.devices=[1]"], "config error: trainer.devices=[1]: names device index 1, but this machine "
+              "has 1 GPU(s)"),
+             (["trainer=gpu"], "config error: trainer.precision='bf16-mixed': Tesla V100 has no bfloat16; use "
+              "16-mixed or 32-true")]
+    for overrides, message in cases:
+        rc = validate(compose(f"run_dir={tmp_path / 'run'}", *TINY_RUN, *overrides))
+        with pytest.raises(ConfigError) as e:
+            check_run(rc, "train")
+        assert str(e.value) == message

@@ -528,7 +528,8 @@ class SearchConfig:
 
 def check_search(sc: SearchConfig, nfe: Optional[int], t_start: float, t_end: float) -> None:
     """The search's keys against its budget `nfe` (None: a run that does not search) and the time range
-    (t_end, t_start) of the teacher's ODE (ConfigError, one line)."""
+    (t_end, t_start) of the teacher's ODE (t_start inf: known only once the teacher is loaded; the search
+    checks again then). ConfigError, one line."""
     if nfe is not None and (isinstance(nfe, bool) or not isinstance(nfe, int) or not 1 <= nfe <= 50):
         _fail("nfe", nfe, "must be an integer in 1..50 (python -m dsno.search nfe=5)")
     pins = list(sc.pin_times)
@@ -578,7 +579,7 @@ class RunConfig:
         if self.model.modes > m // 2 + 1:
             _fail("model.modes", self.model.modes, f"must be <= M // 2 + 1 = {m // 2 + 1} for M = {m} output times")
         _in_range("model.denoise_time", self.model.denoise_time, 0.0, t_max, lo_open=True)
-        check_search(self.search, None, t_max, self.solver.t_end)
+        check_search(self.search, None, sched.T if sched is not None else math.inf, self.solver.t_end)
 
     def _check_processes(self) -> None:
         """Every solver (the teacher solve, eval's baselines) integrates the teacher's kind of process;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ class SearchPreflight(Preflight):
         from dsno.config import check_search
         rc, nfe, sc = split(config)
         sched = rc.teacher.fixed_schedule()
-        check_search(sc, nfe, sched.T if sched is not None else 1.0, rc.solver.t_end)
+        check_search(sc, nfe, sched.T if sched is not None else math.inf, rc.solver.t_end)
         return rc
 
 

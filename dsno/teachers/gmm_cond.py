@@ -24,7 +24,9 @@ class ConditionalGaussianMixture(GaussianMixture):
     weights: [K] global (normalised here; None equal); guidance: the scale w of
     (1 + w) f(x, t, y) - w f(x, t, null) that `conditioned` and `dsno.sample(..., cond=)` use.
 
-    forward(x, t, labels=None): labels [B] in [0, num_classes], num_classes (or None) the null label."""
+    forward(x, t, labels=None): labels [B] in [0, num_classes], num_classes (or None) the null label.
+    What takes no labels (eps / x0 unbound, score, log_prob, sample_data, data_mean) is the
+    unconditional mixture p(x0); `class_mixture(y)` is p(x0 | y)."""
 
     supports_guidance = True
 

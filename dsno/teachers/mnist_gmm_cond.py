@@ -9,16 +9,13 @@ The fit ships as `dsno/assets/mnist_gmm_cond16_c8.safetensors`; remake it with
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from dsno.atomic import atomic_path
-from dsno.errors import UserFileNotFoundError
 from dsno.schedules import Schedule, VPSchedule
 from dsno.teachers.gmm_cond import ConditionalGaussianMixture
-from dsno.teachers.mnist_gmm import ASSETS, fit_diagonal_gmm
+from dsno.teachers.mnist_gmm import ASSETS, fit_command, fit_diagonal_gmm, read_fit
 
 DIGIT_CLASSES = 10
 
@@ -49,39 +46,19 @@ def load_mnist_gmm_cond(size: int = 16, per_class: int = 8, schedule: Schedule |
                         path: str | Path | None = None, guidance: float = 0.0) -> ConditionalGaussianMixture:
     """The shipped fit (or `path`, another fit of `python -m dsno.teachers.mnist_gmm_cond`) as a
     ConditionalGaussianMixture over the 10 digits (linear VP schedule by default), guidance scale w."""
-    from safetensors.torch import load_file
     p = Path(path) if path is not None else asset_path(size, per_class)
-    if not p.is_file():
-        raise UserFileNotFoundError(
-            f"conditional mixture fit {p} not found; make it with: python -m dsno.teachers.mnist_gmm_cond "
-            f"--size {size} --per-class {per_class} --out {p}")
-    t = load_file(str(p))
-    held = (int(t["means"].shape[0]), tuple(int(v) for v in t["means"].shape[1:]))
-    if held != (DIGIT_CLASSES * per_class, (1, size, size)):
-        raise ValueError(f"{p} holds {held[0]} components of {'x'.join(map(str, held[1]))} images, not "
-                         f"{DIGIT_CLASSES} x {per_class} of 1x{size}x{size}: pass its size and per_class")
+    t = read_fit(p, DIGIT_CLASSES * per_class, size,
+                 f"python -m dsno.teachers.mnist_gmm_cond --size {size} --per-class {per_class}",
+                 f"{DIGIT_CLASSES} x {per_class} of 1x{size}x{size} were asked for: pass the file's size and per_class",
+                 keys=("means", "variances", "weights", "labels"))
     return ConditionalGaussianMixture(t["means"], t["variances"], t["labels"], t["weights"], num_classes=DIGIT_CLASSES,
                                       schedule=schedule or VPSchedule.linear(), guidance=guidance,
                                       name=f"mnist_gmm_cond{size}_c{per_class}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Fit the class-conditional MNIST Gaussian-mixture teacher and save it.")
-    ap.add_argument("--size", type=int, default=16, help="image side in pixels")
-    ap.add_argument("--per-class", type=int, default=8, help="mixture components per digit class")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--iters", type=int, default=100, help="EM iterations")
-    ap.add_argument("--var-floor", type=float, default=1e-2, help="lower bound on each variance")
-    ap.add_argument("--out", type=Path, default=None, help="output .safetensors (default: the shipped asset)")
-    a = ap.parse_args(argv)
-    from safetensors.torch import save_file
-    fit = fit_mnist_gmm_cond(a.size, a.per_class, a.seed, a.iters, a.var_floor)
-    out = a.out or asset_path(a.size, a.per_class)
-    with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in fit.items()}, str(tmp),
-                  metadata={"command": f"python -m dsno.teachers.mnist_gmm_cond --size {a.size} --per-class "
-                                       f"{a.per_class} --seed {a.seed} --iters {a.iters} --var-floor {a.var_floor}"})
-    print(f"wrote {out}")
+    fit_command(argv, "dsno.teachers.mnist_gmm_cond", "Fit the class-conditional MNIST Gaussian-mixture teacher "
+                "and save it.", "--per-class", 8, "mixture components per digit class", fit_mnist_gmm_cond, asset_path)
 
 
 if __name__ == "__main__":

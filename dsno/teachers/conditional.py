@@ -20,6 +20,7 @@ labels and w fixed, which every solver calls as `eps(x, t)` / `x0(x, t)`.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ def _name(teacher: Any) -> str:
 def check_guidance(teacher: Any, guidance: Any) -> float:
     """The guidance scale w as a float; GuidanceError when it is not a finite number >= 0, or not 0
     on a teacher without an unconditional branch (`supports_guidance`)."""
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance) \
             or guidance < 0:
         raise GuidanceError(f"guidance must be a finite number >= 0 (w of (1 + w) f(x, t, y) - w f(x, t, null); "
                             f"0: the conditional model), got {guidance!r}")

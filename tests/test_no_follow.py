@@ -165,3 +165,26 @@ def test_sample_images_refuses_links(name, sampler_dir, victim, tmp_path):
     with pytest.raises(LinkRefusedError) as info:
         write_samples(sampler_dir, 4, out, batch_size=4, chunk_size=2, progress=False)
     assert_refused(info, link)
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "logs", "wandb"])
+def test_the_run_folders_dsno_names_refuse_links(name, tiny_run, tmp_path):
+    """A link at run_dir/checkpoints, logs or wandb would put last.ckpt, metrics.csv or runs.json
+    (replacing a file of that name) in another folder."""
+    from dsno import loggers
+    from dsno.stages.training import make_trainer
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "version_0").mkdir(parents=True)
+    (elsewhere / "last.ckpt").write_bytes(PRECIOUS)
+    rc = tiny_run(*(["logger=wandb"] if name == "wandb" else []))
+    link = Path(rc.run_dir) / name
+    link.parent.mkdir(parents=True)
+    link.symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(LinkRefusedError) as info:
+        if name == "checkpoints":
+            make_trainer(rc, Path(rc.run_dir), None)
+        else:
+            loggers.training_logger(rc)
+    assert_refused(info, link)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["last.ckpt", "version_0"]
+    assert (elsewhere / "last.ckpt").read_bytes() == PRECIOUS and not any((elsewhere / "version_0").iterdir())

@@ -156,9 +156,10 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path
     assert list(path.parent.iterdir()) == []
 
 
-@pytest.mark.parametrize("form", ["pt2", "safetensors", "onnx"])
+@pytest.mark.parametrize("form", ["pt2", "safetensors"])
 def test_a_full_disk_during_export_is_one_line_without_sigabrt(form, tmp_path):
-    """torch's zip writer, on a failed write of sampler.pt2, used to abort the process (SIGABRT)."""
+    """torch's zip writer, on a failed write of sampler.pt2, used to abort the process (SIGABRT);
+    safetensors' own file writer raised a SafetensorError traceback."""
     out = tmp_path / "run" / "sampler"
     result = _with_file_size_limit(
         "from test_export import CONFIG, trained_like_model; from dsno.errors import report_errors; "

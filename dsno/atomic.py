@@ -184,20 +184,21 @@ def prove_writable(folder: str | os.PathLike) -> None:
     probe.unlink()
 
 
-def claim_output_folder(path: str | os.PathLike, key: str, owned: Callable[[str], bool], create: bool) -> Path:
+def claim_output_folder(path: str | os.PathLike, key: str, foreign: Callable[[Path], list[str]],
+                        create: bool) -> Path:
     """Check that the output folder `path` (the option `key`, e.g. "out") may take dsno's files, and
     create it (`create`) or its parent. It must not be a link or a file, and must be new, empty or
-    hold only names `owned(name)` accepts (those dsno writes there), so no user file is replaced or
-    removed; the folder it is created in must be writable (proved with a probe file). Anything else
-    is one `UnwritableFolderError` / `LinkRefusedError` line. Returns `path`."""
+    one dsno wrote (`foreign(path)`: the entries that say otherwise, [] for none), so no user file
+    is replaced or removed; the folder it is created in must be writable (proved with a probe
+    file). Anything else is one `UnwritableFolderError` / `LinkRefusedError` line. Returns `path`."""
     path = Path(path)
     refuse_link(path)
     if path.exists() and not path.is_dir():
         raise UnwritableFolderError(f"{key}={path} is a file, not a folder; point {key}= at a new or empty folder")
     if path.is_dir():
-        foreign = sorted(name for name in os.listdir(path) if not owned(name))
-        if foreign:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        others = sorted(foreign(path))
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
             raise UnwritableFolderError(f"{key}={path} is not empty and not a folder dsno wrote (it holds {shown}); "
                                         f"nothing was changed: point {key}= at a new or empty folder")
     folder = path if create else path.parent

@@ -60,7 +60,7 @@ def export_sampler(model: DSNO, config: dict[str, Any], out_dir: str | os.PathLi
     _check_model_matches_config(model, config)
     model = copy.deepcopy(model).to("cpu").eval()
 
-    out_dir = claim_output_folder(out_dir, "out", is_sampler_file, create=False)
+    out_dir = claim_output_folder(out_dir, "out", not_sampler_files, create=False)
     remove_stale_temp_folders(out_dir)
     tmp = _temp_folder(out_dir, "tmp", os.getpid())
     refuse_link(tmp)
@@ -92,9 +92,13 @@ def export_sampler(model: DSNO, config: dict[str, Any], out_dir: str | os.PathLi
     return out_dir
 
 
-def is_sampler_file(name: str) -> bool:
-    """Whether `name` is one export writes into a sampler folder (ONNX external data included)."""
-    return name in (CONFIG_FILE, CHECKSUM_FILE, *FORM_FILES.values()) or name.startswith(FORM_FILES["onnx"] + ".")
+def not_sampler_files(folder: Path) -> list[str]:
+    """The entries of `folder` that make it other than a sampler folder export wrote (which holds
+    config.json, checksums.json and form files only, ONNX external data included); [] for one."""
+    names = os.listdir(folder)
+    other = [n for n in names if n not in (CONFIG_FILE, CHECKSUM_FILE, *FORM_FILES.values())
+             and not n.startswith(FORM_FILES["onnx"] + ".")]
+    return other or ([] if not names or {CONFIG_FILE, CHECKSUM_FILE} <= set(names) else names)
 
 
 def _temp_folder(out_dir: Path, kind: str, pid: int) -> Path:

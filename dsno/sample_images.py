@@ -114,9 +114,15 @@ def _check_run_record(out: Path, record: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
 
 
-def is_image_folder_file(name: str) -> bool:
-    """Whether `name` is one this module writes directly in out= (an atomic temp file included)."""
-    return name in (PNG_DIR, CHUNK_DIR, RUN_FILE, NPZ_FILE) or TEMP_FILE.fullmatch(name) is not None
+def not_image_folder_files(out: Path) -> list[str]:
+    """The entries of `out` that make it other than a folder this module wrote (run.json, png/,
+    chunks/, samples.npz, temp files; png/ and chunks/ only beside run.json unless empty); []
+    for one."""
+    names = os.listdir(out)
+    other = [n for n in names if n not in (PNG_DIR, CHUNK_DIR, RUN_FILE, NPZ_FILE) and not TEMP_FILE.fullmatch(n)]
+    filled = [n for n in (PNG_DIR, CHUNK_DIR)
+              if (out / n).is_dir() and not (out / n).is_symlink() and any((out / n).iterdir())]  # a link: refused later
+    return other or ([] if RUN_FILE in names else filled)
 
 
 def _remove_stale_temp_files(*folders: Path) -> None:
@@ -139,7 +145,7 @@ def write_samples(sampler_path: str | os.PathLike, n: int, out: str | os.PathLik
     channels, (height, width) = sampler.data_channels, sampler.image_shape[1:]
     if channels not in (1, 3):
         raise UserError(f"PNG output needs 1 (grayscale) or 3 (RGB) channels, the sampler makes {channels}")
-    out = claim_output_folder(out, "out", is_image_folder_file, create=True)
+    out = claim_output_folder(out, "out", not_image_folder_files, create=True)
     png_dir, chunk_dir = make_folder(out / PNG_DIR), make_folder(out / CHUNK_DIR)
     _remove_stale_temp_files(out, png_dir, chunk_dir)
     _check_run_record(out, _run_record(sampler, seed, chunk_size))

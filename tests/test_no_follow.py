@@ -7,6 +7,7 @@ the victim's bytes are untouched and the link itself is still there.
 """
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -160,7 +161,11 @@ def sampler_dir(tmp_path_factory):
 @pytest.mark.parametrize("name", ["run.json", "samples.npz", "png/000001.png", f"png/.000001.png.{os.getpid()}.tmp",
                                   "chunks/00000.npy", "chunks/00000.sha256", "png"])
 def test_sample_images_refuses_links(name, sampler_dir, victim, tmp_path):
+    """Planted in the folder of an earlier run, which the rerun rewrites (a file whose bytes differ)."""
     out = tmp_path / "samples"
+    write_samples(sampler_dir, 4, out, batch_size=4, chunk_size=2, progress=False)
+    shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+    (out / "png" / "000001.png").unlink(missing_ok=True)   # rewritten through its temp name
     link = plant(out / name, victim)
     with pytest.raises(LinkRefusedError) as info:
         write_samples(sampler_dir, 4, out, batch_size=4, chunk_size=2, progress=False)

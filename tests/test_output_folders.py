@@ -61,6 +61,27 @@ def test_export_refuses_a_folder_of_other_files(foreign):
     assert sorted(p.name for p in foreign.parent.iterdir()) == ["photos"]
 
 
+def test_a_folder_of_sampler_like_names_is_not_taken_for_a_sampler(tmp_path):
+    """A config.json and weights without export's checksums.json: someone else's model folder."""
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "weights.safetensors").write_bytes(b"theirs")
+    before = files(out)
+    with pytest.raises(UnwritableFolderError, match=r"holds config.json, weights.safetensors\); nothing was changed"):
+        export_sampler(trained_like_model(), CONFIG, out, forms=("safetensors",))
+    assert files(out) == before
+
+
+def test_sample_images_takes_png_of_its_own_only(sampler_dir, tmp_path):
+    out = tmp_path / "samples"
+    (out / "png").mkdir(parents=True)
+    (out / "png" / "000000.png").write_bytes(b"a picture of the user's")
+    with pytest.raises(UnwritableFolderError, match=rf"^out={out} is not empty and not a folder dsno wrote \(it holds png\)"):
+        write_samples(sampler_dir, 2, out, batch_size=2, chunk_size=2, progress=False)
+    assert files(out) == {"png/000000.png": b"a picture of the user's"}
+
+
 def test_export_refuses_a_file(tmp_path):
     out = tmp_path / "sampler"
     out.write_bytes(b"mine")

@@ -71,7 +71,8 @@ def link_refused(path: str | os.PathLike) -> LinkRefusedError:
     except OSError:
         target = ""
     return LinkRefusedError(f"refusing to write {path}: it is a symbolic link{target}, which dsno did not make and "
-                            "never writes through; remove the link (its target is untouched), then run the command again")
+                            "never writes through; remove the link (its target is untouched), then run the command "
+                            "again")
 
 
 def refuse_link(path: str | os.PathLike) -> None:
@@ -158,10 +159,10 @@ def atomic_path(path: str | os.PathLike, temp_suffix: str | None = None) -> Iter
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, temp_suffix: str | None = None) -> None:
     """Write `data` to `path` atomically (see module doc)."""
     with atomic_path(path, temp_suffix) as tmp:
-        write_new_bytes(tmp, data, exclusive=False)
+        write_bytes_no_follow(tmp, data, exclusive=False)
 
 
-def write_new_bytes(path: str | os.PathLike, data: bytes | memoryview, exclusive: bool = True) -> None:
+def write_bytes_no_follow(path: str | os.PathLike, data: bytes | memoryview, exclusive: bool = True) -> None:
     """Write `data` to `path`, never through a link; exclusive: `path` must not exist yet (for a
     file inside a folder this process just made), else an existing regular file is truncated."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)

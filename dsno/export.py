@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from dsno.atomic import (check_room, claim_output_folder, disk_full_error, is_disk_full, refuse_link,
-                         write_new_bytes)
+                         write_bytes_no_follow)
 from dsno.data.lock import pid_alive
 from dsno.errors import UserError, UserFileNotFoundError, report_errors
 from dsno.nn import CONFIG_FORMAT_VERSION, DSNO, build_dsno, validate_config
@@ -67,7 +67,7 @@ def export_sampler(model: DSNO, config: dict[str, Any], out_dir: str | os.PathLi
     shutil.rmtree(tmp, ignore_errors=True)  # this pid's own, from an earlier call in this process
     tmp.mkdir()
     try:
-        write_new_bytes(tmp / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+        write_bytes_no_follow(tmp / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
         example = torch.randn(2, *config["image_shape"], generator=torch.Generator().manual_seed(0))
         program = export_program(model, example) if {"pt2", "onnx"} & set(forms) else None
         for form in forms:
@@ -121,7 +121,8 @@ def remove_stale_temp_folders(out_dir: Path) -> list[Path]:
 def save_safetensors(model: DSNO, path: Path) -> None:
     from safetensors.torch import save  # to bytes: safetensors' own file writer reports a full disk as SafetensorError
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_new_bytes(path, save(state, metadata={"format": "pt", "dsno_format_version": str(CONFIG_FORMAT_VERSION)}))
+    metadata = {"format": "pt", "dsno_format_version": str(CONFIG_FORMAT_VERSION)}
+    write_bytes_no_follow(path, save(state, metadata=metadata))
 
 
 def export_program(model: DSNO, example: torch.Tensor) -> torch.export.ExportedProgram:

@@ -120,8 +120,8 @@ def not_image_folder_files(out: Path) -> list[str]:
     for one."""
     names = os.listdir(out)
     other = [n for n in names if n not in (PNG_DIR, CHUNK_DIR, RUN_FILE, NPZ_FILE) and not TEMP_FILE.fullmatch(n)]
-    filled = [n for n in (PNG_DIR, CHUNK_DIR)
-              if (out / n).is_dir() and not (out / n).is_symlink() and any((out / n).iterdir())]  # a link: refused later
+    filled = [n for n in (PNG_DIR, CHUNK_DIR)      # a link among them is refused by name when written
+              if (out / n).is_dir() and not (out / n).is_symlink() and any((out / n).iterdir())]
     return other or ([] if RUN_FILE in names else filled)
 
 

@@ -149,7 +149,8 @@ def test_export_into_a_linked_folder_is_refused(tmp_path):
     with pytest.raises(LinkRefusedError) as info:
         export_sampler(trained_like_model(), CONFIG, link, forms=("safetensors",))
     assert_refused(info, link)
-    assert [p.name for p in elsewhere.iterdir()] == ["config.json"] and (elsewhere / "config.json").read_bytes() == PRECIOUS
+    assert [p.name for p in elsewhere.iterdir()] == ["config.json"]
+    assert (elsewhere / "config.json").read_bytes() == PRECIOUS
 
 
 @pytest.fixture(scope="module")

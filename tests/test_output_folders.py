@@ -77,7 +77,8 @@ def test_sample_images_takes_png_of_its_own_only(sampler_dir, tmp_path):
     out = tmp_path / "samples"
     (out / "png").mkdir(parents=True)
     (out / "png" / "000000.png").write_bytes(b"a picture of the user's")
-    with pytest.raises(UnwritableFolderError, match=rf"^out={out} is not empty and not a folder dsno wrote \(it holds png\)"):
+    with pytest.raises(UnwritableFolderError,
+                       match=rf"^out={out} is not empty and not a folder dsno wrote \(it holds png\)"):
         write_samples(sampler_dir, 2, out, batch_size=2, chunk_size=2, progress=False)
     assert files(out) == {"png/000000.png": b"a picture of the user's"}
 

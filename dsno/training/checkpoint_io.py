@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from dsno.atomic import atomic_path, write_new_bytes
+from dsno.atomic import atomic_path, write_bytes_no_follow
 from dsno.errors import UnsafeFileError
 
 
@@ -33,7 +33,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with atomic_path(path) as tmp:
             buffer = io.BytesIO()
             torch.save(checkpoint, buffer)
-            write_new_bytes(tmp, buffer.getbuffer(), exclusive=False)
+            write_bytes_no_follow(tmp, buffer.getbuffer(), exclusive=False)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = True) -> dict[str, Any]:
         try:

@@ -16,6 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dsno.atomic import prove_writable
 from dsno.config import check_run, compose, register_configs, validate
 from dsno.errors import UserError, debug_requested, one_line, report_errors
 
@@ -65,11 +66,8 @@ def composition_message(e: BaseException) -> str:
 def check_writable(run_dir: str | os.PathLike) -> None:
     """Create `run_dir` if needed and prove a file can be written there; UserError otherwise."""
     path = Path(run_dir)
-    probe = path / f".write-test-{os.getpid()}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        prove_writable(path)
     except OSError as e:
         raise UserError(f"run_dir={path} is not writable ({e.strerror or e}); point run_dir= at a folder you "
                         "can write to") from None

@@ -9,11 +9,11 @@ the traceback is shown instead. Anything else is a programming error and still r
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
+
+from dsno.jsonfile import read_json_file  # noqa: F401  (re-exported: the one bounded JSON reader)
 
 
 class UserError(ValueError):
@@ -55,14 +55,3 @@ def report_errors() -> Iterator[None]:
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
 
-
-def read_json_file(path: str | os.PathLike, error: type[UserError], hint: str) -> Any:
-    """The parsed JSON of a user's file; `error` (naming the file, ending with `hint`) when it is
-    missing, unreadable or not JSON."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise error(f"{path} is missing; {hint}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path} is not valid JSON ({e}); {hint}") from None

@@ -1,6 +1,6 @@
 """Export a trained DSNO as a one-pass sampler folder.
 
-The folder holds `config.json` (the build config, see `dsno.nn.validate_config`) and one
+The folder holds `config.json` (the build config, `dsno.nn.SamplerConfig.to_dict()`) and one
 file per form: `weights.safetensors` (the DSNO state dict), `sampler.pt2` (torch.export
 program, dynamic batch) and `sampler.onnx` (opset 18, dynamic batch), and `checksums.json`:
 the sha256 of every file, signed with this install's key (`dsno.trust.checksums`), so a changed
@@ -21,6 +21,7 @@ reads PATH/checkpoints/dsno_ema.safetensors and PATH/checkpoints/dsno_config.jso
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -36,9 +37,10 @@ from dsno.atomic import (check_room, claim_output_folder, disk_full_error, is_di
                          write_bytes_no_follow)
 from dsno.data.lock import pid_alive
 from dsno.errors import UserError, UserFileNotFoundError, report_errors
-from dsno.nn import CONFIG_FORMAT_VERSION, DSNO, build_dsno, validate_config
-from dsno.sampler import (CONFIG_FILE, FORM_FILES, SamplerFileError, load_dsno, load_onnx_session,
-                          load_pt2_program, read_config)
+from dsno.nn import CONFIG_FORMAT_VERSION, DSNO, build_dsno
+from dsno.nn.config import SamplerConfig, as_config
+from dsno.sampler import (CONFIG_FILE, FORM_FILES, load_dsno, load_onnx_session, load_pt2_program,
+                          read_build_config, read_config)
 from dsno.trust import CHECKSUM_FILE, check_onnx_model, check_pt2_archive, write_checksums
 
 ONNX_OPSET = 18
@@ -47,16 +49,16 @@ ONNX_SINGLE_FILE_LIMIT = 1_800_000_000  # bytes of weights; larger models keep t
 VERIFY_TOLERANCE = 1e-4
 
 
-def export_sampler(model: DSNO, config: dict[str, Any], out_dir: str | os.PathLike,
+def export_sampler(model: DSNO, config: SamplerConfig | dict[str, Any], out_dir: str | os.PathLike,
                    forms: Sequence[str] = ("safetensors", "pt2", "onnx"), verify: bool = True) -> Path:
     """Write the sampler folder `out_dir` (replacing an existing one) and return its path.
 
-    model: the DSNO to export (EMA weights); config: its build config (must rebuild the same
+    model: the DSNO to export (EMA weights); config: its build config (`SamplerConfig` or its JSON dict; must rebuild the same
     module: same parameter names and shapes, same times). forms: any of "safetensors", "pt2", "onnx".
     verify: check each exported form against the model on a random batch (float32, CPU).
     """
     forms = _check_forms(forms)
-    config = {**validate_config(dict(config)), "format_version": CONFIG_FORMAT_VERSION}
+    config = dataclasses.replace(as_config(config), format_version=CONFIG_FORMAT_VERSION)
     _check_model_matches_config(model, config)
     model = copy.deepcopy(model).to("cpu").eval()
 
@@ -67,8 +69,8 @@ def export_sampler(model: DSNO, config: dict[str, Any], out_dir: str | os.PathLi
     shutil.rmtree(tmp, ignore_errors=True)  # this pid's own, from an earlier call in this process
     tmp.mkdir()
     try:
-        write_bytes_no_follow(tmp / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
-        example = torch.randn(2, *config["image_shape"], generator=torch.Generator().manual_seed(0))
+        write_bytes_no_follow(tmp / CONFIG_FILE, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+        example = torch.randn(2, *config.image_shape, generator=torch.Generator().manual_seed(0))
         program = export_program(model, example) if {"pt2", "onnx"} & set(forms) else None
         for form in forms:
             path = tmp / FORM_FILES[form]
@@ -81,7 +83,7 @@ def export_sampler(model: DSNO, config: dict[str, Any], out_dir: str | os.PathLi
         extra = check_onnx_model(tmp / FORM_FILES["onnx"]) if "onnx" in forms else []
         write_checksums(tmp, [CONFIG_FILE, *(FORM_FILES[f] for f in forms), *extra])
         if verify:
-            _verify(model, tmp, forms, config["image_shape"])
+            _verify(model, tmp, forms, config.image_shape)
         _publish(tmp, out_dir)
     except OSError as e:
         if is_disk_full(e):
@@ -168,7 +170,7 @@ def _check_forms(forms: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(forms))
 
 
-def _check_model_matches_config(model: DSNO, config: dict[str, Any]) -> None:
+def _check_model_matches_config(model: DSNO, config: SamplerConfig) -> None:
     expected = {k: tuple(v.shape) for k, v in build_dsno(config).state_dict().items()}
     actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if expected != actual:
@@ -176,8 +178,8 @@ def _check_model_matches_config(model: DSNO, config: dict[str, Any]) -> None:
         wrong = sorted(k for k in set(expected) & set(actual) if expected[k] != actual[k])
         raise ValueError(f"the model does not match its config: missing {missing[:5]}, unexpected {extra[:5]}, "
                          f"wrong shape {wrong[:5]}")
-    if model.times.tolist() != torch.tensor(config["times"], dtype=torch.float32).tolist():
-        raise ValueError(f"model times {model.times.tolist()} differ from config times {config['times']}")
+    if model.times.tolist() != torch.tensor(config.times, dtype=torch.float32).tolist():
+        raise ValueError(f"model times {model.times.tolist()} differ from config times {list(config.times)}")
 
 
 def _verify(model: DSNO, folder: Path, forms: Sequence[str], image_shape: Sequence[int]) -> None:
@@ -257,11 +259,7 @@ def export_run(run_dir: str | os.PathLike, forms: Sequence[str] = ("safetensors"
         if not (run_dir / rel).is_file():
             raise UserFileNotFoundError(f"missing {run_dir / rel}: the training stage writes it "
                                         "(`python train.py experiment=...`; run_dir= is that run's directory)")
-    path = run_dir / CHECKPOINT_CONFIG
-    try:
-        config = validate_config(json.loads(path.read_text()))
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
-        raise SamplerFileError(f"{path}: {e}; train again or point run_dir= at another run") from None
+    config = read_build_config(run_dir / CHECKPOINT_CONFIG, "train again or point run_dir= at another run")
     model = load_dsno(config, run_dir / CHECKPOINT_WEIGHTS)
     return export_sampler(model, config, Path(out) if out else run_dir / "sampler", forms)
 

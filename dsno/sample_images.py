@@ -39,12 +39,12 @@ from dsno.errors import UserError, report_errors
 from dsno.export import parse_options
 from dsno.metrics.image_io import to_uint8
 from dsno.progress import counter
-from dsno.sampler import CONFIG_FILE, FORM_FILES, Sampler, load_sampler
+from dsno.jsonfile import read_json_file
+from dsno.sampler import CONFIG_FILE, FORM_FILES, MAX_SAMPLES, Sampler, load_sampler
 from dsno.seeding import CHUNK, index_seed
 
 USAGE = ("usage: python -m dsno.sample_images sampler=PATH n=N out=DIR "
          "[seed=0 batch_size=256 form=auto chunk_size=1000 trust_program=false]")
-MAX_SAMPLES = 10**8          # 100 million images: beyond any FID set; a typo like n=1e12 is refused
 MAX_SEED = 2**63 - 1
 RUN_FILE = "run.json"
 PNG_DIR, CHUNK_DIR, NPZ_FILE = "png", "chunks", "samples.npz"
@@ -104,7 +104,7 @@ def _check_run_record(out: Path, record: dict[str, Any]) -> None:
     path = out / RUN_FILE
     refuse_link(path)
     if path.is_file():
-        previous = json.loads(path.read_text())
+        previous = read_json_file(path, UserError, "delete it, or use a new out= directory", expect=dict)
         keys = ("sampler_sha256", "form", "seed", "chunk_size", "noise")
         changed = [k for k in keys if previous.get(k) != record[k]]
         if changed:

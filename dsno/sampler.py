@@ -18,22 +18,27 @@ must match config.json. Needs neither Lightning nor Hydra.
 from __future__ import annotations
 
 import abc
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dsno.errors import UnsafeFileError, UserError, UserFileNotFoundError, read_json_file
-from dsno.nn import CONFIG_FORMAT_VERSION, DSNO, build_dsno, validate_config
-from dsno.nn.dsno import output_channels
+from dsno.errors import UnsafeFileError, UserError, UserFileNotFoundError
+from dsno.jsonfile import read_json_file
+from dsno.nn import DSNO, build_dsno
+from dsno.nn.config import ConfigError, SamplerConfig, as_config
 from dsno.nn.temporal import set_temporal_impl
 from dsno.trust import CHECKSUM_FILE, TamperedFileError, check_onnx_model, check_pt2_archive, verify_checksums
 from dsno.trust.checksums import read_checksums
+from dsno.trust.tensor_file import check_layout, model_layout, tensor_layout
 
 CONFIG_FILE = "config.json"
 FORM_FILES = {"safetensors": "weights.safetensors", "pt2": "sampler.pt2", "onnx": "sampler.onnx"}
 PROGRAM_FORMS = ("pt2", "onnx")
+MAX_SAMPLES = 10**8          # 100 million images: beyond any FID set; a typo like n=1e12 is refused
+MAX_SAMPLE_ELEMENTS = 1 << 31   # floats `Sampler.sample` may return at once (8 GiB)
 EXPORT_HINT = "make one with `python -m dsno.export run_dir=RUN` (writes RUN/sampler)"
 TRUST_HINT = ("a program file can run code when it is loaded; load the folder's weights.safetensors "
               "instead, or pass trust_program=True (trust_program=true for python -m dsno.sample_images, "
@@ -45,45 +50,82 @@ class SamplerFileError(UserError):
     """A sampler folder's config or weights are unreadable or do not fit together."""
 
 
-def read_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The validated config.json of a sampler folder; SamplerFileError names the file."""
+class SamplerInputError(UserError):
+    """An argument of a loaded sampler (x_T, n, device) is wrong."""
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """SamplerInputError when a tensor argument holds NaN or infinity."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise SamplerInputError(f"{name} holds {bad} non-finite values (NaN or infinity); pass finite noise, "
+                                "e.g. torch.randn")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch.device named `device`, when this machine has it; else SamplerInputError."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise SamplerInputError(f"device={device!r} is not a device name ({e}); use 'cpu', 'cuda' or 'cuda:N'") \
+            from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise SamplerInputError(f"device={device!r}, but this machine has {count} CUDA device(s); use "
+                                    f"device='cpu'{' or cuda:0 .. cuda:' + str(count - 1) if count else ''}")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise SamplerInputError(f"device={device!r}, but MPS is not available here; use device='cpu'")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise SamplerInputError(f"device={device!r}: a sampler runs on 'cpu', 'cuda[:N]' or 'mps'")
+    return dev
+
+
+def check_folder(folder: str | os.PathLike) -> Path:
+    """The folder, when it is a sampler folder (it holds config.json); else UserFileNotFoundError."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserFileNotFoundError(f"no sampler folder at {folder}; {EXPORT_HINT}")
-    path = folder / CONFIG_FILE
-    if not path.is_file():
+    if not (folder / CONFIG_FILE).is_file():
         raise UserFileNotFoundError(f"{folder} is not a sampler folder: {CONFIG_FILE} is missing; {EXPORT_HINT}")
-    config = read_json_file(path, SamplerFileError, EXPORT_HINT)
-    version = config.get("format_version") if isinstance(config, dict) else None
-    if isinstance(version, int) and version > CONFIG_FORMAT_VERSION:
-        raise SamplerFileError(f"{path} has format_version {version}: written by a newer dsno; upgrade "
-                               f"(this one reads format_version <= {CONFIG_FORMAT_VERSION})")
+    return folder
+
+
+def read_build_config(path: str | os.PathLike, hint: str = EXPORT_HINT) -> SamplerConfig:
+    """The checked build config in a JSON file (a sampler's config.json, a run's dsno_config.json):
+    size-bounded before it is read, every field bounded before any tensor is made; a link is refused
+    unread. SamplerFileError names the file and the key."""
+    path = Path(path)
+    if path.is_symlink():
+        raise SamplerFileError(f"{path} is a symbolic link; a sampler's files must be plain files inside its "
+                               f"folder (copy them with `cp -rL`); {hint}")
+    config = read_json_file(path, SamplerFileError, hint, expect=dict)
     try:
-        return validate_config(config)
-    except (ValueError, TypeError, KeyError) as e:
-        raise SamplerFileError(f"{path}: {e}") from None
+        return SamplerConfig.from_dict(config)
+    except ConfigError as e:
+        raise SamplerFileError(f"{path}: {e}; {hint}") from None
 
 
-def load_dsno(config: dict[str, Any], weights: str | os.PathLike) -> DSNO:
+def read_config(folder: str | os.PathLike) -> SamplerConfig:
+    """The checked config.json of a sampler folder; SamplerFileError names the file and the key."""
+    return read_build_config(check_folder(folder) / CONFIG_FILE)
+
+
+def load_dsno(config: SamplerConfig | dict[str, Any], weights: str | os.PathLike) -> DSNO:
     """Build the DSNO of `config` and load its state dict from a safetensors file (strict).
 
-    The weights' names and shapes are compared with the config's model (built on the meta
+    The weights' names, shapes and dtypes are compared with the config's model (built on the meta
     device, so a config that asks for a huge model allocates nothing) before any real build."""
-    from safetensors import SafetensorError, safe_open
+    config = as_config(config)
     weights = Path(weights)
+    hint = "export the sampler again"
+    found = tensor_layout(weights, SamplerFileError, hint)
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SamplerFileError(f"{weights} is not a readable safetensors file ({e}); export the sampler again") \
-            from None
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build_dsno(config).state_dict().items()}
-    if shapes != expected:
-        missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
-        raise SamplerFileError(f"{weights} does not fit its config.json: missing {missing[:3]}, unexpected "
-                               f"{extra[:3]}, wrong shape {wrong[:3]}; export the sampler again")
+        with torch.device("meta"):
+            expected = model_layout(build_dsno(config))
+    except ValueError as e:     # an inconsistency the field bounds do not see (group counts, heads, levels)
+        raise SamplerFileError(f"the config of {weights} does not build a DSNO ({e}); {hint}") from None
+    check_layout(weights, found, expected, "its config.json", SamplerFileError, hint)
     from safetensors.torch import load_file
     model = build_dsno(config)
     model.load_state_dict(load_file(str(weights)), strict=True)
@@ -115,15 +157,16 @@ class Sampler(abc.ABC):
 
     form = ""
 
-    def __init__(self, config: dict[str, Any], path: Path, device: str = "cpu"):
-        self.config = config
+    def __init__(self, config: SamplerConfig, path: Path, device: str = "cpu"):
+        self.build_config = config
+        self.config: dict[str, Any] = config.to_dict()
         self.path = path
         self.device = torch.device(device)
-        self.times: list[float] = [float(t) for t in config["times"]]
-        self.image_shape: tuple[int, int, int] = tuple(config["image_shape"])
-        self.data_range: tuple[float, float] = tuple(float(v) for v in config.get("data_range", (-1.0, 1.0)))
-        self.data_channels: int = int(config.get("data_channels", self.image_shape[0]))
-        self.output_channels: int = output_channels(config)     # C, or data_channels: the data part only
+        self.times: list[float] = list(config.times)
+        self.image_shape: tuple[int, int, int] = config.image_shape
+        self.data_range: tuple[float, float] = config.data_range
+        self.data_channels: int = config.data_channels or self.image_shape[0]
+        self.output_channels: int = config.output_channels     # C, or data_channels: the data part only
 
     @abc.abstractmethod
     def _run(self, x_T: torch.Tensor) -> torch.Tensor:
@@ -134,8 +177,9 @@ class Sampler(abc.ABC):
         whole states (c = C), or an augmented student's data part (c = data_channels)."""
         if not isinstance(x_T, torch.Tensor) or x_T.ndim != 4 or tuple(x_T.shape[1:]) != self.image_shape:
             shape = tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__
-            raise ValueError(f"x_T must be a tensor of shape [B, {', '.join(map(str, self.image_shape))}], "
-                             f"got {shape}")
+            raise SamplerInputError(f"x_T must be a tensor of shape [B, {', '.join(map(str, self.image_shape))}], "
+                                    f"got {shape}")
+        check_finite("x_T", x_T)
         with torch.inference_mode():
             return self._run(x_T.float()).to(x_T.device)
 
@@ -145,8 +189,13 @@ class Sampler(abc.ABC):
 
         The noise is torch.randn(n, C, H, W) from torch.Generator().manual_seed(seed).
         """
-        if not (isinstance(n, int) and n >= 0 and isinstance(batch_size, int) and batch_size >= 1):
-            raise ValueError(f"need an int n >= 0 and batch_size >= 1, got n={n!r}, batch_size={batch_size!r}")
+        per_image = math.prod(self.image_shape)
+        most = min(MAX_SAMPLES, MAX_SAMPLE_ELEMENTS // per_image)
+        if not (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= most
+                and isinstance(batch_size, int) and batch_size >= 1):
+            raise SamplerInputError(f"need an int n in [0, {most:,}] (the images are held in memory; write more with "
+                                    f"`python -m dsno.sample_images`) and batch_size >= 1, got n={n!r}, "
+                                    f"batch_size={batch_size!r}")
         noise = torch.randn(n, *self.image_shape, generator=torch.Generator().manual_seed(seed))
         c = self.data_channels
         out = [self(noise[i:i + batch_size].to(self.device))[:, -1, :c].cpu() for i in range(0, n, batch_size)]
@@ -162,7 +211,7 @@ class TorchSampler(Sampler):
 
     form = "safetensors"
 
-    def __init__(self, config: dict[str, Any], path: Path, device: str = "cpu"):
+    def __init__(self, config: SamplerConfig, path: Path, device: str = "cpu"):
         super().__init__(config, path, device)
         self.model = load_dsno(config, path / FORM_FILES[self.form]).to(self.device)
         set_temporal_impl(self.model, "auto")      # the same map, as a matrix on the CPU (faster there)
@@ -199,7 +248,7 @@ class ExportedProgramSampler(ProgramSampler):
 
     form = "pt2"
 
-    def __init__(self, config: dict[str, Any], path: Path, device: str = "cpu"):
+    def __init__(self, config: SamplerConfig, path: Path, device: str = "cpu"):
         super().__init__(config, path, device)
         program = load_pt2_program(path / FORM_FILES[self.form])
         if self.device.type != "cpu":
@@ -216,7 +265,7 @@ class OnnxSampler(ProgramSampler):
 
     form = "onnx"
 
-    def __init__(self, config: dict[str, Any], path: Path, device: str = "cpu"):
+    def __init__(self, config: SamplerConfig, path: Path, device: str = "cpu"):
         super().__init__(config, path, device)
         file = path / FORM_FILES[self.form]
         listed = read_checksums(path)["files"]
@@ -274,9 +323,10 @@ def load_sampler(path: str | os.PathLike, form: str = "auto", device: str = "cpu
     form: "auto" (safetensors, else a program form) or one of FORM_FILES. Every file is checked
     against checksums.json first. trust_program: open a pt2 / onnx program that another install
     exported (programs made here are always allowed; safetensors needs no trust)."""
-    folder = Path(path)
+    folder = check_folder(path)
+    check_device(device)
+    made_here = verify_checksums(folder, required=[CONFIG_FILE])    # links and hashes first: nothing unchecked is read
     config = read_config(folder)
-    made_here = verify_checksums(folder, required=[CONFIG_FILE])    # hashes every listed file present
     chosen = resolve_form(folder, form, programs_allowed=made_here or bool(trust_program))
     if FORM_FILES[chosen] not in read_checksums(folder)["files"]:
         raise TamperedFileError(f"{folder / FORM_FILES[chosen]} is not listed in {folder / CHECKSUM_FILE}; "

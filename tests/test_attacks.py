@@ -228,9 +228,11 @@ def test_bad_config_and_weights_are_named(folder, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
     (bad / "config.json").write_text("{not json")
+    write_checksums(bad, ["config.json"])      # checksums are checked first: these files are signed as they are
     with pytest.raises(SamplerFileError, match=r"config.json is not valid JSON"):
         load_sampler(bad)
     (bad / "config.json").write_text(json.dumps({**CONFIG, "backbone": {"type": "pickle"}}))
+    write_checksums(bad, ["config.json"])
     with pytest.raises(SamplerFileError, match=r"config.json: config\['backbone'\]\['type'\] must be"):
         load_sampler(bad)
     shutil.copy(folder / "config.json", bad)

@@ -15,7 +15,7 @@ from dsno.export import export_run, export_sampler, main as export_main
 from dsno.nn import build_dsno
 from dsno.errors import UnsafeFileError
 from dsno.sampler import FORM_FILES, load_sampler
-from dsno.trust import check_pt2_archive
+from dsno.trust import check_pt2_archive, write_checksums
 
 CONFIG = {
     "format_version": 1,
@@ -118,6 +118,7 @@ def test_newer_format_and_missing_files_are_refused(exported, tmp_path):
     shutil.copytree(folder, newer)
     config = json.loads((newer / "config.json").read_text())
     (newer / "config.json").write_text(json.dumps({**config, "format_version": 2}))
+    write_checksums(newer, json.loads((newer / "checksums.json").read_text())["files"])   # as a newer dsno signs it
     with pytest.raises(ValueError, match="written by a newer dsno; upgrade"):
         load_sampler(newer)
     with pytest.raises(FileNotFoundError, match="no sampler folder at .*python -m dsno.export"):

@@ -1,7 +1,7 @@
 """Networks: the UNet backbone, the temporal Fourier layer and the DSNO operator."""
 
+from dsno.nn.config import CONFIG_FORMAT_VERSION, ConfigError, SamplerConfig
 from dsno.nn.dsno import (
-    CONFIG_FORMAT_VERSION,
     DSNO,
     DiffusersUNet,
     DiscreteTime,
@@ -19,7 +19,7 @@ from dsno.nn.temporal import TemporalConv, TemporalMatmul, set_temporal_impl
 from dsno.nn.unet import AttnBlock, Downsample, ResAttnBlock, ResBlock, UNet, Upsample, timestep_embedding
 
 __all__ = [
-    "CONFIG_FORMAT_VERSION", "DSNO", "AttnBlock", "DiffusersUNet", "DiscreteTime", "Downsample", "ResAttnBlock",
+    "CONFIG_FORMAT_VERSION", "ConfigError", "DSNO", "SamplerConfig", "AttnBlock", "DiffusersUNet", "DiscreteTime", "Downsample", "ResAttnBlock",
     "ResBlock", "TemporalConv", "TemporalMatmul", "UNet", "Upsample", "WithTemporal", "build_backbone",
     "build_dsno", "default_is_unit", "diffusers_backbone_spec", "insert_temporal_layers", "load_backbone_weights",
     "set_temporal_impl", "student_from_teacher", "timestep_embedding", "validate_config",

@@ -8,24 +8,22 @@ skip[m] * x_T + out_scale[m] * net_m, the network run on in_scale[m] * x_T at ti
 net_times[m] (defaults: skip 0, out_scale 1, in_scale 1, net_times = times; the coefficients of
 each output parameterisation come from `dsno.nn.parameterization`).
 
-`build_dsno(config)` builds the operator from a JSON-serialisable config (see `validate_config`),
+`build_dsno(config)` builds the operator from its build config (`dsno.nn.config.SamplerConfig`),
 the format the training stage writes and the exported sampler folder carries.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
-import math
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from dsno.nn.config import (CONFIG_FORMAT_VERSION, SamplerConfig, as_config, check_per_time, check_times,  # noqa: F401
+                            output_channels, validate_config)
 from dsno.nn.temporal import TemporalConv, TemporalMatmul
 from dsno.nn.unet import ResAttnBlock, UNet
-
-CONFIG_FORMAT_VERSION = 1
 
 UnitPredicate = Callable[[str, nn.Module], "int | None"]
 
@@ -123,22 +121,6 @@ def insert_temporal_layers(backbone: nn.Module, num_times: int, modes: int,
     return [name for name, _, _ in found]
 
 
-def _per_time(name: str, values: Sequence[float] | None, default: float, m: int) -> list[float]:
-    values = [default] * m if values is None else [float(c) for c in values]
-    if len(values) != m or not all(math.isfinite(c) for c in values):
-        raise ValueError(f"{name} must have one finite coefficient per time ({m}), got {values}")
-    return values
-
-
-def _check_times(times: Sequence[float]) -> list[float]:
-    times = [float(t) for t in times]
-    if not times or not all(math.isfinite(t) and 0.0 <= t <= 1.0 for t in times):
-        raise ValueError(f"times must be a non-empty list of numbers in [0, 1], got {times}")
-    if any(a <= b for a, b in zip(times, times[1:])):
-        raise ValueError(f"times must be strictly decreasing (t_1 > ... > t_M), got {times}")
-    return times
-
-
 class DSNO(nn.Module):
     """Backbone + temporal layers: x_T [B, C, H, W] -> [B, M, C, H, W] at `times` (one pass).
 
@@ -157,12 +139,12 @@ class DSNO(nn.Module):
                  is_unit: UnitPredicate | None = None, out_scale: Sequence[float] | None = None,
                  in_scale: Sequence[float] | None = None, net_times: Sequence[float] | None = None):
         super().__init__()
-        times = _check_times(times)
-        self.num_times = len(times)
-        skip = _per_time("skip", skip, 0.0, self.num_times)
-        out_scale = _per_time("out_scale", out_scale, 1.0, self.num_times)
-        in_scale = _per_time("in_scale", in_scale, 1.0, self.num_times)
-        net_times = times if net_times is None else _per_time("net_times", net_times, 0.0, self.num_times)
+        times = check_times(list(times))
+        self.num_times = m = len(times)
+        skip = check_per_time("skip", [0.0] * m if skip is None else skip, m)
+        out_scale = check_per_time("out_scale", [1.0] * m if out_scale is None else out_scale, m)
+        in_scale = check_per_time("in_scale", [1.0] * m if in_scale is None else in_scale, m)
+        net_times = times if net_times is None else check_per_time("net_times", net_times, m)
         if not all(0.0 <= t <= 1.0 for t in net_times):
             raise ValueError(f"net_times must lie in [0, 1], got {net_times}")
         self.modes = int(modes)
@@ -260,103 +242,6 @@ def load_backbone_weights(model: DSNO, network: nn.Module) -> None:
 # JSON config
 
 
-def validate_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Check a DSNO build config; returns it unchanged. Raises ValueError naming the bad entry.
-
-    {"format_version": 1,
-     "backbone": {"type": "unet", "kwargs": {...UNet kwargs}}
-               | {"type": "diffusers_unet2d", "config": {...UNet2DModel config}},
-     "time_input": "continuous" | {"discrete": N},
-     "times": [t_1, ..., t_M], "modes": k, "skip": [c_1, ..., c_M] (optional),
-     "out_scale", "in_scale", "net_times": [M] each (optional; defaults 1, 1, times: old configs),
-     "parameterization": {"kind": "state" | "denoised", "prediction": ..., ...} (optional, a record),
-     "image_shape": [C, H, W], "data_range": [lo, hi], "schedule": {...} (VPSchedule.to_dict()),
-     "data_channels": c (optional: an augmented process's states [C, H, W] hold the data in the first c
-     channels, the momentum after them; "process": its record)}
-    The backbone takes image_shape's C channels and emits C (whole states) or data_channels (the data
-    part of each state, an augmented student's; see `output_channels`).
-    """
-    if not isinstance(config, dict):
-        raise ValueError(f"config must be a dict, got {type(config).__name__}")
-    version = config.get("format_version")
-    if not isinstance(version, int):
-        raise ValueError(f"config['format_version'] must be an int, got {version!r}")
-    if version > CONFIG_FORMAT_VERSION:
-        raise ValueError(f"config format_version {version}: written by a newer dsno; upgrade "
-                         f"(this one reads format_version <= {CONFIG_FORMAT_VERSION})")
-    for key in ("backbone", "times", "modes", "image_shape"):
-        if key not in config:
-            raise ValueError(f"config is missing {key!r}")
-    backbone = config["backbone"]
-    kind = backbone.get("type") if isinstance(backbone, dict) else None
-    if kind == "unet":
-        if not isinstance(backbone.get("kwargs", {}), dict):
-            raise ValueError("config['backbone']['kwargs'] must be a dict of UNet arguments")
-    elif kind == "diffusers_unet2d":
-        if not isinstance(backbone.get("config"), dict):
-            raise ValueError("config['backbone']['config'] must be a UNet2DModel config dict")
-    else:
-        raise ValueError(f"config['backbone']['type'] must be 'unet' or 'diffusers_unet2d', got {kind!r}")
-    time_input = config.get("time_input", "continuous")
-    if not (time_input == "continuous" or (isinstance(time_input, dict) and set(time_input) == {"discrete"}
-                                           and isinstance(time_input["discrete"], int)
-                                           and time_input["discrete"] > 0)):
-        raise ValueError(f"config['time_input'] must be 'continuous' or {{'discrete': N}}, got {time_input!r}")
-    shape = config["image_shape"]
-    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(s, int) and s > 0
-                                                                        for s in shape)):
-        raise ValueError(f"config['image_shape'] must be [C, H, W] (positive ints), got {shape!r}")
-    data_range = config.get("data_range", [-1.0, 1.0])
-    if not (isinstance(data_range, (list, tuple)) and len(data_range) == 2 and data_range[0] < data_range[1]):
-        raise ValueError(f"config['data_range'] must be [lo, hi] with lo < hi, got {data_range!r}")
-    channels = config.get("data_channels", shape[0])
-    if isinstance(channels, bool) or not isinstance(channels, int) or not 1 <= channels <= shape[0]:
-        raise ValueError(f"config['data_channels'] must be an int in [1, {shape[0]}] (the leading channels of a "
-                         f"state that are the data), got {channels!r}")
-    _check_times(config["times"])
-    for key in ("skip", "out_scale", "in_scale", "net_times"):
-        values = config.get(key)
-        if values is not None and not (isinstance(values, (list, tuple)) and len(values) == len(config["times"])
-                                       and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
-            raise ValueError(f"config[{key!r}] must have one coefficient per time ({len(config['times'])} finite "
-                             f"numbers), got {values!r}")
-    if not all(0.0 <= t <= 1.0 for t in config.get("net_times") or []):
-        raise ValueError(f"config['net_times'] must lie in [0, 1], got {config['net_times']!r}")
-    param = config.get("parameterization", {"kind": "state"})
-    if not (isinstance(param, dict) and param.get("kind") in ("state", "denoised")):
-        raise ValueError(f"config['parameterization'] must be a dict with kind 'state' or 'denoised', got {param!r}")
-    _check_backbone_shape(backbone, shape, channels)
-    return config
-
-
-def _backbone_args(backbone: dict[str, Any]) -> dict[str, Any]:
-    """A "backbone" entry's in_channels, out_channels and image_size, the constructor's defaults filled in."""
-    if backbone["type"] == "unet":
-        defaults = {k: p.default for k, p in inspect.signature(UNet).parameters.items()}
-        return {**defaults, **backbone.get("kwargs", {})}
-    args = {"in_channels": 3, "out_channels": 3, "sample_size": None, **backbone["config"]}
-    args["image_size"] = args["sample_size"]
-    return args
-
-
-def _check_backbone_shape(backbone: dict[str, Any], image_shape: Sequence[int], data_channels: int) -> None:
-    c, h, w = image_shape
-    args = _backbone_args(backbone)
-    size = args["image_size"]
-    sizes = (size, size) if isinstance(size, int) else tuple(size) if size is not None else (h, w)
-    if (args["in_channels"], *sizes) != (c, h, w) or args["out_channels"] not in (c, data_channels):
-        raise ValueError(f"config['image_shape'] {list(image_shape)} does not match the backbone "
-                         f"(in_channels={args['in_channels']}, out_channels={args['out_channels']}, "
-                         f"image size={list(sizes)}); it must take C channels and emit C or data_channels "
-                         f"({data_channels})")
-
-
-def output_channels(config: dict[str, Any]) -> int:
-    """The channels a DSNO of this (validated) build config emits per time: image_shape's C, or
-    data_channels for a backbone that emits only the data part of an augmented state."""
-    return int(_backbone_args(config["backbone"])["out_channels"])
-
-
 def _time_input(spec: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
     return None if spec == "continuous" else DiscreteTime(spec["discrete"])
 
@@ -375,10 +260,10 @@ def diffusers_backbone_spec(unet: nn.Module) -> dict[str, Any]:
             "config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}}
 
 
-def build_dsno(config: dict[str, Any]) -> DSNO:
-    """A freshly initialised DSNO (temporal layers at identity) from a build config."""
-    validate_config(config)
-    backbone = build_backbone(config["backbone"])
-    return DSNO(backbone, config["times"], config["modes"], config.get("skip"),
-                _time_input(config.get("time_input", "continuous")), out_scale=config.get("out_scale"),
-                in_scale=config.get("in_scale"), net_times=config.get("net_times"))
+def build_dsno(config: SamplerConfig | dict[str, Any]) -> DSNO:
+    """A freshly initialised DSNO (temporal layers at identity) from a build config (or its JSON dict,
+    checked by `SamplerConfig.from_dict`)."""
+    config = as_config(config)
+    return DSNO(build_backbone(config.backbone), config.times, config.modes, config.skip,
+                _time_input(config.time_input), out_scale=config.out_scale, in_scale=config.in_scale,
+                net_times=config.net_times)

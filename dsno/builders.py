@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from dsno.config import RunConfig, SolverConfig, TeacherConfig
+from dsno.nn.config import SamplerConfig
 from dsno.teachers.base import Teacher, TeacherLoadError
 
 
@@ -110,9 +111,8 @@ def output_parameterization(rc: RunConfig, teacher: Teacher) -> dict[str, Any]:
     return {**coef, "parameterization": record}
 
 
-def student_config(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> dict[str, Any]:
-    """The JSON build config of the DSNO student (see dsno.nn.build_dsno)."""
-    times = [float(t) for t in rc.data.times]
+def student_config(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> SamplerConfig:
+    """The build config of the DSNO student (see dsno.nn.build_dsno), checked on construction."""
     bb = rc.model.backbone
     if bb.type == "teacher":
         backbone = teacher_backbone_config(teacher)
@@ -124,11 +124,11 @@ def student_config(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> d
             "num_res_blocks": bb.num_res_blocks, "attn_resolutions": list(bb.attn_resolutions),
             "dropout": bb.dropout}}
         time_input = "continuous"
-    return {"format_version": 1, "backbone": backbone, "time_input": time_input, "times": times,
-            "modes": rc.model.modes, **output_parameterization(rc, teacher),
-            "image_shape": list(shape), "data_range": [-1.0, 1.0], "experiment": rc.experiment,
-            **({"process": teacher.process.to_dict(), "data_channels": teacher.data_channels} if teacher.augmented
-               else {"schedule": teacher.schedule.to_dict()})}
+    records = ({"process": teacher.process.to_dict(), "data_channels": teacher.data_channels} if teacher.augmented
+               else {"schedule": teacher.schedule.to_dict()})
+    return SamplerConfig(backbone=backbone, time_input=time_input, times=tuple(float(t) for t in rc.data.times),
+                         modes=rc.model.modes, **output_parameterization(rc, teacher), image_shape=tuple(shape),
+                         experiment=rc.experiment, **records)
 
 
 def teacher_backbone_config(teacher: Teacher) -> dict[str, Any]:
@@ -142,12 +142,12 @@ def teacher_backbone_config(teacher: Teacher) -> dict[str, Any]:
 
 
 def build_student(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]):
-    """(DSNO module, its build config). With backbone.type=teacher the student starts from the
-    teacher's weights (every non-temporal layer copied)."""
+    """(DSNO module, its build config as the JSON dict dsno_config.json holds). With backbone.type=teacher
+    the student starts from the teacher's weights (every non-temporal layer copied)."""
     from dsno.nn import build_dsno
     config = student_config(rc, teacher, shape)
     model = build_dsno(config)
     if rc.model.backbone.type == "teacher":
         from dsno.nn.dsno import load_backbone_weights
         load_backbone_weights(model, teacher.network)
-    return model, config
+    return model, config.to_dict()

@@ -74,6 +74,12 @@ def read_json_file(path: str | os.PathLike, error: type[Exception], hint: str, e
     return parse_json(data, str(path), error, hint, expect, max_bytes)
 
 
+def excerpt(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: errors name a bad value without echoing a whole file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _json_type(value: Any) -> str:
     kinds = ((dict, "object"), (list, "array"), (str, "string"), (bool, "boolean"), ((int, float), "number"))
     return next((name for kind, name in kinds if isinstance(value, kind)), "null")

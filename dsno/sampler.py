@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from dsno.errors import UnsafeFileError, UserError, UserFileNotFoundError
+from dsno.inputs import InputError, check_noise
 from dsno.jsonfile import read_json_file
 from dsno.nn import DSNO, build_dsno
 from dsno.nn.config import ConfigError, SamplerConfig, as_config
@@ -50,34 +51,22 @@ class SamplerFileError(UserError):
     """A sampler folder's config or weights are unreadable or do not fit together."""
 
 
-class SamplerInputError(UserError):
-    """An argument of a loaded sampler (x_T, n, device) is wrong."""
-
-
-def check_finite(name: str, x: torch.Tensor) -> None:
-    """SamplerInputError when a tensor argument holds NaN or infinity."""
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise SamplerInputError(f"{name} holds {bad} non-finite values (NaN or infinity); pass finite noise, "
-                                "e.g. torch.randn")
-
-
 def check_device(device: str | torch.device) -> torch.device:
-    """The torch.device named `device`, when this machine has it; else SamplerInputError."""
+    """The torch.device named `device`, when this machine has it; else InputError."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise SamplerInputError(f"device={device!r} is not a device name ({e}); use 'cpu', 'cuda' or 'cuda:N'") \
+        raise InputError(f"device={device!r} is not a device name ({e}); use 'cpu', 'cuda' or 'cuda:N'") \
             from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (dev.index or 0) >= count:
-            raise SamplerInputError(f"device={device!r}, but this machine has {count} CUDA device(s); use "
-                                    f"device='cpu'{' or cuda:0 .. cuda:' + str(count - 1) if count else ''}")
+            raise InputError(f"device={device!r}, but this machine has {count} CUDA device(s); use "
+                         f"device='cpu'{' or cuda:0 .. cuda:' + str(count - 1) if count else ''}")
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise SamplerInputError(f"device={device!r}, but MPS is not available here; use device='cpu'")
+        raise InputError(f"device={device!r}, but MPS is not available here; use device='cpu'")
     elif dev.type not in ("cpu", "cuda", "mps"):
-        raise SamplerInputError(f"device={device!r}: a sampler runs on 'cpu', 'cuda[:N]' or 'mps'")
+        raise InputError(f"device={device!r}: a sampler runs on 'cpu', 'cuda[:N]' or 'mps'")
     return dev
 
 
@@ -175,11 +164,7 @@ class Sampler(abc.ABC):
     def __call__(self, x_T: torch.Tensor) -> torch.Tensor:
         """x_T [B, C, H, W] (float) -> the M trajectory points [B, M, c, H, W] (float32, x_T's device):
         whole states (c = C), or an augmented student's data part (c = data_channels)."""
-        if not isinstance(x_T, torch.Tensor) or x_T.ndim != 4 or tuple(x_T.shape[1:]) != self.image_shape:
-            shape = tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__
-            raise SamplerInputError(f"x_T must be a tensor of shape [B, {', '.join(map(str, self.image_shape))}], "
-                                    f"got {shape}")
-        check_finite("x_T", x_T)
+        check_noise(x_T, self.image_shape)
         with torch.inference_mode():
             return self._run(x_T.float()).to(x_T.device)
 
@@ -193,7 +178,7 @@ class Sampler(abc.ABC):
         most = min(MAX_SAMPLES, MAX_SAMPLE_ELEMENTS // per_image)
         if not (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= most
                 and isinstance(batch_size, int) and batch_size >= 1):
-            raise SamplerInputError(f"need an int n in [0, {most:,}] (the images are held in memory; write more with "
+            raise InputError(f"need an int n in [0, {most:,}] (the images are held in memory; write more with "
                                     f"`python -m dsno.sample_images`) and batch_size >= 1, got n={n!r}, "
                                     f"batch_size={batch_size!r}")
         noise = torch.randn(n, *self.image_shape, generator=torch.Generator().manual_seed(seed))

@@ -322,7 +322,8 @@ def test_malicious_and_truncated_checkpoints_are_refused(tmp_path, marker):
     evil = tmp_path / "evil.ckpt"
     evil.write_bytes(_payload(marker))
     good = tmp_path / "good.ckpt"
-    io_.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 3}, good)
+    io_.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 3, "pytorch-lightning_version": "2.5",
+                         "optimizer_states": [], "lr_schedulers": []}, good)
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[:100])
     for path in (evil, truncated):

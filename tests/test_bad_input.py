@@ -81,7 +81,7 @@ def test_teacher_files_of_the_wrong_kind_are_named(tmp_path, capsys):
          f"error: cannot load the teacher (teacher.kind=unet) from {unet}: {unet} has no 'dsno_teacher' metadata"),
         (["teacher=diffusers", f"teacher.path={bad_json}"],
          f"error: cannot load the teacher (teacher.kind=diffusers) from {bad_json}: {bad_json}/unet/config.json "
-         "is not readable JSON"),
+         "is not valid JSON"),
         (["teacher=unet", "teacher.prediction=v"],     # the weights decide; a different value is refused
          "error: teacher.prediction=v, but the teacher (teacher.kind=unet) predicts eps: set teacher.prediction=eps"),
         (["teacher=mnist_gmm", f"teacher.path={unet}", "teacher.components=32"],   # the file's K decides

@@ -392,7 +392,7 @@ def test_diffusers_missing_or_malformed_folders_say_what_is_expected(tmp_path):
     broken = tmp_path / "broken"
     write_folder(broken)
     (broken / "unet" / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="config.json is not readable JSON"):
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
         load_diffusers_teacher(broken)
 
 

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from dsno.atomic import atomic_write_text
 from dsno.errors import UserError
+from dsno.jsonfile import excerpt, read_json_file
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -218,6 +219,9 @@ class Manifest:
             raise DatasetError(f"{source}: {e}") from None
         m = cls(fingerprint, seed, num, size, [], str(d.get("created", "")), str(d.get("updated", "")),
                 bool(d.get("complete", False)), str(d.get("noise", "")), str(d.get("torch_version", "")))
+        if not isinstance(d["shards"], list):
+            raise DatasetError(f"{source}: 'shards' must be a list of shard records, not a JSON "
+                               f"{type(d['shards']).__name__}")
         m.shards = [_parse_shard(s, m, source) for s in d["shards"]]
         indices = [s.index for s in m.shards]
         if len(set(indices)) != len(indices):
@@ -249,7 +253,7 @@ def _parse_shard(s: Any, m: Manifest, source: str) -> ShardRecord:
                 raise ValueError(f"shard {index} {role} sha256 is not 64 hex digits: {digest!r}")
             files[role] = FileRecord(name, _int(f["bytes"], f"{name} bytes", minimum=1), digest)
     except (KeyError, TypeError) as e:
-        raise DatasetError(f"{source}: malformed shard entry {s!r} ({type(e).__name__}: {e})") from None
+        raise DatasetError(f"{source}: malformed shard entry {excerpt(s)} ({type(e).__name__}: {e})") from None
     except ValueError as e:
         raise DatasetError(f"{source}: {e}") from None
     return ShardRecord(index, count, files)
@@ -274,15 +278,10 @@ def write_json_atomic(path: Path, obj: Any, temp_suffix: str = ".tmp") -> None:
 
 
 def read_manifest_file(path: Path) -> Manifest:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise DatasetNotFoundError(f"no manifest at {path}") from None
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path} is not valid JSON ({e}); it was not written by dsno or is "
-                           f"damaged. Delete the folder and regenerate: `{GENERATE_HINT}`") from None
+    if not path.is_file():
+        raise DatasetNotFoundError(f"no manifest at {path}")
+    d = read_json_file(path, DatasetError, f"it was not written by dsno or is damaged. Delete the folder and "
+                                           f"regenerate: `{GENERATE_HINT}`", expect=dict)
     try:
         return Manifest.from_dict(d, source=str(path))
     except DatasetError as e:

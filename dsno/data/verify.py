@@ -10,7 +10,6 @@ changes one of them, so the file is verified again.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -19,6 +18,7 @@ from typing import Any, Iterable
 
 from dsno.data.manifest import ROLES, CorruptShardError, Manifest, ShardRecord, write_json_atomic
 from dsno.data.shards import check_shard_content, check_shard_layout
+from dsno.jsonfile import read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ class VerifiedCache:
             return
         self._seen, self._entries = key, {}
         try:
-            d = json.loads(self.path.read_text())
+            d = read_json_file(self.path, ValueError, "it is only a cache", expect=dict)
             files = d["files"] if d.get("format_version") == CACHE_FORMAT else {}
             self._entries = {str(k): v for k, v in files.items() if isinstance(v, list)}
-        except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        except (ValueError, TypeError, AttributeError, KeyError):     # a damaged cache costs a re-check
             pass
 
     def holds(self, name: str, key: list[Any]) -> bool:

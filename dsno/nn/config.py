@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from dsno.errors import UserError
+from dsno.jsonfile import excerpt as show
 
 CONFIG_FORMAT_VERSION = 1
 
@@ -49,12 +50,6 @@ BOUNDS_HINT = (f"bounds: channels <= {MAX_CHANNELS}, image side <= {MAX_IMAGE_SI
 
 class ConfigError(UserError):
     """A build config or backbone record entry has the wrong type or lies outside its bounds."""
-
-
-def show(value: Any, limit: int = 60) -> str:
-    """repr(value), cut to `limit` characters (an error never echoes a whole file)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_int(key: str, value: Any, lo: int, hi: int) -> int:

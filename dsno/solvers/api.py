@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
+from dsno.inputs import check_noise
 from dsno.solvers.registry import get
 from dsno.teachers.conditional import bind
 
@@ -15,7 +16,8 @@ def sample(teacher, x_T: torch.Tensor, ts: Any = None, solver: str = "dpm_solver
     """Solve the teacher's probability-flow ODE (or reverse SDE) from x_T at ts[0] along ts.
 
     teacher: a dsno Teacher (eps / x0 / v prediction, continuous or discrete time).
-    x_T: [B, ...] in the working dtype (coefficients are float64, cast to it).
+    x_T: [B, ...] in the working dtype (coefficients are float64, cast to it): finite, and [B, *state_shape]
+    when the teacher declares its state shape (else `dsno.inputs.InputError`).
     ts: decreasing schedule times [N + 1] (`timesteps(...)`, `timesteps.from_grid(...)`, or any
     tensor / sequence; validated); None for a solver that carries its own (solver="usf",
     schedule=PATH_OR_SCHEDULE). order: None for the solver's default.
@@ -28,5 +30,6 @@ def sample(teacher, x_T: torch.Tensor, ts: Any = None, solver: str = "dpm_solver
     solved with the teacher's guidance scale (`teacher.conditioned(cond)`); None: the unconditional model.
     options: the solver's own (see `dsno.solvers.registry.get(name).options`).
     """
+    check_noise(x_T, getattr(teacher, "state_shape", None))
     teacher = bind(teacher, cond)
     return get(solver).fn(teacher, x_T, ts, order=order, return_trajectory=return_trajectory, **options)

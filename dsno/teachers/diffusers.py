@@ -26,7 +26,6 @@ torch.load(weights_only=True).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from dsno.jsonfile import read_json_file
+from dsno.nn.config import (MAX_TRAIN_TIMESTEPS, ConfigError, check_diffusers_unet_config, check_int, check_list,
+                             check_number)
 from dsno.nn.dsno import DiffusersUNet, diffusers_backbone_spec
 from dsno.schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
 from dsno.teachers.base import WrappedTeacher
@@ -42,6 +44,7 @@ from dsno.teachers.unet import weights_sha256
 from dsno.config import TeacherConfig, _existing_path, _fail, check_prediction_key
 from dsno.errors import UserFileNotFoundError
 from dsno.teachers.registry import register_teacher
+from dsno.trust.tensor_file import check_float_dtypes, tensor_layout
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
@@ -113,13 +116,20 @@ def _missing(root: Path, what: str, looked_for: list[Path]) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not readable JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_file(path, ConfigError, "a diffusers folder's configs are JSON objects", expect=dict)
+
+
+def check_scheduler_config(config: dict[str, Any]) -> None:
+    """The sizes and numbers of a scheduler config, typed and bounded before diffusers makes any tensor
+    (num_train_timesteps=1e10 would allocate 40 GB of betas)."""
+    n = config.get("num_train_timesteps", SCHEDULER_DEFAULTS["num_train_timesteps"])
+    check_int("num_train_timesteps", n, 1, MAX_TRAIN_TIMESTEPS)
+    if config.get("trained_betas") is not None:
+        for beta in check_list("trained_betas", config["trained_betas"], 2, MAX_TRAIN_TIMESTEPS):
+            check_number("trained_betas entries", beta, 0.0, 1.0)
+    for key in ("beta_start", "beta_end"):
+        if key in config:
+            check_number(key, config[key], 0.0, 1.0)
 
 
 def scheduler_betas(config: dict[str, Any]) -> np.ndarray:
@@ -259,6 +269,7 @@ def _check_unet_config(config: dict[str, Any], path: Path) -> None:
                          "and divides the output by it, 'learned' looks integer steps up in a table)")
     if config.get("num_class_embeds") is not None or config.get("class_embed_type") is not None:
         raise ValueError(f"{path}: a class-conditional UNet2DModel is not supported (teachers are unconditional)")
+    check_diffusers_unet_config(config, str(path))
     c_in, c_out = config.get("in_channels", 3), config.get("out_channels", 3)
     if c_in != c_out:
         raise ValueError(f"{path}: in_channels={c_in} but out_channels={c_out}; the teacher must predict "
@@ -366,6 +377,7 @@ class SchedulerSpec:
 
 def scheduler_spec(config: dict[str, Any]) -> SchedulerSpec:
     """Read a scheduler config (see `scheduler_process`); a config dsno cannot represent is a ValueError."""
+    check_scheduler_config(config)
     process = scheduler_process(config)
     if process == "edm":
         schedule, preconditioning = edm_config(config)
@@ -398,6 +410,10 @@ def load_diffusers_teacher(path: str | Path) -> _UNet2DTeacher:
     except ValueError as e:
         raise ValueError(f"{files.scheduler_config}: {e}") from e
 
+    if files.weights.suffix == ".safetensors":
+        hint = "the weights must be floating-point tensors"
+        check_float_dtypes(files.weights, tensor_layout(files.weights, ConfigError, hint), None,
+                           ConfigError, hint)
     from diffusers import UNet2DModel
     try:
         unet, info = UNet2DModel.from_pretrained(

@@ -10,20 +10,21 @@ record for people to read.
 from __future__ import annotations
 
 import hashlib
-import inspect
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from dsno.jsonfile import parse_json
+from dsno.nn.config import ConfigError, check_unet_kwargs
 from dsno.nn.unet import UNet
 from dsno.schedules import VPSchedule
 from dsno.teachers.base import WrappedTeacher
 from dsno.config import ScheduleConfig, TeacherConfig, _count, _existing_path, build_schedule, check_prediction_key
 from dsno.errors import UserFileNotFoundError
 from dsno.teachers.registry import register_teacher
+from dsno.trust.tensor_file import check_float_dtypes, model_layout, tensor_layout
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 RECORD_KEY = "dsno_teacher"
@@ -45,14 +46,9 @@ def remake_command(size: int = 16, out: Path | None = None, psld: bool = False) 
 
 
 def unet_kwargs(**overrides: Any) -> dict[str, Any]:
-    """Every `UNet` constructor argument (defaults filled in), JSON-ready (lists, not tuples)."""
-    names = inspect.signature(UNet).parameters
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
-        raise ValueError(f"unknown UNet arguments {unknown}; allowed: {sorted(names)}")
-    kwargs = {k: p.default for k, p in names.items()}
-    kwargs.update(overrides)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    """Every `UNet` constructor argument (defaults filled in), JSON-ready (lists, not tuples), typed and
+    bounded (`dsno.nn.config.check_unet_kwargs`: unknown names and sizes past the bounds are refused)."""
+    return check_unet_kwargs(overrides, "UNet arguments")
 
 
 def weights_sha256(module: torch.nn.Module) -> str:
@@ -111,11 +107,9 @@ def read_record(path: str | Path, expected: str = RECORD_FORMAT) -> dict[str, An
     if RECORD_KEY not in meta:
         raise ValueError(f"{path} has no {RECORD_KEY!r} metadata; it was not written by "
                          f"dsno.teachers.train_unet (remake it with: {remake_command(psld=psld)})")
-    try:
-        record = json.loads(meta[RECORD_KEY])
-    except json.JSONDecodeError:
-        raise ValueError(f"{path}: metadata {RECORD_KEY!r} is not JSON") from None
-    fmt = record.get("format") if isinstance(record, dict) else None
+    record = parse_json(meta[RECORD_KEY], f"{path}: metadata {RECORD_KEY!r}", ConfigError,
+                        f"remake it with: {remake_command(psld=psld)}", expect=dict)
+    fmt = record.get("format")
     if fmt in KIND_OF_FORMAT and fmt != expected:
         raise ValueError(f"{path} holds a {fmt} record, a teacher for teacher.kind={KIND_OF_FORMAT[fmt]}, not "
                          f"teacher.kind={KIND_OF_FORMAT[expected]}")
@@ -124,6 +118,12 @@ def read_record(path: str | Path, expected: str = RECORD_FORMAT) -> dict[str, An
     if record["format_version"] > RECORD_VERSION:
         raise ValueError(f"{path} was written by a newer dsno (record version {record['format_version']}, "
                          f"this one reads <= {RECORD_VERSION}); upgrade dsno")
+    backbone = record.get("backbone")
+    if not (isinstance(backbone, dict) and backbone.get("type") == "unet" and isinstance(record.get("schedule"), dict)
+            and isinstance(record.get("prediction"), str)):
+        raise ConfigError(f"{path}: metadata {RECORD_KEY!r} needs a 'backbone' {{'type': 'unet', 'kwargs': ...}}, "
+                          f"a 'schedule' record and a 'prediction'; remake it with: {remake_command(psld=psld)}")
+    check_unet_kwargs(backbone.get("kwargs"), f"{path}: metadata {RECORD_KEY!r} backbone kwargs")
     return record
 
 
@@ -146,6 +146,8 @@ def open_weights_file(path: str | Path | None, size: int, psld: bool = False) ->
 def load_weights(network: torch.nn.Module, path: Path, kwargs: dict[str, Any]) -> None:
     """The file's weights into `network` (a UNet(**kwargs)); ValueError naming the file when they do not fit."""
     from safetensors.torch import load_file
+    hint = "remake the weights file with dsno.teachers.train_unet"
+    check_float_dtypes(path, tensor_layout(path, ConfigError, hint), model_layout(network), ConfigError, hint)
     try:
         network.load_state_dict(load_file(str(path)))
     except RuntimeError as e:

@@ -10,11 +10,20 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from dsno.atomic import atomic_path, write_bytes_no_follow
-from dsno.errors import UnsafeFileError
+from dsno.errors import UnsafeFileError, UserError
 
 
 class CheckpointRefusedError(UnsafeFileError):
     """A checkpoint is corrupt or holds more than tensors and plain values."""
+
+
+class NotACheckpointError(UserError):
+    """A checkpoint file loads, but is not what a Lightning run writes."""
+
+
+# what Lightning reads from a checkpoint it resumes, without a default (a KeyError traceback otherwise)
+LIGHTNING_KEYS = {"pytorch-lightning_version": str, "state_dict": dict, "optimizer_states": list,
+                  "lr_schedulers": list}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -27,7 +36,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     rename + folder fsync (a full disk is `DiskFullError` naming the path, no temp file left; torch's
     own zip writer, writing to a file, turns ENOSPC into "unexpected pos" and can abort the process
     from its destructor; a link at the path is refused, `LinkRefusedError`); loading always weights_only=True
-    (no code runs), a refused or corrupt file is one `CheckpointRefusedError` line."""
+    (no code runs), a refused or corrupt file is one `CheckpointRefusedError` line, a file that is no
+    Lightning checkpoint one `NotACheckpointError` line."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
         with atomic_path(path) as tmp:
@@ -37,7 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = True) -> dict[str, Any]:
         try:
-            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=True)
         except FileNotFoundError:
             raise
         except Exception as e:   # torch raises many types for a truncated file or a foreign pickle
@@ -46,3 +56,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"refusing to load checkpoint {Path(path)}: it is corrupt or holds objects other than tensors "
                 f"and plain values (only weights_only=True loading is allowed; {reason[:160]}); delete it, or "
                 "set train.resume=false to start over") from None
+        check_lightning_checkpoint(checkpoint, Path(path))
+        return checkpoint
+
+
+def check_lightning_checkpoint(checkpoint: Any, path: Path) -> None:
+    """NotACheckpointError unless `checkpoint` has what resuming a Lightning run reads (LIGHTNING_KEYS)."""
+    missing = ([name for name, kind in LIGHTNING_KEYS.items() if not isinstance(checkpoint.get(name), kind)]
+               if isinstance(checkpoint, dict) else list(LIGHTNING_KEYS))
+    if missing:
+        raise NotACheckpointError(f"{path} is not a Lightning training checkpoint (it lacks {', '.join(missing)}); "
+                                  "delete it, or set train.resume=false to start over")

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Iterable
 
 from dsno.atomic import atomic_write_text
-from dsno.errors import UserError, read_json_file
+from dsno.errors import UserError
+from dsno.jsonfile import read_json_file
 
 CHECKSUM_FILE = "checksums.json"
 FORMAT_VERSION = 1
@@ -94,10 +95,12 @@ def read_checksums(folder: str | os.PathLike) -> dict:
     folder = Path(folder)
     path = folder / CHECKSUM_FILE
     hint = "re-export it with `python -m dsno.export run_dir=RUN` from a source you trust"
+    if path.is_symlink():
+        raise TamperedFileError(f"{path} is a symbolic link; the folder's files must be plain files inside it; {hint}")
     if not path.is_file():
         raise TamperedFileError(f"{path} is missing, so the folder's files cannot be checked; {hint}")
-    record = read_json_file(path, TamperedFileError, hint)
-    files = record.get("files") if isinstance(record, dict) else None
+    record = read_json_file(path, TamperedFileError, hint, expect=dict)
+    files = record.get("files")
     if not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())
             and isinstance(record.get("signature"), str)):
         raise TamperedFileError(f"{path} must hold 'files' {{name: sha256}} and a 'signature'; {hint}")

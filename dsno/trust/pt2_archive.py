@@ -18,13 +18,13 @@ expression outside a small grammar is refused with `UnsafeFileError` naming the 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import zipfile
 from typing import Any, Iterator
 
 from dsno.errors import UnsafeFileError
+from dsno.jsonfile import parse_json
 
 TEXT_MEMBERS = ("archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id")
 TEXT_LIMIT = 128          # bytes
@@ -45,9 +45,12 @@ _SYMBOL = re.compile(r"^[su]\d+$")
 _MEMBER = re.compile(r"^[A-Za-z0-9_.\-/]+$")
 
 
+REFUSE_HINT = ("refusing to load it (dsno opens only torch.export archives of plain tensors and ATen operators, "
+               "as `python -m dsno.export` writes them)")
+
+
 def _refuse(path: Any, what: str) -> UnsafeFileError:
-    return UnsafeFileError(f"{path}: {what}; refusing to load it (dsno opens only torch.export archives "
-                           "of plain tensors and ATen operators, as `python -m dsno.export` writes them)")
+    return UnsafeFileError(f"{path}: {what}; {REFUSE_HINT}")
 
 
 def check_pt2_archive(path: str | os.PathLike) -> None:
@@ -113,10 +116,7 @@ def _read_json(path: Any, archive: zipfile.ZipFile, name: str) -> Any:
     info = archive.getinfo(name)
     if info.file_size > JSON_LIMIT:
         raise _refuse(path, f"member {name} is larger than {JSON_LIMIT} bytes")
-    try:
-        return json.loads(archive.read(info))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _refuse(path, f"member {name} is not JSON ({e})") from None
+    return parse_json(archive.read(info), f"{path}: member {name}", UnsafeFileError, REFUSE_HINT, max_bytes=JSON_LIMIT)
 
 
 def _payloads(path: Any, archive: zipfile.ZipFile, root: str, config_name: str, prefix: str) -> Iterator[str]:

@@ -49,13 +49,15 @@ def check_layout(path: str | os.PathLike, found: Layout, expected: Mapping[str, 
     if missing or extra or wrong:
         raise error(f"{Path(path)} does not fit {what}: missing {missing[:3]}, unexpected {extra[:3]}, "
                     f"wrong shape {wrong[:3]}; {hint}")
-    check_float_dtypes(path, {k: found[k] for k, (_, dtype) in expected.items() if dtype in FLOAT_DTYPES},
-                       error, hint)
+    check_float_dtypes(path, found, expected, error, hint)
 
 
-def check_float_dtypes(path: str | os.PathLike, layout: Layout, error: type[Exception], hint: str) -> None:
-    """Every tensor of `layout` must be floating (F16, BF16, F32 or F64)."""
-    bad = sorted(k for k, (_, dtype) in layout.items() if dtype not in FLOAT_DTYPES)
+def check_float_dtypes(path: str | os.PathLike, found: Layout, expected: Mapping[str, tuple] | None,
+                       error: type[Exception], hint: str) -> None:
+    """Every tensor of `found` must be floating (F16, BF16, F32 or F64) where the model's (`expected`)
+    is; with expected=None every tensor must be."""
+    bad = sorted(k for k, (_, dtype) in found.items() if dtype not in FLOAT_DTYPES
+                 and (expected is None or (k in expected and expected[k][1] in FLOAT_DTYPES)))
     if bad:
-        raise error(f"{Path(path)} holds {layout[bad[0]][1]} tensors where the model has floats "
+        raise error(f"{Path(path)} holds {found[bad[0]][1]} tensors where the model has floats "
                     f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); {hint}")

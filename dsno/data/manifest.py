@@ -210,6 +210,9 @@ class Manifest:
         for key in ("fingerprint", "seed", "num_trajectories", "shard_size", "shards"):
             if key not in d:
                 raise DatasetError(f"{source}: missing key {key!r}")
+        if not isinstance(d["shards"], list):
+            raise DatasetError(f"{source}: 'shards' must be a list of shard records, not a JSON "
+                               f"{type(d['shards']).__name__}")
         try:
             fingerprint = normalize_fingerprint(d["fingerprint"])
             seed = _int(d["seed"], "seed", minimum=0)
@@ -219,9 +222,6 @@ class Manifest:
             raise DatasetError(f"{source}: {e}") from None
         m = cls(fingerprint, seed, num, size, [], str(d.get("created", "")), str(d.get("updated", "")),
                 bool(d.get("complete", False)), str(d.get("noise", "")), str(d.get("torch_version", "")))
-        if not isinstance(d["shards"], list):
-            raise DatasetError(f"{source}: 'shards' must be a list of shard records, not a JSON "
-                               f"{type(d['shards']).__name__}")
         m.shards = [_parse_shard(s, m, source) for s in d["shards"]]
         indices = [s.index for s in m.shards]
         if len(set(indices)) != len(indices):

@@ -61,7 +61,8 @@ def check_int(key: str, value: Any, lo: int, hi: int) -> int:
 def check_number(key: str, value: Any, lo: float = -math.inf, hi: float = math.inf) -> float:
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
             or not lo <= value <= hi):
-        raise ConfigError(f"{key} must be a finite number in [{lo}, {hi}], got {show(value)}")
+        where = "" if (lo, hi) == (-math.inf, math.inf) else f" in [{lo}, {hi}]"
+        raise ConfigError(f"{key} must be a finite number{where}, got {show(value)}")
     return float(value)
 
 

@@ -7,7 +7,9 @@
     sampler.sample(n, seed=0)                     # [n, c, H, W], the last time, clamped to data_range
 
 Loading never runs code from the folder. Every file is checked against the folder's signed
-checksums.json (a changed file is refused by name). Weights come from safetensors (always
+checksums.json (a changed file or a link is refused by name) before config.json is read; the
+config is bounded in size and nesting, then every field (`dsno.nn.SamplerConfig`) before any
+tensor is made. Weights come from safetensors (names, shapes and float dtypes checked; always
 safe). A program form (sampler.pt2, sampler.onnx) is opened only when this install exported
 it (its checksums carry this install's signature) or with `trust_program=True`; even then a
 .pt2 must consist of plain tensors and ATen operators (`dsno.trust.check_pt2_archive`), an

@@ -61,6 +61,12 @@ def test_an_old_config_with_only_the_required_keys_builds_with_the_defaults():
     assert model.skip.tolist() == [0.0, 0.0] and model.net_times.tolist() == pytest.approx([0.5, 0.1])
 
 
+def test_a_config_of_a_newer_dsno_says_so_before_naming_its_new_keys():
+    config = json.loads((V1 / "config.json").read_text())
+    with pytest.raises(ConfigError, match=r"format_version 2: written by a newer dsno; upgrade"):
+        SamplerConfig.from_dict({**config, "format_version": 2, "guidance": {"scale": 2.0}})
+
+
 def _kwargs(**change):
     def edit(config):
         config["backbone"]["kwargs"].update(change)

@@ -101,6 +101,16 @@ def check_modes(modes: Any, num_times: int) -> int:
     return modes
 
 
+def check_format_version(version: Any) -> int:
+    """A config's format_version: an int this dsno reads (<= CONFIG_FORMAT_VERSION)."""
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ConfigError(f"config['format_version'] must be an int, got {show(version)}")
+    if version > CONFIG_FORMAT_VERSION:
+        raise ConfigError(f"config format_version {version}: written by a newer dsno; upgrade "
+                          f"(this one reads format_version <= {CONFIG_FORMAT_VERSION})")
+    return version
+
+
 # -------------------------------------------------------------------------------------------------
 # backbones
 
@@ -227,12 +237,7 @@ class SamplerConfig:
     format_version: int = CONFIG_FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        version = self.format_version
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise ConfigError(f"config['format_version'] must be an int, got {show(version)}")
-        if version > CONFIG_FORMAT_VERSION:
-            raise ConfigError(f"config format_version {version}: written by a newer dsno; upgrade "
-                              f"(this one reads format_version <= {CONFIG_FORMAT_VERSION})")
+        check_format_version(self.format_version)
         check_backbone(self.backbone)
         times = check_times(self.times)
         set_ = lambda name, value: object.__setattr__(self, name, value)     # noqa: E731  (frozen)
@@ -298,12 +303,11 @@ class SamplerConfig:
         """The config of a JSON dict (unknown or missing keys refused by name)."""
         if not isinstance(config, dict):
             raise ConfigError(f"config must be a dict (a JSON object), got {type(config).__name__}")
+        check_format_version(config.get("format_version"))      # first: a newer dsno's keys are not unknown here
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(config) - set(names))
         if unknown:
             raise ConfigError(f"config has unknown keys {show(unknown)}; allowed: {names}")
-        if "format_version" not in config:
-            raise ConfigError("config['format_version'] must be an int, got None")
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
         missing = [k for k in required if k not in config]
         if missing:

@@ -32,6 +32,7 @@ import torch
 from dsno.atomic import atomic_path, atomic_write_text
 from dsno.config import SearchConfig, check_search
 from dsno.errors import UserError
+from dsno.jsonfile import read_json_file
 from dsno.progress import progress_bar
 from dsno.search.predictor import Predictor, kendall_tau
 from dsno.search.space import BASE_OPTIONS, Space, _build, _tidy, crossover, encode, mutate, random_schedule
@@ -180,11 +181,8 @@ def _load_state(path: Path, fp: dict, resume: bool) -> dict:
              "teacher_calls": 0, "teacher_samples": 0}
     if not path.is_file() or not resume:
         return fresh
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SearchError(f"scored-candidates file {path} is unreadable ({e}); delete it or set search.resume=false") \
-            from None
+    state = read_json_file(path, SearchError, "it is the search's scored-candidates file: delete it or set "
+                                              "search.resume=false", expect=dict)
     old = state.get("fingerprint", {})
     diff = sorted(k for k in set(old) | set(fp) if json.dumps(old.get(k), sort_keys=True, default=str)
                   != json.dumps(fp.get(k), sort_keys=True, default=str))

@@ -119,10 +119,11 @@ def read_record(path: str | Path, expected: str = RECORD_FORMAT) -> dict[str, An
         raise ValueError(f"{path} was written by a newer dsno (record version {record['format_version']}, "
                          f"this one reads <= {RECORD_VERSION}); upgrade dsno")
     backbone = record.get("backbone")
-    if not (isinstance(backbone, dict) and backbone.get("type") == "unet" and isinstance(record.get("schedule"), dict)
-            and isinstance(record.get("prediction"), str)):
-        raise ConfigError(f"{path}: metadata {RECORD_KEY!r} needs a 'backbone' {{'type': 'unet', 'kwargs': ...}}, "
-                          f"a 'schedule' record and a 'prediction'; remake it with: {remake_command(psld=psld)}")
+    if not (isinstance(backbone, dict) and backbone.get("type") == "unet"
+            and (psld or (isinstance(record.get("schedule"), dict) and isinstance(record.get("prediction"), str)))):
+        raise ConfigError(f"{path}: metadata {RECORD_KEY!r} needs a 'backbone' {{'type': 'unet', 'kwargs': ...}}"
+                          f"{'' if psld else ', a schedule record and a prediction'}; remake it with: "
+                          f"{remake_command(psld=psld)}")
     check_unet_kwargs(backbone.get("kwargs"), f"{path}: metadata {RECORD_KEY!r} backbone kwargs")
     return record
 

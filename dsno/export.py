@@ -53,8 +53,9 @@ def export_sampler(model: DSNO, config: SamplerConfig | dict[str, Any], out_dir:
                    forms: Sequence[str] = ("safetensors", "pt2", "onnx"), verify: bool = True) -> Path:
     """Write the sampler folder `out_dir` (replacing an existing one) and return its path.
 
-    model: the DSNO to export (EMA weights); config: its build config (`SamplerConfig` or its JSON dict; must rebuild the same
-    module: same parameter names and shapes, same times). forms: any of "safetensors", "pt2", "onnx".
+    model: the DSNO to export (EMA weights); config: its build config (`SamplerConfig` or its JSON
+    dict; must rebuild the same module: same parameter names and shapes, same times).
+    forms: any of "safetensors", "pt2", "onnx".
     verify: check each exported form against the model on a random batch (float32, CPU).
     """
     forms = _check_forms(forms)

@@ -88,8 +88,8 @@ def read_build_config(path: str | os.PathLike, hint: str = EXPORT_HINT) -> Sampl
     unread. SamplerFileError names the file and the key."""
     path = Path(path)
     if path.is_symlink():
-        raise SamplerFileError(f"{path} is a symbolic link; a sampler's files must be plain files inside its "
-                               f"folder (copy them with `cp -rL`); {hint}")
+        raise SamplerFileError(f"{path} is a symbolic link, and a build config is read only from a plain file "
+                               f"(copy its folder with `cp -rL`); {hint}")
     config = read_json_file(path, SamplerFileError, hint, expect=dict)
     try:
         return SamplerConfig.from_dict(config)

@@ -21,7 +21,7 @@ from dsno.inputs import InputError
 from dsno.jsonfile import MAX_DEPTH
 from dsno.nn import SamplerConfig, build_dsno
 from dsno.nn.config import ConfigError
-from dsno.sampler import SamplerFileError, load_sampler
+from dsno.sampler import SamplerFileError, load_sampler, read_config
 from dsno.trust import TamperedFileError, write_checksums
 
 DATA = Path(__file__).parent / "data"
@@ -109,6 +109,9 @@ def test_a_config_that_is_a_link_to_another_file_is_refused_unread(tmp_path):
     with pytest.raises(TamperedFileError, match=r"config.json is missing or not a regular file") as err:
         load_sampler(folder)
     assert "TOPSECRET" not in str(err.value)
+    with pytest.raises(SamplerFileError, match=r"config.json is a symbolic link") as err:
+        read_config(folder)                     # the reader alone refuses it too (export's run_dir, eval)
+    assert "TOPSECRET" not in str(err.value)
 
 
 def test_weights_of_the_right_shapes_but_integer_dtype_are_refused(tmp_path):
@@ -189,7 +192,8 @@ def test_teacher_records_and_weights_are_bounded_and_typed(tmp_path):
 
 def test_diffusers_configs_are_bounded_before_diffusers_makes_tensors(tmp_path):
     from dsno.teachers.diffusers import _check_unet_config, scheduler_spec
-    with pytest.raises(ConfigError, match=r"num_train_timesteps must be an integer in \[1, 100,000\], got 10000000000.0"):
+    with pytest.raises(ConfigError, match=r"num_train_timesteps must be an integer in \[1, 100,000\], "
+                                          r"got 10000000000\.0"):
         scheduler_spec({"num_train_timesteps": 1e10})
     with pytest.raises(ConfigError, match=r"trained_betas must be a list of 2 to 100000 entries"):
         scheduler_spec({"trained_betas": [0.01] * 200_000})

@@ -19,7 +19,8 @@ from dsno.nn.temporal import TemporalConv, TemporalMatmul, set_temporal_impl
 from dsno.nn.unet import AttnBlock, Downsample, ResAttnBlock, ResBlock, UNet, Upsample, timestep_embedding
 
 __all__ = [
-    "CONFIG_FORMAT_VERSION", "ConfigError", "DSNO", "SamplerConfig", "AttnBlock", "DiffusersUNet", "DiscreteTime", "Downsample", "ResAttnBlock",
+    "CONFIG_FORMAT_VERSION", "ConfigError", "DSNO", "SamplerConfig", "AttnBlock", "DiffusersUNet", "DiscreteTime",
+    "Downsample", "ResAttnBlock",
     "ResBlock", "TemporalConv", "TemporalMatmul", "UNet", "Upsample", "WithTemporal", "build_backbone",
     "build_dsno", "default_is_unit", "diffusers_backbone_spec", "insert_temporal_layers", "load_backbone_weights",
     "set_temporal_impl", "student_from_teacher", "timestep_embedding", "validate_config",

@@ -25,6 +25,7 @@ part of each state, an augmented student's; see `SamplerConfig.output_channels`)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import math
@@ -238,15 +239,14 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         check_format_version(self.format_version)
-        check_backbone(self.backbone)
+        self._put("backbone", copy.deepcopy(check_backbone(self.backbone)))     # owned: the caller's dict may change
         times = check_times(self.times)
-        set_ = lambda name, value: object.__setattr__(self, name, value)     # noqa: E731  (frozen)
-        set_("times", tuple(times))
+        self._put("times", tuple(times))
         check_modes(self.modes, len(times))
         self._check_time_input()
         for key in ("skip", "out_scale", "in_scale", "net_times"):
             if getattr(self, key) is not None:
-                set_(key, tuple(check_per_time(f"config[{key!r}]", getattr(self, key), len(times))))
+                self._put(key, tuple(check_per_time(f"config[{key!r}]", getattr(self, key), len(times))))
         if self.net_times is not None and not all(0.0 <= t <= 1.0 for t in self.net_times):
             raise ConfigError(f"config['net_times'] must lie in [0, 1], got {show(list(self.net_times))}")
         shape = check_list("config['image_shape'] ([C, H, W])", self.image_shape, 3, 3)
@@ -255,11 +255,11 @@ class SamplerConfig:
             check_int("config['image_shape'] H and W", side, 1, MAX_IMAGE_SIDE)
         if math.prod(shape) > MAX_STATE_ELEMENTS:
             raise ConfigError(f"config['image_shape'] {shape} has more than {MAX_STATE_ELEMENTS:,} elements")
-        set_("image_shape", tuple(shape))
+        self._put("image_shape", tuple(shape))
         lo, hi = check_list("config['data_range'] ([lo, hi])", self.data_range, 2, 2)
         if check_number("config['data_range'] lo", lo) >= check_number("config['data_range'] hi", hi):
             raise ConfigError(f"config['data_range'] must be [lo, hi] with lo < hi, got {show(self.data_range)}")
-        set_("data_range", (float(lo), float(hi)))
+        self._put("data_range", (float(lo), float(hi)))
         if self.data_channels is not None:
             check_int("config['data_channels'] (the leading channels of a state that are the data)",
                       self.data_channels, 1, shape[0])
@@ -273,6 +273,10 @@ class SamplerConfig:
         if self.experiment is not None and not isinstance(self.experiment, str):
             raise ConfigError(f"config['experiment'] must be a name, got {show(self.experiment)}")
         self._check_backbone_shape()
+
+    def _put(self, name: str, value: Any) -> None:
+        """Store a field's normalised value (tuples, floats) on the frozen instance."""
+        object.__setattr__(self, name, value)
 
     def _check_time_input(self) -> None:
         spec = self.time_input

@@ -190,6 +190,15 @@ def test_teacher_records_and_weights_are_bounded_and_typed(tmp_path):
         load_unet_teacher(int8)
 
 
+def test_a_mixture_file_of_integer_tensors_is_refused(tmp_path):
+    from dsno.teachers.mnist_gmm import asset_path, load_mnist_gmm
+    fit = load_file(str(asset_path(16, 64)))
+    path = tmp_path / "mixture.safetensors"
+    save_file({**fit, "means": fit["means"].to(torch.int8)}, str(path))
+    with pytest.raises(ConfigError, match=r"mixture.safetensors holds I8 tensors where the model has floats \(means\)"):
+        load_mnist_gmm(16, 64, path=path)
+
+
 def test_diffusers_configs_are_bounded_before_diffusers_makes_tensors(tmp_path):
     from dsno.teachers.diffusers import _check_unet_config, scheduler_spec
     with pytest.raises(ConfigError, match=r"num_train_timesteps must be an integer in \[1, 100,000\], "

@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import torch
 
+from dsno.nn.config import ConfigError
+from dsno.trust.tensor_file import load_float_tensors
 from dsno.schedules import Schedule, VPSchedule
 from dsno.config import ScheduleConfig, TeacherConfig, _existing_path, _fail, build_schedule
 from dsno.teachers.base import Teacher
@@ -174,9 +176,8 @@ class GMMFileConfig(TeacherConfig):
 
 @register_teacher("gmm_file", GMMFileConfig)
 def load_config(c: GMMFileConfig) -> GaussianMixture:
-    from safetensors.torch import load_file
     p = Path(c.path)
-    t = load_file(str(p))
+    t = load_float_tensors(p, ("means", "variances", "weights"), ConfigError, "a mixture file holds float tensors")
     missing = {"means", "variances", "weights"} - set(t)
     if missing:
         raise ValueError(f"mixture file {p} lacks tensors {sorted(missing)}; it needs means [K,...], "

@@ -16,6 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
+from dsno.nn.config import ConfigError
+from dsno.trust.tensor_file import load_float_tensors
 from dsno.schedules import VPSchedule
 from dsno.teachers.gmm import GaussianMixture
 from dsno.atomic import atomic_path
@@ -75,10 +77,9 @@ def read_fit(p: Path, components: int, size: int, remake: str, asked: str,
     """The tensors of a digit-mixture fit file p, which must hold `keys` and `components` means of
     1 x size x size digits: UserFileNotFoundError naming the command `remake` when p is missing,
     ValueError ending with `asked` (what was asked, how to match it) when it holds others."""
-    from safetensors.torch import load_file
     if not p.is_file():
         raise UserFileNotFoundError(f"mixture fit {p} not found; make it with: {remake} --out {p}")
-    t = load_file(str(p))
+    t = load_float_tensors(p, ("means", "variances", "weights"), ConfigError, f"remake it with: {remake} --out {p}")
     missing = [k for k in keys if k not in t]
     if missing:
         raise ValueError(f"{p} lacks tensors {missing}; remake it with: {remake} --out {p}")

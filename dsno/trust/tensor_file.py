@@ -1,6 +1,6 @@
 """What a safetensors weights file holds, read from its header, checked before any tensor is loaded.
 
-    layout = tensor_layout(path, SamplerFileError, hint)          # {name: (shape, dtype)}
+    layout = tensor_layout(path, SamplerFileError, hint)          # {name: (shape, dtype)}, header only
     check_layout(path, layout, model_layout(module), "its config.json", SamplerFileError, hint)
 
 A file with the right names and shapes but integer tensors where the model has floats (int8
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 
@@ -61,3 +61,12 @@ def check_float_dtypes(path: str | os.PathLike, found: Layout, expected: Mapping
     if bad:
         raise error(f"{Path(path)} holds {found[bad[0]][1]} tensors where the model has floats "
                     f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); {hint}")
+
+
+def load_float_tensors(path: str | os.PathLike, floats: Iterable[str], error: type[Exception],
+                       hint: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, once its header shows the tensors named `floats` (a
+    mixture's means, variances, weights) floating; nothing is loaded before."""
+    from safetensors.torch import load_file
+    check_float_dtypes(path, tensor_layout(path, error, hint), {k: ((), "F64") for k in floats}, error, hint)
+    return load_file(str(path))

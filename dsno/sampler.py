@@ -58,13 +58,12 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise InputError(f"device={device!r} is not a device name ({e}); use 'cpu', 'cuda' or 'cuda:N'") \
-            from None
+        raise InputError(f"device={device!r} is not a device name ({e}); use 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (dev.index or 0) >= count:
             raise InputError(f"device={device!r}, but this machine has {count} CUDA device(s); use "
-                         f"device='cpu'{' or cuda:0 .. cuda:' + str(count - 1) if count else ''}")
+                             f"device='cpu'{' or cuda:0 .. cuda:' + str(count - 1) if count else ''}")
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise InputError(f"device={device!r}, but MPS is not available here; use device='cpu'")
     elif dev.type not in ("cpu", "cuda", "mps"):
@@ -181,8 +180,8 @@ class Sampler(abc.ABC):
         if not (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= most
                 and isinstance(batch_size, int) and batch_size >= 1):
             raise InputError(f"need an int n in [0, {most:,}] (the images are held in memory; write more with "
-                                    f"`python -m dsno.sample_images`) and batch_size >= 1, got n={n!r}, "
-                                    f"batch_size={batch_size!r}")
+                             f"`python -m dsno.sample_images`) and batch_size >= 1, got n={n!r}, "
+                             f"batch_size={batch_size!r}")
         noise = torch.randn(n, *self.image_shape, generator=torch.Generator().manual_seed(seed))
         c = self.data_channels
         out = [self(noise[i:i + batch_size].to(self.device))[:, -1, :c].cpu() for i in range(0, n, batch_size)]

@@ -20,10 +20,12 @@ from typing import Any, Iterator
 
 from dsno.atomic import open_no_follow
 from dsno.data.manifest import FolderLockedError, utc_now
+from dsno.jsonfile import read_json_file
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "data_gen.lock"
+HOLDER_MAX_BYTES = 4096     # a holder record is a pid, a host and a time
 
 
 def rank_lock_name(rank: int, world_size: int) -> str:
@@ -31,11 +33,10 @@ def rank_lock_name(rank: int, world_size: int) -> str:
 
 
 def read_holder(path: Path) -> dict[str, Any]:
-    """The pid/host record in a lock file ({} if empty or unreadable)."""
+    """The pid/host record in a lock file ({} if empty, unreadable, or not a small JSON object)."""
     try:
-        d = json.loads(path.read_text() or "{}")
-        return d if isinstance(d, dict) else {}
-    except (OSError, ValueError):
+        return read_json_file(path, ValueError, "", expect=dict, max_bytes=HOLDER_MAX_BYTES)
+    except ValueError:
         return {}
 
 

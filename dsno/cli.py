@@ -97,15 +97,24 @@ class Preflight(Callback):
             sys.exit(2)
 
 
+ON_INTERRUPT = {      # what Ctrl-C leaves behind, by stage: the line after `interrupted: `
+    "data": "the trajectory shards written so far are kept; the same command resumes from them",
+    "train": "the work so far is kept (trajectory shards, checkpoints/last.ckpt saved every train.checkpoint_every "
+             "steps, the exported sampler); the same command resumes from it",
+    "eval": "the trained run and its sampler are kept; the same command runs eval again",
+}
+
+
 def run_stage(stage: str, cfg: DictConfig) -> None:
     """Validate `cfg`, then run `stage` (data | train | eval). User errors exit with status 2
-    and one line on stderr; config errors do so before any work starts."""
+    and one line on stderr; config errors do so before any work starts; Ctrl-C exits with status 130
+    and one line saying what is kept."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
     logging.getLogger("dsno").setLevel(logging.INFO)
-    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch.utils.cpp_extension"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    with report_errors():
+    with report_errors(ON_INTERRUPT[stage]):
         rc = validate(cfg)
         if stage == "data":
             from dsno.stages.pipeline import make_data

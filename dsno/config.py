@@ -497,6 +497,7 @@ class RunConfig:
     experiment: str = MISSING
     run_dir: str = "runs/${experiment}"
     seed: int = 0
+    force: bool = False             # train.py: run export and eval again even when the run is complete for this config
     teacher: Any = MISSING
     solver: SolverConfig = field(default_factory=SolverConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -27,3 +27,98 @@ def test_a_plain_missing_folder_keeps_its_kinds_message(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TeacherLoadError, match="not found; make them with"):
         build_teacher(teacher_config({"kind": "unet", "path": str(tmp_path / "empty")}))
+
+
+def _mtimes(run_dir, *rels):
+    return {rel: (run_dir / rel).stat().st_mtime_ns for rel in rels}
+
+
+def test_a_complete_run_is_not_redone_unless_asked(tiny_run, tmp_path, caplog):
+    import logging
+    from dsno.stages.pipeline import run
+    run_dir = tmp_path / "run"
+    outputs = ("checkpoints/dsno_ema.safetensors", "sampler/weights.safetensors", "eval/report.md")
+    run(tiny_run(run_dir=run_dir))
+    first = _mtimes(run_dir, *outputs)
+    with caplog.at_level(logging.INFO, logger="dsno"):
+        caplog.clear()
+        run(tiny_run(run_dir=run_dir))
+    assert _mtimes(run_dir, *outputs) == first
+    said = [r.getMessage() for r in caplog.records if "already complete" in r.getMessage()]
+    assert len(said) == 1 and "nothing redone" in said[0] and str(run_dir / "eval" / "report.md") in said[0]
+    assert "force=true" in said[0]
+    # an eval key changed: eval only is run again
+    run(tiny_run("eval.nfe=[1,2]", run_dir=run_dir))
+    now = _mtimes(run_dir, *outputs)
+    assert now["eval/report.md"] != first["eval/report.md"]
+    assert now["sampler/weights.safetensors"] == first["sampler/weights.safetensors"]
+    assert now["checkpoints/dsno_ema.safetensors"] == first["checkpoints/dsno_ema.safetensors"]
+    # asked to: export and eval run again
+    run(tiny_run("eval.nfe=[1,2]", "force=true", run_dir=run_dir))
+    forced = _mtimes(run_dir, *outputs)
+    assert forced["sampler/weights.safetensors"] != now["sampler/weights.safetensors"]
+    assert forced["eval/report.md"] != now["eval/report.md"]
+    # a missing output makes its stage run again
+    (run_dir / "eval" / "report.md").unlink()
+    run(tiny_run("eval.nfe=[1,2]", run_dir=run_dir))
+    assert (run_dir / "eval" / "report.md").is_file()
+    assert _mtimes(run_dir, "sampler/weights.safetensors") == {"sampler/weights.safetensors":
+                                                                forced["sampler/weights.safetensors"]}
+
+
+def test_ctrl_c_in_the_data_stage_is_one_line_and_status_130(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    # the UNet teacher: a solve of 512 trajectories takes far longer than the wait for its first line
+    proc = subprocess.Popen([sys.executable, "-m", "data_gen", "experiment=mnist_unet_quick",
+                             f"run_dir={tmp_path / 'run'}", "data.num_trajectories=512", "data.shard_size=64",
+                             "data.batch_size=64"], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    seen = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        seen.append(line)
+        if "checked the bytes" in line or not line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (seen, out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1] == ("interrupted: the trajectory shards written so far are kept; the same command resumes "
+                         "from them"), err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_a_run_log_has_each_lightning_line_once_and_ends_naming_the_report(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import TINY_RUN
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    run_dir = tmp_path / "run"
+
+    def train(*extra):
+        p = subprocess.run([sys.executable, "train.py", f"run_dir={run_dir}", *TINY_RUN, *extra], cwd=root, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+        assert p.returncode == 0, p.stdout[-3000:]
+        return [line for line in p.stdout.splitlines() if line.strip()]
+
+    lines = train("logger=wandb", "logger.mode=offline")
+    fit_done = [line for line in lines if "`Trainer.fit` stopped" in line]
+    assert len(fit_done) == 1, lines                 # Lightning's own handler printed each line a second time
+    assert not [line for line in lines if any(w in line for w in ("Tip:", "anonymous setting", "LeafSpec"))], lines
+    assert lines[-1].endswith(f"done: the report is {run_dir / 'eval' / 'report.md'}"), lines[-3:]
+    again = train("logger=wandb", "logger.mode=offline")
+    assert any("already complete for this config: nothing redone" in line for line in again), again
+    assert not [line for line in again if "Trainer" in line or "eval:" in line], again

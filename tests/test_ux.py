@@ -122,3 +122,70 @@ def test_a_run_log_has_each_lightning_line_once_and_ends_naming_the_report(tmp_p
     again = train("logger=wandb", "logger.mode=offline")
     assert any("already complete for this config: nothing redone" in line for line in again), again
     assert not [line for line in again if "Trainer" in line or "eval:" in line], again
+
+
+def _ddpm_like_unet():
+    """A diffusers UNet2DModel (random weights): it embeds the timestep as DDPM step indices 0-999."""
+    import torch
+    from diffusers import UNet2DModel
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8).eval()
+
+
+def test_a_network_of_ddpm_steps_wrapped_without_its_time_convention_is_refused():
+    import torch
+    from dsno import VPSchedule
+    from dsno.teachers import wrap
+    from dsno.teachers.base import TimeInputError
+    unet = _ddpm_like_unet()
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    for schedule, fix in ((VPSchedule.ddpm_linear(1000), "pass time_input='discrete'"),
+                          (VPSchedule.linear(), "wrap it with its discrete schedule")):
+        teacher = wrap(lambda x, t: unet(x, t).sample, schedule=schedule, prediction="eps")
+        with pytest.raises(TimeInputError) as e:
+            teacher.eps(x, 0.5)
+        msg = str(e.value)
+        assert "\n" not in msg and "hardly responds to schedule time t in [0, 1]" in msg and fix in msg, msg
+
+
+def test_the_stated_discrete_convention_feeds_step_indices_and_passes_the_probe():
+    import warnings
+
+    import torch
+    from dsno import VPSchedule
+    from dsno.teachers import wrap
+    unet = _ddpm_like_unet()
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    teacher = wrap(lambda x, t: unet(x, t).sample, schedule=VPSchedule.ddpm_linear(1000), prediction="eps",
+                   time_input="discrete")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = teacher.eps(x, 0.5)
+    with torch.no_grad():
+        assert torch.equal(out, unet(x, torch.full((3,), 499.0)).sample)
+
+
+def test_a_stated_wrong_convention_is_warned_in_one_line():
+    import torch
+    from dsno import VPSchedule
+    from dsno.teachers import wrap
+    unet = _ddpm_like_unet()
+    teacher = wrap(lambda x, t: unet(x, t).sample, schedule=VPSchedule.ddpm_linear(1000), time_input="continuous")
+    with pytest.warns(UserWarning, match=r"time_input='continuous' looks wrong: .*pass time_input='discrete'$"):
+        teacher.eps(torch.randn(2, 1, 8, 8), 0.5)
+
+
+def test_a_network_of_schedule_time_wrapped_unstated_is_accepted():
+    import warnings
+
+    import torch
+    from dsno.teachers.unet import load_unet_teacher
+    from dsno.teachers import wrap
+    own = load_unet_teacher()           # the project's UNet: continuous time in [0, 1]
+    teacher = wrap(own.network, schedule=own.schedule, prediction="eps")
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.allclose(teacher.eps(x, 0.3), own.eps(x, 0.3))

@@ -32,6 +32,9 @@ def prepare_cli(config_dir: str | os.PathLike) -> None:
         os.environ["HYDRA_FULL_ERROR"] = "1"
     register_configs()
     overrides = sys.argv[1:]
+    if "--help" in overrides or "-h" in overrides:
+        print_help(config_dir, [a for a in overrides if not a.startswith("-")])
+        sys.exit(0)
     if any(a.startswith("-") for a in overrides):
         return
     from hydra.errors import HydraException
@@ -43,6 +46,48 @@ def prepare_cli(config_dir: str | os.PathLike) -> None:
             raise
         print(f"error: {composition_message(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def print_help(config_dir: str | os.PathLike, overrides: list[str]) -> None:
+    """`--help`: every key of the config these overrides compose, with its value and its one-line help
+    (`dsno.config.key_help`); Hydra's own flags stay under --hydra-help."""
+    from dsno.config import key_help
+    from dsno.teachers.registry import teacher_kinds
+    script = Path(sys.argv[0]).resolve()
+    root = Path(config_dir).resolve().parent
+    prog = (f"-m {'.'.join(script.parent.relative_to(root).parts)}" if script.name == "__main__.py"
+            and script.is_relative_to(root) else script.name)
+    try:
+        cfg = compose(*overrides, config_dir=config_dir)
+    except Exception as e:  # noqa: BLE001 - Hydra's and OmegaConf's errors: one line, as for a run
+        print(f"error: {composition_message(e)}", file=sys.stderr)
+        sys.exit(2)
+    experiments = sorted(p.stem for p in (Path(config_dir) / "experiment").glob("*.yaml"))
+    lines = [f"usage: python {prog} [experiment=NAME] [key=value ...]   (--hydra-help: Hydra's own flags)",
+             f"  experiment=NAME  {', '.join(experiments)}",
+             f"  teacher=KIND     {', '.join(teacher_kinds())} (each with its own teacher.* keys)",
+             "  solver=NAME      any deterministic solver of dsno.solvers.available()",
+             "  logger=csv, trainer=gpu",
+             "", "keys, with this command's values (--cfg job prints the whole composed config):"]
+    rows = [(key, _shown(OmegaConf.select(cfg, key)), text) for key, text in key_help(cfg).items()]
+    width = min(48, max(len(f"{k}={v}") for k, v, _ in rows))
+    section = None
+    for key, value, text in rows:
+        if (key.split(".")[0] if "." in key else "") != section:
+            section = key.split(".")[0] if "." in key else ""
+            lines.append("")
+        lines.append(f"  {f'{key}={value}':<{width}}  {text}")
+    print("\n".join(lines))
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A config value as one short command-line token (lists and dicts as compact JSON, cut at `limit`)."""
+    import json
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=False, enum_to_str=True)
+    text = json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict, bool)) or value is None \
+        else str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def composition_message(e: BaseException) -> str:

@@ -189,3 +189,42 @@ def test_a_network_of_schedule_time_wrapped_unstated_is_accepted():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.allclose(teacher.eps(x, 0.3), own.eps(x, 0.3))
+
+
+def _leaf_keys(node, prefix=""):
+    from omegaconf import DictConfig
+    for k in node:
+        v = node._get_node(k)
+        if isinstance(v, DictConfig) and len(v) and not k == "options":
+            yield from _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k
+
+
+@pytest.mark.parametrize("schema", ["run", "search"])
+@pytest.mark.parametrize("kind", ["mnist_gmm", "gmm_file", "unet", "diffusers", "psld_mnist_gmm", "psld_unet"])
+def test_every_key_of_the_composed_config_has_a_help_line(kind, schema):
+    from conftest import compose
+    from dsno.config import key_help
+    cfg = compose(f"teacher={kind}", f"schema={schema}", default_experiment=None)
+    helps = key_help(cfg)
+    keys = [k for k in _leaf_keys(cfg) if k != "hydra" and not k.startswith("hydra.")]
+    assert keys and set(keys) == set(helps), set(keys) ^ set(helps)
+    undocumented = [k for k in keys if not helps[k].strip() or "\n" in helps[k]]
+    assert not undocumented
+    assert ("nfe" in helps) == (schema == "search")
+
+
+def test_train_py_help_prints_every_key_with_its_value_and_help():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "train.py", "experiment=mnist_gmm", "trainer.max_steps=7", "--help"], cwd=root,
+                       env={**os.environ}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    rows = {line.split()[0]: line for line in p.stdout.splitlines() if line.startswith("  ") and "=" in line.split()[0]}
+    assert "optimizer steps of the training run" in rows["trainer.max_steps=7"]
+    assert "trajectories per optimizer step" in rows["train.batch_size=32"]
+    assert "teacher.components=64" in rows and "force=false" in rows

@@ -39,7 +39,7 @@ from dsno.nn.dsno import DiffusersUNet, diffusers_backbone_spec
 from dsno.schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
 from dsno.teachers.base import WrappedTeacher
 from dsno.teachers.unet import weights_sha256
-from dsno.config import TeacherConfig, _existing_path, _fail, check_prediction_key
+from dsno.config import TeacherConfig, _existing_path, _fail, check_prediction_key, doc_field
 from dsno.errors import UserFileNotFoundError
 from dsno.teachers.registry import register_teacher
 
@@ -423,8 +423,9 @@ class DiffusersTeacherConfig(TeacherConfig):
     different value is refused, showing both)."""
 
     kind: str = "diffusers"
-    path: Optional[str] = None      # the folder (required); nothing is downloaded
-    prediction: Optional[str] = None
+    path: Optional[str] = doc_field(None, "the diffusers folder (required); nothing is downloaded")
+    prediction: Optional[str] = doc_field(None, "when given, must equal the folder's prediction (eps, x0, v, "
+                                          "flow_velocity)")
 
     def __post_init__(self) -> None:
         if self.path is None:

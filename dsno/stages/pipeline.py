@@ -82,6 +82,7 @@ def run(rc: RunConfig, config: dict[str, Any] | None = None, through: str = "eva
             return run_dir
         if "export" not in done:
             from dsno.export import export_run
+            log.info("export: the sampler (%s) to %s", ", ".join(rc.export.forms), run_dir / "sampler")
             sampler = export_run(run_dir, forms=tuple(rc.export.forms))
             completion.mark_complete(rc, "export")
             loggers.log_artifact(logger, loggers.artifact_name("sampler", rc.experiment), "model", sampler)

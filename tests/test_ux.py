@@ -66,7 +66,8 @@ def test_a_complete_run_is_not_redone_unless_asked(tiny_run, tmp_path, caplog):
                                                                 forced["sampler/weights.safetensors"]}
 
 
-def test_ctrl_c_in_the_data_stage_is_one_line_and_status_130(tmp_path):
+def _interrupt(args, when, tmp_path):
+    """Run `python args...`, send SIGINT once a stdout line contains `when`; (status, stderr lines)."""
     import os
     import signal
     import subprocess
@@ -76,25 +77,36 @@ def test_ctrl_c_in_the_data_stage_is_one_line_and_status_130(tmp_path):
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1"}
-    # the UNet teacher: a solve of 512 trajectories takes far longer than the wait for its first line
-    proc = subprocess.Popen([sys.executable, "-m", "data_gen", "experiment=mnist_unet_quick",
-                             f"run_dir={tmp_path / 'run'}", "data.num_trajectories=512", "data.shard_size=64",
-                             "data.batch_size=64"], cwd=root, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, *args], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    seen = []
+    deadline, seen = time.time() + 300, []
     while time.time() < deadline:
-        line = proc.stdout.readline()
-        seen.append(line)
-        if "checked the bytes" in line or not line:
+        seen.append(proc.stdout.readline())
+        if when in seen[-1] or not seen[-1]:
             break
+    assert when in seen[-1], seen
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, (seen, out, err)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines[-1] == ("interrupted: the trajectory shards written so far are kept; the same command resumes "
-                         "from them"), err
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    return proc.returncode, [line for line in err.splitlines() if line.strip()]
+
+
+def test_ctrl_c_in_the_data_stage_is_one_line_and_status_130(tmp_path):
+    # the UNet teacher: a solve of 512 trajectories takes far longer than the wait for its first line
+    status, err = _interrupt(["-m", "data_gen", "experiment=mnist_unet_quick", f"run_dir={tmp_path / 'run'}",
+                              "data.num_trajectories=512", "data.shard_size=64", "data.batch_size=64"],
+                             "checked the bytes", tmp_path)
+    assert status == 130
+    assert err[-1] == "interrupted: the trajectory shards written so far are kept; the same command resumes from them"
+
+
+def test_ctrl_c_in_training_is_the_same_one_line_not_lightnings_exit_1(tmp_path):
+    from conftest import TINY_RUN
+    status, err = _interrupt(["train.py", f"run_dir={tmp_path / 'run'}", *TINY_RUN, "trainer.max_steps=1000",
+                              "trainer.val_check_interval=1000"], "train: step 50/", tmp_path)
+    assert status == 130
+    assert err[-1].startswith("interrupted: the work so far is kept (trajectory shards, checkpoints/last.ckpt")
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_a_run_log_has_each_lightning_line_once_and_ends_naming_the_report(tmp_path):

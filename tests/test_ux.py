@@ -240,3 +240,13 @@ def test_train_py_help_prints_every_key_with_its_value_and_help():
     assert "optimizer steps of the training run" in rows["trainer.max_steps=7"]
     assert "trajectories per optimizer step" in rows["train.batch_size=32"]
     assert "teacher.components=64" in rows and "force=false" in rows
+
+
+def test_loading_a_diffusers_folder_prints_no_accelerate_advice(tmp_path, capfd):
+    from dsno.teachers.diffusers import load_diffusers_teacher
+    from test_teachers_neural import write_folder
+    write_folder(tmp_path)
+    capfd.readouterr()
+    load_diffusers_teacher(tmp_path)
+    out, err = capfd.readouterr()
+    assert "accelerate" not in out + err

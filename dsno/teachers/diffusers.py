@@ -399,10 +399,11 @@ def load_diffusers_teacher(path: str | Path) -> _UNet2DTeacher:
         raise ValueError(f"{files.scheduler_config}: {e}") from e
 
     from diffusers import UNet2DModel
-    try:
+    from diffusers.utils import is_accelerate_available
+    try:     # low_cpu_mem_usage needs accelerate; asked for without it, diffusers warns on every load
         unet, info = UNet2DModel.from_pretrained(
             str(files.unet_dir), local_files_only=True, output_loading_info=True,
-            use_safetensors=files.weights.suffix == ".safetensors")
+            use_safetensors=files.weights.suffix == ".safetensors", low_cpu_mem_usage=is_accelerate_available())
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"could not load the UNet2DModel from {files.weights}: {e}. Weights load from "
                          "safetensors, or from a .bin only if torch.load(weights_only=True) accepts it "

@@ -250,3 +250,17 @@ def test_loading_a_diffusers_folder_prints_no_accelerate_advice(tmp_path, capfd)
     load_diffusers_teacher(tmp_path)
     out, err = capfd.readouterr()
     assert "accelerate" not in out + err
+
+
+def test_the_completion_stamp_covers_what_a_stage_makes_and_not_how_it_reads(tiny_run, tmp_path):
+    from dsno.stages.completion import stamp
+    base = tiny_run(run_dir=tmp_path / "a")
+    assert stamp(tiny_run(run_dir=tmp_path / "b"), "eval") == stamp(base, "eval")      # another run_dir, same run
+    for override, changed in (("train.lr=0.002", "train"), ("export.forms=[safetensors,onnx]", "export"),
+                              ("eval.num_samples=16", "eval")):
+        other = tiny_run(override, run_dir=tmp_path / "a")
+        for stage in ("train", "export", "eval"):
+            later = ("train", "export", "eval").index(stage) >= ("train", "export", "eval").index(changed)
+            assert (stamp(other, stage) != stamp(base, stage)) == later, (override, stage)
+    for override in ("train.resume=false", "data.verify=full", "data.num_workers=1"):
+        assert stamp(tiny_run(override, run_dir=tmp_path / "a"), "eval") == stamp(base, "eval"), override

@@ -23,7 +23,9 @@ SECTIONS = {"train": ("seed", "teacher", "solver", "data", "model", "train", "tr
             "export": ("export",), "eval": ("eval", "search")}
 OUTPUTS = {"train": ("checkpoints/dsno_ema.safetensors", "checkpoints/dsno_config.json"),
            "export": ("sampler",), "eval": ("eval/report.md", "eval/metrics.json")}
-NOT_OUTPUT_SHAPING = {("train", "resume")}     # how training starts, not what it makes
+# how a stage reads or starts, not what it makes
+NOT_OUTPUT_SHAPING = {("train", "resume"), ("data", "dir"), ("data", "repair"), ("data", "verify"),
+                      ("data", "num_workers")}
 
 
 def stamp(rc: RunConfig, stage: str) -> str:

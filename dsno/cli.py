@@ -57,9 +57,11 @@ def print_help(config_dir: str | os.PathLike, overrides: list[str]) -> None:
     root = Path(config_dir).resolve().parent
     prog = (f"-m {'.'.join(script.parent.relative_to(root).parts)}" if script.name == "__main__.py"
             and script.is_relative_to(root) else script.name)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
     try:
         cfg = compose(*overrides, config_dir=config_dir)
-    except Exception as e:  # noqa: BLE001 - Hydra's and OmegaConf's errors: one line, as for a run
+    except (HydraException, OmegaConfBaseException) as e:
         print(f"error: {composition_message(e)}", file=sys.stderr)
         sys.exit(2)
     experiments = sorted(p.stem for p in (Path(config_dir) / "experiment").glob("*.yaml"))

@@ -16,5 +16,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    prepare_cli(Path(__file__).resolve().parent / "conf")
+    prepare_cli(Path(__file__).resolve().parent / "conf", "eval")
     main()

@@ -18,5 +18,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    prepare_cli(Path(__file__).resolve().parent / "conf")
+    prepare_cli(Path(__file__).resolve().parent / "conf", "train")
     main()

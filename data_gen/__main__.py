@@ -17,5 +17,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     # `--repair` is accepted as a shorthand for the override data.repair=true
     sys.argv = [a if a != "--repair" else "data.repair=true" for a in sys.argv]
-    prepare_cli(Path(__file__).resolve().parent.parent / "conf")
+    prepare_cli(Path(__file__).resolve().parent.parent / "conf", "data")
     main()

@@ -16,20 +16,23 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dsno.config import compose, register_configs, validate
+from dsno.atomic import prove_writable
+from dsno.config import check_run, compose, register_configs, validate
 from dsno.errors import UserError, debug_requested, one_line, report_errors
 
 log = logging.getLogger("dsno")
 
 
-def prepare_cli(config_dir: str | os.PathLike) -> None:
+def prepare_cli(config_dir: str | os.PathLike, stage: str) -> None:
     """Before a Hydra entry point runs: take `--debug` out of sys.argv (Hydra would reject it;
-    it turns on full tracebacks), and compose the overrides once, so that an unknown key or a
-    malformed override is one line `error: ...` and exit status 2 instead of Hydra's report.
+    it turns on full tracebacks), tell the Preflight callback which `stage` (dsno.config.STAGES) the
+    run reaches, and compose the overrides once, so that an unknown key or a malformed override is one
+    line `error: ...` and exit status 2 instead of Hydra's report.
     Command lines with Hydra's own flags (-m, --cfg, --help, ...) are left to Hydra."""
     if "--debug" in sys.argv:
         sys.argv = [a for a in sys.argv if a != "--debug"]
         os.environ["HYDRA_FULL_ERROR"] = "1"
+    Preflight.entry_stage = stage
     register_configs()
     overrides = sys.argv[1:]
     if "--help" in overrides or "-h" in overrides:
@@ -110,19 +113,22 @@ def composition_message(e: BaseException) -> str:
 def check_writable(run_dir: str | os.PathLike) -> None:
     """Create `run_dir` if needed and prove a file can be written there; UserError otherwise."""
     path = Path(run_dir)
-    probe = path / f".write-test-{os.getpid()}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        prove_writable(path)
     except OSError as e:
         raise UserError(f"run_dir={path} is not writable ({e.strerror or e}); point run_dir= at a folder you "
                         "can write to") from None
 
 
 class Preflight(Callback):
-    """Hydra callback, run before Hydra creates any folder: validate the config and prove
+    """Hydra callback, run before Hydra creates any folder: validate the config, check every value of
+    the stages `stage` reaches against this machine and its files (dsno.config.check_run), and prove
     run_dir writable, so a mistake is one line and leaves nothing on disk."""
+
+    entry_stage = "train"        # the running entry point's stage, set by prepare_cli
+
+    def __init__(self, stage: str | None = None):
+        self.stage = stage or Preflight.entry_stage
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config)
@@ -130,12 +136,15 @@ class Preflight(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config)
 
-    @staticmethod
-    def _check(config: DictConfig) -> None:
+    def validated(self, config: DictConfig):
+        """The RunConfig of the composed `config` (its `hydra` node left out); ConfigError on mistakes."""
+        with open_dict(config):
+            run_config = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        return validate(run_config)
+
+    def _check(self, config: DictConfig) -> None:
         try:
-            with open_dict(config):
-                run_config = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
-            validate(run_config)
+            check_run(self.validated(config), self.stage)
             check_writable(OmegaConf.select(config, "run_dir"))
         except UserError as e:
             if debug_requested():
@@ -164,6 +173,7 @@ def run_stage(stage: str, cfg: DictConfig) -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)   # "No CUDA runtime": any CPU machine
     with report_errors(ON_INTERRUPT[stage]):
         rc = validate(cfg)
+        check_run(rc, stage)
         if stage == "data":
             from dsno.stages.pipeline import make_data
             make_data(rc, config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))

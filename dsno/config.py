@@ -12,7 +12,9 @@ dataclass (an unknown key, a wrong type or an Enum value outside its choices fai
 the key), then every dataclass range-checks its own values in `__post_init__` and `RunConfig.check()`
 the rules between sections. Each mistake is one line: the key, the bad value, and what is allowed.
 Choice lists that a registry owns (solvers, spacings, teacher kinds, losses, export forms,
-predictions) are read from it, never written here.
+predictions) are read from it, never written here. `check_run(rc, stage)` then checks what this
+machine and its files decide (hardware, weights files, writable folders, a W&B key) for every stage an
+entry point reaches (STAGES); the entry points run both before anything is written (dsno.cli.Preflight).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 from dataclasses import MISSING as MISSING_FACTORY, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -490,7 +493,8 @@ class ExportConfig:
 @dataclass
 class SearchConfig:
     """`python -m dsno.search` (dsno.search.loop): its sizes are an experiment's to set (a network teacher
-    on a CPU needs a smaller search than the mixture); range-checked by dsno.search.loop.check_config."""
+    on a CPU needs a smaller search than the mixture). Its own ranges are checked here, for every entry
+    point; the budget and the pinned times against the teacher's time range by `check_search`."""
 
     mode: str = doc_field("full", "full | timesteps (GITS / LD3-style: the grid of `base` only)")
     base: str = doc_field("unipc", "timesteps mode: the fixed solver (unipc | dpm_solver_pp | deis | ipndm | ddim)")
@@ -513,6 +517,53 @@ class SearchConfig:
     resume: bool = doc_field(True, "continue from <name>.scored.json when it exists")
     out: Optional[str] = doc_field(None, "the folder of the schedules; default: <run_dir>/schedules")
     threads: int = doc_field(1, "torch CPU threads (0: torch's default); small batches run best on one")
+
+    def __post_init__(self) -> None:
+        from dsno.search.loop import BASES, MODES, NOISE_SEED_STRIDE
+        from dsno.solvers.usf import AFS
+        _choice("search.mode", self.mode, MODES)
+        _choice("search.base", self.base, BASES)
+        top = 1 if self.base == "ddim" else 4 if self.base in ("deis", "ipndm") else 3
+        _count("search.base_order", self.base_order, top, f"the orders of {self.base} are 1..{top}")
+        afs = list(self.afs)
+        if not afs or any(a not in AFS for a in afs):
+            _fail("search.afs", afs, f"must be a non-empty list of {', '.join(AFS)}")
+        for key in ("batch", "verify_batch"):
+            _count(f"search.{key}", getattr(self, key), 65536, "larger batches only exhaust memory")
+        _count("search.reference_steps", self.reference_steps, 10_000, "a float64 3rd-order solve converges "
+               "long before that")
+        _count("search.initial", self.initial, 10**6, "a million random candidates is past any search")
+        _count("search.proposals", self.proposals, 10**6, "the predictor ranks at most a million children a round")
+        _count("search.scored_per_round", self.scored_per_round, 10**5, "each one is a teacher solve")
+        _count("search.parents", self.parents, 10**5, "more parents than any search scores")
+        _count("search.verify_top", self.verify_top, 10**4, "each one is a solve on search.verify_batch")
+        _count("search.rounds", self.rounds, 10**4, "each round is search.scored_per_round solves", lo=0)
+        _count("search.refine", self.refine, 50, "sweep k moves a time by 0.2 / 2^k, below float64 resolution "
+               "after 50", lo=0)
+        _count("search.threads", self.threads, 256, "more threads than any machine has cores (0: torch's "
+               "default)", lo=0)
+        _in_range("search.explore", self.explore, 0.0, 1.0, hi_open=True)
+        _count("search.seed", self.seed, (SEED_MAX - 2) // NOISE_SEED_STRIDE, f"the noise seeds "
+               f"{NOISE_SEED_STRIDE:,} * seed + 1 and + 2 are 64-bit signed integers", lo=0)
+        pins = list(self.pin_times)
+        if any(isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) for t in pins):
+            _fail("search.pin_times", pins, "must be a list of finite times")
+        if len(set(pins)) != len(pins):
+            _fail("search.pin_times", pins, "must be distinct times")
+
+
+def check_search(sc: SearchConfig, nfe: Optional[int], t_start: float, t_end: float) -> None:
+    """The search's keys against its budget `nfe` (None: a run that does not search) and the time range
+    (t_end, t_start) of the teacher's ODE (t_start inf: known only once the teacher is loaded; the search
+    checks again then). ConfigError, one line."""
+    if nfe is not None and (isinstance(nfe, bool) or not isinstance(nfe, int) or not 1 <= nfe <= 50):
+        _fail("nfe", nfe, "must be an integer in 1..50 (python -m dsno.search nfe=5)")
+    pins = list(sc.pin_times)
+    if any(not t_end < t < t_start for t in pins):
+        _fail("search.pin_times", pins, f"must be distinct times strictly between t_end={t_end:g} and "
+              f"T={t_start:g} (drop the end points)")
+    if nfe is not None and len(pins) > nfe - 1:
+        _fail("search.pin_times", pins, f"{len(pins)} pinned times need nfe >= {len(pins) + 1}")
 
 
 # ----------------------------------------------------------------------------------------- the run
@@ -555,6 +606,7 @@ class RunConfig:
         if self.model.modes > m // 2 + 1:
             _fail("model.modes", self.model.modes, f"must be <= M // 2 + 1 = {m // 2 + 1} for M = {m} output times")
         _in_range("model.denoise_time", self.model.denoise_time, 0.0, t_max, lo_open=True)
+        check_search(self.search, None, sched.T if sched is not None else math.inf, self.solver.t_end)
 
     def _check_processes(self) -> None:
         """Every solver (the teacher solve, eval's baselines) integrates the teacher's kind of process;
@@ -664,20 +716,28 @@ def _plain_choices(obj: Any) -> Any:
 
 
 def check_trainer_hardware(c: RunConfig) -> None:
-    """Before training: trainer.accelerator / trainer.devices name hardware this machine has,
-    and the data set gives every rank at least one batch. ConfigError (one line) otherwise."""
+    """Before training: trainer.accelerator / devices / strategy / precision name hardware and a setup
+    this machine has and Lightning accepts, data.num_workers fits its cores, and the data set gives every
+    rank at least one batch. ConfigError (one line) otherwise."""
     import torch
     t = c.trainer
+    cores = os.cpu_count() or 1
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if t.accelerator in ("gpu", "cuda") and gpus == 0:
-        _fail("trainer.accelerator", str(t.accelerator), "this machine has no CUDA GPU; use auto or cpu")
+        _fail("trainer.accelerator", str(t.accelerator), "this machine has no CUDA GPU; train on the CPU with "
+              "trainer.accelerator=cpu (or auto), or trainer=default for the whole CPU trainer")
     if t.accelerator == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         _fail("trainer.accelerator", str(t.accelerator), "this machine has no MPS device; use auto or cpu")
     on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and gpus > 0)
-    available = gpus if on_gpu else (os.cpu_count() or 1)
+    available = gpus if on_gpu else cores
     where = f"{gpus} GPU(s)" if on_gpu else f"{available} CPU core(s)"
     devices = t.devices
-    if devices in ("auto", -1, "-1"):
+    if on_gpu and devices in (-1, "-1"):
+        count = available
+    elif devices in (-1, "-1") or isinstance(devices, (list, tuple)) and not on_gpu:
+        _fail("trainer.devices", devices, f"names GPUs, but this run trains on the CPU ({where}): give "
+              f"trainer.devices=auto or a count of CPU processes (1..{available})")
+    elif devices == "auto":
         count = available if on_gpu else 1
     elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
         count = devices
@@ -691,14 +751,116 @@ def check_trainer_hardware(c: RunConfig) -> None:
         _fail("trainer.devices", devices, "must be auto, -1, a positive integer or a list of device indices")
     if count > available:
         _fail("trainer.devices", devices, f"asks for {count} devices, but this machine has {where}")
+    _check_strategy_and_precision(t, on_gpu)
+    if c.data.num_workers > cores:
+        _fail("data.num_workers", c.data.num_workers, f"this machine has {cores} CPU core(s); use at most {cores}")
     world = count * t.num_nodes
     n = c.data.num_trajectories
     train_size = n - (0 if c.data.val_fraction == 0 else max(1, round(n * c.data.val_fraction)))
     batches = train_size // c.train.batch_size
+    if batches == 0:
+        _fail("train.batch_size", c.train.batch_size, f"exceeds the {train_size} training trajectories of "
+              f"data.num_trajectories={n} (data.val_fraction={c.data.val_fraction:g} held out); use at most "
+              f"{train_size} or make more trajectories")
     if batches < world:
         _fail("trainer.devices", devices, f"{world} ranks need at least {world} training batches, but "
               f"data.num_trajectories={c.data.num_trajectories} gives {batches} of train.batch_size="
               f"{c.train.batch_size}; make more trajectories or use fewer devices")
+
+
+def _check_strategy_and_precision(t: TrainerConfig, on_gpu: bool) -> None:
+    """trainer.strategy is one Lightning has, bf16 runs on this GPU, and Lightning accepts the whole
+    accelerator / devices / strategy / precision combination (its own check, run now, not at fit)."""
+    import torch
+    from lightning.pytorch.strategies import StrategyRegistry
+    strategies = ("auto", *StrategyRegistry.available_strategies())
+    _choice("trainer.strategy", t.strategy, strategies)
+    if on_gpu and t.precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+        _fail("trainer.precision", t.precision, f"{torch.cuda.get_device_name()} has no bfloat16; use 16-mixed "
+              "or 32-true")
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+    try:
+        _AcceleratorConnector(accelerator=str(t.accelerator), devices=t.devices, num_nodes=t.num_nodes,
+                              strategy=t.strategy, precision=t.precision)
+    except Exception as e:      # noqa: BLE001 - Lightning raises several types; each is a refused setup
+        reason = " ".join(str(e).split()) or type(e).__name__
+        _fail("trainer", {k: getattr(t, k) for k in ("accelerator", "devices", "num_nodes", "strategy", "precision")},
+              f"Lightning refuses this setup: {reason}")
+
+
+# The stages each entry point reaches: train.py makes the data when missing, trains, exports, evaluates.
+STAGES = {"data": ("data",), "train": ("data", "train", "export", "eval"), "eval": ("eval",),
+          "search": ("search",)}
+
+
+def check_run(c: RunConfig, stage: str) -> None:
+    """Before `stage` (a key of STAGES) writes anything: the values of every stage it reaches that this
+    machine and its files decide (hardware, weights files, writable folders). ConfigError (one line)."""
+    reached = STAGES[stage]
+    if set(reached) & {"data", "train", "eval"}:       # each of them is a W&B run (or CSV log)
+        _check_logger(c.logger)
+    if "data" in reached:
+        _check_creatable("data.dir", c.data.dir, c.run_dir)
+    if "train" in reached:
+        check_trainer_hardware(c)
+        if c.train.loss == "lpips":
+            from dsno.training.perceptual import vgg_weights_path
+            try:
+                vgg_weights_path(c.train.perceptual_weights)
+            except UserError as e:
+                _fail("train.loss", c.train.loss, str(e))
+    if "export" in reached:
+        import importlib.util
+        if "onnx" in c.export.forms and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
+            _fail("export.forms", list(c.export.forms), "onnx needs the packages onnx and onnxscript (pip install "
+                  "onnx onnxscript); or drop onnx")
+    if "eval" in reached and c.eval.fidelity:
+        from dsno.metrics.fidelity import MIN_IMAGES      # torch-fidelity's import: eval's own, moved here
+        if c.eval.num_samples < MIN_IMAGES:
+            _fail("eval.num_samples", c.eval.num_samples, f"FID / KID / IS need at least {MIN_IMAGES} samples; "
+                  f"use eval.num_samples>={MIN_IMAGES} or eval.fidelity=false")
+    if "search" in reached and c.search.out is not None:
+        _check_creatable("search.out", c.search.out, c.run_dir)
+
+
+def _check_logger(lc: LoggerConfig) -> None:
+    """logger=wandb needs the wandb package; mode=online an API key (WANDB_API_KEY or `wandb login`'s
+    ~/.netrc entry), which W&B would otherwise ask for only after the data stage."""
+    import importlib.util
+    if lc.kind != "wandb" or lc.mode == "disabled":
+        return
+    if importlib.util.find_spec("wandb") is None:
+        _fail("logger.kind", str(lc.kind), "the wandb package is not installed (pip install wandb); or use logger=csv")
+    if lc.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        import netrc
+        from urllib.parse import urlparse
+        host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+        try:
+            entry = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+        except (OSError, netrc.NetrcParseError):
+            entry = None
+        if not entry or not entry[2]:
+            _fail("logger.mode", str(lc.mode), f"W&B has no API key for {host}: run `wandb login` or set "
+                  "WANDB_API_KEY; or log offline (logger.mode=offline, `wandb sync` uploads later)")
+
+
+def _check_creatable(key: str, path: str, run_dir: str) -> None:
+    """`path` is a folder, or can be made one: its nearest existing ancestor is a folder one can write to
+    (nothing is left on disk). A path inside run_dir is left to the entry point's check of run_dir."""
+    p = Path(os.path.abspath(path))
+    if p.is_relative_to(os.path.abspath(run_dir)):
+        return
+    if p.exists() and not p.is_dir():
+        _fail(key, path, "is a file, not a folder; point it at a folder")
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        _fail(key, path, f"cannot be made: {p} is a file, not a folder")
+    try:            # a folder made and removed at once proves it (os.access passes anything for root)
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=p))
+    except OSError as e:
+        _fail(key, path, f"cannot be written: {p} is not writable ({e.strerror or e}); point it at a folder you "
+              "can write to")
 
 
 @dataclass

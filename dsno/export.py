@@ -8,7 +8,10 @@ file is refused by name and the program forms load here without `trust_program`.
 ONNX forms use `DSNO.exportable()`, which replaces the FFT of every temporal layer by the
 equivalent real matrix product; every exported form is checked against the in-memory model,
 through the same safe loaders users get, before the folder is published. The folder appears
-atomically: written under a temporary name, then renamed.
+atomically: written under a temporary name (`.NAME.tmp-PID`, removed on the next export once its
+process is dead), then renamed. An existing `out_dir` is replaced only when it is empty or a sampler
+folder (no other files); a link there, a folder holding other files or one that cannot be written
+is refused in one line before any work.
 
 CLI (OmegaConf dotlist, like the Hydra entry points):
     python -m dsno.export run_dir=PATH [forms=[safetensors,pt2,onnx]] [out=PATH/sampler]
@@ -18,7 +21,7 @@ reads PATH/checkpoints/dsno_ema.safetensors and PATH/checkpoints/dsno_config.jso
 from __future__ import annotations
 
 import copy
-import errno
+import io
 import json
 import os
 import shutil
@@ -29,12 +32,14 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from dsno.atomic import disk_full_error
+from dsno.atomic import (check_room, claim_output_folder, disk_full_error, is_disk_full, refuse_link,
+                         write_bytes_no_follow)
+from dsno.data.lock import pid_alive
 from dsno.errors import UserError, UserFileNotFoundError, report_errors
 from dsno.nn import CONFIG_FORMAT_VERSION, DSNO, build_dsno, validate_config
 from dsno.sampler import (CONFIG_FILE, FORM_FILES, SamplerFileError, load_dsno, load_onnx_session,
                           load_pt2_program, read_config)
-from dsno.trust import check_onnx_model, check_pt2_archive, write_checksums
+from dsno.trust import CHECKSUM_FILE, check_onnx_model, check_pt2_archive, write_checksums
 
 ONNX_OPSET = 18
 ONNX_INPUT, ONNX_OUTPUT = "x_T", "trajectory"
@@ -55,13 +60,14 @@ def export_sampler(model: DSNO, config: dict[str, Any], out_dir: str | os.PathLi
     _check_model_matches_config(model, config)
     model = copy.deepcopy(model).to("cpu").eval()
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    out_dir = claim_output_folder(out_dir, "out", not_sampler_files, create=False)
+    remove_stale_temp_folders(out_dir)
+    tmp = _temp_folder(out_dir, "tmp", os.getpid())
+    refuse_link(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)  # this pid's own, from an earlier call in this process
     tmp.mkdir()
     try:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        write_bytes_no_follow(tmp / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
         example = torch.randn(2, *config["image_shape"], generator=torch.Generator().manual_seed(0))
         program = export_program(model, example) if {"pt2", "onnx"} & set(forms) else None
         for form in forms:
@@ -78,18 +84,45 @@ def export_sampler(model: DSNO, config: dict[str, Any], out_dir: str | os.PathLi
             _verify(model, tmp, forms, config["image_shape"])
         _publish(tmp, out_dir)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full_error(out_dir) from e
+        if is_disk_full(e):
+            raise disk_full_error(out_dir, e) from e
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
+def not_sampler_files(folder: Path) -> list[str]:
+    """The entries of `folder` that make it other than a sampler folder export wrote (which holds
+    config.json, checksums.json and form files only, ONNX external data included); [] for one."""
+    names = os.listdir(folder)
+    other = [n for n in names if n not in (CONFIG_FILE, CHECKSUM_FILE, *FORM_FILES.values())
+             and not n.startswith(FORM_FILES["onnx"] + ".")]
+    return other or ([] if not names or {CONFIG_FILE, CHECKSUM_FILE} <= set(names) else names)
+
+
+def _temp_folder(out_dir: Path, kind: str, pid: int) -> Path:
+    return out_dir.parent / f".{out_dir.name}.{kind}-{pid}"
+
+
+def remove_stale_temp_folders(out_dir: Path) -> list[Path]:
+    """Remove the `.NAME.tmp-PID` / `.NAME.old-PID` folders beside `out_dir` whose process is dead (a
+    killed export's); a live process's, and links, are kept. Returns the removed ones."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for path in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
+            pid = path.name.rsplit("-", 1)[1]
+            if pid.isdigit() and not pid_alive(int(pid)) and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
 def save_safetensors(model: DSNO, path: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save  # to bytes: safetensors' own file writer reports a full disk as SafetensorError
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", "dsno_format_version": str(CONFIG_FORMAT_VERSION)})
+    metadata = {"format": "pt", "dsno_format_version": str(CONFIG_FORMAT_VERSION)}
+    write_bytes_no_follow(path, save(state, metadata=metadata))
 
 
 def export_program(model: DSNO, example: torch.Tensor) -> torch.export.ExportedProgram:
@@ -107,6 +140,9 @@ def save_pt2(program: torch.export.ExportedProgram, path: Path) -> None:
     """Save without example inputs, so the archive holds no pickled payload."""
     program = copy.copy(program)
     program.example_inputs = None
+    measure = io.BytesIO()  # torch's zip writer aborts the process when a file write fails: check the room first
+    torch.export.save(program, measure)
+    check_room(path, len(measure.getbuffer()))
     torch.export.save(program, str(path))
     check_pt2_archive(path)
 
@@ -167,7 +203,7 @@ def _publish(tmp: Path, out_dir: Path) -> None:
     """Rename tmp to out_dir; an existing out_dir is moved aside first and removed after."""
     old = None
     if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        old = _temp_folder(out_dir, "old", os.getpid())
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)

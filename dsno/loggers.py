@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from dsno.atomic import refuse_link
 from dsno.config import RunConfig
 
 STAGES = ("data", "train", "eval")
@@ -42,6 +43,7 @@ def stage_logger(rc: RunConfig, stage: str, config: dict[str, Any] | None = None
     os.environ.setdefault("WANDB_SILENT", "true")
     run_dir = Path(rc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    refuse_link(run_dir / RUNS_FILE.parent)   # dsno names it: a link there would put runs.json elsewhere
     logger = _wandb_logger_type()(project=rc.logger.project, name=f"{rc.experiment}-{stage}", group=rc.experiment,
                                   job_type=stage, save_dir=str(run_dir), mode=rc.logger.mode,
                                   config={**(config or {}), "stage": stage})
@@ -81,6 +83,7 @@ def training_logger(rc: RunConfig, config: dict[str, Any] | None = None):
     lg = stage_logger(rc, "train", config)
     if lg is None:
         from lightning.pytorch.loggers import CSVLogger
+        refuse_link(Path(rc.run_dir) / "logs")
         lg = CSVLogger(str(rc.run_dir), name="logs")
     return lg
 

@@ -12,7 +12,9 @@ are written atomically (temp file + fsync + rename); a chunk counts as complete 
 .npy matches its digest, so a rerun after an interruption skips complete chunks, redoes a
 tampered or truncated one, rewrites any PNG whose bytes differ, and produces the same bytes.
 DIR/run.json records what the chunks were made with; a rerun with a different sampler, form,
-seed, chunk_size or noise rule is refused.
+seed, chunk_size or noise rule is refused. out= must be new, empty or a folder this command wrote
+(png/, chunks/, run.json, samples.npz): another folder, a link or an unwritable place is refused
+in one line before any sampling.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -30,7 +33,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from dsno.atomic import atomic_path, atomic_write_bytes
+from dsno.atomic import (atomic_path, atomic_write_bytes, claim_output_folder, make_folder,
+                         refuse_link)
 from dsno.errors import UserError, report_errors
 from dsno.export import parse_options
 from dsno.metrics.image_io import to_uint8
@@ -43,6 +47,8 @@ USAGE = ("usage: python -m dsno.sample_images sampler=PATH n=N out=DIR "
 MAX_SAMPLES = 10**8          # 100 million images: beyond any FID set; a typo like n=1e12 is refused
 MAX_SEED = 2**63 - 1
 RUN_FILE = "run.json"
+PNG_DIR, CHUNK_DIR, NPZ_FILE = "png", "chunks", "samples.npz"
+TEMP_FILE = re.compile(r"\..+\.\d+\.tmp")  # dsno.atomic's default temp name: .NAME.PID.tmp
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamp: the .npz bytes depend only on the samples
 
 
@@ -96,6 +102,7 @@ def _run_record(sampler: Sampler, seed: int, chunk_size: int) -> dict[str, Any]:
 
 def _check_run_record(out: Path, record: dict[str, Any]) -> None:
     path = out / RUN_FILE
+    refuse_link(path)
     if path.is_file():
         previous = json.loads(path.read_text())
         keys = ("sampler_sha256", "form", "seed", "chunk_size", "noise")
@@ -107,10 +114,22 @@ def _check_run_record(out: Path, record: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
 
 
+def not_image_folder_files(out: Path) -> list[str]:
+    """The entries of `out` that make it other than a folder this module wrote (run.json, png/,
+    chunks/, samples.npz, temp files; png/ and chunks/ only beside run.json unless empty); []
+    for one."""
+    names = os.listdir(out)
+    other = [n for n in names if n not in (PNG_DIR, CHUNK_DIR, RUN_FILE, NPZ_FILE) and not TEMP_FILE.fullmatch(n)]
+    filled = [n for n in (PNG_DIR, CHUNK_DIR)      # a link among them is refused by name when written
+              if (out / n).is_dir() and not (out / n).is_symlink() and any((out / n).iterdir())]
+    return other or ([] if RUN_FILE in names else filled)
+
+
 def _remove_stale_temp_files(*folders: Path) -> None:
     for folder in folders:
         for tmp in folder.glob(".*.tmp"):
-            tmp.unlink()
+            if TEMP_FILE.fullmatch(tmp.name) and not tmp.is_symlink():
+                tmp.unlink()
 
 
 def write_samples(sampler_path: str | os.PathLike, n: int, out: str | os.PathLike, seed: int = 0,
@@ -126,10 +145,8 @@ def write_samples(sampler_path: str | os.PathLike, n: int, out: str | os.PathLik
     channels, (height, width) = sampler.data_channels, sampler.image_shape[1:]
     if channels not in (1, 3):
         raise UserError(f"PNG output needs 1 (grayscale) or 3 (RGB) channels, the sampler makes {channels}")
-    out = Path(out)
-    png_dir, chunk_dir = out / "png", out / "chunks"
-    png_dir.mkdir(parents=True, exist_ok=True)
-    chunk_dir.mkdir(parents=True, exist_ok=True)
+    out = claim_output_folder(out, "out", not_image_folder_files, create=True)
+    png_dir, chunk_dir = make_folder(out / PNG_DIR), make_folder(out / CHUNK_DIR)
     _remove_stale_temp_files(out, png_dir, chunk_dir)
     _check_run_record(out, _run_record(sampler, seed, chunk_size))
 
@@ -153,7 +170,7 @@ def write_samples(sampler_path: str | os.PathLike, n: int, out: str | os.PathLik
                 atomic_write_bytes(chunk_file, data)
                 atomic_write_bytes(_digest_file(chunk_file), hashlib.sha256(data).hexdigest().encode())
             advance(count)
-    npz = out / "samples.npz"
+    npz = out / NPZ_FILE
     write_npz(npz, chunk_files, (n, height, width, channels))
     return npz
 

@@ -13,11 +13,12 @@ from dsno.config import ConfigError, check_trainer_hardware, validate
 ROOT = Path(__file__).resolve().parent.parent
 
 HARDWARE = [
-    (["trainer.accelerator=gpu"], "trainer.accelerator='gpu': this machine has no CUDA GPU; use auto or cpu"),
+    (["trainer.accelerator=gpu"], "trainer.accelerator='gpu': this machine has no CUDA GPU; train on the CPU with "
+     "trainer.accelerator=cpu (or auto), or trainer=default for the whole CPU trainer"),
     ([f"trainer.devices={(os.cpu_count() or 1) + 6}"],
      f"trainer.devices={(os.cpu_count() or 1) + 6}: asks for {(os.cpu_count() or 1) + 6} devices, but this "
      f"machine has {os.cpu_count() or 1} CPU core(s)"),
-    (["trainer.devices=[0,99]"], "trainer.devices=[0, 99]: names device index 99"),
+    (["trainer.devices=[0,99]"], "trainer.devices=[0, 99]: names GPUs, but this run trains on the CPU"),
     (["trainer.devices=banana"], "trainer.devices='banana': must be auto, -1, a positive integer"),
     (["trainer.devices=2", "data.num_trajectories=40", "train.batch_size=32"],
      "trainer.devices=2: 2 ranks need at least 2 training batches, but data.num_trajectories=40 gives 1 of "

@@ -16,7 +16,6 @@ listed are verified (`dsno.data.verify`) before the run resumes from them.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -28,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from dsno.atomic import is_disk_full, refuse_link
 from dsno.data.manifest import (
     MANIFEST_NAME,
     ROLES,
@@ -195,8 +195,8 @@ def _remove_stray_temps(folder: Path, world_size: int, rank: int) -> list[str]:
         if shard:
             if int(shard.group(1)) % world_size == rank and remove_stray_temp(path):
                 removed.append(name)
-        elif (temp and (world_size == 1 or int(temp.group(2)) == rank)) or (
-                world_size == 1 and name.startswith(CACHE_NAME + ".tmp.")):
+        elif not path.is_symlink() and ((temp and (world_size == 1 or int(temp.group(2)) == rank)) or (
+                world_size == 1 and name.startswith(CACHE_NAME + ".tmp."))):  # a link: refused when written
             path.unlink(missing_ok=True)
             removed.append(name)
     return removed
@@ -331,6 +331,7 @@ def _generate_locked(folder: Path, target: Manifest, solve: Solve, batch_size: i
                      world_size: int, repair: bool, progress: bool, noise_dtype: torch.dtype,
                      verify: str) -> Manifest:
     group = _uses_process_group(rank, world_size)
+    refuse_link(folder / MANIFEST_NAME)  # written below: a planted link is refused before it is even read
     if world_size == 1:  # sole writer: fold any parts of an earlier multi-rank run into manifest.json
         if any(_PART_RE.fullmatch(p.name) for p in folder.glob("manifest.part-*.json")):
             merge_manifest(folder, target, rank, world_size, sole_writer=True)
@@ -383,7 +384,7 @@ def _generate_locked(folder: Path, target: Manifest, solve: Solve, batch_size: i
                 rec = write_shard(folder, target, i, _solve_batches(solve, target, i, batch_size,
                                                                     noise_dtype, on_batch, folder))
             except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                if is_disk_full(e):
                     raise InsufficientDiskSpaceError(
                         f"disk full while writing shard {i} in {folder} ({e}). The {len(records)} whole "
                         f"shards are kept; fix: free space and rerun the same command to resume.") from e

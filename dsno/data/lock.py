@@ -3,7 +3,8 @@
 A single-rank run locks `data_gen.lock` exclusively; the ranks of a multi-rank run share it and
 each locks its own `data_gen.lock.rank-<r>-of-<W>`. The lock is an flock on the file, which the
 kernel drops when the process dies, so a lock left by a killed run (a dead pid) is stale and the
-next run takes it over. A refused run names the folder and the pid holding it.
+next run takes it over. A refused run names the folder and the pid holding it. A symbolic link
+at a lock's name is refused (`LinkRefusedError`), never opened, truncated or removed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import socket
 from pathlib import Path
 from typing import Any, Iterator
 
+from dsno.atomic import open_no_follow
 from dsno.data.manifest import FolderLockedError, utc_now
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ def pid_alive(pid: Any) -> bool:
 def _open_locked(path: Path, shared: bool) -> int | None:
     """An fd of `path` holding its flock, or None if another process holds it."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_no_follow(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:

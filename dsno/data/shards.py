@@ -13,6 +13,7 @@ Reading a shard's bytes (`check_shard_content`) checks its sha256 and that every
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import io
@@ -24,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from dsno.atomic import fsync_dir
+from dsno.atomic import fsync_dir, open_no_follow, refuse_link
 from dsno.data.manifest import (
     ROLES,
     CorruptShardError,
@@ -76,7 +77,7 @@ class NpyStreamWriter:
         busy = DatasetError(f"{self.temp_path} exists: another process is writing this shard into the "
                             f"same folder; fix: run one generation per folder (or wait for the other)")
         try:
-            self._file = open(self.temp_path, "xb")
+            self._file = os.fdopen(open_no_follow(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb")
         except FileExistsError:
             raise busy from None
         # Held until commit/abort, so a cleaner of stray temps never removes a file being written.
@@ -105,6 +106,7 @@ class NpyStreamWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        refuse_link(self.path)
         os.replace(self.temp_path, self.path)
         return FileRecord(self.path.name, self._bytes, self._hash.hexdigest())
 
@@ -127,11 +129,15 @@ def _lock_exclusive(fd: int, path: Path) -> bool:
 
 def remove_stray_temp(path: Path) -> bool:
     """Delete a shard temp file left by a killed writer; a temp a live writer holds is kept.
-    Returns whether it was removed."""
+    Returns whether it was removed (a link of that name is kept: the writer refuses it by name)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return False
+        raise
     try:
         if not _lock_exclusive(fd, path):
             return False

@@ -26,5 +26,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     sys.argv.insert(1, "schema=search")
     sys.argv.insert(1, "hydra.callbacks.preflight._target_=dsno.search.cli.SearchPreflight")
-    prepare_cli(Path(__file__).resolve().parent.parent.parent / "conf")
+    prepare_cli(Path(__file__).resolve().parent.parent.parent / "conf", "search")
     main()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import sys
+import math
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from dsno.errors import UserError, debug_requested, one_line
+from dsno.cli import Preflight
 
 log = logging.getLogger("dsno")
 
@@ -27,21 +26,16 @@ def split(cfg: DictConfig) -> tuple[Any, Any, Any]:
     return rc, nfe, rc.search
 
 
-class SearchPreflight(Callback):
-    """Validate the run config, nfe and search.* and prove run_dir writable before Hydra writes."""
+class SearchPreflight(Preflight):
+    """dsno.cli.Preflight of `python -m dsno.search`: the run config, and nfe and search.* against the
+    budget and the teacher's time range (dsno.config.check_search), before Hydra writes anything."""
 
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from dsno.cli import check_writable
-        from dsno.search.loop import check_config
-        try:
-            rc, nfe, sc = split(config)
-            check_config(sc, nfe, 1.0, rc.solver.t_end)
-            check_writable(rc.run_dir)
-        except UserError as e:
-            if debug_requested():
-                raise
-            print(f"error: {one_line(e)}", file=sys.stderr)
-            sys.exit(2)
+    def validated(self, config: DictConfig):
+        from dsno.config import check_search
+        rc, nfe, sc = split(config)
+        sched = rc.teacher.fixed_schedule()
+        check_search(sc, nfe, sched.T if sched is not None else math.inf, rc.solver.t_end)
+        return rc
 
 
 def run(cfg: DictConfig) -> dict:
@@ -49,8 +43,10 @@ def run(cfg: DictConfig) -> dict:
     from dsno.builders import build_teacher, sample_shape
     from dsno.search.loop import search
 
+    from dsno.config import check_run
     logging.getLogger("dsno").setLevel(logging.INFO)
     rc, nfe, sc = split(cfg)
+    check_run(rc, "search")
     if sc.threads:
         import torch
         torch.set_num_threads(sc.threads)

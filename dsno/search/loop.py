@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from dsno.atomic import atomic_path, atomic_write_text
-from dsno.config import SearchConfig
+from dsno.config import SearchConfig, check_search
 from dsno.errors import UserError
 from dsno.progress import progress_bar
 from dsno.search.predictor import Predictor, kendall_tau
@@ -44,45 +44,11 @@ BASES = ("unipc", "dpm_solver_pp", "deis", "ipndm", "ddim")
 SEEDED = tuple((name, order, BASE_OPTIONS.get(name, {})) for name, order in (
     ("unipc", 3), ("dpm_solver_pp", 3), ("dpm_solver_pp", 2), ("deis", 3), ("ipndm", 3), ("ipndm", 4)))
 MAX_RMSE = 1e3
+NOISE_SEED_STRIDE = 1_000_003     # search.seed s draws its noise with the seeds STRIDE * s + 1 and + 2
 
 
 class SearchError(UserError):
     """A search cannot run as configured (or cannot resume); the message names the key or file."""
-
-
-def check_config(sc: SearchConfig, nfe: int, t_start: float, t_end: float) -> None:
-    """Range checks (one-line SearchError naming the key)."""
-    def fail(key: str, value: Any, allowed: str) -> None:
-        raise SearchError(f"config error: {key}={value!r}: {allowed}")
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or not 1 <= nfe <= 50:
-        fail("nfe", nfe, "must be an integer in 1..50 (python -m dsno.search nfe=5)")
-    if sc.mode not in MODES:
-        fail("search.mode", sc.mode, f"must be one of {', '.join(MODES)}")
-    if sc.base not in BASES:
-        fail("search.base", sc.base, f"must be one of {', '.join(BASES)}")
-    if not 1 <= sc.base_order <= (1 if sc.base == "ddim" else 4 if sc.base in ("deis", "ipndm") else 3):
-        fail("search.base_order", sc.base_order, f"is not an order of {sc.base}")
-    if not sc.afs or any(a not in usf.AFS for a in sc.afs):
-        fail("search.afs", sc.afs, f"must be a non-empty list of {', '.join(usf.AFS)}")
-    for key in ("batch", "verify_batch", "reference_steps", "initial", "proposals", "scored_per_round",
-                "parents", "verify_top"):
-        v = getattr(sc, key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            fail(f"search.{key}", v, "must be a positive integer")
-    for key in ("rounds", "refine"):
-        v = getattr(sc, key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            fail(f"search.{key}", v, "must be an integer >= 0")
-    if isinstance(sc.threads, bool) or not isinstance(sc.threads, int) or not 0 <= sc.threads <= 256:
-        fail("search.threads", sc.threads, "must be an integer in 0..256 (0: torch's default)")
-    if not 0.0 <= sc.explore < 1.0:
-        fail("search.explore", sc.explore, "must lie in [0, 1)")
-    pins = list(sc.pin_times)
-    if any(not isinstance(t, (int, float)) or not t_end < t < t_start for t in pins) or len(set(pins)) != len(pins):
-        fail("search.pin_times", pins, f"must be distinct times strictly between t_end={t_end:g} and T={t_start:g} "
-             f"(drop the end points)")
-    if len(pins) > nfe - 1:
-        fail("search.pin_times", pins, f"{len(pins)} pinned times need nfe >= {len(pins) + 1}")
 
 
 def _key(s: usf.Schedule) -> str:
@@ -116,7 +82,7 @@ def _score(teacher, s: usf.Schedule, x: torch.Tensor, ref: torch.Tensor) -> floa
 
 def noise_seeds(seed: int) -> tuple[int, int]:
     """The generator seeds of a search's scoring noise and of its verification noise (search.seed=seed)."""
-    return 1_000_003 * seed + 1, 1_000_003 * seed + 2
+    return NOISE_SEED_STRIDE * seed + 1, NOISE_SEED_STRIDE * seed + 2
 
 
 def reference(teacher, x: torch.Tensor, t_end: float, steps: int, cache: Path | None) -> torch.Tensor:
@@ -165,7 +131,7 @@ def search(teacher, nfe: int, sc: SearchConfig, out_dir: str | Path, t_end: floa
     dtype: the working dtype of the candidates' solves; shape: one sample's [C, H, W] (default
     teacher.shape)."""
     t_start = float(teacher.schedule.T)
-    check_config(sc, nfe, t_start, t_end)
+    check_search(sc, nfe, t_start, t_end)
     afs = tuple(a for a in sc.afs if a != "mean" or _has_mean(teacher))
     if not afs:
         raise SearchError("config error: search.afs=[mean]: this teacher has no data mean; add none or zero")

@@ -7,10 +7,11 @@ from typing import Any, Sequence
 import torch
 
 from dsno.solvers.registry import get
+from dsno.teachers.conditional import bind
 
 
 def sample(teacher, x_T: torch.Tensor, ts: Any = None, solver: str = "dpm_solver_pp", order: int | None = None,
-           return_trajectory: bool | Sequence[int] = False, **options: Any) -> torch.Tensor:
+           return_trajectory: bool | Sequence[int] = False, cond: Any = None, **options: Any) -> torch.Tensor:
     """Solve the teacher's probability-flow ODE (or reverse SDE) from x_T at ts[0] along ts.
 
     teacher: a dsno Teacher (eps / x0 / v prediction, continuous or discrete time).
@@ -23,6 +24,9 @@ def sample(teacher, x_T: torch.Tensor, ts: Any = None, solver: str = "dpm_solver
     ts[i]; with denoise_to_zero the denoised output is appended as one more entry). A list of
     grid indices keeps only those states, [len(indices), B, ...] in increasing index order, and
     holds no others in memory.
+    cond: class labels [B] (LongTensor in [0, teacher.num_classes)) for a class-conditional teacher,
+    solved with the teacher's guidance scale (`teacher.conditioned(cond)`); None: the unconditional model.
     options: the solver's own (see `dsno.solvers.registry.get(name).options`).
     """
+    teacher = bind(teacher, cond)
     return get(solver).fn(teacher, x_T, ts, order=order, return_trajectory=return_trajectory, **options)

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dsno.builders import build_teacher, data_shape, sample_shape
-from dsno.config import RunConfig
+from dsno.builders import build_teacher, data_shape, sample_shape, teacher_backbone_config
+from dsno.config import ConfigError, RunConfig
 from dsno.stages import completion, trajectories
 
 log = logging.getLogger("dsno")
@@ -43,6 +43,15 @@ def make_data(rc: RunConfig, teacher=None, config: dict[str, Any] | None = None)
     return data_dir
 
 
+def check_student_source(rc: RunConfig, teacher) -> None:
+    """Before any stage: model.backbone.type=teacher needs a teacher whose network the student can copy."""
+    if rc.model.backbone.type == "teacher":
+        try:
+            teacher_backbone_config(teacher)
+        except ValueError as e:
+            raise ConfigError(f"config error: {e}") from None
+
+
 def run(rc: RunConfig, config: dict[str, Any] | None = None, through: str = "eval") -> Path:
     """Run the stages up to and including `through` (train | export | eval); returns the run dir.
     The trajectories are made first when missing or incomplete (or with data.repair=true). Stages
@@ -54,6 +63,7 @@ def run(rc: RunConfig, config: dict[str, Any] | None = None, through: str = "eva
         raise ValueError(f"through must be one of {STEPS[1:]}, got {through!r}")
     run_dir = Path(rc.run_dir)
     teacher = build_teacher(rc.teacher)
+    check_student_source(rc, teacher)
     if through == "eval":        # eval's input files are checked before any work
         evaluation.check_prerequisites(rc, data_shape(teacher))
     done = completed_stages(rc, through)

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from dsno.atomic import atomic_path, atomic_write_text
+from dsno.atomic import atomic_path, atomic_write_text, refuse_link
 from dsno.builders import build_student, build_teacher, sample_shape
 from dsno.config import RunConfig, check_trainer_hardware
 from dsno.errors import UserError
@@ -54,6 +54,7 @@ def progress_callback(rc: RunConfig, tty: bool | None = None) -> L.Callback:
 def make_trainer(rc: RunConfig, run_dir: Path, logger, extra_callbacks=()) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from dsno.loggers import quiet_lightning
+    refuse_link(run_dir / "checkpoints")   # dsno names it: a link there would put last.ckpt elsewhere
     quiet_lightning()
     ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                            every_n_train_steps=rc.train.checkpoint_every)

@@ -103,6 +103,12 @@ class Teacher(torch.nn.Module):
     `solve_dtype`) and `data_mean` (one sample's mean, for USF's afs=mean). An augmented teacher
     (PSLD: `dsno.teachers.psld_gmm`) has the same names, with states of `state_shape` whose first
     `data_channels` channels are the data, and a prior `prior_scale() * N(0, I)`.
+
+    Conditions (`dsno.teachers.conditional`): `num_classes` (None: unconditional; else class
+    labels in [0, num_classes), and `forward(x, t, labels=None)` takes labels [B] long with the
+    null label num_classes), `supports_guidance` (it has that unconditional branch: it runs without
+    labels and can be guided) and `guidance` (the scale w of (1 + w) f(x, t, y) - w f(x, t, null)).
+    `conditioned(labels)` is the teacher with labels bound, as every solver calls it.
     """
 
     schedule: Schedule
@@ -112,6 +118,9 @@ class Teacher(torch.nn.Module):
     time_input_spec: Any = "continuous"
     exact: bool = False
     augmented: bool = False
+    num_classes: int | None = None
+    supports_guidance: bool = False
+    guidance: float = 0.0
 
     @property
     def network(self) -> torch.nn.Module | None:
@@ -147,6 +156,13 @@ class Teacher(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def conditioned(self, labels: Any, guidance: float | None = None) -> "Teacher":
+        """This teacher with class labels [B] (long, in [0, num_classes)) bound and guidance scale w
+        (None: `self.guidance`): a Teacher whose eps / x0 / v are the (guided) conditional ones.
+        labels None: the unconditional teacher itself. One-line LabelError / GuidanceError on misfits."""
+        from dsno.teachers.conditional import bind
+        return bind(self, labels, guidance)
 
     def predict(self, x: torch.Tensor, t: Any, kind: str) -> torch.Tensor:
         tb = batch_times(t, x)

@@ -72,24 +72,33 @@ class GaussianMixture(Teacher):
         return (self.log_weights.exp() @ self.means).reshape(self.shape)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """E[x0 | x_t = x]; x: [B, *shape], t: [B] float64. Rows sharing a time share the work."""
+        """E[x0 | x_t = x]; x: [B, *shape], t: [B] float64."""
+        return self.denoise(x, t)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, log_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """E[x0 | x_t = x] under the mixture, or per row under its own component log-weights
+        log_weights [B, K] (-inf leaves a component out: a sub-mixture per row). x: [B, *shape],
+        t: [B] float64. Rows sharing a time share the work."""
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
         t = t.to(xf.device)
         out = torch.empty_like(xf)
         for tu in torch.unique(t):
             rows = t == tu
-            out[rows] = self._posterior_mean(xf[rows], tu)
+            out[rows] = self._posterior_mean(xf[rows], tu, None if log_weights is None else log_weights[rows])
         return out.reshape(x.shape).to(x.dtype)
 
-    def _posterior_mean(self, xf: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """xf: [B, D] float64 at one time t (0-dim) -> E[x0 | x_t]: [B, D]."""
+    def _posterior_mean(self, xf: torch.Tensor, t: torch.Tensor, log_weights: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        """xf: [B, D] float64 at one time t (0-dim) -> E[x0 | x_t]: [B, D]; log_weights: [B, K] or
+        None (the mixture's own)."""
         alpha = self.schedule.alpha(t).to(xf.device)
         sigma2 = self.schedule.sigma(t).to(xf.device) ** 2
         mu, var = self.means, self.variances                          # [K, D]
         inv = 1.0 / (alpha**2 * var + sigma2)                         # [K, D]
         # log N(x; alpha mu_k, 1/inv_k), expanded into matrix products
         quad = (xf**2) @ inv.T - 2.0 * alpha * xf @ (mu * inv).T + (alpha**2 * mu**2 * inv).sum(-1)
-        r = torch.softmax(self.log_weights - 0.5 * (quad - torch.log(inv).sum(-1)), dim=1)  # [B, K]
+        log_w = self.log_weights if log_weights is None else log_weights
+        r = torch.softmax(log_w - 0.5 * (quad - torch.log(inv).sum(-1)), dim=1)  # [B, K]
         gain = alpha * var * inv                                      # [K, D]
         return r @ (mu - alpha * gain * mu) + (r @ gain) * xf
 

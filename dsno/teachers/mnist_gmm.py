@@ -12,7 +12,7 @@ import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -70,23 +70,33 @@ def fit_mnist_gmm(size: int = 16, components: int = 64, seed: int = 0, iters: in
     return {"means": means.reshape(shape), "variances": variances.reshape(shape), "weights": weights}
 
 
+def read_fit(p: Path, components: int, size: int, remake: str, asked: str,
+             keys: tuple[str, ...] = ("means", "variances", "weights")) -> dict[str, torch.Tensor]:
+    """The tensors of a digit-mixture fit file p, which must hold `keys` and `components` means of
+    1 x size x size digits: UserFileNotFoundError naming the command `remake` when p is missing,
+    ValueError ending with `asked` (what was asked, how to match it) when it holds others."""
+    from safetensors.torch import load_file
+    if not p.is_file():
+        raise UserFileNotFoundError(f"mixture fit {p} not found; make it with: {remake} --out {p}")
+    t = load_file(str(p))
+    missing = [k for k in keys if k not in t]
+    if missing:
+        raise ValueError(f"{p} lacks tensors {missing}; remake it with: {remake} --out {p}")
+    held = (int(t["means"].shape[0]), tuple(int(v) for v in t["means"].shape[1:]))
+    if held != (components, (1, size, size)):
+        raise ValueError(f"{p} holds {held[0]} components of {'x'.join(map(str, held[1]))} images, but {asked}")
+    return t
+
+
 def load_mnist_gmm(size: int = 16, components: int = 64, schedule: VPSchedule | None = None,
                    path: str | Path | None = None) -> GaussianMixture:
     """The shipped mixture fit as a GaussianMixture teacher (linear VP schedule by default).
     path: another fit of `python -m dsno.teachers.mnist_gmm`; it must hold `components` means of
     size x size digits (ValueError showing both otherwise)."""
-    from safetensors.torch import load_file
     p = Path(path) if path is not None else asset_path(size, components)
-    if not p.is_file():
-        raise UserFileNotFoundError(
-            f"mixture fit {p} not found; make it with: python -m dsno.teachers.mnist_gmm "
-            f"--size {size} --components {components} --out {p}")
-    t = load_file(str(p))
-    held = (int(t["means"].shape[0]), tuple(int(v) for v in t["means"].shape[1:]))
-    if held != (components, (1, size, size)):
-        raise ValueError(f"{p} holds {held[0]} components of {'x'.join(map(str, held[1]))} images, but the config "
-                         f"asks for teacher.components={components} of 1x{size}x{size} (teacher.size={size}): set "
-                         f"them to the file's")
+    t = read_fit(p, components, size, f"python -m dsno.teachers.mnist_gmm --size {size} --components {components}",
+                 f"the config asks for teacher.components={components} of 1x{size}x{size} (teacher.size={size}): set "
+                 f"them to the file's")
     return GaussianMixture(t["means"], t["variances"], t["weights"], schedule=schedule or VPSchedule.linear(),
                            name=f"mnist_gmm{size}_k{components}")
 
@@ -125,23 +135,32 @@ def load_config(c: MnistGMMConfig) -> GaussianMixture:
     return load_mnist_gmm(c.size, c.components, schedule=build_schedule(c.schedule), path=c.path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Fit the MNIST Gaussian-mixture teacher and save it.")
+def fit_command(argv: list[str] | None, module: str, description: str, count_flag: str, count_default: int,
+                count_help: str, fit: Callable[..., dict[str, torch.Tensor]], asset: Callable[[int, int], Path]) -> None:
+    """The command line of a digit-mixture fit (`python -m MODULE`): fit(size, count, seed, iters,
+    var_floor) saved atomically to --out (default asset(size, count)), the command in its metadata."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--size", type=int, default=16, help="image side in pixels")
-    ap.add_argument("--components", type=int, default=64, help="number of mixture components K")
+    ap.add_argument(count_flag, type=int, default=count_default, help=count_help)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--iters", type=int, default=100, help="EM iterations")
     ap.add_argument("--var-floor", type=float, default=1e-2, help="lower bound on each variance")
     ap.add_argument("--out", type=Path, default=None, help="output .safetensors (default: the shipped asset)")
     a = ap.parse_args(argv)
     from safetensors.torch import save_file
-    fit = fit_mnist_gmm(a.size, a.components, a.seed, a.iters, a.var_floor)
-    out = a.out or asset_path(a.size, a.components)
+    count = getattr(a, count_flag.lstrip("-").replace("-", "_"))
+    tensors = fit(a.size, count, a.seed, a.iters, a.var_floor)
+    out = a.out or asset(a.size, count)
     with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in fit.items()}, str(tmp),
-                  metadata={"command": f"python -m dsno.teachers.mnist_gmm --size {a.size} --components "
-                                       f"{a.components} --seed {a.seed} --iters {a.iters} --var-floor {a.var_floor}"})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"command": f"python -m {module} --size {a.size} {count_flag} {count} --seed {a.seed} "
+                                       f"--iters {a.iters} --var-floor {a.var_floor}"})
     print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    fit_command(argv, "dsno.teachers.mnist_gmm", "Fit the MNIST Gaussian-mixture teacher and save it.",
+                "--components", 64, "number of mixture components K", fit_mnist_gmm, asset_path)
 
 
 if __name__ == "__main__":

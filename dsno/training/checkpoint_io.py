@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from dsno.atomic import atomic_path
+from dsno.atomic import atomic_path, write_bytes_no_follow
 from dsno.errors import UnsafeFileError
 
 
@@ -22,14 +23,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Lightning already writes atomically (torch.save to memory, then an fsspec transaction that
     moves a temp file onto the name), but it never fsyncs: after a power loss the renamed file can
     be empty. It also loads with whatever `weights_only` the caller passes, and a full disk is an
-    OSError traceback. This class: dsno.atomic's temp file + fsync + rename + folder fsync (a full
-    disk is `DiskFullError` naming the path, no temp file left); loading always weights_only=True
+    OSError traceback. This class: torch.save into memory, then dsno.atomic's temp file + fsync +
+    rename + folder fsync (a full disk is `DiskFullError` naming the path, no temp file left; torch's
+    own zip writer, writing to a file, turns ENOSPC into "unexpected pos" and can abort the process
+    from its destructor; a link at the path is refused, `LinkRefusedError`); loading always weights_only=True
     (no code runs), a refused or corrupt file is one `CheckpointRefusedError` line."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
+        with atomic_path(path) as tmp:
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            write_bytes_no_follow(tmp, buffer.getbuffer(), exclusive=False)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = True) -> dict[str, Any]:
         try:

@@ -35,6 +35,9 @@ def prepare_cli(config_dir: str | os.PathLike, stage: str) -> None:
     Preflight.entry_stage = stage
     register_configs()
     overrides = sys.argv[1:]
+    if "--help" in overrides or "-h" in overrides:
+        print_help(config_dir, [a for a in overrides if not a.startswith("-")])
+        sys.exit(0)
     if any(a.startswith("-") for a in overrides):
         return
     from hydra.errors import HydraException
@@ -46,6 +49,50 @@ def prepare_cli(config_dir: str | os.PathLike, stage: str) -> None:
             raise
         print(f"error: {composition_message(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def print_help(config_dir: str | os.PathLike, overrides: list[str]) -> None:
+    """`--help`: every key of the config these overrides compose, with its value and its one-line help
+    (`dsno.config.key_help`); Hydra's own flags stay under --hydra-help."""
+    from dsno.config import key_help
+    from dsno.teachers.registry import teacher_kinds
+    script = Path(sys.argv[0]).resolve()
+    root = Path(config_dir).resolve().parent
+    prog = (f"-m {'.'.join(script.parent.relative_to(root).parts)}" if script.name == "__main__.py"
+            and script.is_relative_to(root) else script.name)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        cfg = compose(*overrides, config_dir=config_dir)
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"error: {composition_message(e)}", file=sys.stderr)
+        sys.exit(2)
+    experiments = sorted(p.stem for p in (Path(config_dir) / "experiment").glob("*.yaml"))
+    lines = [f"usage: python {prog} [experiment=NAME] [key=value ...]   (--hydra-help: Hydra's own flags)",
+             f"  experiment=NAME  {', '.join(experiments)}",
+             f"  teacher=KIND     {', '.join(teacher_kinds())} (each with its own teacher.* keys)",
+             "  solver=NAME      any deterministic solver of dsno.solvers.available()",
+             "  logger=csv, trainer=gpu",
+             "", "keys, with this command's values (--cfg job prints the whole composed config):"]
+    rows = [(key, _shown(OmegaConf.select(cfg, key)), text) for key, text in key_help(cfg).items()]
+    width = min(48, max(len(f"{k}={v}") for k, v, _ in rows))
+    section = None
+    for key, value, text in rows:
+        if (key.split(".")[0] if "." in key else "") != section:
+            section = key.split(".")[0] if "." in key else ""
+            lines.append("")
+        lines.append(f"  {f'{key}={value}':<{width}}  {text}")
+    print("\n".join(lines))
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A config value as one short command-line token (lists and dicts as compact JSON, cut at `limit`)."""
+    import json
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=False, enum_to_str=True)
+    text = json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict, bool)) or value is None \
+        else str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def composition_message(e: BaseException) -> str:
@@ -106,15 +153,25 @@ class Preflight(Callback):
             sys.exit(2)
 
 
+ON_INTERRUPT = {      # what Ctrl-C leaves behind, by stage: the line after `interrupted: `
+    "data": "the trajectory shards written so far are kept; the same command resumes from them",
+    "train": "the work so far is kept (trajectory shards, checkpoints/last.ckpt saved every train.checkpoint_every "
+             "steps, the exported sampler); the same command resumes from it",
+    "eval": "the trained run and its sampler are kept; the same command runs eval again",
+}
+
+
 def run_stage(stage: str, cfg: DictConfig) -> None:
     """Validate `cfg`, then run `stage` (data | train | eval). User errors exit with status 2
-    and one line on stderr; config errors do so before any work starts."""
+    and one line on stderr; config errors do so before any work starts; Ctrl-C exits with status 130
+    and one line saying what is kept."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
     logging.getLogger("dsno").setLevel(logging.INFO)
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    with report_errors():
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)   # "No CUDA runtime": any CPU machine
+    with report_errors(ON_INTERRUPT[stage]):
         rc = validate(cfg)
         check_run(rc, stage)
         if stage == "data":

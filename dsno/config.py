@@ -19,13 +19,14 @@ entry point reaches (STAGES); the entry points run both before anything is writt
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING as MISSING_FACTORY, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Any, Callable, ClassVar, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -73,6 +74,13 @@ def _existing_path(key: str, value: Optional[str], what: str) -> None:
 
 
 SEED_MAX = 2**63 - 1
+
+
+def doc_field(default: Any = MISSING, doc: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
+    """A schema field with its one-line help, which `python train.py --help` prints beside the key."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": doc})
+    return field(default=default, metadata={"help": doc})
 
 
 # ----------------------------------------------------------------------------------------- choices
@@ -137,13 +145,14 @@ TRAINER_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 class ScheduleConfig:
     """A VP noise schedule; only the keys of its `kind` are read (the others are refused)."""
 
-    kind: ScheduleKind = ScheduleKind.linear
-    beta_min: float = 0.1           # linear
-    beta_max: float = 20.0          # linear
-    s: float = 0.008                # cosine
-    num_steps: int = 1000           # ddpm_linear
-    beta_start: float = 1e-4        # ddpm_linear
-    beta_end: float = 0.02          # ddpm_linear
+    kind: ScheduleKind = doc_field(ScheduleKind.linear, "the noise schedule: linear (VP-SDE), cosine or ddpm_linear "
+                                   "(discrete DDPM betas)")
+    beta_min: float = doc_field(0.1, "kind=linear: beta(t) at t = 0")
+    beta_max: float = doc_field(20.0, "kind=linear: beta(t) at t = 1")
+    s: float = doc_field(0.008, "kind=cosine: the offset s of alpha_bar = cos((t + s) / (1 + s) pi / 2)^2")
+    num_steps: int = doc_field(1000, "kind=ddpm_linear: the number N of discrete steps")
+    beta_start: float = doc_field(1e-4, "kind=ddpm_linear: the first step's beta")
+    beta_end: float = doc_field(0.02, "kind=ddpm_linear: the last step's beta")
 
     KEYS: ClassVar[dict] = {"linear": ("beta_min", "beta_max"), "cosine": ("s",),
                             "ddpm_linear": ("num_steps", "beta_start", "beta_end")}
@@ -188,7 +197,7 @@ class TeacherConfig:
     range-checks them in `__post_init__`. `fixed_schedule()` is the noise schedule the config fixes
     before loading, or None when the weights alone decide it (data.times is then checked at load)."""
 
-    kind: str = MISSING
+    kind: str = doc_field(MISSING, "the teacher kind (teacher=KIND picks it and its keys)")
     process: ClassVar[str] = "scalar"     # the solver registry's process the kind's teacher needs
 
     def fixed_schedule(self):
@@ -209,9 +218,10 @@ class SolverChoice:
     baseline (`eval.solvers[i]`). order None: the solver's default; options: its keyword options
     (`dsno.solvers.get(name).options`), settable as solver.options.KEY=VALUE."""
 
-    name: str = MISSING
-    order: Optional[int] = None
-    options: Dict[str, Any] = field(default_factory=dict)
+    name: str = doc_field(MISSING, "the solver (dsno.solvers.available())")
+    order: Optional[int] = doc_field(None, "the solver's order; null: its default")
+    options: Dict[str, Any] = doc_field(doc="the solver's keyword options, e.g. solver.options.variant=bh1",
+                                        factory=dict)
 
     def check(self, at: str) -> None:
         from dsno.solvers import available
@@ -236,11 +246,12 @@ class SolverChoice:
 class SolverConfig(SolverChoice):
     """The teacher solve that makes DSNO's trajectories: a deterministic ODE solver on a grid."""
 
-    name: str = "dpm_solver_pp"
-    steps: int = 60                 # grid steps; the output times data.times are inserted into the grid
-    spacing: str = "logsnr"         # one of dsno.solvers.SPACINGS
-    t_end: float = 1e-3
-    schedule: Optional[str] = None  # solver=usf: the schedule YAML (python -m dsno.search); it fixes the grid
+    name: str = doc_field("dpm_solver_pp", "the deterministic ODE solver that makes the teacher trajectories")
+    steps: int = doc_field(60, "grid steps of the teacher solve; data.times are inserted into the grid")
+    spacing: str = doc_field("logsnr", "how the solve's grid is spaced (one of dsno.solvers.SPACINGS)")
+    t_end: float = doc_field(1e-3, "the time the solve ends at (the last of data.times)")
+    schedule: Optional[str] = doc_field(None, "solver=usf: the schedule YAML of python -m dsno.search (it fixes the "
+                                        "grid)")
 
     def __post_init__(self) -> None:
         from dsno.solvers import SPACINGS, available
@@ -272,18 +283,21 @@ class DataConfig:
     <dir>/verified.json, so later runs skip unchanged files); full: read and verify every shard at
     start, ignoring verified.json; none: sizes and headers only."""
 
-    dir: str = "${run_dir}/trajectories"
-    num_trajectories: int = 4096
-    shard_size: int = 1024
-    batch_size: int = 512           # trajectories per teacher solve
-    times: List[float] = field(default_factory=lambda: [0.5625, 0.25, 0.0625, 0.001])
-    repair: bool = False            # read every shard (sha256, finite values, no cache), regenerate only bad ones
-    verify: VerifyMode = VerifyMode.quick
-    val_fraction: float = 0.05
-    num_workers: int = 0
-    precision: TeacherPrecision = TeacherPrecision.fp32   # neural teachers: bf16 autocast; exact ones stay float64
-    compile: bool = False           # torch.compile the teacher network (default mode) for the solve
-    channels_last: bool = False     # channels_last memory format for the teacher network
+    dir: str = doc_field("${run_dir}/trajectories", "the folder of the teacher trajectories (shards + manifest.json)")
+    num_trajectories: int = doc_field(4096, "how many teacher trajectories to make (noise x_T and its states)")
+    shard_size: int = doc_field(1024, "trajectories per shard file (the unit written, verified and resumed)")
+    batch_size: int = doc_field(512, "trajectories per teacher solve")
+    times: List[float] = doc_field(doc="the M output times t_1 > ... > t_M the student learns (t_M = solver.t_end)",
+                                   factory=lambda: [0.5625, 0.25, 0.0625, 0.001])
+    repair: bool = doc_field(False, "read every shard (sha256, finite values, no cache), regenerate only bad ones")
+    verify: VerifyMode = doc_field(VerifyMode.quick, "how shard bytes are trusted: quick (headers, then each shard's "
+                                     "sha256 before use), full (all at start) or none")
+    val_fraction: float = doc_field(0.05, "share of the trajectories held out for validation")
+    num_workers: int = doc_field(0, "DataLoader worker processes (0: load in the training process)")
+    precision: TeacherPrecision = doc_field(TeacherPrecision.fp32, "neural teachers: fp32 or bf16 autocast for the "
+                                            "solve; exact ones stay float64")
+    compile: bool = doc_field(False, "torch.compile the teacher network (default mode) for the solve")
+    channels_last: bool = doc_field(False, "channels_last memory format for the teacher network")
 
     def __post_init__(self) -> None:
         _count("data.num_trajectories", self.num_trajectories, 10**12, "past any disk")
@@ -306,12 +320,14 @@ class DataConfig:
 # ----------------------------------------------------------------------------------------- model
 @dataclass
 class BackboneConfig:
-    type: BackboneType = BackboneType.unet
-    base_channels: int = 24
-    channel_mult: List[int] = field(default_factory=lambda: [1, 2])
-    num_res_blocks: int = 1
-    attn_resolutions: List[int] = field(default_factory=lambda: [8])   # feature-map sizes with self-attention
-    dropout: float = 0.0
+    type: BackboneType = doc_field(BackboneType.unet, "unet: a fresh UNet of the keys below; teacher: a copy of the "
+                                   "teacher's network (the keys below are unused)")
+    base_channels: int = doc_field(24, "channels of the UNet's first level")
+    channel_mult: List[int] = doc_field(doc="channel multiplier per UNet level (one level per entry)",
+                                        factory=lambda: [1, 2])
+    num_res_blocks: int = doc_field(1, "residual blocks per UNet level")
+    attn_resolutions: List[int] = doc_field(doc="feature-map sizes with self-attention", factory=lambda: [8])
+    dropout: float = doc_field(0.0, "dropout probability in the residual blocks")
 
     def __post_init__(self) -> None:
         _count("model.backbone.base_channels", self.base_channels, 4096, "wider than any image UNet")
@@ -334,10 +350,11 @@ class ModelConfig:
     denoise_time: tau_0, branch m's network runs at time tau_0 + t_m (T - tau_0) on x_T moved to that scale."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    modes: int = 2                  # Fourier modes kept over the M time points, <= M // 2 + 1
-    sigma_data: float = 0.5         # data std used for the Gaussian-optimal skip connection
-    parameterization: Parameterization = Parameterization.denoised
-    denoise_time: float = 0.5
+    modes: int = doc_field(2, "Fourier modes kept over the M time points, <= M // 2 + 1")
+    sigma_data: float = doc_field(0.5, "data std used for the Gaussian-optimal skip connection")
+    parameterization: Parameterization = doc_field(Parameterization.denoised, "what each branch predicts: denoised "
+                                                   "(an image, mapped to the state by DDIM) or state (the state)")
+    denoise_time: float = doc_field(0.5, "tau_0: branch m's network runs at time tau_0 + t_m (T - tau_0)")
 
     def __post_init__(self) -> None:
         _count("model.modes", self.modes, 129, "M <= 256 output times keep at most 129 modes")
@@ -350,18 +367,20 @@ class ModelConfig:
 # ----------------------------------------------------------------------------------------- training
 @dataclass
 class TrainConfig:
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 50
-    ema_decay: float = 0.999
-    loss: str = "l2"                # l2 | l1 | lpips, weighted per time point by clamp(sqrt(SNR), weight_min, weight_max)
-    perceptual_weights: Optional[str] = None   # lpips: local VGG-16 weights (torchvision's vgg16-397923af.pth)
-    temporal_impl: TemporalImpl = TemporalImpl.auto   # neuralop's SpectralConv (fft) or the same map as a matrix
-    weight_min: float = 1.0
-    weight_max: float = 1e4
-    grad_clip: float = 1.0
-    resume: bool = True             # continue from checkpoints/last.ckpt when it exists
-    checkpoint_every: int = 100     # steps
+    batch_size: int = doc_field(32, "trajectories per optimizer step")
+    lr: float = doc_field(1e-3, "Adam learning rate after warmup")
+    warmup_steps: int = doc_field(50, "steps of linear learning-rate warmup")
+    ema_decay: float = doc_field(0.999, "decay of the weights' exponential moving average (the exported weights)")
+    loss: str = doc_field("l2", "l2 | l1 | lpips, weighted per time point by clamp(sqrt(SNR), weight_min, weight_max)")
+    perceptual_weights: Optional[str] = doc_field(None, "loss=lpips: local VGG-16 weights (torchvision's "
+                                                  "vgg16-397923af.pth)")
+    temporal_impl: TemporalImpl = doc_field(TemporalImpl.auto, "temporal layers: neuralop's SpectralConv (fft), the "
+                                            "same map as a matrix, or auto")
+    weight_min: float = doc_field(1.0, "the loss weight's lower clamp")
+    weight_max: float = doc_field(1e4, "the loss weight's upper clamp")
+    grad_clip: float = doc_field(1.0, "gradient-norm clip (0: none)")
+    resume: bool = doc_field(True, "continue from checkpoints/last.ckpt when it exists (false: start over)")
+    checkpoint_every: int = doc_field(100, "steps between checkpoints (what a resumed run starts from)")
 
     def __post_init__(self) -> None:
         from dsno.training.losses import KINDS
@@ -382,14 +401,14 @@ class TrainConfig:
 class TrainerConfig:
     """Passed to lightning.Trainer. accelerator=auto uses a GPU when present."""
 
-    max_steps: int = 600
-    accelerator: Accelerator = Accelerator.auto
-    devices: Any = "auto"           # auto | -1 | a count | a list of device indices
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"      # one of TRAINER_PRECISIONS
-    log_every_n_steps: int = 20
-    val_check_interval: int = 250
+    max_steps: int = doc_field(600, "optimizer steps of the training run")
+    accelerator: Accelerator = doc_field(Accelerator.auto, "auto (a GPU when present), cpu, gpu, cuda or mps")
+    devices: Any = doc_field("auto", "auto | -1 | a count | a list of device indices")
+    num_nodes: int = doc_field(1, "machines of a multi-node run")
+    strategy: str = doc_field("auto", "Lightning's strategy (auto, ddp, ...)")
+    precision: str = doc_field("32-true", "training precision: 32-true, 32, bf16-mixed or 16-mixed")
+    log_every_n_steps: int = doc_field(20, "steps between logged training scalars")
+    val_check_interval: int = doc_field(250, "steps between validations (val loss, EMA sample grid)")
 
     def __post_init__(self) -> None:
         _count("trainer.max_steps", self.max_steps, 10**9, "a billion optimizer steps is past any schedule")
@@ -401,9 +420,10 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    kind: LoggerKind = LoggerKind.wandb
-    mode: LoggerMode = LoggerMode.offline    # wandb only
-    project: str = "dsno"
+    kind: LoggerKind = doc_field(LoggerKind.wandb, "wandb (a W&B run per stage) or csv (logger=csv: CSV files only)")
+    mode: LoggerMode = doc_field(LoggerMode.offline, "wandb: offline (upload later with wandb sync), online or "
+                                 "disabled")
+    project: str = doc_field("dsno", "wandb: the W&B project")
 
 
 # ----------------------------------------------------------------------------------------- eval / export
@@ -417,20 +437,24 @@ def _default_eval_solvers() -> list[SolverChoice]:
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 256
-    batch_size: int = 256
+    num_samples: int = doc_field(256, "samples every method is scored on (the same noise for all)")
+    batch_size: int = doc_field(256, "samples per batch")
     # every budget up to DSNO's equal-time cost (a few NFE on a CPU), then two far ones
-    nfe: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 7, 8, 10, 20])
-    solvers: List[SolverChoice] = field(default_factory=_default_eval_solvers)
-    spacing: str = "logsnr"         # one of dsno.solvers.SPACINGS
-    reference_steps: int = 500      # float64 reference solve (3rd-order multistep) of the teacher's ODE
-    reference_rtol: float = 1e-7    # augmented teachers (PSLD): the adaptive DOP853 reference's rtol = atol
-    fidelity: bool = True           # FID / KID / IS / precision-recall through torch-fidelity
-    fidelity_reference: Optional[str] = None    # RGB teachers: .npz of real uint8 images [N, H, W, C]
-    inception_weights: Optional[str] = None     # RGB teachers: local Inception weights file (else torch's hub cache)
-    grid_samples: int = 64
-    trust_program: bool = False     # open a pt2 / onnx sampler exported by another install
-    seed: int = 1234
+    nfe: List[int] = doc_field(doc="the solvers' budgets (model evaluations) DSNO is compared at",
+                               factory=lambda: [1, 2, 3, 4, 5, 6, 7, 8, 10, 20])
+    solvers: List[SolverChoice] = doc_field(doc="the baseline solvers: [{name, order, options}, ...]",
+                                            factory=_default_eval_solvers)
+    spacing: str = doc_field("logsnr", "the baselines' grid spacing (one of dsno.solvers.SPACINGS)")
+    reference_steps: int = doc_field(500, "steps of the float64 reference solve (3rd-order multistep) of the "
+                                     "teacher's ODE")
+    reference_rtol: float = doc_field(1e-7, "augmented teachers (PSLD): the adaptive DOP853 reference's rtol = atol")
+    fidelity: bool = doc_field(True, "FID / KID / IS / precision-recall through torch-fidelity")
+    fidelity_reference: Optional[str] = doc_field(None, "RGB teachers: .npz of real uint8 images [N, H, W, C]")
+    inception_weights: Optional[str] = doc_field(None, "RGB teachers: local Inception weights file (else torch's hub "
+                                                 "cache)")
+    grid_samples: int = doc_field(64, "images in each sample grid (0: none)")
+    trust_program: bool = doc_field(False, "open a pt2 / onnx sampler exported by another install")
+    seed: int = doc_field(1234, "seed of eval's noise")
 
     def __post_init__(self) -> None:
         from dsno.solvers import SPACINGS
@@ -457,7 +481,8 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    forms: List[str] = field(default_factory=lambda: ["safetensors", "pt2", "onnx"])
+    forms: List[str] = doc_field(doc="the sampler's forms: safetensors (weights), pt2 (torch.export), onnx",
+                                 factory=lambda: ["safetensors", "pt2", "onnx"])
 
     def __post_init__(self) -> None:
         from dsno.sampler import FORM_FILES
@@ -471,26 +496,27 @@ class SearchConfig:
     on a CPU needs a smaller search than the mixture). Its own ranges are checked here, for every entry
     point; the budget and the pinned times against the teacher's time range by `check_search`."""
 
-    mode: str = "full"                  # full | timesteps (GITS / LD3-style: the grid of `base` only)
-    base: str = "unipc"                 # timesteps mode: the fixed solver (unipc | dpm_solver_pp | deis | ipndm | ddim)
-    base_order: int = 3
-    afs: list = field(default_factory=lambda: ["none", "zero", "mean"])
-    batch: int = 256                    # noise samples of the cheap metric
-    verify_batch: int = 512             # other noise samples of the full metric
-    reference_steps: int = 500          # float64 reference: DPM-Solver++ 3M, logSNR grid
-    initial: int = 300                  # random candidates scored before the first round
-    rounds: int = 12
-    proposals: int = 1500               # children ranked by the predictor per round
-    scored_per_round: int = 40
-    refine: int = 3                     # sweeps of coordinate descent on the best candidate's times (0: none)
-    explore: float = 0.25               # share of a round's scores drawn at random (held out for tau)
-    parents: int = 15
-    verify_top: int = 10
-    pin_times: list = field(default_factory=list)
-    seed: int = 0
-    resume: bool = True
-    out: Optional[str] = None           # default: <run_dir>/schedules
-    threads: int = 1                    # torch CPU threads (0: torch's default); small batches run best on one
+    mode: str = doc_field("full", "full | timesteps (GITS / LD3-style: the grid of `base` only)")
+    base: str = doc_field("unipc", "timesteps mode: the fixed solver (unipc | dpm_solver_pp | deis | ipndm | ddim)")
+    base_order: int = doc_field(3, "timesteps mode: the fixed solver's order")
+    afs: list = doc_field(doc="analytic first step choices searched: none, zero, mean",
+                          factory=lambda: ["none", "zero", "mean"])
+    batch: int = doc_field(256, "noise samples of the cheap metric")
+    verify_batch: int = doc_field(512, "other noise samples of the full metric")
+    reference_steps: int = doc_field(500, "float64 reference: DPM-Solver++ 3M, logSNR grid")
+    initial: int = doc_field(300, "random candidates scored before the first round")
+    rounds: int = doc_field(12, "rounds of predictor-guided evolution")
+    proposals: int = doc_field(1500, "children ranked by the predictor per round")
+    scored_per_round: int = doc_field(40, "candidates scored with the cheap metric per round")
+    refine: int = doc_field(3, "sweeps of coordinate descent on the best candidate's times (0: none)")
+    explore: float = doc_field(0.25, "share of a round's scores drawn at random (held out for tau)")
+    parents: int = doc_field(15, "best candidates the next round's children are drawn from")
+    verify_top: int = doc_field(10, "best candidates re-scored with the full metric at the end")
+    pin_times: list = doc_field(doc="times every searched grid passes through (e.g. data.times)", factory=list)
+    seed: int = doc_field(0, "seed of the search's draws and noise")
+    resume: bool = doc_field(True, "continue from <name>.scored.json when it exists")
+    out: Optional[str] = doc_field(None, "the folder of the schedules; default: <run_dir>/schedules")
+    threads: int = doc_field(1, "torch CPU threads (0: torch's default); small batches run best on one")
 
     def __post_init__(self) -> None:
         from dsno.search.loop import BASES, MODES, NOISE_SEED_STRIDE
@@ -545,9 +571,10 @@ def check_search(sc: SearchConfig, nfe: Optional[int], t_start: float, t_end: fl
 class RunConfig:
     """A whole run. `teacher` holds the dataclass of its kind (dsno.teachers.registry)."""
 
-    experiment: str = MISSING
-    run_dir: str = "runs/${experiment}"
-    seed: int = 0
+    experiment: str = doc_field(MISSING, "the recipe in conf/experiment/ (default mnist_unet_quick)")
+    run_dir: str = doc_field("runs/${experiment}", "where every output of the run goes")
+    seed: int = doc_field(0, "seed of training (the trajectories' noise is seeded by it too)")
+    force: bool = doc_field(False, "train.py: run export and eval again even when the run is complete for this config")
     teacher: Any = MISSING
     solver: SolverConfig = field(default_factory=SolverConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -840,7 +867,42 @@ def _check_creatable(key: str, path: str, run_dir: str) -> None:
 class SearchRunConfig(RunConfig):
     """The schema of `python -m dsno.search` (schema=search): a run plus the budget `nfe`."""
 
-    nfe: int = 5
+    nfe: int = doc_field(5, "the budget (model evaluations) of the searched schedule")
+
+
+# ----------------------------------------------------------------------------------------- help
+def key_help(cfg: DictConfig | dict) -> dict[str, str]:
+    """Every key of a composed config (dotted, in schema order) -> its one-line help (`doc_field`);
+    "" for a key without one. The schema is RunConfig (SearchRunConfig when the config has `nfe`), the
+    `teacher` block its kind's dataclass."""
+    from dsno.teachers.registry import teacher_kinds
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    kind = OmegaConf.select(node, "teacher.kind")
+    teacher = teacher_kinds()[kind].config if kind in teacher_kinds() else TeacherConfig
+    out: dict[str, str] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in fields(cls):
+            default = f.default_factory() if f.default_factory is not MISSING_FACTORY else f.default
+            if f.name == "teacher" and cls in (RunConfig, SearchRunConfig):
+                walk(teacher, "teacher.")
+            elif dataclasses.is_dataclass(default):
+                walk(type(default), f"{prefix}{f.name}.")
+            else:
+                out[prefix + f.name] = _field_help(cls, f.name)
+
+    walk(SearchRunConfig if "nfe" in node else RunConfig, "")
+    return out
+
+
+def _field_help(cls: type, name: str) -> str:
+    """The help of field `name`: its own, or that of the first base class that documents it (a teacher kind
+    redefines `kind` with its name as the default)."""
+    for base in cls.__mro__:
+        f = getattr(base, "__dataclass_fields__", {}).get(name)
+        if f is not None and f.metadata.get("help"):
+            return f.metadata["help"]
+    return ""
 
 
 # ----------------------------------------------------------------------------------------- ConfigStore

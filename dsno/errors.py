@@ -44,9 +44,14 @@ def one_line(err: BaseException) -> str:
     return " | ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+INTERRUPTED_STATUS = 130        # a shell's status for a command ended by SIGINT (128 + 2)
+
+
 @contextlib.contextmanager
-def report_errors() -> Iterator[None]:
-    """Turn a `UserError` into `error: ...` on stderr and exit status 2 (unless debugging)."""
+def report_errors(interrupted: str = "what was finished is kept; the same command goes on from there"
+                  ) -> Iterator[None]:
+    """Turn a `UserError` into `error: ...` on stderr and exit status 2, and Ctrl-C (KeyboardInterrupt)
+    into `interrupted: <interrupted>` and exit status 130 (unless debugging)."""
     try:
         yield
     except UserError as err:
@@ -54,4 +59,9 @@ def report_errors() -> Iterator[None]:
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if debug_requested():
+            raise
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        sys.exit(INTERRUPTED_STATUS)
 

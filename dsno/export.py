@@ -267,7 +267,7 @@ def export_run(run_dir: str | os.PathLike, forms: Sequence[str] = ("safetensors"
 
 def main(argv: Sequence[str] | None = None) -> None:
     usage = "usage: python -m dsno.export run_dir=PATH [forms=[safetensors,pt2,onnx]] [out=PATH/sampler]"
-    with report_errors():
+    with report_errors("the checkpoint is kept and no sampler file is half-written; the same command exports again"):
         opts = parse_options(ExportOptions, sys.argv[1:] if argv is None else argv, usage)
         forms = opts.forms.split(",") if isinstance(opts.forms, str) else list(opts.forms)
         out = export_run(opts.run_dir, [str(f).strip() for f in forms if str(f).strip()], opts.out)

@@ -9,6 +9,7 @@ started later names the training run it scores (config key `train_run_id`)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -43,9 +44,38 @@ def stage_logger(rc: RunConfig, stage: str, config: dict[str, Any] | None = None
     run_dir = Path(rc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     refuse_link(run_dir / RUNS_FILE.parent)   # dsno names it: a link there would put runs.json elsewhere
-    return _wandb_logger_type()(project=rc.logger.project, name=f"{rc.experiment}-{stage}", group=rc.experiment,
-                                job_type=stage, save_dir=str(run_dir), mode=rc.logger.mode,
-                                config={**(config or {}), "stage": stage})
+    logger = _wandb_logger_type()(project=rc.logger.project, name=f"{rc.experiment}-{stage}", group=rc.experiment,
+                                  job_type=stage, save_dir=str(run_dir), mode=rc.logger.mode,
+                                  config={**(config or {}), "stage": stage})
+    if logger._wandb_init.get("anonymous") is None:     # Lightning passes anonymous=None; wandb warns that it is unused
+        logger._wandb_init.pop("anonymous", None)
+    return logger
+
+
+LIGHTNING_NOISE = ("\N{ELECTRIC LIGHT BULB} Tip:", "Detected KeyboardInterrupt")   # ads; Ctrl-C has the CLI's line
+
+
+class _DropLightningNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().lstrip().startswith(LIGHTNING_NOISE)
+
+
+def quiet_lightning() -> None:
+    """Lightning's log lines once each, in the stage log's format: `import lightning` gives its logger a
+    console handler of its own besides the root's (Hydra's), which printed each line twice. Its tips
+    (install litlogger / litmodels) are dropped, and so is its deprecation warning about torch's pytree
+    API (Lightning's own call, nothing a user can change)."""
+    import warnings
+
+    import lightning  # noqa: F401  (installs the handler this removes)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    root = logging.getLogger()
+    package = logging.getLogger("lightning")
+    if root.handlers and package.propagate:
+        package.handlers = [h for h in package.handlers if type(h) is not logging.StreamHandler]
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLightningNoise) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropLightningNoise())
 
 
 def training_logger(rc: RunConfig, config: dict[str, Any] | None = None):

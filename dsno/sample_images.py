@@ -209,7 +209,7 @@ class SampleOptions:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with report_errors():
+    with report_errors("the sample chunks written so far are kept; the same command resumes from them"):
         opts = parse_options(SampleOptions, sys.argv[1:] if argv is None else argv, USAGE)
         npz = write_samples(opts.sampler, opts.n, opts.out, seed=opts.seed, batch_size=opts.batch_size,
                             form=opts.form, chunk_size=opts.chunk_size, trust_program=opts.trust_program)

@@ -18,7 +18,8 @@ from dsno.errors import report_errors
 @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from dsno.search.cli import run
-    with report_errors():
+    with report_errors("the candidates scored so far are kept (<name>.scored.json beside the schedule); the "
+                       "same command resumes from them"):
         run(cfg)
 
 

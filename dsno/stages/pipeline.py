@@ -10,7 +10,7 @@ from typing import Any
 
 from dsno.builders import build_teacher, data_shape, sample_shape, teacher_backbone_config
 from dsno.config import ConfigError, RunConfig
-from dsno.stages import trajectories
+from dsno.stages import completion, trajectories
 
 log = logging.getLogger("dsno")
 
@@ -54,7 +54,8 @@ def check_student_source(rc: RunConfig, teacher) -> None:
 
 def run(rc: RunConfig, config: dict[str, Any] | None = None, through: str = "eval") -> Path:
     """Run the stages up to and including `through` (train | export | eval); returns the run dir.
-    The trajectories are made first when missing or incomplete (or with data.repair=true).
+    The trajectories are made first when missing or incomplete (or with data.repair=true). Stages
+    already complete for this config are not run again (force=true: export and eval are).
     config: the composed config, recorded in each stage's W&B run."""
     from dsno import loggers
     from dsno.stages import evaluation, training
@@ -65,7 +66,15 @@ def run(rc: RunConfig, config: dict[str, Any] | None = None, through: str = "eva
     check_student_source(rc, teacher)
     if through == "eval":        # eval's input files are checked before any work
         evaluation.check_prerequisites(rc, data_shape(teacher))
-    if rc.data.repair or not dataset_complete(Path(rc.data.dir)):
+    done = completed_stages(rc, through)
+    if done == STEPS[1:STEPS.index(through) + 1]:
+        log.info("%s is already complete for this config: nothing redone%s (force=true runs export and eval "
+                 "again)", run_dir, f"; the report is {run_dir / 'eval' / 'report.md'}" if through == "eval" else "")
+        return run_dir
+    if done:
+        log.info("%s already complete for this config in %s: not run again (force=true redoes export and eval)",
+                 " and ".join(done), run_dir)
+    if "train" not in done and (rc.data.repair or not dataset_complete(Path(rc.data.dir))):
         if not rc.data.repair:
             log.warning("trajectories missing or incomplete at %s: generating them first "
                         "(python -m data_gen experiment=%s)", rc.data.dir, rc.experiment)
@@ -73,17 +82,35 @@ def run(rc: RunConfig, config: dict[str, Any] | None = None, through: str = "eva
 
     logger = loggers.training_logger(rc, config)
     try:
-        weights = training.run(rc, logger=logger, teacher=teacher)
-        if weights is None:         # not rank 0: export and eval are rank 0's
-            return run_dir
-        loggers.record_run(run_dir, "train", logger)
+        if "train" not in done:
+            weights = training.run(rc, logger=logger, teacher=teacher)
+            if weights is None:         # not rank 0: export and eval are rank 0's
+                return run_dir
+            loggers.record_run(run_dir, "train", logger)
+            completion.mark_complete(rc, "train")
         if through == "train":
             return run_dir
-        from dsno.export import export_run
-        sampler = export_run(run_dir, forms=tuple(rc.export.forms))
-        loggers.log_artifact(logger, loggers.artifact_name("sampler", rc.experiment), "model", sampler)
+        if "export" not in done:
+            from dsno.export import export_run
+            log.info("export: the sampler (%s) to %s", ", ".join(rc.export.forms), run_dir / "sampler")
+            sampler = export_run(run_dir, forms=tuple(rc.export.forms))
+            completion.mark_complete(rc, "export")
+            loggers.log_artifact(logger, loggers.artifact_name("sampler", rc.experiment), "model", sampler)
     finally:
         loggers.finish(logger)
     if through == "eval":
         evaluation.run(rc)
+        completion.mark_complete(rc, "eval")
+        log.info("done: the report is %s", run_dir / "eval" / "report.md")
     return run_dir
+
+
+def completed_stages(rc: RunConfig, through: str) -> tuple[str, ...]:
+    """The leading stages up to `through` that are complete for rc's config (dsno.stages.completion):
+    none with force=true, and training only while train.resume (train.resume=false starts over)."""
+    done: list[str] = []
+    for stage in STEPS[1:STEPS.index(through) + 1]:
+        if rc.force or (stage == "train" and not rc.train.resume) or not completion.is_complete(rc, stage):
+            break
+        done.append(stage)
+    return tuple(done)

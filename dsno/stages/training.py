@@ -53,7 +53,9 @@ def progress_callback(rc: RunConfig, tty: bool | None = None) -> L.Callback:
 
 def make_trainer(rc: RunConfig, run_dir: Path, logger, extra_callbacks=()) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from dsno.loggers import quiet_lightning
     refuse_link(run_dir / "checkpoints")   # dsno names it: a link there would put last.ckpt elsewhere
+    quiet_lightning()
     ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                            every_n_train_steps=rc.train.checkpoint_every)
     progress = progress_callback(rc)
@@ -116,6 +118,10 @@ def run(rc: RunConfig, logger=None, teacher=None) -> Path | None:
         log.warning("resuming from %s", last)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit:
+        if trainer.interrupted:     # Lightning turns Ctrl-C into exit status 1; the CLI reports it as Ctrl-C
+            raise KeyboardInterrupt from None
+        raise
     except RuntimeError as e:
         if ckpt_path and "Error(s) in loading state_dict" in str(e):
             raise UserError(f"{last} was written by a run with another model config; use another "

@@ -210,22 +210,32 @@ def _schedule_summary(s: VPSchedule) -> dict[str, Any]:
     return d
 
 
+class TimeInputError(UserError):
+    """A wrapped network takes another time convention than the one it would be called with."""
+
+
+PROBE_TIMES = (0.1, 0.9)        # schedule times of the time-convention probe
+PROBE_STEPS = 1000              # the usual DDPM step count, when the schedule does not say
+RESPONSE_RATIO = 0.25           # the probed convention counts as wrong when it moves the output < 1/4 as much
+
+
 class WrappedTeacher(Teacher):
     """Any callable fn(x, t_model) -> prediction, with its schedule and parameterization.
 
     time_input: "continuous" passes schedule time t in [0, 1]; "discrete" passes the
     DDPM step index t * N - 1 (float) of a discrete schedule with N steps; or a callable
-    mapping the float64 [B] time to whatever the model takes.
+    mapping the float64 [B] time to whatever the model takes. None (not stated): continuous, after
+    the first call checks that the network responds to t in [0, 1] (`check_time_input`).
     """
 
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: VPSchedule,
-                 prediction: str = "eps", time_input: str | Callable[[torch.Tensor], torch.Tensor] = "continuous",
+                 prediction: str = "eps", time_input: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
                  name: str | None = None):
         super().__init__()
         check_prediction(schedule, prediction)
         if time_input == "discrete" and schedule.kind != "discrete":
             raise ValueError("time_input='discrete' needs a discrete schedule (VPSchedule.discrete(betas))")
-        if not (callable(time_input) or time_input in ("continuous", "discrete")):
+        if not (time_input is None or callable(time_input) or time_input in ("continuous", "discrete")):
             raise ValueError(f"time_input must be 'continuous', 'discrete' or a callable, got {time_input!r}")
         if isinstance(fn, torch.nn.Module):
             self.model = fn                      # a submodule: moves with .to(), once in state_dict
@@ -234,7 +244,9 @@ class WrappedTeacher(Teacher):
             object.__setattr__(self, "_fn", fn)
         self.schedule = schedule
         self.prediction = prediction
-        self.time_input = time_input
+        self.time_input_stated = time_input is not None
+        self.time_input = "continuous" if time_input is None else time_input
+        self.time_input_checked = callable(time_input) or getattr(schedule, "T", None) != 1.0
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
@@ -245,9 +257,58 @@ class WrappedTeacher(Teacher):
         return t
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not self.time_input_checked and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            self.time_input_checked = True
+            self.check_time_input(x)
         tm = self.model_time(t)
+        return self._call(x, tm)
+
+    def _call(self, x: torch.Tensor, tm: torch.Tensor) -> torch.Tensor:
         fn = self.model if self.model is not None else self._fn
         return fn(x, tm.to(x.dtype if x.is_floating_point() else torch.float32))
+
+    def time_response(self, x: torch.Tensor, convention: str) -> float | None:
+        """How much the network's output on x moves between the schedule times PROBE_TIMES fed in
+        `convention` ("continuous": t; "discrete": the step index t N - 1): |f(a) - f(b)| / (|f(a)| + |f(b)|),
+        or None when the network cannot be called so (or returns non-finite values)."""
+        n = getattr(self.schedule, "num_steps", None) or PROBE_STEPS
+        outs = []
+        for t in PROBE_TIMES:
+            tm = torch.full((x.shape[0],), t * n - 1.0 if convention == "discrete" else t, dtype=torch.float64,
+                            device=x.device)
+            try:
+                with torch.no_grad():
+                    outs.append(self._call(x, tm).double())
+            except (ValueError, RuntimeError, IndexError, TypeError):   # a network that refuses such inputs
+                return None
+        scale = float(outs[0].norm() + outs[1].norm())
+        change = float((outs[0] - outs[1]).norm())
+        return change / scale if scale > 0 and torch.isfinite(torch.tensor(change / scale)) else None
+
+    def check_time_input(self, x: torch.Tensor) -> None:
+        """Probe the network on (up to 4 of) x at two times in both conventions; when it barely responds to
+        the one it is called with but does to the other, refuse (the convention was not stated: TimeInputError)
+        or warn (it was stated), in one line naming the fix."""
+        mine = self.time_input
+        other = "discrete" if mine == "continuous" else "continuous"
+        probe = x[:4].detach()
+        r_mine, r_other = self.time_response(probe, mine), self.time_response(probe, other)
+        if r_mine is None or r_other is None or r_mine >= RESPONSE_RATIO * r_other:
+            return
+        ranges = {"continuous": "schedule time t in [0, 1]", "discrete": "DDPM step indices 0-999"}
+        if other == "discrete":
+            fix = ("pass time_input='discrete'" if getattr(self.schedule, "kind", None) == "discrete" else
+                   "wrap it with its discrete schedule (dsno.VPSchedule.discrete(betas) or .ddpm_linear()) and "
+                   "time_input='discrete', or time_input=a callable mapping t to its input")
+        else:
+            fix = "pass time_input='continuous'"
+        msg = (f"the wrapped network {self.name!r} hardly responds to {ranges[mine]} (its output moves "
+               f"{r_mine:.3g} between t={PROBE_TIMES[0]:g} and {PROBE_TIMES[1]:g}) but does to {ranges[other]} "
+               f"({r_other:.3g}): {fix}")
+        if not self.time_input_stated:
+            raise TimeInputError(f"{msg}; or state time_input={mine!r} to keep it")
+        import warnings
+        warnings.warn(f"time_input={mine!r} looks wrong: {msg}", UserWarning, stacklevel=4)
 
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
@@ -256,7 +317,11 @@ class WrappedTeacher(Teacher):
 
 
 def wrap(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: VPSchedule,
-         prediction: str = "eps", time_input: str | Callable = "continuous", name: str | None = None
+         prediction: str = "eps", time_input: str | Callable | None = None, name: str | None = None
          ) -> WrappedTeacher:
-    """Turn any callable fn(x, t) predicting eps, x0, v (VP) or flow_velocity (flow) into a Teacher."""
+    """Turn any callable fn(x, t) predicting eps, x0, v (VP) or flow_velocity (flow) into a Teacher.
+
+    time_input: how fn takes time: "continuous" (t in [0, 1]), "discrete" (a discrete schedule's step
+    index t N - 1, as diffusers UNets take it) or a callable t -> fn's input. Not stated, the first call
+    probes fn at two times and refuses, in one line, a network that responds to 0-999 but not to [0, 1]."""
     return WrappedTeacher(fn, schedule, prediction, time_input, name)

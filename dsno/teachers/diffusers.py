@@ -41,7 +41,7 @@ from dsno.nn.dsno import DiffusersUNet, diffusers_backbone_spec
 from dsno.schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
 from dsno.teachers.base import WrappedTeacher
 from dsno.teachers.unet import weights_sha256
-from dsno.config import TeacherConfig, _existing_path, _fail, check_prediction_key
+from dsno.config import TeacherConfig, _existing_path, _fail, check_prediction_key, doc_field
 from dsno.errors import UserFileNotFoundError
 from dsno.teachers.registry import register_teacher
 from dsno.trust.tensor_file import check_float_dtypes, tensor_layout
@@ -415,10 +415,11 @@ def load_diffusers_teacher(path: str | Path) -> _UNet2DTeacher:
         check_float_dtypes(files.weights, tensor_layout(files.weights, ConfigError, hint), None,
                            ConfigError, hint)
     from diffusers import UNet2DModel
-    try:
+    from diffusers.utils import is_accelerate_available
+    try:     # low_cpu_mem_usage needs accelerate; asked for without it, diffusers warns on every load
         unet, info = UNet2DModel.from_pretrained(
             str(files.unet_dir), local_files_only=True, output_loading_info=True,
-            use_safetensors=files.weights.suffix == ".safetensors")
+            use_safetensors=files.weights.suffix == ".safetensors", low_cpu_mem_usage=is_accelerate_available())
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"could not load the UNet2DModel from {files.weights}: {e}. Weights load from "
                          "safetensors, or from a .bin only if torch.load(weights_only=True) accepts it "
@@ -439,8 +440,9 @@ class DiffusersTeacherConfig(TeacherConfig):
     different value is refused, showing both)."""
 
     kind: str = "diffusers"
-    path: Optional[str] = None      # the folder (required); nothing is downloaded
-    prediction: Optional[str] = None
+    path: Optional[str] = doc_field(None, "the diffusers folder (required); nothing is downloaded")
+    prediction: Optional[str] = doc_field(None, "when given, must equal the folder's prediction (eps, x0, v, "
+                                          "flow_velocity)")
 
     def __post_init__(self) -> None:
         if self.path is None:

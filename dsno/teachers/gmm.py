@@ -18,7 +18,7 @@ import torch
 from dsno.nn.config import ConfigError
 from dsno.trust.tensor_file import load_float_tensors
 from dsno.schedules import Schedule, VPSchedule
-from dsno.config import ScheduleConfig, TeacherConfig, _existing_path, _fail, build_schedule
+from dsno.config import ScheduleConfig, TeacherConfig, _existing_path, _fail, build_schedule, doc_field
 from dsno.teachers.base import Teacher
 from dsno.teachers.registry import register_teacher
 
@@ -161,7 +161,7 @@ class GMMFileConfig(TeacherConfig):
     [K, ...] (or [K]) and weights [K]."""
 
     kind: str = "gmm_file"
-    path: Optional[str] = None      # the mixture file (required)
+    path: Optional[str] = doc_field(None, "the mixture's safetensors file (required)")
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:

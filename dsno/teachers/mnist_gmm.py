@@ -21,7 +21,7 @@ from dsno.trust.tensor_file import load_float_tensors
 from dsno.schedules import VPSchedule
 from dsno.teachers.gmm import GaussianMixture
 from dsno.atomic import atomic_path
-from dsno.config import ScheduleConfig, TeacherConfig, _count, _existing_path, build_schedule
+from dsno.config import ScheduleConfig, TeacherConfig, _count, _existing_path, build_schedule, doc_field
 from dsno.errors import UserFileNotFoundError
 from dsno.teachers.registry import register_teacher
 
@@ -106,9 +106,9 @@ def load_mnist_gmm(size: int = 16, components: int = 64, schedule: VPSchedule | 
 class DigitMixtureConfig(TeacherConfig):
     """The keys of a teacher built on the digit mixture fit (mnist_gmm, psld_mnist_gmm)."""
 
-    size: int = 16                  # image side, pixels
-    components: int = 64            # mixture components K
-    path: Optional[str] = None      # another fit (python -m dsno.teachers.mnist_gmm --out); None: the shipped one
+    size: int = doc_field(16, "image side, pixels")
+    components: int = doc_field(64, "mixture components K")
+    path: Optional[str] = doc_field(None, "another fit (python -m dsno.teachers.mnist_gmm --out); null: the shipped one")
 
     def check_mixture_keys(self) -> None:
         _count("teacher.size", self.size, 64, "the mixture is fitted to digits resized to at most 64x64", lo=4)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from dsno.config import _fail, _finite
+from dsno.config import _fail, _finite, doc_field
 from dsno.processes.psld import PSLD
 from dsno.schedules import ProcessError
 from dsno.teachers.base import batch_times
@@ -166,12 +166,12 @@ class PSLDMnistGMMConfig(DigitMixtureConfig):
     """teacher=psld_mnist_gmm: the shipped MNIST digit mixture (the mnist_gmm fit) under PSLD, exact."""
 
     kind: str = "psld_mnist_gmm"
-    beta_min: float = 8.0           # PSLD's CIFAR-10 settings (notes/psld.md)
-    beta_max: float = 8.0
-    nu: float = 4.01
-    gamma: float = 0.01
-    m_inv: Optional[float] = None   # M^-1; None: critical damping (gamma - nu)^2 / 4
-    kappa: float = 0.04             # initial momentum variance kappa M
+    beta_min: float = doc_field(8.0, "PSLD's beta at t = 0 (the defaults are PSLD's CIFAR-10 settings)")
+    beta_max: float = doc_field(8.0, "PSLD's beta at t = 1")
+    nu: float = doc_field(4.01, "PSLD's nu: the momentum channel's friction")
+    gamma: float = doc_field(0.01, "PSLD's gamma: the data channel's friction and noise (0: noise on m only)")
+    m_inv: Optional[float] = doc_field(None, "M^-1; null: critical damping (gamma - nu)^2 / 4")
+    kappa: float = doc_field(0.04, "initial momentum variance kappa M")
 
     process: ClassVar[str] = "augmented"
 

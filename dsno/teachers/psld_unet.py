@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from dsno.config import TeacherConfig
+from dsno.config import TeacherConfig, doc_field
 from dsno.nn.unet import UNet
 from dsno.processes.psld import PSLD
 from dsno.schedules import ProcessError
@@ -99,8 +99,8 @@ class PSLDUNetTeacherConfig(TeacherConfig):
     Its weights file records its image size and the PSLD it was trained under (the process used)."""
 
     kind: str = "psld_unet"
-    size: int = 16                  # image side, pixels (picks the shipped weights when path is None)
-    path: Optional[str] = None      # a weights file of train_unet --schedule psld; None: the shipped one
+    size: int = doc_field(16, "image side, pixels (picks the shipped weights when path is null)")
+    path: Optional[str] = doc_field(None, "a weights file of train_unet --schedule psld; null: the shipped one")
 
     process: ClassVar[str] = "augmented"
 

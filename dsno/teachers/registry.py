@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 BUILTIN_MODULES = ("dsno.teachers.mnist_gmm", "dsno.teachers.gmm", "dsno.teachers.unet", "dsno.teachers.diffusers",
@@ -30,10 +31,31 @@ def register_teacher(name: str, config: type) -> Callable:
     def decorate(load: Callable[[Any], Any]) -> Callable[[Any], Any]:
         if getattr(config, "kind", None) != name:
             raise TypeError(f"teacher kind {name!r}: its config {config.__name__} must default kind={name!r}")
-        _KINDS[name] = TeacherKind(name, config, load)
+        def checked_load(c: Any) -> Any:
+            refuse_diffusers_folder(name, getattr(c, "path", None))
+            return load(c)
+
+        _KINDS[name] = TeacherKind(name, config, checked_load)
         return load
 
     return decorate
+
+
+DIFFUSERS_MARKERS = ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "scheduler_config.json")
+
+
+def is_diffusers_folder(path: str | Path | None) -> bool:
+    """True when `path` is a folder in a diffusers layout (model_index.json, unet/config.json or a scheduler config)."""
+    return path is not None and Path(path).is_dir() and any((Path(path) / m).is_file() for m in DIFFUSERS_MARKERS)
+
+
+def refuse_diffusers_folder(kind: str, path: str | Path | None) -> None:
+    """A diffusers folder given to another teacher kind: one line naming `teacher=diffusers`, instead of
+    that kind's "weights not found"."""
+    if kind != "diffusers" and is_diffusers_folder(path):
+        from dsno.teachers.base import TeacherLoadError
+        raise TeacherLoadError(f"teacher.path={path} is a diffusers model folder, which teacher.kind={kind} does "
+                               f"not read: add teacher=diffusers to the command (teacher=diffusers teacher.path={path})")
 
 
 def teacher_kinds() -> dict[str, TeacherKind]:

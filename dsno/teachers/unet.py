@@ -21,7 +21,8 @@ from dsno.nn.config import ConfigError, check_unet_kwargs
 from dsno.nn.unet import UNet
 from dsno.schedules import VPSchedule
 from dsno.teachers.base import WrappedTeacher
-from dsno.config import ScheduleConfig, TeacherConfig, _count, _existing_path, build_schedule, check_prediction_key
+from dsno.config import (ScheduleConfig, TeacherConfig, _count, _existing_path, build_schedule, check_prediction_key,
+                         doc_field)
 from dsno.errors import UserFileNotFoundError
 from dsno.teachers.registry import register_teacher
 from dsno.trust.tensor_file import check_float_dtypes, model_layout, tensor_layout
@@ -186,9 +187,9 @@ class UNetTeacherConfig(TeacherConfig):
     value is refused, showing both)."""
 
     kind: str = "unet"
-    size: int = 16                  # image side, pixels (picks the shipped weights when path is None)
-    path: Optional[str] = None      # a weights file of python -m dsno.teachers.train_unet; None: the shipped one
-    prediction: str = "eps"
+    size: int = doc_field(16, "image side, pixels (picks the shipped weights when path is null)")
+    path: Optional[str] = doc_field(None, "a weights file of python -m dsno.teachers.train_unet; null: the shipped one")
+    prediction: str = doc_field("eps", "what the network predicts (must equal its weights file's record)")
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,66 @@
+"""Which stages of a run are complete for its current config, so a rerun skips them.
+
+After train, export and eval succeed, each records a stamp in <run_dir>/completed.json: a hash of the
+config sections its output depends on (eval's stamp covers export's, export's covers train's). A stage
+counts as complete when its stamp matches the current config and its output files are all there; a
+changed key, a deleted output or `force=true` makes it (and every stage after it) run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from dsno.config import RunConfig
+
+COMPLETED_FILE = "completed.json"
+STAGES = ("train", "export", "eval")
+# the config sections each stage's output depends on (cumulative: a later stage includes the earlier ones)
+SECTIONS = {"train": ("seed", "teacher", "solver", "data", "model", "train", "trainer"),
+            "export": ("export",), "eval": ("eval", "search")}
+OUTPUTS = {"train": ("checkpoints/dsno_ema.safetensors", "checkpoints/dsno_config.json"),
+           "export": ("sampler",), "eval": ("eval/report.md", "eval/metrics.json")}
+# how a stage reads or starts, not what it makes
+NOT_OUTPUT_SHAPING = {("train", "resume"), ("data", "dir"), ("data", "repair"), ("data", "verify"),
+                      ("data", "num_workers")}
+
+
+def stamp(rc: RunConfig, stage: str) -> str:
+    """The hash of the config sections `stage`'s output depends on, this stage's and the earlier ones'."""
+    keys = [k for s in STAGES[:STAGES.index(stage) + 1] for k in SECTIONS[s]]
+    values = {k: _plain(getattr(rc, k)) for k in keys}
+    for section, key in NOT_OUTPUT_SHAPING:
+        values[section].pop(key, None)
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def _recorded(run_dir: Path) -> dict[str, str]:
+    try:
+        data = json.loads((run_dir / COMPLETED_FILE).read_text())
+    except (OSError, ValueError):       # none yet, or unreadable: nothing counts as complete
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+
+
+def is_complete(rc: RunConfig, stage: str) -> bool:
+    """`stage` ran to the end with the config rc has now, and its outputs are still there."""
+    run_dir = Path(rc.run_dir)
+    return (_recorded(run_dir).get(stage) == stamp(rc, stage)
+            and all((run_dir / rel).exists() for rel in OUTPUTS[stage]))
+
+
+def mark_complete(rc: RunConfig, stage: str) -> None:
+    """Record that `stage` finished with rc's config (and forget the later stages' records)."""
+    from dsno.atomic import atomic_write_text
+    run_dir = Path(rc.run_dir)
+    done = {s: v for s, v in _recorded(run_dir).items() if s in STAGES[:STAGES.index(stage)]}
+    done[stage] = stamp(rc, stage)
+    atomic_write_text(run_dir / COMPLETED_FILE, json.dumps(done, indent=2) + "\n")

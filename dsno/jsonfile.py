@@ -83,3 +83,15 @@ def excerpt(value: Any, limit: int = 60) -> str:
 def _json_type(value: Any) -> str:
     kinds = ((dict, "object"), (list, "array"), (str, "string"), (bool, "boolean"), ((int, float), "number"))
     return next((name for kind, name in kinds if isinstance(value, kind)), "null")
+
+
+def read_bookkeeping(path: str | os.PathLike, max_bytes: int = 1 << 20) -> dict[str, Any]:
+    """A bookkeeping record dsno keeps beside its outputs (a lock holder, W&B run ids, completion
+    stamps): the JSON object in `path`, or {} when it is missing, unreadable, larger than `max_bytes`,
+    too deep, not JSON or not an object. Such a file is never worth a failure."""
+    class _Unusable(Exception):
+        pass
+    try:
+        return read_json_file(path, _Unusable, "", expect=dict, max_bytes=max_bytes)
+    except _Unusable:
+        return {}

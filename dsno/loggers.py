@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from dsno.atomic import refuse_link
+from dsno.jsonfile import read_bookkeeping
 from dsno.config import RunConfig
 
 STAGES = ("data", "train", "eval")
@@ -111,11 +112,7 @@ def recorded_run(run_dir: str | os.PathLike, stage: str) -> str | None:
 
 
 def _read_runs(path: Path) -> dict[str, str]:
-    try:
-        runs = json.loads(path.read_text())
-    except (OSError, ValueError):       # none yet, or unreadable: a bookkeeping file, never worth a failure
-        return {}
-    return {k: v for k, v in runs.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(runs, dict) else {}
+    return {k: v for k, v in read_bookkeeping(path).items() if isinstance(v, str)}
 
 
 def finish(logger: Any) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from dsno.atomic import open_no_follow
 from dsno.data.manifest import FolderLockedError, utc_now
-from dsno.jsonfile import read_json_file
+from dsno.jsonfile import read_bookkeeping
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,7 @@ def rank_lock_name(rank: int, world_size: int) -> str:
 
 def read_holder(path: Path) -> dict[str, Any]:
     """The pid/host record in a lock file ({} if empty, unreadable, or not a small JSON object)."""
-    try:
-        return read_json_file(path, ValueError, "", expect=dict, max_bytes=HOLDER_MAX_BYTES)
-    except ValueError:
-        return {}
+    return read_bookkeeping(path, max_bytes=HOLDER_MAX_BYTES)
 
 
 def pid_alive(pid: Any) -> bool:

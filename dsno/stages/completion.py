@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dsno.config import RunConfig
+from dsno.jsonfile import read_bookkeeping
 
 COMPLETED_FILE = "completed.json"
 STAGES = ("train", "export", "eval")
@@ -43,11 +44,7 @@ def _plain(value: Any) -> Any:
 
 
 def _recorded(run_dir: Path) -> dict[str, str]:
-    try:
-        data = json.loads((run_dir / COMPLETED_FILE).read_text())
-    except (OSError, ValueError):       # none yet, or unreadable: nothing counts as complete
-        return {}
-    return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+    return {k: v for k, v in read_bookkeeping(run_dir / COMPLETED_FILE).items() if isinstance(v, str)}
 
 
 def is_complete(rc: RunConfig, stage: str) -> bool:

@@ -169,7 +169,7 @@ def test_registry_keeps_augmented_solvers_apart():
         (lambda: sample(teacher, z, timesteps(VP_TIMES, 4), solver="ddim"), "ddim.*scalar diffusion.*augmented"),
         (lambda: sample(gmm, z[:, :2], timesteps(VP_TIMES, 4), solver="lambda_ddim"), "as_augmented"),
         (lambda: sample(teacher, z, [1.5, 0.5], solver="lambda_ddim"), r"ts\[0\] = 1.5 lies outside .*PSLD"),
-        (lambda: sample(teacher, z[:, :3], [1.0, 0.5], solver="augmented_euler"), "k = 2 components"),
+        (lambda: sample(teacher, z[:, :3], [1.0, 0.5], solver="augmented_euler"), r"x_T must be .* shape \[B, 4\], got \(2, 3\)"),
         (lambda: sample(teacher, z, [1.0, 0.5], solver="lambda_ddim", lam=math.inf), "lam=inf must be a finite number"),
     ]:
         with pytest.raises(ValueError, match=match) as err:

@@ -230,8 +230,8 @@ def _shaped_teacher():
 
 @pytest.mark.parametrize("x_T,message", [
     (torch.full((2, 1, 16, 16), float("nan")), r"x_T holds 512 non-finite values"),
-    (torch.randn(2, 3, 16, 16), r"x_T must be a float tensor of shape \[B, 1, 16, 16\], got \(2, 3, 16, 16\)"),
-    (torch.randn(2, 1, 8, 8), r"x_T must be a float tensor of shape \[B, 1, 16, 16\], got \(2, 1, 8, 8\)"),
+    (torch.randn(2, 3, 16, 16), r"x_T must be a floating-point tensor of shape \[B, 1, 16, 16\], got \(2, 3, 16, 16\)"),
+    (torch.randn(2, 1, 8, 8), r"x_T must be a floating-point tensor of shape \[B, 1, 16, 16\], got \(2, 1, 8, 8\)"),
 ])
 def test_sample_checks_x_T_against_the_teacher(x_T, message):
     teacher = _shaped_teacher()

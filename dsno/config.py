@@ -420,14 +420,16 @@ class EvalConfig:
     nfe: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 7, 8, 10, 20])
     solvers: List[SolverChoice] = field(default_factory=_default_eval_solvers)
     spacing: str = "logsnr"         # one of dsno.solvers.SPACINGS
-    reference_steps: int = 500      # float64 reference solve (3rd-order multistep) of the teacher's ODE
+    reference_steps: Optional[int] = None   # float64 reference solve (DPM-Solver++ 3M) steps; None: by the teacher's cost
+                                            # (500 closed-form, a network max(50, 5 x max(eval.nfe)) up to 500)
     reference_rtol: float = 1e-7    # augmented teachers (PSLD): the adaptive DOP853 reference's rtol = atol
     fidelity: bool = True           # FID / KID / IS / precision-recall through torch-fidelity
-    fidelity_reference: Optional[str] = None    # RGB teachers: .npz of real uint8 images [N, H, W, C]
+    fidelity_reference: Optional[str] = None    # FID's real images, .npz uint8 [N, H, W, C]; None: only the digit teachers
     inception_weights: Optional[str] = None     # RGB teachers: local Inception weights file (else torch's hub cache)
     grid_samples: int = 64
     trust_program: bool = False     # open a pt2 / onnx sampler exported by another install
     seed: int = 1234
+    timing_repeats: int = 5         # timed calls per method on one batch: the report reads their median and spread
 
     def __post_init__(self) -> None:
         from dsno.solvers import SPACINGS
@@ -447,9 +449,11 @@ class EvalConfig:
             path = getattr(self, key)
             if path is not None and not os.path.isfile(path):
                 _fail(f"eval.{key}", path, "does not exist; give a local file")
-        _count("eval.reference_steps", self.reference_steps, 10_000, "a float64 3rd-order solve converges long "
-               "before that")
+        if self.reference_steps is not None:
+            _count("eval.reference_steps", self.reference_steps, 10_000, "a float64 3rd-order solve converges long "
+                   "before that")
         _in_range("eval.reference_rtol", self.reference_rtol, 0.0, 1e-3, lo_open=True)
+        _count("eval.timing_repeats", self.timing_repeats, 1000, "the median settles long before that")
 
 
 @dataclass

@@ -27,7 +27,8 @@ def seconds_per_sample(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.
     the data has warmed fn up. {"median", "min", "max"} over the repeats: one timed call can move
     several-fold between runs on a shared machine, so a verdict reads the median and shows the spread.
     unit: a second call (one teacher evaluation) timed right after fn in every repeat, so both see the
-    same load; adds "per_unit", the median over repeats of fn's time / unit's, and "unit", unit's own timing."""
+    same load; adds "per_unit", {"median", "min", "max"} over repeats of fn's time / unit's (a ratio a load
+    change between repeats leaves alone), and "unit", unit's own timing."""
     from torch.utils.benchmark import timer
 
     def timed(f: Callable[[torch.Tensor], torch.Tensor]) -> float:
@@ -38,7 +39,7 @@ def seconds_per_sample(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.
     pairs = [(timed(fn), timed(unit) if unit is not None else 1.0) for _ in range(repeats)]
     out: dict[str, Any] = _spread([a for a, _ in pairs])
     if unit is not None:
-        out.update(per_unit=median(a / b for a, b in pairs), unit=_spread([b for _, b in pairs]))
+        out.update(per_unit=_spread([a / b for a, b in pairs]), unit=_spread([b for _, b in pairs]))
     return out
 
 
@@ -178,7 +179,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     t_mid = float(grid[len(grid) // 2])
 
     def teacher_eval(x: torch.Tensor) -> torch.Tensor:
-        """One teacher evaluation (mid-grid): the unit of DSNO's measured cost."""
+        """One teacher evaluation (mid-grid): the unit of every method's measured cost."""
         return teacher.eps(prior_state(teacher, x.to(dtype)), t_mid)
 
     with torch.no_grad():
@@ -203,27 +204,28 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
 
     finals: dict[str, torch.Tensor] = {"reference": ref}
     rows: list[dict[str, Any]] = []
+    units: list[dict[str, float]] = []       # the teacher evaluation's timing beside each row's
 
-    def add_row(method: str, nfe: int, fn: Callable[[torch.Tensor], torch.Tensor],
-                unit: Callable[[torch.Tensor], torch.Tensor] | None = None, **extra: Any) -> None:
-        """Run fn over all the eval noise, time it `repeats` times on one batch (with `unit` after it in every
-        repeat: cost_teacher_evals), and score it against the reference."""
+    def add_row(method: str, nfe: int, fn: Callable[[torch.Tensor], torch.Tensor], **extra: Any) -> None:
+        """Run fn over all the eval noise, time it `repeats` times on one batch, each time with one teacher
+        evaluation right after it (its cost in teacher evaluations), and score it against the reference."""
         x = in_batches(fn, x_T, bs, device)
-        t = seconds_per_sample(fn, x_T[:bs].to(device), repeats, unit)
-        cost = {"cost_teacher_evals": t["per_unit"], "teacher_eval": timing_fields(t["unit"], repeats)} if unit else {}
+        t = seconds_per_sample(fn, x_T[:bs].to(device), repeats, teacher_eval)
+        cost = t["per_unit"]
         rows.append({"method": method, "nfe": nfe, "rmse_vs_reference": rmse(x, ref), **timing_fields(t, repeats),
-                     **cost, **extra})
+                     "cost_teacher_evals": cost["median"], "cost_teacher_evals_min": cost["min"],
+                     "cost_teacher_evals_max": cost["max"], **extra})
+        units.append(t["unit"])
         finals[f"{method}@{nfe}"] = x
-        log.info("eval: [%d/%d] %-36s NFE %3d  RMSE %.4f  %.3f ms/sample (median of %d, %.3f-%.3f)%s", len(rows),
-                 total, method, nfe, rows[-1]["rmse_vs_reference"], t["median"] * 1e3, repeats, t["min"] * 1e3,
-                 t["max"] * 1e3, f", {t['per_unit']:.2f} teacher evaluations" if unit else "")
+        log.info("eval: [%d/%d] %-36s NFE %3d  RMSE %.4f  %.3f ms/sample (median of %d, %.3f-%.3f), %.2f teacher "
+                 "evaluations", len(rows), total, method, nfe, rows[-1]["rmse_vs_reference"], t["median"] * 1e3,
+                 repeats, t["min"] * 1e3, t["max"] * 1e3, cost["median"])
         advance(1)
 
     runs, schedules = solver_runs(rc), schedule_runs(rc)
     total = 2 + len(runs) + len(schedules)
     with torch.no_grad(), counter("eval", total) as advance:
-        add_row("dsno", 1, lambda z: sampler(z)[:, -1, :c], teacher_eval,
-                note=f"one pass, backbone on M={len(sampler.times)} time points")
+        add_row("dsno", 1, lambda z: sampler(z)[:, -1, :c], note=f"one pass, backbone on M={len(sampler.times)} time points")
 
         teacher_opts = {**rc.solver.options, **({"schedule": rc.solver.schedule} if rc.solver.name == "usf" else {})}
         teacher_nfe = nfe_of(rc.solver.name, len(grid) - 1, order=rc.solver.order, **teacher_opts)
@@ -258,7 +260,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     if fidelity["computed"]:
         _add_fidelity(rows, finals, image_shape, rc, fidelity)
     result = {"experiment": rc.experiment, "num_samples": n, "reference": reference, "device": _device_name(),
-              "teacher_eval": {**next(r["teacher_eval"] for r in rows if "teacher_eval" in r), "t": t_mid},
+              "teacher_eval": {**timing_fields(units[0], repeats), "t": t_mid},     # timed beside DSNO
               "fidelity": {k: v for k, v in fidelity.items() if k != "extractor"},
               "distillation": distillation_cost(run_dir, Path(rc.data.dir)), "rows": rows}
     from dsno.stages.report import write_report

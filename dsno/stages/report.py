@@ -39,7 +39,7 @@ def equal_nfe_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per (method, NFE): RMSE vs reference, FID, KID x 10^3, IS, milliseconds per sample
     (median, with min-max over the timed repeats) and that cost in teacher evaluations."""
     lines = ["| method | NFE | RMSE vs reference | FID | KID x 10^3 | IS | precision / recall | ms / sample, median "
-             "(min-max) | cost, teacher evaluations |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "(min-max) | measured cost, teacher evaluations |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['method']} | {r['nfe']} | skipped: {r['skipped']} | | | | | | |")
@@ -47,7 +47,7 @@ def equal_nfe_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['method']} | {r['nfe']} | {r['rmse_vs_reference']:.4f} | {_fmt(r.get('fid'), '.2f')} | "
                      f"{_kid(r)} | {_fmt(r.get('is_mean'), '.2f')} | "
                      f"{_fmt(r.get('precision'), '.2f')} / {_fmt(r.get('recall'), '.2f')} | {_ms(r)} | "
-                     f"{_fmt(r.get('cost_teacher_evals'), '.1f')} |")
+                     f"{_fmt(r.get('cost_teacher_evals'), '.3g')} |")
     return "\n".join(lines)
 
 
@@ -80,51 +80,65 @@ def _run(r: dict[str, Any]) -> str:
     return f"{r['method']} at {r['nfe']} NFE"
 
 
-def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two rows' timing spreads (min-max over the repeats) overlap."""
-    lo = max(a.get("sec_per_sample_min", a["sec_per_sample"]), b.get("sec_per_sample_min", b["sec_per_sample"]))
-    return lo <= min(a.get("sec_per_sample_max", a["sec_per_sample"]), b.get("sec_per_sample_max", b["sec_per_sample"]))
+def cost_key(rows: list[dict[str, Any]]) -> str:
+    """What equal cost compares: the measured cost in teacher evaluations when every run has it (each timed
+    beside a teacher evaluation, so a load change on the machine cancels), else median seconds per sample."""
+    done = [r for r in rows if "skipped" not in r]
+    return "cost_teacher_evals" if done and all("cost_teacher_evals" in r for r in done) else "sec_per_sample"
+
+
+def _cost_text(r: dict[str, Any], key: str, with_time: bool = False) -> str:
+    if key == "cost_teacher_evals":
+        return f"{r[key]:.2g} teacher evaluations" + (f" ({1e3 * r['sec_per_sample']:.3f} ms/sample median)"
+                                                      if with_time else "")
+    return f"{1e3 * r[key]:.3f} ms/sample median"
+
+
+def _overlap(a: dict[str, Any], b: dict[str, Any], key: str) -> bool:
+    """Whether two rows' cost spreads (min-max over the timed repeats) overlap."""
+    lo = max(a.get(f"{key}_min", a[key]), b.get(f"{key}_min", b[key]))
+    return lo <= min(a.get(f"{key}_max", a[key]), b.get(f"{key}_max", b[key]))
 
 
 def verdict_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The report's headline: DSNO against the eval solvers, per metric (RMSE vs the reference; FID when
-    computed), at equal cost (solver runs whose median time per sample is at most DSNO's) and where it
-    loses (the cheapest solver run that beats it). Stochastic solvers are left out of RMSE (they follow
-    other noise). Markdown bullet lines; [] without a DSNO row."""
+    computed), at equal cost (solver runs of at most DSNO's measured cost, `cost_key`) and where it loses
+    (the cheapest solver run that beats it). Stochastic solvers are left out of RMSE (they follow other
+    noise); the teacher solve is no baseline. Markdown bullet lines; [] without a DSNO row."""
     done = [r for r in rows if "skipped" not in r]
     dsno = next((r for r in done if r["method"] == "dsno"), None)
     if dsno is None:
         return []
     solvers = [r for r in done if r["method"] != "dsno" and not r["method"].startswith("teacher")]
-    cost = (f"{1e3 * dsno['sec_per_sample']:.3f} ms/sample median"
-            + (f", {dsno['cost_teacher_evals']:.1f} teacher evaluations" if dsno.get("cost_teacher_evals") else ""))
+    key = cost_key([dsno, *solvers])
     lines = []
-    for key, name, spec in VERDICT_METRICS:
-        if dsno.get(key) is None:
+    for metric, name, spec in VERDICT_METRICS:
+        if dsno.get(metric) is None:
             continue
-        peers = [r for r in solvers if r.get(key) is not None and not (key == "rmse_vs_reference" and r.get("stochastic"))]
+        peers = [r for r in solvers if r.get(metric) is not None
+                 and not (metric == "rmse_vs_reference" and r.get("stochastic"))]
         if not peers:
             continue
-        mine = format(dsno[key], spec)
-        cheap = [r for r in peers if r["sec_per_sample"] <= dsno["sec_per_sample"]]
+        mine = format(dsno[metric], spec)
+        cheap = [r for r in peers if r[key] <= dsno[key]]
         if not cheap:
-            fastest = min(peers, key=lambda r: r["sec_per_sample"])
-            lines.append(f"- **{name} at equal cost**: no solver run is as fast as DSNO ({cost}); the fastest, "
-                         f"{_run(fastest)}, takes {fastest['sec_per_sample'] / dsno['sec_per_sample']:.1f}x DSNO's time "
-                         f"with {name} {format(fastest[key], spec)} against DSNO's {mine}.")
+            cheapest = min(peers, key=lambda r: r[key])
+            lines.append(f"- **{name} at equal cost**: no solver run is as cheap as DSNO ({_cost_text(dsno, key, True)}); "
+                         f"the cheapest, {_run(cheapest)}, costs {cheapest[key] / dsno[key]:.2g}x DSNO's with {name} "
+                         f"{format(cheapest[metric], spec)} against DSNO's {mine}.")
         else:
-            best = min(cheap, key=lambda r: r[key])
-            won = dsno[key] < best[key]
-            noise = " (their timing spreads overlap: equal cost within the measurement's noise)" if _overlap(best, dsno) else ""
-            lines.append(f"- **{name} at equal cost**: DSNO {'wins' if won else 'loses'}: {mine} at {cost}, against "
-                         f"{format(best[key], spec)} of the best solver run no slower, {_run(best)} "
-                         f"({1e3 * best['sec_per_sample']:.3f} ms/sample){noise}.")
-        better = sorted((r for r in peers if r[key] < dsno[key]), key=lambda r: r["sec_per_sample"])
+            best = min(cheap, key=lambda r: r[metric])
+            noise = (" (their cost spreads overlap: equal within the timing's noise)" if _overlap(best, dsno, key)
+                     else "")
+            lines.append(f"- **{name} at equal cost**: DSNO {'wins' if dsno[metric] < best[metric] else 'loses'}: "
+                         f"{mine} at {_cost_text(dsno, key, True)}, against {format(best[metric], spec)} of the best solver "
+                         f"run no costlier, {_run(best)} ({_cost_text(best, key)}){noise}.")
+        better = sorted((r for r in peers if r[metric] < dsno[metric]), key=lambda r: r[key])
         if better:
             first = better[0]
             lines.append(f"- **Where DSNO loses in {name}**: to {len(better)} of {len(peers)} solver runs, the cheapest "
-                         f"{_run(first)}: {name} {format(first[key], spec)} against DSNO's {mine}, at "
-                         f"{first['sec_per_sample'] / dsno['sec_per_sample']:.2g}x DSNO's time.")
+                         f"{_run(first)}: {name} {format(first[metric], spec)} against DSNO's {mine}, at "
+                         f"{first[key] / dsno[key]:.2g}x DSNO's cost.")
         else:
             lines.append(f"- **{name}**: no solver run evaluated (up to {max(r['nfe'] for r in peers)} NFE) beats DSNO.")
     return lines
@@ -260,13 +274,16 @@ def write_report(result: dict[str, Any], finals: dict[str, torch.Tensor], out: P
     plots = save_plots(result["rows"], out, fid_label)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
     teacher_eval = result.get("teacher_eval")
-    unit = (f" One teacher evaluation takes {_ms(teacher_eval)} ms per sample (median (min-max) of "
-            f"{teacher_eval['timing_repeats']} timed calls, each right after one of DSNO's); DSNO's cost in teacher "
-            "evaluations is the median of its time over that call's." if teacher_eval else "")
+    unit = (f"Equal cost is equal measured cost in teacher evaluations: every method was timed "
+            f"{teacher_eval['timing_repeats']} times (median, with min-max in the tables), each time with one teacher "
+            f"evaluation right after it, so a change of load on the machine cancels; one teacher evaluation took "
+            f"{_ms(teacher_eval)} ms per sample beside DSNO, on {result['device']}."
+            if teacher_eval and cost_key(result["rows"]) == "cost_teacher_evals" else
+            f"Equal cost is equal median wall-clock per sample on {result['device']}.")
     md = [f"# Evaluation: {result['experiment']}", "",
           "## Verdict: is DSNO better, and at what cost?", "",
           *(verdict_lines(result["rows"]) or ["No DSNO run in this result."]), "",
-          f"Equal cost is equal median wall-clock per sample on {result['device']}.{unit}", "",
+          unit, "",
           "## What distillation cost", "", *distillation_lines(result), "",
           f"{result['num_samples']} samples from the same noise for every method; reference: "
           f"{reference_caption(result['reference'])}. {fidelity_caption(fidelity)}.", "",

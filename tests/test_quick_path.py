@@ -43,4 +43,5 @@ def test_diffusers_quick_runs_a_diffusers_folder_end_to_end(tmp_path):
     assert "FID against" not in md and "digits" not in md
     log = p.stderr + p.stdout
     assert "eval: float64 reference (solver dpm_solver_pp-3, steps 50, dtype float64) on 8 samples, about" in log
+    assert "eval: reference 50/50 teacher evaluations" in log                    # 8 samples in one batch
     assert "eval: [1/5] dsno" in log and "eval: [5/5] unipc-3" in log                # dsno, teacher, 3 solvers

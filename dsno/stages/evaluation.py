@@ -121,6 +121,19 @@ def reference_steps(rc: RunConfig, has_network: bool) -> int:
     return min(REFERENCE_STEPS_CLOSED_FORM, max(REFERENCE_STEPS_MIN, REFERENCE_STEPS_PER_NFE * max(rc.eval.nfe)))
 
 
+def reference_progress(tick: Callable[[int], None], calls: int | None, lines: int = 10) -> Callable[..., None]:
+    """A forward pre-hook for the teacher during the reference solve: advances the bar (`tick`) and logs
+    about `lines` progress lines over `calls` teacher evaluations (every 200 when the count is unknown)."""
+    every, done = max(1, (calls or 2000) // lines), [0]
+
+    def hook(*_: Any) -> None:
+        tick(1)
+        done[0] += 1
+        if done[0] % every == 0:
+            log.info("eval: reference %d%s teacher evaluations", done[0], f"/{calls}" if calls else "")
+    return hook
+
+
 def fidelity_plan(rc: RunConfig, shape: tuple[int, ...]) -> dict[str, Any]:
     """What FID is computed against, before any work: {"computed": False, "why"} or {"computed": True,
     "reference" (words), "path" (eval.fidelity_reference or None), "extractor" ("digits" | "inception")}.
@@ -195,7 +208,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     with torch.no_grad(), counter("eval: reference", calls) as tick:
         # the state is float64; a network teacher is evaluated in its own float32 (its rounding moves the
         # reference by ~1e-7 RMSE, far below the reference's own step error, and runs 2.6x faster than float64)
-        hook = teacher.register_forward_pre_hook(lambda *_: tick(1))
+        hook = teacher.register_forward_pre_hook(reference_progress(tick, calls))
         try:
             ref = in_batches(lambda x: reference_solve(teacher, prior_state(teacher, x), t_end, steps,
                                                        rc.eval.reference_rtol)[:, :c].float(), x_T, bs, device)

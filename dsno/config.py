@@ -429,7 +429,7 @@ class EvalConfig:
     grid_samples: int = 64
     trust_program: bool = False     # open a pt2 / onnx sampler exported by another install
     seed: int = 1234
-    timing_repeats: int = 5         # timed calls per method on one batch: the report reads their median and spread
+    timing_repeats: int = 3         # timed calls per method on one batch: the report reads their median and spread
 
     def __post_init__(self) -> None:
         from dsno.solvers import SPACINGS

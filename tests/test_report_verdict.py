@@ -32,12 +32,12 @@ def test_verdict_says_where_dsno_wins_and_where_it_loses():
         "- **RMSE at equal cost**: DSNO wins: 0.1000 at 2.5 teacher evaluations (3.000 ms/sample median), against "
         "0.3000 of the best solver run no costlier, dpm_solver_pp-3 at 2 NFE (2 teacher evaluations).",
         # the stochastic ddpm's 0.01 follows other noise: not an RMSE competitor; the teacher solve is no baseline
-        "- **Where DSNO loses in RMSE**: to 1 of 3 solver runs, the cheapest dpm_solver_pp-3 at 6 NFE: RMSE 0.0500 "
+        "- **Where DSNO loses in RMSE**: to 1 of 3 solver runs; the cheapest dpm_solver_pp-3 at 6 NFE: RMSE 0.0500 "
         "against DSNO's 0.1000, at 2.4x DSNO's cost.",
         "- **FID at equal cost**: DSNO wins: 20.00 at 2.5 teacher evaluations (3.000 ms/sample median), against "
         "40.00 of the best solver run no costlier, dpm_solver_pp-3 at 2 NFE (2 teacher evaluations).",
-        "- **Where DSNO loses in FID**: to 2 of 4 solver runs, the cheapest ddpm at 3 NFE: FID 15.00 against "
-        "DSNO's 20.00, at 1.2x DSNO's cost."]
+        "- **Where DSNO loses in FID**: to 2 of 4 solver runs; the cheapest ddpm at 3 NFE: FID 15.00 against "
+        "DSNO's 20.00, at 1.2x DSNO's cost; the best dpm_solver_pp-3 at 6 NFE: 12.00, at 2.4x."]
 
 
 def test_verdict_when_dsno_loses_at_equal_cost_within_timing_noise_and_when_nothing_beats_it():
@@ -47,7 +47,7 @@ def test_verdict_when_dsno_loses_at_equal_cost_within_timing_noise_and_when_noth
     assert lines[0].startswith("- **RMSE at equal cost**: DSNO loses: 0.1000 at 3 teacher evaluations (3.000 ms/sample "
                                "median), against 0.0800 of the best solver run no costlier, unipc-3 at 3 NFE")
     assert lines[0].endswith("(their cost spreads overlap: equal within the timing's noise).")
-    assert lines[1].startswith("- **Where DSNO loses in RMSE**: to 1 of 2 solver runs, the cheapest unipc-3 at 3 NFE")
+    assert lines[1].startswith("- **Where DSNO loses in RMSE**: to 1 of 2 solver runs; the cheapest unipc-3 at 3 NFE")
     assert lines[2].startswith("- **FID at equal cost**: DSNO wins")
     assert lines[3] == "- **FID**: no solver run evaluated (up to 5 NFE) beats DSNO."
 
@@ -90,7 +90,7 @@ def test_report_opens_with_the_verdict_names_the_fid_reference_and_the_cost(tmp_
     assert ("every method was timed 5 times (median, with min-max in the tables), each time with one teacher "
             "evaluation right after it") in head and "one teacher evaluation took 1.200 (1.100-1.500) ms" in head
     assert "- data generation 12 s (128 teacher trajectories" in head and "- training 5.0 min (100 steps)" in head
-    assert "| KID x 10^3 |" in md and "| 12.30 +- 0.40 |" in md            # KID with its unit
+    assert "| KID |" in md and "| 0.0123 +- 0.0004 |" in md and "in the squared units of those features" in md
     assert "| 3.000 (2.900-3.100) | 2.5 |" in md                          # median (spread), cost in teacher evals
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["rows"][0]["sec_per_sample_min"] == 2.9e-3 and saved["rows"][0]["timing_repeats"] == 5

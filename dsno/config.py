@@ -445,16 +445,19 @@ class EvalConfig:
     solvers: List[SolverChoice] = doc_field(doc="the baseline solvers: [{name, order, options}, ...]",
                                             factory=_default_eval_solvers)
     spacing: str = doc_field("logsnr", "the baselines' grid spacing (one of dsno.solvers.SPACINGS)")
-    reference_steps: int = doc_field(500, "steps of the float64 reference solve (3rd-order multistep) of the "
-                                     "teacher's ODE")
+    reference_steps: Optional[int] = doc_field(None, "steps of the float64 reference solve (DPM-Solver++ 3M) of the "
+                                               "teacher's ODE; null: by the teacher's cost (500 closed-form, a "
+                                               "network max(50, 5 x max(eval.nfe)) up to 500)")
     reference_rtol: float = doc_field(1e-7, "augmented teachers (PSLD): the adaptive DOP853 reference's rtol = atol")
     fidelity: bool = doc_field(True, "FID / KID / IS / precision-recall through torch-fidelity")
-    fidelity_reference: Optional[str] = doc_field(None, "RGB teachers: .npz of real uint8 images [N, H, W, C]")
+    fidelity_reference: Optional[str] = doc_field(None, "FID's real images, .npz of uint8 [N, H, W, C]; null: only "
+                                                  "the project's digit teachers, against the shipped digits")
     inception_weights: Optional[str] = doc_field(None, "RGB teachers: local Inception weights file (else torch's hub "
                                                  "cache)")
     grid_samples: int = doc_field(64, "images in each sample grid (0: none)")
     trust_program: bool = doc_field(False, "open a pt2 / onnx sampler exported by another install")
     seed: int = doc_field(1234, "seed of eval's noise")
+    timing_repeats: int = doc_field(3, "timed calls per method on one batch: the report reads their median and spread")
 
     def __post_init__(self) -> None:
         from dsno.solvers import SPACINGS
@@ -474,9 +477,11 @@ class EvalConfig:
             path = getattr(self, key)
             if path is not None and not os.path.isfile(path):
                 _fail(f"eval.{key}", path, "does not exist; give a local file")
-        _count("eval.reference_steps", self.reference_steps, 10_000, "a float64 3rd-order solve converges long "
-               "before that")
+        if self.reference_steps is not None:
+            _count("eval.reference_steps", self.reference_steps, 10_000, "a float64 3rd-order solve converges long "
+                   "before that")
         _in_range("eval.reference_rtol", self.reference_rtol, 0.0, 1e-3, lo_open=True)
+        _count("eval.timing_repeats", self.timing_repeats, 1000, "the median settles long before that")
 
 
 @dataclass

@@ -16,7 +16,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(name, tmp_path):
     extra = []
-    if name == "cifar10_ddpm":   # needs a local teacher folder: any existing path passes validation
+    if name in ("cifar10_ddpm", "diffusers_quick"):   # need a local teacher folder: any existing path passes validation
         extra = [f"teacher.path={tmp_path}"]
     rc = validate(_compose(f"experiment={name}", *extra))
     assert rc.experiment == name

@@ -37,7 +37,7 @@ def _composed(conf_dir: Path, overrides: list[str]) -> dict:
 
 def _overrides(rel: str) -> list[str]:
     group, stem = rel.rsplit("/", 1)[0], Path(rel).stem
-    return [f"experiment={stem}", "teacher.path=/tmp"] if group == "experiment" and stem == "cifar10_ddpm" else \
+    return [f"experiment={stem}", "teacher.path=/tmp"] if group == "experiment" and stem in ("cifar10_ddpm", "diffusers_quick") else \
         [f"experiment={stem}"] if group == "experiment" else ["experiment=mnist_gmm", f"{group}={stem}"]
 
 
@@ -181,7 +181,7 @@ def _leaf_types(obj, path="rc"):
 def test_a_validated_config_holds_only_plain_values(name, tmp_path):
     """Enum choices come out as their str value: fingerprints and records compare them with the strings
     a manifest or a user's file holds (a StrEnum there once made a neural data set unreadable to itself)."""
-    extra = [f"teacher.path={tmp_path}"] if name == "cifar10_ddpm" else []
+    extra = [f"teacher.path={tmp_path}"] if name in ("cifar10_ddpm", "diffusers_quick") else []
     rc = validate(compose(f"experiment={name}", *extra))
     odd = [(p, t) for p, t in _leaf_types(rc) if t not in (str, int, float, bool, type(None))]
     assert not odd, odd

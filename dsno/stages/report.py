@@ -21,17 +21,33 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _ms(r: dict[str, Any]) -> str:
+    """'3.190 ms (3.101-3.402)': a row's median time per sample and its spread over the timed repeats."""
+    spread = (f" ({1e3 * r['sec_per_sample_min']:.3f}-{1e3 * r['sec_per_sample_max']:.3f})"
+              if "sec_per_sample_min" in r else "")
+    return f"{1e3 * r['sec_per_sample']:.3f}{spread}"
+
+
+def _kid(r: dict[str, Any]) -> str:
+    """KID (its std over subsets after +-), '-' when not computed."""
+    if r.get("kid") is None:
+        return "-"
+    return f"{r['kid']:.4g}" + (f" +- {r['kid_std']:.2g}" if r.get("kid_std") is not None else "")
+
+
 def equal_nfe_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: one line per (method, NFE): RMSE vs reference, FID, KID, IS, seconds per sample."""
-    lines = ["| method | NFE | RMSE vs reference | FID | KID | IS | precision / recall | ms / sample |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """Markdown: one line per (method, NFE): RMSE vs reference, FID, KID, IS, milliseconds per sample
+    (median, with min-max over the timed repeats) and that cost in teacher evaluations."""
+    lines = ["| method | NFE | RMSE vs reference | FID | KID | IS | precision / recall | ms / sample, median "
+             "(min-max) | measured cost, teacher evaluations |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['method']} | {r['nfe']} | skipped: {r['skipped']} | | | | | |")
+            lines.append(f"| {r['method']} | {r['nfe']} | skipped: {r['skipped']} | | | | | | |")
             continue
         lines.append(f"| {r['method']} | {r['nfe']} | {r['rmse_vs_reference']:.4f} | {_fmt(r.get('fid'), '.2f')} | "
-                     f"{_fmt(r.get('kid'), '.4f')} | {_fmt(r.get('is_mean'), '.2f')} | "
-                     f"{_fmt(r.get('precision'), '.2f')} / {_fmt(r.get('recall'), '.2f')} | {1e3 * r['sec_per_sample']:.3f} |")
+                     f"{_kid(r)} | {_fmt(r.get('is_mean'), '.2f')} | "
+                     f"{_fmt(r.get('precision'), '.2f')} / {_fmt(r.get('recall'), '.2f')} | {_ms(r)} | "
+                     f"{_fmt(r.get('cost_teacher_evals'), '.3g')} |")
     return "\n".join(lines)
 
 
@@ -48,31 +64,87 @@ def pivot_table(rows: list[dict[str, Any]], key: str = "rmse_vs_reference", spec
 
 
 def equal_time_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: every run sorted by measured wall-clock per sample, with DSNO's place among them."""
+    """Markdown: every run sorted by its median wall-clock per sample, with DSNO's place among them."""
     done = sorted((r for r in rows if "skipped" not in r), key=lambda r: r["sec_per_sample"])
-    lines = ["| ms / sample | method | NFE | RMSE vs reference | FID |", "|---:|---|---:|---:|---:|"]
+    lines = ["| ms / sample, median (min-max) | method | NFE | RMSE vs reference | FID |", "|---:|---|---:|---:|---:|"]
     for r in done:
         name = f"**{r['method']}**" if r["method"] == "dsno" else r["method"]
-        lines.append(f"| {1e3 * r['sec_per_sample']:.3f} | {name} | {r['nfe']} | {r['rmse_vs_reference']:.4f} | "
-                     f"{_fmt(r.get('fid'), '.2f')} |")
+        lines.append(f"| {_ms(r)} | {name} | {r['nfe']} | {r['rmse_vs_reference']:.4f} | {_fmt(r.get('fid'), '.2f')} |")
     return "\n".join(lines)
 
 
-def at_dsno_cost(rows: list[dict[str, Any]]) -> str:
-    """One sentence: the best solver run no slower than DSNO, against DSNO."""
+VERDICT_METRICS = (("rmse_vs_reference", "RMSE", ".4f"), ("fid", "FID", ".2f"))
+
+
+def _run(r: dict[str, Any]) -> str:
+    return f"{r['method']} at {r['nfe']} NFE"
+
+
+def cost_key(rows: list[dict[str, Any]]) -> str:
+    """What equal cost compares: the measured cost in teacher evaluations when every run has it (each timed
+    beside a teacher evaluation, so a load change on the machine cancels), else median seconds per sample."""
+    done = [r for r in rows if "skipped" not in r]
+    return "cost_teacher_evals" if done and all("cost_teacher_evals" in r for r in done) else "sec_per_sample"
+
+
+def _cost_text(r: dict[str, Any], key: str, with_time: bool = False) -> str:
+    if key == "cost_teacher_evals":
+        return f"{r[key]:.2g} teacher evaluations" + (f" ({1e3 * r['sec_per_sample']:.3f} ms/sample median)"
+                                                      if with_time else "")
+    return f"{1e3 * r[key]:.3f} ms/sample median"
+
+
+def _overlap(a: dict[str, Any], b: dict[str, Any], key: str) -> bool:
+    """Whether two rows' cost spreads (min-max over the timed repeats) overlap."""
+    lo = max(a.get(f"{key}_min", a[key]), b.get(f"{key}_min", b[key]))
+    return lo <= min(a.get(f"{key}_max", a[key]), b.get(f"{key}_max", b[key]))
+
+
+def verdict_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The report's headline: DSNO against the eval solvers, per metric (RMSE vs the reference; FID when
+    computed), at equal cost (solver runs of at most DSNO's measured cost, `cost_key`) and where it loses
+    (the cheapest solver run that beats it). Stochastic solvers are left out of RMSE (they follow other
+    noise); the teacher solve is no baseline. Markdown bullet lines; [] without a DSNO row."""
     done = [r for r in rows if "skipped" not in r]
     dsno = next((r for r in done if r["method"] == "dsno"), None)
     if dsno is None:
-        return ""
-    peers = [r for r in done if r["method"] != "dsno" and not r["method"].startswith("teacher")
-             and r["sec_per_sample"] <= dsno["sec_per_sample"]]
-    if not peers:
-        return (f"No solver run was as fast as DSNO ({1e3 * dsno['sec_per_sample']:.3f} ms/sample); "
-                "DSNO is the only method at its cost.")
-    best = min(peers, key=lambda r: r["rmse_vs_reference"])
-    return (f"At DSNO's measured cost ({1e3 * dsno['sec_per_sample']:.3f} ms/sample), the most accurate solver run "
-            f"no slower is {best['method']} at {best['nfe']} NFE ({1e3 * best['sec_per_sample']:.3f} ms/sample): "
-            f"RMSE {best['rmse_vs_reference']:.4f} against DSNO's {dsno['rmse_vs_reference']:.4f}.")
+        return []
+    solvers = [r for r in done if r["method"] != "dsno" and not r["method"].startswith("teacher")]
+    key = cost_key([dsno, *solvers])
+    lines = []
+    for metric, name, spec in VERDICT_METRICS:
+        if dsno.get(metric) is None:
+            continue
+        peers = [r for r in solvers if r.get(metric) is not None
+                 and not (metric == "rmse_vs_reference" and r.get("stochastic"))]
+        if not peers:
+            continue
+        mine = format(dsno[metric], spec)
+        cheap = [r for r in peers if r[key] <= dsno[key]]
+        if not cheap:
+            cheapest = min(peers, key=lambda r: r[key])
+            lines.append(f"- **{name} at equal cost**: no solver run is as cheap as DSNO ({_cost_text(dsno, key, True)}); "
+                         f"the cheapest, {_run(cheapest)}, costs {cheapest[key] / dsno[key]:.2g}x DSNO's with {name} "
+                         f"{format(cheapest[metric], spec)} against DSNO's {mine}.")
+        else:
+            best = min(cheap, key=lambda r: r[metric])
+            noise = (" (their cost spreads overlap: equal within the timing's noise)" if _overlap(best, dsno, key)
+                     else "")
+            lines.append(f"- **{name} at equal cost**: DSNO {'wins' if dsno[metric] < best[metric] else 'loses'}: "
+                         f"{mine} at {_cost_text(dsno, key, True)}, against {format(best[metric], spec)} of the best solver "
+                         f"run no costlier, {_run(best)} ({_cost_text(best, key)}){noise}.")
+        better = sorted((r for r in peers if r[metric] < dsno[metric]), key=lambda r: r[key])
+        if better:
+            first, best = better[0], min(better, key=lambda r: r[metric])
+            beaten = [f"the cheapest {_run(first)}: {name} {format(first[metric], spec)} against DSNO's {mine}, at "
+                      f"{first[key] / dsno[key]:.2g}x DSNO's cost"]
+            if best is not first:
+                beaten.append(f"the best {_run(best)}: {format(best[metric], spec)}, at {best[key] / dsno[key]:.2g}x")
+            lines.append(f"- **Where DSNO loses in {name}**: to {len(better)} of {len(peers)} solver runs; "
+                         + "; ".join(beaten) + ".")
+        else:
+            lines.append(f"- **{name}**: no solver run evaluated (up to {max(r['nfe'] for r in peers)} NFE) beats DSNO.")
+    return lines
 
 
 def grid_file(key: str) -> str:
@@ -121,7 +193,15 @@ def comparison_figure(result: dict[str, Any], finals: dict[str, torch.Tensor]) -
     return Figure(top=top, solvers=list(solvers.items()), columns=columns)
 
 
-def save_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+def plot_x(r: dict[str, Any], xkey: str) -> float:
+    """A run's x in a plot: its NFE, or for DSNO its measured cost in teacher evaluations (not its one pass);
+    or its median seconds per sample."""
+    if xkey == "nfe" and r["method"] == "dsno" and r.get("cost_teacher_evals") is not None:
+        return r["cost_teacher_evals"]
+    return r[xkey]
+
+
+def save_plots(rows: list[dict[str, Any]], out: Path, fid_label: str = "FID") -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -129,13 +209,13 @@ def save_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     methods = sorted({r["method"] for r in done})
     paths = []
     metrics = [("rmse_vs_reference", "RMSE vs float64 reference")] + \
-        ([("fid", "FID (digit features)")] if any(r.get("fid") is not None for r in done) else [])
+        ([("fid", fid_label)] if any(r.get("fid") is not None for r in done) else [])
     for key, label in metrics:
-        for xkey, xlabel, name in (("nfe", "NFE (model evaluations)", "nfe"),
-                                   ("sec_per_sample", "measured seconds per sample", "wallclock")):
+        for xkey, xlabel, name in (("nfe", "cost in teacher evaluations (solvers: NFE; DSNO: measured)", "nfe"),
+                                   ("sec_per_sample", "measured seconds per sample (median)", "wallclock")):
             fig, ax = plt.subplots(figsize=(6, 4))
             for m in methods:
-                pts = sorted((r[xkey], r[key]) for r in done if r["method"] == m and r.get(key) is not None)
+                pts = sorted((plot_x(r, xkey), r[key]) for r in done if r["method"] == m and r.get(key) is not None)
                 if pts:
                     xs, ys = zip(*pts)
                     style = dict(marker="*", markersize=14, linestyle="none") if m == "dsno" else dict(marker="o")
@@ -155,6 +235,30 @@ def save_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
+def fidelity_caption(fidelity: dict[str, Any] | None) -> str:
+    """What the report's FID is measured against, or why there is none (one sentence, no final stop)."""
+    if not fidelity:
+        return "FID: this result does not record its reference"
+    if not fidelity.get("computed"):
+        return f"FID was not computed ({fidelity.get('why', 'no reference')})"
+    return f"FID against {fidelity['reference']}, on {fidelity['features']} features"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def distillation_lines(result: dict[str, Any]) -> list[str]:
+    """The cost of making DSNO, from what data_gen and training recorded (what is missing is said)."""
+    cost = result.get("distillation") or {}
+    data = (f"data generation {_duration(cost['data_seconds'])} ({cost['num_trajectories']:,} teacher trajectories; "
+            "the manifest's first to last write, pauses between resumed runs included)"
+            if "data_seconds" in cost else "data generation: not recorded (no complete trajectory manifest at data.dir)")
+    train = (f"training {_duration(cost['train_seconds'])} ({cost['train_steps']:,} steps)" if "train_seconds" in cost
+             else "training: not recorded (no checkpoints/train_time.json)")
+    return [f"- {data}", f"- {train}"]
+
+
 def write_report(result: dict[str, Any], finals: dict[str, torch.Tensor], out: Path, grid_samples: int = 64) -> None:
     """Into `out`: metrics.json, report.md, comparison.png, the plots, and grids/grid_<method>_nfe<k>.png
     for every run (grids of an earlier eval there, or loose in `out`, are removed)."""
@@ -168,21 +272,37 @@ def write_report(result: dict[str, Any], finals: dict[str, torch.Tensor], out: P
     for key, x in finals.items():
         save_grid(x[:grid_samples], grids / grid_file(key), upscale=upscale)
     layout = save_comparison(comparison_figure(result, finals), out / FIGURE_FILE)
-    plots = save_plots(result["rows"], out)
+    fidelity = result.get("fidelity")
+    fid_label = f"FID ({fidelity['features']})" if fidelity and fidelity.get("computed") else "FID"
+    plots = save_plots(result["rows"], out, fid_label)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+    teacher_eval = result.get("teacher_eval")
+    unit = (f"Equal cost is equal measured cost in teacher evaluations: every method was timed "
+            f"{teacher_eval['timing_repeats']} times (median, with min-max in the tables), each time with one teacher "
+            f"evaluation right after it, so a change of load on the machine cancels; one teacher evaluation took "
+            f"{_ms(teacher_eval)} ms per sample beside DSNO, on {result['device']}."
+            if teacher_eval and cost_key(result["rows"]) == "cost_teacher_evals" else
+            f"Equal cost is equal median wall-clock per sample on {result['device']}.")
     md = [f"# Evaluation: {result['experiment']}", "",
+          "## Verdict: is DSNO better, and at what cost?", "",
+          *(verdict_lines(result["rows"]) or ["No DSNO run in this result."]), "",
+          unit, "",
+          "## What distillation cost", "", *distillation_lines(result), "",
           f"{result['num_samples']} samples from the same noise for every method; reference: "
-          f"{reference_caption(result['reference'])}. "
-          f"Device: {result['device']}.", "",
+          f"{reference_caption(result['reference'])}. {fidelity_caption(fidelity)}.", "",
           "## Samples (same noise)", "",
           f"The first {layout.per_cell} samples of every method, {layout.upscale}x nearest-neighbour upscaled, with "
           "each run's RMSE against the reference; stochastic solvers are left out (their samples follow other noise). "
           f"Every run's first {min(grid_samples, result['num_samples'])} samples: `{GRID_DIR}/`.", "",
           f"![comparison]({FIGURE_FILE})", "",
           "## Quality at equal NFE", "", "RMSE of the final sample against the reference:", "",
-          pivot_table(result["rows"]), "", "FID against the real digits (digit-classifier features):", "",
-          pivot_table(result["rows"], "fid", ".1f"), "", "Every run:", "", equal_nfe_table(result["rows"]), "",
-          "## Quality at equal wall-clock", "", at_dsno_cost(result["rows"]), "", equal_time_table(result["rows"]), "",
+          pivot_table(result["rows"]), "",
+          *([fidelity_caption(fidelity) + ":", "", pivot_table(result["rows"], "fid", ".1f"), ""]
+            if fidelity and fidelity.get("computed") else [fidelity_caption(fidelity) + ".", ""]),
+          "Every run (KID: the squared MMD between the samples' and the real images' features, cubic polynomial "
+          "kernel, in the squared units of those features, so comparable only within one feature network; +- its "
+          "std over subsets):", "", equal_nfe_table(result["rows"]), "",
+          "## Quality at equal wall-clock", "", equal_time_table(result["rows"]), "",
           "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + \
          ["", "## Every run's samples", ""] + \
          [f"- {k}: [{GRID_DIR}/{grid_file(k)}]({GRID_DIR}/{grid_file(k)})" for k in finals]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,29 @@ from dsno.training.module import DSNOModule
 log = logging.getLogger("dsno")
 
 WEIGHTS_FILE, CONFIG_FILE = "dsno_ema.safetensors", "dsno_config.json"
+TRAIN_TIME_FILE = "train_time.json"     # in checkpoints/: what training cost, for eval's report
+
+
+class TrainTime(L.Callback):
+    """Writes `path` at the end of training: {"train_seconds": wall time of every fit of this run (a
+    resumed fit adds its own to the recorded one), "train_steps": the optimizer steps reached}."""
+
+    def __init__(self, path: Path):
+        self.path, self.start, self.before = path, 0.0, 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start, self.before = time.perf_counter(), 0.0
+        if trainer.global_step > 0 and self.path.is_file():
+            try:
+                self.before = float(json.loads(self.path.read_text())["train_seconds"])
+            except (ValueError, KeyError, TypeError):
+                self.before = 0.0
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            record = {"train_seconds": self.before + time.perf_counter() - self.start,
+                      "train_steps": trainer.global_step}
+            atomic_write_text(self.path, json.dumps(record))
 
 
 class ProgressLog(L.Callback):
@@ -111,7 +135,7 @@ def run(rc: RunConfig, logger=None, teacher=None) -> Path | None:
     if logger is None:
         from lightning.pytorch.loggers import CSVLogger
         logger = CSVLogger(str(run_dir), name="logs")
-    trainer = make_trainer(rc, run_dir, logger)
+    trainer = make_trainer(rc, run_dir, logger, [TrainTime(run_dir / "checkpoints" / TRAIN_TIME_FILE)])
     last = run_dir / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if rc.train.resume and last.is_file() else None
     if ckpt_path:

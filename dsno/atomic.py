@@ -175,6 +175,14 @@ def atomic_write_text(path: str | os.PathLike, text: str, temp_suffix: str | Non
     atomic_write_bytes(path, text.encode(), temp_suffix)
 
 
+def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (name -> contiguous tensor) as a .safetensors file atomically. The file is
+    serialised in memory first: safetensors' own file writer reports a full disk as a SafetensorError
+    traceback, this one as DiskFullError."""
+    from safetensors.torch import save
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
 def prove_writable(folder: str | os.PathLike) -> None:
     """mkdir -p `folder` and create and remove a probe file in it (never through a link); the
     OSError of a read-only, full or impossible place."""

@@ -178,6 +178,20 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path
     assert list(path.parent.iterdir()) == []
 
 
+def test_a_full_disk_during_a_safetensors_write_is_one_line_and_leaves_nothing(tmp_path):
+    """The student's EMA weights, the shipped teachers, the digit classifier and the search's reference
+    cache are written by dsno.atomic.atomic_save_safetensors; safetensors' own file writer raised a
+    SafetensorError traceback on a full disk."""
+    path = tmp_path / "checkpoints" / "dsno_ema.safetensors"
+    line = _one_error_line(_with_file_size_limit(
+        "import torch; from dsno.errors import report_errors; "
+        "from pathlib import Path; from dsno.stages.training import save_student\n"
+        "with report_errors():\n"
+        f"    save_student({{'w': torch.ones(100_000)}}, {{}}, Path({str(path.parent)!r}))", 64_000))
+    assert line.startswith(f"error: disk full while writing {path}: "), line
+    assert list(path.parent.iterdir()) == []
+
+
 @pytest.mark.parametrize("form", ["pt2", "safetensors"])
 def test_a_full_disk_during_export_is_one_line_without_sigabrt(form, tmp_path):
     """torch's zip writer, on a failed write of sampler.pt2, used to abort the process (SIGABRT);

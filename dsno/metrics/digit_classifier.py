@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from dsno.atomic import atomic_path, atomic_write_text
+from dsno.atomic import atomic_save_safetensors, atomic_write_text
 from dsno.errors import UserFileNotFoundError
 
 NUM_CLASSES = 10
@@ -152,12 +152,9 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
 
 def save_digit_classifier(model: DigitClassifier, path: str | Path, command: str = "") -> None:
     """Write the weights (safetensors, architecture in the metadata) atomically."""
-    from safetensors.torch import save_file
-
     metadata = {"size": str(model.size), "width": str(model.width), "feature_dim": str(model.feature_dim),
                 "command": command}
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
+    atomic_save_safetensors(path, {k: v.contiguous() for k, v in model.state_dict().items()}, metadata)
 
 
 def load_digit_classifier(size: int = 16, path: str | Path | None = None) -> DigitClassifier:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dsno.atomic import atomic_path, atomic_write_text
+from dsno.atomic import atomic_save_safetensors, atomic_write_text
 from dsno.config import SearchConfig, check_search
 from dsno.errors import UserError
 from dsno.jsonfile import read_json_file
@@ -98,9 +98,7 @@ def reference(teacher, x: torch.Tensor, t_end: float, steps: int, cache: Path | 
     with torch.no_grad():
         ref = sample(teacher, x.double(), grid, solver="dpm_solver_pp", order=3)
     if cache is not None:
-        from safetensors.torch import save_file
-        with atomic_path(cache) as tmp:
-            save_file({"x": ref.contiguous()}, str(tmp))
+        atomic_save_safetensors(cache, {"x": ref.contiguous()})
     return ref
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from dsno.atomic import atomic_path, atomic_write_text, refuse_link
+from dsno.atomic import atomic_save_safetensors, atomic_write_text, refuse_link
 from dsno.builders import build_student, build_teacher, sample_shape
 from dsno.config import RunConfig, check_trainer_hardware
 from dsno.errors import UserError
@@ -103,10 +103,8 @@ def ema_weights(trainer: L.Trainer) -> dict[str, torch.Tensor]:
 
 def save_student(weights: dict[str, torch.Tensor], config: dict[str, Any], ckpt_dir: Path) -> Path:
     """Write the EMA weights (safetensors) and build config (JSON) atomically; return the weights path."""
-    from safetensors.torch import save_file
     w, c = ckpt_dir / WEIGHTS_FILE, ckpt_dir / CONFIG_FILE
-    with atomic_path(w) as tmp:
-        save_file(weights, str(tmp))
+    atomic_save_safetensors(w, weights)
     atomic_write_text(c, json.dumps(config, indent=2))
     return w
 

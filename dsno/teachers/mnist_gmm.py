@@ -20,7 +20,7 @@ from dsno.nn.config import ConfigError
 from dsno.trust.tensor_file import load_float_tensors
 from dsno.schedules import VPSchedule
 from dsno.teachers.gmm import GaussianMixture
-from dsno.atomic import atomic_path
+from dsno.atomic import atomic_save_safetensors
 from dsno.config import ScheduleConfig, TeacherConfig, _count, _existing_path, build_schedule, doc_field
 from dsno.errors import UserFileNotFoundError
 from dsno.teachers.registry import register_teacher
@@ -148,14 +148,12 @@ def fit_command(argv: list[str] | None, module: str, description: str, count_fla
     ap.add_argument("--var-floor", type=float, default=1e-2, help="lower bound on each variance")
     ap.add_argument("--out", type=Path, default=None, help="output .safetensors (default: the shipped asset)")
     a = ap.parse_args(argv)
-    from safetensors.torch import save_file
     count = getattr(a, count_flag.lstrip("-").replace("-", "_"))
     tensors = fit(a.size, count, a.seed, a.iters, a.var_floor)
     out = a.out or asset(a.size, count)
-    with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"command": f"python -m {module} --size {a.size} {count_flag} {count} --seed {a.seed} "
-                                       f"--iters {a.iters} --var-floor {a.var_floor}"})
+    command = (f"python -m {module} --size {a.size} {count_flag} {count} --seed {a.seed} --iters {a.iters} "
+               f"--var-floor {a.var_floor}")
+    atomic_save_safetensors(out, {k: v.contiguous() for k, v in tensors.items()}, {"command": command})
     print(f"wrote {out}")
 
 

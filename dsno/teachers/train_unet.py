@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from dsno.atomic import atomic_path, atomic_write_text
+from dsno.atomic import atomic_save_safetensors, atomic_write_text
 from dsno.nn.unet import UNet
 from dsno.processes.psld import PSLD
 from dsno.schedules import VPSchedule
@@ -194,11 +194,9 @@ def train(settings: TrainSettings, images: torch.Tensor, device: str | torch.dev
 
 def save_teacher(out: Path, network: torch.nn.Module, record: dict[str, Any]) -> None:
     """Write `out` (.safetensors, record in its metadata) and `out` with suffix .json, each atomically."""
-    from safetensors.torch import save_file
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     text = json.dumps(record, indent=2, sort_keys=True)
-    with atomic_path(out) as tmp:
-        save_file(state, str(tmp), metadata={RECORD_KEY: text})
+    atomic_save_safetensors(out, state, {RECORD_KEY: text})
     atomic_write_text(out.with_suffix(".json"), text + "\n")
 
 

@@ -157,7 +157,9 @@ def log_image_grid(logger: Any, key: str, images: torch.Tensor, step: int | None
         logger.log_image(key=key, images=[image_grid(images)], step=step)
 
 
-EVAL_COLUMNS = ["method", "nfe", "rmse_vs_reference", "sec_per_sample", "fid", "kid", "is_mean", "precision", "recall"]
+EVAL_COLUMNS = ["method", "nfe", "rmse_vs_reference", "sec_per_sample", "sec_per_sample_min", "sec_per_sample_max",
+                "cost_teacher_evals", "cost_teacher_evals_min", "cost_teacher_evals_max", "fid", "kid", "kid_std",
+                "is_mean", "precision", "recall"]
 
 
 def log_eval(logger: Any, result: dict[str, Any], out: Path) -> None:

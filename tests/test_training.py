@@ -254,3 +254,8 @@ def test_wandb_offline_runs_share_a_group_and_log_artifacts(tiny_run, tmp_path):
     assert len(grids) == 2                                 # one EMA sample grid per validation (steps 3 and 6)
     eval_keys = runs["eval"]["history_keys"]
     assert "eval/metrics" in eval_keys and any(k.startswith(("eval/comparison", "eval/grid")) for k in eval_keys)
+    (table_file,) = (runs["eval"]["folder"] / "files" / "media" / "table" / "eval").glob("metrics_*.table.json")
+    table = json.loads(table_file.read_text())
+    dsno_row = dict(zip(table["columns"], next(row for row in table["data"] if row[0] == "dsno")))
+    assert dsno_row["cost_teacher_evals_min"] <= dsno_row["cost_teacher_evals"] <= dsno_row["cost_teacher_evals_max"]
+    assert dsno_row["sec_per_sample_min"] <= dsno_row["sec_per_sample"] <= dsno_row["sec_per_sample_max"]

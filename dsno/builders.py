@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from dsno.config import RunConfig, SolverConfig, TeacherConfig
+from dsno.config import ConfigError, RunConfig, SolverConfig, TeacherConfig
 from dsno.nn.config import SamplerConfig
 from dsno.teachers.base import Teacher, TeacherLoadError
 
@@ -52,6 +52,9 @@ def solver_grid(teacher: Teacher, sc: SolverConfig, times: list[float]) -> torch
         from dsno.solvers.usf import load
         return torch.tensor(load(sc.schedule).ts, dtype=torch.float64)
     sched = teacher.grid_schedule
+    if not sched.t_min - 1e-12 <= min(times) <= max(times) <= sched.T + 1e-12:
+        raise ConfigError(f"config error: data.times={times}: the output times must lie in this teacher's time "
+                          f"range [{sched.t_min:g}, {sched.T:g}]; pick data.times inside it")
     bounds = [sched.T, *times] if times[0] < sched.T else list(times)
     lam = sched.lam(torch.tensor(bounds, dtype=torch.float64))
     lengths = (lam[1:] - lam[:-1]).tolist()

@@ -45,3 +45,17 @@ def test_diffusers_quick_runs_a_diffusers_folder_end_to_end(tmp_path):
     assert "eval: float64 reference (solver dpm_solver_pp-3, steps 50, dtype float64) on 8 samples, about" in log
     assert "eval: reference 50/50 teacher evaluations" in log                    # 8 samples in one batch
     assert "eval: [1/5] dsno" in log and "eval: [5/5] unipc-3" in log                # dsno, teacher, 3 solvers
+
+
+def test_output_times_outside_a_short_discrete_teacher_are_one_line(tmp_path):
+    """A diffusers scheduler of 40 training steps starts at t = 1/40: the default data.times end 0.001 is
+    outside it (its log-SNR was NaN, and the grid's step count a raw ValueError traceback)."""
+    write_folder(tmp_path / "teacher", num_train_timesteps=40)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    p = subprocess.run([sys.executable, "train.py", "experiment=diffusers_quick", f"teacher.path={tmp_path / 'teacher'}",
+                        f"run_dir={tmp_path / 'run'}", *TINIER], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == ("error: config error: data.times=[0.25, 0.001]: the output times must "
+                                                 "lie in this teacher's time range [0.025, 1]; pick data.times inside it")
+    assert not (tmp_path / "run" / "trajectories").exists()

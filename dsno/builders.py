@@ -47,10 +47,11 @@ def solver_grid(teacher: Teacher, sc: SolverConfig, times: list[float]) -> torch
     proportion to their log-SNR length (at least one each), each segment spaced by sc.spacing,
     so the output times are grid points without creating the tiny steps that merging two grids
     would (multistep methods lose accuracy on abrupt step-size ratios)."""
-    from dsno.solvers import timesteps
-    if sc.name == "usf":                     # a USF schedule carries its grid (checked to pass through `times`)
-        from dsno.solvers.usf import load
-        return torch.tensor(load(sc.schedule).ts, dtype=torch.float64)
+    from dsno.solvers import get as get_solver, timesteps
+    spec = get_solver(sc.name)
+    if spec.grid is not None:                # a solver with its own grid (usf: its schedule's, checked to pass
+        return torch.tensor(spec.grid(spec.resolve(sc.order, sc.solve_options())[1]),   # through `times`)
+                            dtype=torch.float64)
     sched = teacher.grid_schedule
     bounds = [sched.T, *times] if times[0] < sched.T else list(times)
     lam = sched.lam(torch.tensor(bounds, dtype=torch.float64))

@@ -86,10 +86,10 @@ def solver_runs(rc: RunConfig) -> list[dict[str, Any]]:
 def schedule_runs(rc: RunConfig) -> list[dict[str, Any]]:
     """One entry per USF schedule in <run_dir>/schedules/*.yaml (python -m dsno.search): method
     "usf <file stem>", the schedule, its NFE; or, for one that can't run here, why."""
-    from dsno.solvers.usf import ScheduleError, load
+    from dsno.solvers.usf import NAME, ScheduleError, load
     runs = []
     for path in sorted((Path(rc.run_dir) / "schedules").glob("*.yaml")):
-        method = f"usf {path.stem}"
+        method = f"{NAME} {path.stem}"
         try:
             s = load(path)
         except ScheduleError as e:
@@ -159,7 +159,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     """Evaluate the run's exported sampler and the solvers; write metrics.json, report.md, PNGs."""
     from dsno.sampler import load_sampler
     from dsno.solvers import nfe as nfe_of
-    from dsno.solvers import sample, timesteps
+    from dsno.solvers import sample, timesteps, usf
     from dsno.solvers.reference import reference_solve
 
     run_dir = Path(rc.run_dir)
@@ -240,7 +240,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     with torch.no_grad(), counter("eval", total) as advance:
         add_row("dsno", 1, lambda z: sampler(z)[:, -1, :c], note=f"one pass, backbone on M={len(sampler.times)} time points")
 
-        teacher_opts = {**rc.solver.options, **({"schedule": rc.solver.schedule} if rc.solver.name == "usf" else {})}
+        teacher_opts = rc.solver.solve_options()
         teacher_nfe = nfe_of(rc.solver.name, len(grid) - 1, order=rc.solver.order, **teacher_opts)
         add_row(f"teacher ({rc.solver.name}-{rc.solver.order})", teacher_nfe,
                 solve(grid, rc.solver.name, order=rc.solver.order, **teacher_opts),
@@ -267,7 +267,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
                 rows.append(r)
                 advance(1)
                 continue
-            add_row(r["method"], r["nfe"], solve(torch.tensor(r["schedule"].ts, dtype=torch.float64), "usf",
+            add_row(r["method"], r["nfe"], solve(torch.tensor(r["schedule"].ts, dtype=torch.float64), usf.NAME,
                                                  schedule=r["schedule"]), note=f"searched schedule {r['path']}")
 
     if fidelity["computed"]:

@@ -532,10 +532,11 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         from dsno.search.loop import BASES, MODES, NOISE_SEED_STRIDE
+        from dsno.solvers import get as get_solver
         from dsno.solvers.usf import AFS
         _choice("search.mode", self.mode, MODES)
         _choice("search.base", self.base, BASES)
-        top = 1 if self.base == "ddim" else 4 if self.base in ("deis", "ipndm") else 3
+        top = max(get_solver(self.base).orders)
         _count("search.base_order", self.base_order, top, f"the orders of {self.base} are 1..{top}")
         afs = list(self.afs)
         if not afs or any(a not in AFS for a in afs):

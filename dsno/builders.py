@@ -50,8 +50,7 @@ def solver_grid(teacher: Teacher, sc: SolverConfig, times: list[float]) -> torch
     from dsno.solvers import get as get_solver, timesteps
     spec = get_solver(sc.name)
     if spec.grid is not None:                # a solver with its own grid (usf: its schedule's, checked to pass
-        return torch.tensor(spec.grid(spec.resolve(sc.order, sc.solve_options())[1]),   # through `times`)
-                            dtype=torch.float64)
+        return torch.tensor(spec.grid(sc.solve_options()), dtype=torch.float64)    # through `times`)
     sched = teacher.grid_schedule
     bounds = [sched.T, *times] if times[0] < sched.T else list(times)
     lam = sched.lam(torch.tensor(bounds, dtype=torch.float64))
@@ -83,13 +82,6 @@ def data_shape(teacher: Teacher) -> tuple[int, ...]:
     """[c, H, W] of one data sample: a state's first `data_channels` channels."""
     shape = sample_shape(teacher)
     return (int(teacher.data_channels), *shape[1:])
-
-
-def skip_scales(schedule, times, sigma_data: float) -> list[float]:
-    """Gaussian-optimal linear part of the ODE map x_T -> x_t for data of std sigma_data:
-    s_t / s_T with s_t^2 = alpha_t^2 sigma_data^2 + sigma_t^2 (exact for a single Gaussian)."""
-    from dsno.nn.parameterization import coefficients
-    return coefficients(schedule, times, "state", sigma_data=sigma_data)["skip"]
 
 
 def output_parameterization(rc: RunConfig, teacher: Teacher) -> dict[str, Any]:

@@ -275,8 +275,11 @@ class SolverConfig(SolverChoice):
                   f"solver={self.name}")
 
     def solve_options(self) -> dict[str, Any]:
-        """The solver's options of the teacher solve: solver.options, and solver.schedule when given."""
-        return {**self.options, **({} if self.schedule is None else {"schedule": self.schedule})}
+        """Every option of the teacher solve, defaults filled in: solver.options, and solver.schedule when
+        given (what `dsno.sample` and the solver's registry hooks get)."""
+        from dsno.solvers import get as get_solver
+        given = {**self.options, **({} if self.schedule is None else {"schedule": self.schedule})}
+        return get_solver(self.name).resolve(self.order, given)[1]
 
 
 # ----------------------------------------------------------------------------------------- data

@@ -332,7 +332,7 @@ def distillation_cost(run_dir: Path, data_dir: Path) -> dict[str, Any]:
     manifest's created -> updated, when complete) and training's (TRAIN_TIME_FILE); a missing record is left out."""
     from datetime import datetime
     from dsno.data.manifest import load_manifest
-    from dsno.stages.training import TRAIN_TIME_FILE
+    from dsno.run_files import CHECKPOINT_DIR, TRAIN_TIME_FILE
     cost: dict[str, Any] = {}
     try:
         m = load_manifest(data_dir)
@@ -342,7 +342,7 @@ def distillation_cost(run_dir: Path, data_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError):         # no data set here (eval of a copied sampler): nothing to read
         pass
     try:
-        cost.update(json.loads((run_dir / "checkpoints" / TRAIN_TIME_FILE).read_text()))
+        cost.update(json.loads((run_dir / CHECKPOINT_DIR / TRAIN_TIME_FILE).read_text()))
     except (OSError, ValueError):
         pass
     return cost

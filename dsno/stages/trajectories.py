@@ -21,7 +21,7 @@ def solver_spec(sc: SolverConfig) -> dict[str, Any]:
             "t_end": sc.t_end, "options": dict(sc.options)}
     solver = get_solver(sc.name)
     if solver.fingerprint is not None:
-        spec.update(solver.fingerprint(solver.resolve(sc.order, sc.solve_options())[1]))
+        spec.update(solver.fingerprint(sc.solve_options()))
     return spec
 
 

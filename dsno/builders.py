@@ -47,10 +47,10 @@ def solver_grid(teacher: Teacher, sc: SolverConfig, times: list[float]) -> torch
     proportion to their log-SNR length (at least one each), each segment spaced by sc.spacing,
     so the output times are grid points without creating the tiny steps that merging two grids
     would (multistep methods lose accuracy on abrupt step-size ratios)."""
-    from dsno.solvers import timesteps
-    if sc.name == "usf":                     # a USF schedule carries its grid (checked to pass through `times`)
-        from dsno.solvers.usf import load
-        return torch.tensor(load(sc.schedule).ts, dtype=torch.float64)
+    from dsno.solvers import get as get_solver, timesteps
+    spec = get_solver(sc.name)
+    if spec.grid is not None:                # a solver with its own grid (usf: its schedule's, checked to pass
+        return torch.tensor(spec.grid(sc.solve_options()), dtype=torch.float64)    # through `times`)
     sched = teacher.grid_schedule
     if not sched.t_min - 1e-12 <= min(times) <= max(times) <= sched.T + 1e-12:
         raise ConfigError(f"config error: data.times={times}: the output times must lie in this teacher's time "
@@ -85,13 +85,6 @@ def data_shape(teacher: Teacher) -> tuple[int, ...]:
     """[c, H, W] of one data sample: a state's first `data_channels` channels."""
     shape = sample_shape(teacher)
     return (int(teacher.data_channels), *shape[1:])
-
-
-def skip_scales(schedule, times, sigma_data: float) -> list[float]:
-    """Gaussian-optimal linear part of the ODE map x_T -> x_t for data of std sigma_data:
-    s_t / s_T with s_t^2 = alpha_t^2 sigma_data^2 + sigma_t^2 (exact for a single Gaussian)."""
-    from dsno.nn.parameterization import coefficients
-    return coefficients(schedule, times, "state", sigma_data=sigma_data)["skip"]
 
 
 def output_parameterization(rc: RunConfig, teacher: Teacher) -> dict[str, Any]:

@@ -256,6 +256,7 @@ class SolverConfig(SolverChoice):
     def __post_init__(self) -> None:
         from dsno.solvers import SPACINGS, available
         from dsno.solvers import get as get_solver
+        from dsno.solvers.registry import with_option
         if self.name in available(None) and get_solver(self.name).stochastic:
             _fail("solver.name", self.name, "the teacher solve must be deterministic (a probability-flow ODE "
                   "solver): DSNO learns the map from noise to the ODE's trajectory")
@@ -268,8 +269,17 @@ class SolverConfig(SolverChoice):
                "of eval uses eval.reference_steps")
         _choice("solver.spacing", self.spacing, tuple(SPACINGS))
         _in_range("solver.t_end", self.t_end, 0.0, 1.0, lo_open=True, hi_open=True)
-        if self.name != "usf" and self.schedule is not None:
-            _fail("solver.schedule", self.schedule, f"applies to solver=usf only, not solver={self.name}")
+        takers = with_option("schedule")
+        if self.schedule is not None and self.name not in takers:
+            _fail("solver.schedule", self.schedule, f"applies to solver={'/'.join(takers)} only, not "
+                  f"solver={self.name}")
+
+    def solve_options(self) -> dict[str, Any]:
+        """Every option of the teacher solve, defaults filled in: solver.options, and solver.schedule when
+        given (what `dsno.sample` and the solver's registry hooks get)."""
+        from dsno.solvers import get as get_solver
+        given = {**self.options, **({} if self.schedule is None else {"schedule": self.schedule})}
+        return get_solver(self.name).resolve(self.order, given)[1]
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -525,10 +535,11 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         from dsno.search.loop import BASES, MODES, NOISE_SEED_STRIDE
+        from dsno.solvers import get as get_solver
         from dsno.solvers.usf import AFS
         _choice("search.mode", self.mode, MODES)
         _choice("search.base", self.base, BASES)
-        top = 1 if self.base == "ddim" else 4 if self.base in ("deis", "ipndm") else 3
+        top = max(get_solver(self.base).orders)
         _count("search.base_order", self.base_order, top, f"the orders of {self.base} are 1..{top}")
         afs = list(self.afs)
         if not afs or any(a not in AFS for a in afs):
@@ -606,7 +617,7 @@ class RunConfig:
             _fail("solver.steps", self.solver.steps, f"must be at least {segments}: one step per segment between "
                   f"the {len(times)} output times (data.times) and the start time {t_max:g}")
         self._check_processes()
-        self._check_usf(times)
+        self._check_solver_options(times)
         m = len(times)
         if self.model.modes > m // 2 + 1:
             _fail("model.modes", self.model.modes, f"must be <= M // 2 + 1 = {m // 2 + 1} for M = {m} output times")
@@ -632,28 +643,19 @@ class RunConfig:
                 _fail("model.parameterization", str(self.model.parameterization), f"teacher kind "
                       f"{self.teacher.kind} has no scalar schedule to read a denoised output with: use state")
 
-    def _check_usf(self, times: list) -> None:
-        """solver=usf: a valid schedule ending at solver.t_end and passing through data.times."""
-        if self.solver.name != "usf":
+    def _check_solver_options(self, times: list) -> None:
+        """The teacher solver's own checks of its options against this run (e.g. usf: its schedule)."""
+        from dsno.solvers import get as get_solver
+        from dsno.solvers.registry import OptionError
+        check = get_solver(self.solver.name).check
+        if check is None:
             return
-        if self.solver.schedule is None:
-            _fail("solver.schedule", None, "solver=usf needs solver.schedule=PATH (a YAML of python -m dsno.search)")
-        from dsno.solvers.usf import ScheduleError, load
         try:
-            s = load(self.solver.schedule)
-        except ScheduleError as e:
-            raise ConfigError(f"config error: solver.schedule: {e}") from None
-        if s.max_order > self.solver.order:
-            _fail("solver.order", self.solver.order, f"the schedule uses Taylor order {s.max_order}; set "
-                  f"solver.order={s.max_order}")
-        if abs(s.ts[-1] - self.solver.t_end) > 1e-12:
-            _fail("solver.schedule", self.solver.schedule, f"ends at t={s.ts[-1]:g}, not solver.t_end="
-                  f"{self.solver.t_end:g}")
-        missing = [t for t in times if min(abs(t - u) for u in s.ts) > 1e-9]
-        if missing:
-            _fail("solver.schedule", self.solver.schedule, f"does not pass through the output times {missing} of "
-                  f"data.times; search one that does: python -m dsno.search nfe=N "
-                  f"'search.pin_times={[t for t in times[:-1]]}'")
+            check(self.solver.solve_options(), order=self.solver.order, t_end=self.solver.t_end, times=times)
+        except OptionError as e:
+            if e.value is OptionError.NO_VALUE:
+                raise ConfigError(f"config error: solver.{e.option}: {e}") from None
+            _fail(f"solver.{e.option}", e.value, str(e))
 
 
 # ----------------------------------------------------------------------------------------- validation

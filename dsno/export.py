@@ -39,9 +39,11 @@ from dsno.data.lock import pid_alive
 from dsno.errors import UserError, UserFileNotFoundError, report_errors
 from dsno.nn import CONFIG_FORMAT_VERSION, DSNO, build_dsno
 from dsno.nn.config import SamplerConfig, as_config
+from dsno.run_files import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS
 from dsno.sampler import (CONFIG_FILE, FORM_FILES, load_dsno, load_onnx_session, load_pt2_program,
                           read_build_config, read_config)
 from dsno.trust import CHECKSUM_FILE, check_onnx_model, check_pt2_archive, write_checksums
+from dsno.trust.tensor_file import shape_mismatch
 
 ONNX_OPSET = 18
 ONNX_INPUT, ONNX_OUTPUT = "x_T", "trajectory"
@@ -174,11 +176,9 @@ def _check_forms(forms: Sequence[str]) -> list[str]:
 def _check_model_matches_config(model: DSNO, config: SamplerConfig) -> None:
     expected = {k: tuple(v.shape) for k, v in build_dsno(config).state_dict().items()}
     actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if expected != actual:
-        missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(actual) if expected[k] != actual[k])
-        raise ValueError(f"the model does not match its config: missing {missing[:5]}, unexpected {extra[:5]}, "
-                         f"wrong shape {wrong[:5]}")
+    detail = shape_mismatch(expected, actual, limit=5)
+    if detail:
+        raise ValueError(f"the model does not match its config: {detail}")
     if model.times.tolist() != torch.tensor(config.times, dtype=torch.float32).tolist():
         raise ValueError(f"model times {model.times.tolist()} differ from config times {list(config.times)}")
 
@@ -217,8 +217,6 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 # -------------------------------------------------------------------------------------------------
 # CLI
 
-CHECKPOINT_WEIGHTS = "checkpoints/dsno_ema.safetensors"
-CHECKPOINT_CONFIG = "checkpoints/dsno_config.json"
 
 
 @dataclass

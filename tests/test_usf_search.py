@@ -249,3 +249,75 @@ def test_eval_lists_every_schedule(tiny_run, tmp_path):
     assert set(runs) == {"usf nfe5", "usf nfe3_timesteps", "usf broken"}
     assert runs["usf nfe5"]["nfe"] == 5 and runs["usf nfe3_timesteps"]["nfe"] == 3
     assert "missing key 'timesteps'" in runs["usf broken"]["skipped"]
+
+
+def test_data_set_fingerprints_are_pinned(tiny_run, tmp_path):
+    """A data set made before a refactor must still be found: the fingerprint's bytes stay (the default
+    solver's and usf's, whose entries its registry hook supplies)."""
+    import hashlib
+    import json
+    from dsno.builders import build_teacher, sample_shape
+    from dsno.stages.trajectories import expected_fingerprint
+    path, _, _ = _pinned_schedule(tmp_path, [0.5625, 0.25, 0.0625, 0.001])
+    digests = {}
+    for name, extra in (("default", ()), ("usf", ("solver=usf", f"solver.schedule={path}"))):
+        rc = tiny_run(*extra)
+        teacher = build_teacher(rc.teacher)
+        fp = expected_fingerprint(rc, teacher, sample_shape(teacher))
+        digests[name] = hashlib.sha256(json.dumps(fp).encode()).hexdigest()
+    assert fp["solver"]["schedule_sha256"] == "b501184099895c44"
+    assert digests == {"default": "4005cdeb4627aee9ecd0f92ecbcdfc8a3865e62efec15bc59347046a8ab5e15e",
+                       "usf": "adf9243fe8282426f0583eaa1fe37034559534458a0b71e89f21251ffcc2bf29"}
+
+
+@pytest.fixture
+def own_grid_solver():
+    """A solver registered for the test that carries its own grid, fingerprint entry and run check."""
+    from dsno.solvers import registry
+    from dsno.solvers.registry import OptionError, register
+    ts = [1.0, 0.8, 0.5625, 0.25, 0.0625, 0.001]
+
+    def check(options, order, t_end, times):
+        if options["scale"] != 1.0:
+            raise OptionError("options.scale", options["scale"], "must be 1.0 for this run")
+
+    def own_grid(teacher, x, ts, *, order=1, return_trajectory=False, scale=1.0):
+        return dsno.sample(teacher, x * scale, ts, solver="euler", return_trajectory=return_trajectory)
+
+    register("own_grid", orders=(1,), cost=lambda steps, order, options: steps, cost_rule="1 per step",
+             grid=lambda options: ts, fingerprint=lambda options: {"grid_id": f"six-{options['scale']}"},
+             check=check)(own_grid)
+    yield ts
+    registry._REGISTRY.pop("own_grid")
+
+
+def test_the_stages_use_a_solvers_own_grid_fingerprint_and_checks(tiny_run, own_grid_solver):
+    """No stage knows a solver by name: what usf does through the registry, any solver can."""
+    from dsno.builders import build_teacher, solver_grid
+    from dsno.config import ConfigError
+    from dsno.stages.trajectories import make_solve, solver_spec
+    rc = tiny_run("solver.name=own_grid", "solver.order=1")
+    teacher = build_teacher(rc.teacher)
+    times = [float(t) for t in rc.data.times]
+    grid = solver_grid(teacher, rc.solver, times)
+    assert grid.tolist() == own_grid_solver
+    assert solver_spec(rc.solver) == {"name": "own_grid", "order": 1, "steps": 12, "spacing": "logsnr",
+                                      "t_end": 0.001, "options": {}, "grid_id": "six-1.0"}
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    direct = dsno.sample(teacher, x.double(), torch.tensor(own_grid_solver, dtype=torch.float64), solver="euler",
+                         return_trajectory=True)
+    idx = [own_grid_solver.index(t) for t in times]
+    assert torch.allclose(make_solve(teacher, rc.solver, grid, times)(x), direct[idx].transpose(0, 1).float())
+    with pytest.raises(ConfigError, match=r"^config error: solver.options.scale=2.0: must be 1.0 for this run$"):
+        tiny_run("solver.name=own_grid", "solver.order=1", "+solver.options.scale=2.0")
+    with pytest.raises(ConfigError, match=r"solver.schedule='x.yaml': applies to solver=usf only, not "
+                       r"solver=own_grid"):
+        tiny_run("solver.name=own_grid", "solver.order=1", "solver.schedule=x.yaml")
+
+
+def test_shape_mismatch_is_one_report():
+    """Weights files, exported models and copied backbones report a mismatch in the same words."""
+    from dsno.trust.tensor_file import shape_mismatch
+    assert shape_mismatch({"a": (1,), "b": (2,)}, {"b": (3,), "c": (1,)}) == \
+        "missing ['a'], unexpected ['c'], wrong shape ['b: (3,) vs (2,)']"
+    assert shape_mismatch({"a": (1,)}, {"a": (1,)}) is None

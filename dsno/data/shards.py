@@ -56,10 +56,6 @@ def npy_file_size(shape: Sequence[int]) -> int:
     return len(npy_header(shape)) + int(np.prod(shape, dtype=np.int64)) * NPY_DTYPE.itemsize
 
 
-def shard_file_sizes(manifest: Manifest, index: int) -> dict[str, int]:
-    return {role: npy_file_size(manifest.expected_shape(index, role)) for role in ROLES}
-
-
 class NpyStreamWriter:
     """Write one float32 array of known shape in row batches to `<path>.tmp`, hashing as it goes.
 

@@ -24,6 +24,7 @@ from dsno.nn.config import (CONFIG_FORMAT_VERSION, SamplerConfig, as_config, che
                             output_channels, validate_config)
 from dsno.nn.temporal import TemporalConv, TemporalMatmul
 from dsno.nn.unet import ResAttnBlock, UNet
+from dsno.trust.tensor_file import shape_mismatch
 
 UnitPredicate = Callable[[str, nn.Module], "int | None"]
 
@@ -211,7 +212,7 @@ def load_backbone_weights(model: DSNO, network: nn.Module) -> None:
 
     network must have the architecture the DSNO was built with (a diffusers UNet2DModel may be
     given bare or adapted). Temporal layers are left as they are. Raises ValueError naming the
-    first missing, unexpected or differently shaped weight.
+    first missing, unexpected and differently shaped weights.
     """
     target = model.backbone
     if isinstance(target, DiffusersUNet) and not isinstance(network, DiffusersUNet):
@@ -227,12 +228,9 @@ def load_backbone_weights(model: DSNO, network: nn.Module) -> None:
     student = target.state_dict()
     temporal = {k for k in student if any(k.startswith(f"{name}.temporal.") for name in wrapped)}
     source = {student_key(k): v for k, v in network.state_dict().items()}
-    unexpected = sorted(set(source) - set(student))
-    missing = sorted(set(student) - set(source) - temporal)
-    wrong = sorted(k for k in set(source) & set(student) if source[k].shape != student[k].shape)
-    if unexpected or missing or wrong:
-        detail = (f"unexpected {unexpected[:3]}" if unexpected else f"missing {missing[:3]}" if missing
-                  else f"{wrong[0]}: {tuple(source[wrong[0]].shape)} vs {tuple(student[wrong[0]].shape)}")
+    detail = shape_mismatch({k: tuple(v.shape) for k, v in student.items() if k not in temporal},
+                            {k: tuple(v.shape) for k, v in source.items()})
+    if detail:
         raise ValueError(f"{type(network).__name__} does not match the DSNO backbone ({detail})")
     for key, value in source.items():
         student[key].copy_(value)

@@ -37,6 +37,7 @@ from dsno.progress import progress_bar
 from dsno.search.predictor import Predictor, kendall_tau
 from dsno.search.space import BASE_OPTIONS, Space, _build, _tidy, crossover, encode, mutate, random_schedule
 from dsno.solvers import usf
+from dsno.solvers.reference import REFERENCE_LABEL, reference_solve, rmse
 from dsno.solvers.grids import SPACINGS, timesteps
 
 log = logging.getLogger("dsno")
@@ -58,12 +59,6 @@ def _key(s: usf.Schedule) -> str:
     return json.dumps(d, sort_keys=True)
 
 
-def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Root mean squared error over samples and pixels (float64); inf when not finite."""
-    v = float((x.double() - ref.double()).square().mean().sqrt())
-    return v if math.isfinite(v) else math.inf
-
-
 class _Counter:
     """Counts the teacher's model calls and the samples they evaluate."""
 
@@ -77,8 +72,10 @@ class _Counter:
 
 
 def _score(teacher, s: usf.Schedule, x: torch.Tensor, ref: torch.Tensor) -> float:
+    """RMSE of the schedule's final state against the reference; inf when not finite."""
     with torch.no_grad():
-        return rmse(usf.run(teacher, x, s), ref)
+        v = rmse(usf.run(teacher, x, s), ref)
+    return v if math.isfinite(v) else math.inf
 
 
 def noise_seeds(seed: int) -> tuple[int, int]:
@@ -87,16 +84,13 @@ def noise_seeds(seed: int) -> tuple[int, int]:
 
 
 def reference(teacher, x: torch.Tensor, t_end: float, steps: int, cache: Path | None) -> torch.Tensor:
-    """The teacher's reference solution from x at T to t_end (DPM-Solver++ 3M, `steps` logSNR
-    steps; the state float64, a network evaluated in its own dtype, as eval's reference), cached as
-    safetensors under `cache` when given."""
-    from dsno.solvers import sample
+    """The teacher's reference solution from x at T to t_end (eval's: dsno.solvers.reference, `steps`
+    logSNR steps), cached as safetensors under `cache` when given."""
     if cache is not None and cache.is_file():
         from safetensors.torch import load_file
         return load_file(str(cache))["x"]
-    grid = timesteps(teacher.schedule, steps=steps, spacing="logsnr", t_end=t_end)
     with torch.no_grad():
-        ref = sample(teacher, x.double(), grid, solver="dpm_solver_pp", order=3)
+        ref = reference_solve(teacher, x, t_end, steps)
     if cache is not None:
         atomic_save_safetensors(cache, {"x": ref.contiguous()})
     return ref
@@ -257,7 +251,7 @@ def _run(teacher, space: Space, sc: SearchConfig, state: dict, scored_path: Path
     taus = state["taus"]
     info = {"score": {"rmse_verify": v, "rmse_search": r_s, "metric": "RMSE of the final state vs the float64 "
                       "reference", "batch": sc.batch, "verify_batch": sc.verify_batch,
-                      "reference": f"dpm_solver_pp-3, {sc.reference_steps} logsnr steps, float64"},
+                      "reference": f"{REFERENCE_LABEL}, {sc.reference_steps} logsnr steps, float64"},
             "cost": {"wall_s": round(state["wall_s"], 2), "cpu_s": round(state["cpu_s"], 2),
                      "teacher_calls": state["teacher_calls"],
                      "teacher_sample_evals": state["teacher_samples"], "candidates_scored": len(ranked),

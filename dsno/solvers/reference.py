@@ -4,6 +4,8 @@
 - augmented teachers (PSLD): scipy's adaptive DOP853 (8th order) on the augmented PF-ODE
   dz/dt = beta F z - 1/2 beta D score(z, t), float64, to relative and absolute tolerance `rtol`
   (the library's PSLD samplers are first order, so none of them makes a reference in few steps).
+
+`rmse` is the distance to a reference that both report.
 """
 
 from __future__ import annotations
@@ -11,6 +13,27 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+
+REFERENCE_SOLVER = ("dpm_solver_pp", 3)          # scalar teachers: the solver and order of the reference
+REFERENCE_LABEL = f"{REFERENCE_SOLVER[0]}-{REFERENCE_SOLVER[1]}"
+
+
+def describe(teacher: Any, steps: int, rtol: float) -> dict[str, Any]:
+    """What reference_solve(teacher, ..., steps, rtol) does, for a record (metrics.json "reference")."""
+    if getattr(teacher, "augmented", False):
+        return {"solver": "DOP853 (scipy, adaptive) on the augmented PF-ODE", "dtype": "float64", "rtol": rtol}
+    return {"solver": REFERENCE_LABEL, "steps": steps, "dtype": "float64"}
+
+
+def calls_per_batch(teacher: Any, steps: int) -> int | None:
+    """Teacher evaluations reference_solve makes on one batch; None when adaptive (unknown beforehand)."""
+    return None if getattr(teacher, "augmented", False) else steps
+
+
+def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Root mean squared error over samples and pixels (float64)."""
+    return float((x.double() - ref.double()).square().mean().sqrt())
 
 
 def reference_solve(teacher: Any, x: torch.Tensor, t_end: float, steps: int = 500, rtol: float = 1e-7,
@@ -23,7 +46,7 @@ def reference_solve(teacher: Any, x: torch.Tensor, t_end: float, steps: int = 50
     if not getattr(teacher, "augmented", False):
         grid = timesteps(teacher.schedule, steps=steps, spacing="logsnr", t_end=t_end)
         stats["calls"] = steps
-        return sample(teacher, x, grid, solver="dpm_solver_pp", order=3)
+        return sample(teacher, x, grid, solver=REFERENCE_SOLVER[0], order=REFERENCE_SOLVER[1])
     return _dop853(teacher, x, t_end, rtol, stats)
 
 

@@ -33,6 +33,9 @@ class SolverSpec:
     options: name -> default; stochastic: integrates the reverse SDE (its sample depends on the
     noise, so it converges to the data distribution, not to the ODE's sample path); grid(options):
     the grid used when ts is omitted (a solver that carries its own timesteps, e.g. usf), else None;
+    fingerprint(options): entries beyond name, order and options that identify what it computes (e.g.
+    the hash of a schedule's decisions, not its path), else None; check(options, order, t_end, times):
+    raises OptionError when the options can't make a solve ending at t_end through `times`, else None;
     process: "scalar" (a Teacher on a VP / VE / flow schedule) or "augmented" (a teacher of a linear
     process with k components per pixel, e.g. PSLD; `dsno.solvers.psld`)."""
 
@@ -46,6 +49,8 @@ class SolverSpec:
     stochastic: bool
     grid: Callable[[Mapping[str, Any]], Any] | None = None
     process: str = "scalar"
+    fingerprint: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    check: Callable[..., None] | None = None
 
     def resolve(self, order: Any, options: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
         """The order to use (default when None) and the full option set; raise on bad ones."""
@@ -63,10 +68,12 @@ class SolverSpec:
 
 
 def register(name: str, *, orders: Sequence[int], cost: Cost, cost_rule: str, stochastic: bool = False,
-             grid: Callable[[Mapping[str, Any]], Any] | None = None, process: str = "scalar") -> Callable:
+             grid: Callable[[Mapping[str, Any]], Any] | None = None, process: str = "scalar",
+             fingerprint: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
+             check: Callable[..., None] | None = None) -> Callable:
     """Register `fn` under `name`; its keyword-only parameters after `order` and
     `return_trajectory` are its options (with their defaults); `order`'s default is the solver's.
-    grid(options): the solver's own grid when the caller gives no ts."""
+    grid, fingerprint, check: the solver's own special cases (see SolverSpec)."""
 
     def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         params = list(inspect.signature(fn).parameters.values())
@@ -94,13 +101,30 @@ def register(name: str, *, orders: Sequence[int], cost: Cost, cost_rule: str, st
 
         spec = SolverSpec(name=name, fn=entry, orders=tuple(orders), default_order=params[3].default,
                           cost=cost, cost_rule=cost_rule, options=options, stochastic=stochastic, grid=grid,
-                          process=process)
+                          process=process, fingerprint=fingerprint, check=check)
         if spec.default_order not in spec.orders:
             raise TypeError(f"solver {name!r}: default order {spec.default_order} not in {spec.orders}")
         _REGISTRY[name] = spec
         return entry
 
     return decorate
+
+
+class OptionError(ValueError):
+    """A solver's option (or order) that can't make the solve asked for: `option` names it (e.g.
+    "schedule", "order"), `value` is what was given (NO_VALUE: the message shows what is wrong with
+    it), the message says why and how to fix it."""
+
+    NO_VALUE = object()
+
+    def __init__(self, option: str, value: Any, reason: str):
+        super().__init__(reason)
+        self.option, self.value = option, value
+
+
+def with_option(option: str) -> list[str]:
+    """The registered solvers (all processes) that take the option `option`, sorted."""
+    return sorted(n for n, spec in _REGISTRY.items() if option in spec.options)
 
 
 def trajectory_indices(value: Any) -> "bool | tuple[int, ...]":

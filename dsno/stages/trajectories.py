@@ -14,15 +14,14 @@ from dsno.teachers.base import Teacher
 
 
 def solver_spec(sc: SolverConfig) -> dict[str, Any]:
+    """The teacher solve's part of the data set's fingerprint, with the solver's own entries (usf: its
+    schedule's hash)."""
+    from dsno.solvers import get as get_solver
     spec = {"name": sc.name, "order": sc.order, "steps": sc.steps, "spacing": sc.spacing,
             "t_end": sc.t_end, "options": dict(sc.options)}
-    if sc.name == "usf":                     # the schedule's decisions, not its path, identify the data
-        import hashlib
-        import json
-        from dsno.solvers.usf import load, to_dict
-        d = to_dict(load(sc.schedule))
-        decisions = {k: d[k] for k in ("afs", "timesteps", "steps")}
-        spec["schedule_sha256"] = hashlib.sha256(json.dumps(decisions, sort_keys=True).encode()).hexdigest()[:16]
+    solver = get_solver(sc.name)
+    if solver.fingerprint is not None:
+        spec.update(solver.fingerprint(sc.solve_options()))
     return spec
 
 
@@ -49,8 +48,8 @@ def make_solve(teacher: Teacher, sc: SolverConfig, grid: torch.Tensor, times: li
     def solve(x_T: torch.Tensor) -> torch.Tensor:
         x = prior_state(teacher, x_T.to(device=device, dtype=dtype))
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-            traj = sample(teacher, x, grid, solver=sc.name, order=sc.order, return_trajectory=idx, **sc.options,
-                          **({"schedule": sc.schedule} if sc.name == "usf" else {}))
+            traj = sample(teacher, x, grid, solver=sc.name, order=sc.order, return_trajectory=idx,
+                          **sc.solve_options())
         return traj.transpose(0, 1).to(torch.float32).cpu()
 
     return solve

@@ -131,7 +131,7 @@ class MnistGMMConfig(DigitMixtureConfig):
         return build_schedule(self.schedule)
 
 
-@register_teacher("mnist_gmm", MnistGMMConfig)
+@register_teacher("mnist_gmm", MnistGMMConfig, digits=True)
 def load_config(c: MnistGMMConfig) -> GaussianMixture:
     return load_mnist_gmm(c.size, c.components, schedule=build_schedule(c.schedule), path=c.path)
 

@@ -193,7 +193,7 @@ class PSLDMnistGMMConfig(DigitMixtureConfig):
         return self.psld()
 
 
-@register_teacher("psld_mnist_gmm", PSLDMnistGMMConfig)
+@register_teacher("psld_mnist_gmm", PSLDMnistGMMConfig, digits=True)
 def load_config(c: PSLDMnistGMMConfig) -> PSLDGaussianMixture:
     from dsno.teachers.mnist_gmm import load_mnist_gmm
     mix = load_mnist_gmm(c.size, c.components, path=c.path)

@@ -108,6 +108,6 @@ class PSLDUNetTeacherConfig(TeacherConfig):
         check_weights_file_keys(self)
 
 
-@register_teacher("psld_unet", PSLDUNetTeacherConfig)
+@register_teacher("psld_unet", PSLDUNetTeacherConfig, digits=True)
 def load_config(c: PSLDUNetTeacherConfig) -> PSLDUNetTeacher:
     return load_psld_unet_teacher(c.path, size=c.size)

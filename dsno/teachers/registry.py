@@ -18,15 +18,18 @@ _KINDS: dict[str, "TeacherKind"] = {}
 
 @dataclass(frozen=True)
 class TeacherKind:
-    """name: the `teacher.kind` value; config: its dataclass; load(config) -> Teacher."""
+    """name: the `teacher.kind` value; config: its dataclass; load(config) -> Teacher; digits: trained on
+    the shipped MNIST digits (eval scores it against them by default)."""
 
     name: str
     config: type
     load: Callable[[Any], Any]
+    digits: bool = False
 
 
-def register_teacher(name: str, config: type) -> Callable:
-    """Decorator: register `load(config) -> Teacher` as teacher kind `name` with config dataclass `config`."""
+def register_teacher(name: str, config: type, digits: bool = False) -> Callable:
+    """Decorator: register `load(config) -> Teacher` as teacher kind `name` with config dataclass `config`;
+    digits: the kind's teachers are trained on the shipped MNIST digits."""
 
     def decorate(load: Callable[[Any], Any]) -> Callable[[Any], Any]:
         if getattr(config, "kind", None) != name:
@@ -35,7 +38,7 @@ def register_teacher(name: str, config: type) -> Callable:
             refuse_diffusers_folder(name, getattr(c, "path", None))
             return load(c)
 
-        _KINDS[name] = TeacherKind(name, config, checked_load)
+        _KINDS[name] = TeacherKind(name, config, checked_load, digits)
         return load
 
     return decorate

@@ -201,6 +201,6 @@ class UNetTeacherConfig(TeacherConfig):
         return build_schedule(self.schedule)
 
 
-@register_teacher("unet", UNetTeacherConfig)
+@register_teacher("unet", UNetTeacherConfig, digits=True)
 def load_config(c: UNetTeacherConfig) -> UNetTeacher:
     return load_unet_teacher(c.path, schedule=build_schedule(c.schedule), size=c.size)

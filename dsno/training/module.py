@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from dsno.run_files import LAST_CHECKPOINT
 from dsno.training.losses import TrajectoryLoss
 
 
@@ -65,7 +66,7 @@ class DSNOModule(L.LightningModule):
         loss, per_time = self.loss(pred, states[:, :, :pred.shape[2]])
         if not torch.isfinite(loss):
             ckpt = getattr(self._trainer, "checkpoint_callback", None)
-            last = Path(ckpt.dirpath) / "last.ckpt" if getattr(ckpt, "dirpath", None) else None
+            last = Path(ckpt.dirpath) / LAST_CHECKPOINT if getattr(ckpt, "dirpath", None) else None
             raise NonFiniteLossError(non_finite_loss_message(loss.item(), self.global_step, last))
         self.log("train/loss", loss, prog_bar=True)
         for m, v in enumerate(per_time):

@@ -40,15 +40,26 @@ def model_layout(module: torch.nn.Module) -> Layout:
     return {k: (tuple(v.shape), _SAFETENSORS_DTYPE.get(v.dtype, str(v.dtype))) for k, v in module.state_dict().items()}
 
 
+def shape_mismatch(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
+                   limit: int = 3) -> str | None:
+    """How the tensors `found` ({name: shape}) differ from `expected`: "missing [...], unexpected [...],
+    wrong shape ['name: found shape vs expected shape', ...]" with the first `limit` of each; None when
+    names and shapes agree."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
+    if not (missing or extra or wrong):
+        return None
+    shapes = [f"{k}: {tuple(found[k])} vs {tuple(expected[k])}" for k in wrong[:limit]]
+    return f"missing {missing[:limit]}, unexpected {extra[:limit]}, wrong shape {shapes}"
+
+
 def check_layout(path: str | os.PathLike, found: Layout, expected: Mapping[str, tuple[tuple[int, ...], str]],
                  what: str, error: type[Exception], hint: str) -> None:
     """Refuse (one `error` line naming the file, `what` it must fit and the first offending tensors) a
     file whose tensor names or shapes differ from `expected`, or with a non-float where a float is expected."""
-    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(found) if expected[k][0] != found[k][0])
-    if missing or extra or wrong:
-        raise error(f"{Path(path)} does not fit {what}: missing {missing[:3]}, unexpected {extra[:3]}, "
-                    f"wrong shape {wrong[:3]}; {hint}")
+    detail = shape_mismatch({k: v[0] for k, v in expected.items()}, {k: v[0] for k, v in found.items()})
+    if detail:
+        raise error(f"{Path(path)} does not fit {what}: {detail}; {hint}")
     check_float_dtypes(path, found, expected, error, hint)
 
 

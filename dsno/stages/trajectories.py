@@ -65,15 +65,17 @@ def fingerprint(rc: RunConfig, teacher: Teacher, grid: torch.Tensor, shape: tupl
     fp = {"teacher": teacher.fingerprint(), "solver": solver,
           "grid": [float(t) for t in grid], "times": [float(t) for t in rc.data.times],
           "sample_shape": list(shape), "dtype": "float32"}
-    if teacher.num_classes is not None:
+    weights = class_weights(rc, teacher)
+    if weights:
         from dsno.data.generate import LABELS, label_rule
-        fp[LABELS] = label_rule(class_weights(rc, teacher))
+        fp[LABELS] = label_rule(weights)
     return fp
 
 
 def class_weights(rc: RunConfig, teacher: Teacher) -> list[float]:
     """The weights the trajectories' labels are drawn with: data.class_weights, else the teacher's own
-    (`class_weights`), else uniform; ConfigError when data.class_weights does not fit the teacher."""
+    (`class_weights`), else uniform; [] for an unconditional teacher. ConfigError when
+    data.class_weights does not fit the teacher."""
     from dsno.config import _fail
     name = getattr(teacher, "name", None) or type(teacher).__name__
     given = rc.data.class_weights

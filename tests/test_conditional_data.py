@@ -7,9 +7,7 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,7 +34,7 @@ from dsno.data import (
 from dsno.seeding import LABEL, index_seed
 from dsno.stages import trajectories
 from test_bad_input import _cli, _one_line
-from test_data_generate import SUBPROCESS_ENV, python_c, snapshot
+from test_data_generate import snapshot, start_until
 
 TIMES = [0.75, 0.5, 0.0]
 SHAPE = (1, 3, 3)
@@ -117,15 +115,8 @@ def test_labels_are_stored_beside_the_states_and_read_back(tmp_path):
 
 def test_sigkill_mid_shard_then_resume_gives_the_same_labels(tmp_path):
     killed, reference = tmp_path / "killed", tmp_path / "reference"
-    proc = subprocess.Popen(python_c(
-        f"from test_conditional_data import run_generation; run_generation({str(killed)!r}, 0.25)"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=SUBPROCESS_ENV)
-    target = killed / "shard-00001.labels.npy.tmp"
-    deadline = time.monotonic() + 60
-    while not target.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "generation never reached shard 1"
-        time.sleep(0.005)
+    proc = start_until(f"from test_conditional_data import run_generation; run_generation({str(killed)!r}, 0.25)",
+                       killed / "shard-00001.labels.npy.tmp")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert [s.index for s in load_manifest(killed).shards] == [0]

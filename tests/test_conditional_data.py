@@ -246,6 +246,18 @@ def test_an_unconditional_fingerprint_is_unchanged(tmp_path):
         "2246cfc9dc8fe14a9ebabba330475f215882a1f4c134b2728f184ccb1db56825")
 
 
+def test_an_unconditional_run_keeps_its_completion_stamps(tmp_path):
+    from dsno.stages.completion import stamp
+    rc = validate(compose(f"run_dir={tmp_path / 'run'}", *TINY_RUN))
+    # the stamps before data.class_weights existed: a complete run is not redone
+    assert [stamp(rc, s) for s in ("train", "export", "eval")] == [
+        "ca77a3b59943b247", "e1158e4708b8a9e9", "68b58e2fa5d93483"]
+    weighted = validate(compose(f"run_dir={tmp_path / 'run'}", *TINY_RUN, "teacher=mnist_gmm_cond",
+                                "data.class_weights=[1,1,1,1,1,1,1,1,1,2]"))
+    assert stamp(weighted, "train") != stamp(validate(compose(f"run_dir={tmp_path / 'run'}", *TINY_RUN,
+                                                              "teacher=mnist_gmm_cond")), "train")
+
+
 def test_train_stops_in_one_line_on_a_conditional_teacher(tmp_path):
     run = tmp_path / "run"
     line = _one_line(_cli("train.py", f"run_dir={run}", *TINY_RUN, "teacher=mnist_gmm_cond"))

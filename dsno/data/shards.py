@@ -67,7 +67,8 @@ def shard_file_sizes(manifest: Manifest, index: int) -> dict[str, int]:
 
 
 class NpyStreamWriter:
-    """Write one array of known shape and dtype (float32 by default) in row batches to `<path>.tmp`, hashing as it goes.
+    """Write one array of known shape and dtype (float32 by default) in row batches to `<path>.tmp`,
+    hashing as it goes.
 
     `commit()` checks every row arrived, fsyncs and renames to `path`; `abort()` removes the temp
     file. The temp file is created exclusively: a second writer of the same file fails loudly.

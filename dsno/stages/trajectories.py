@@ -28,7 +28,7 @@ def solver_spec(sc: SolverConfig) -> dict[str, Any]:
 
 def make_solve(teacher: Teacher, sc: SolverConfig, grid: torch.Tensor, times: list[float],
                device: torch.device | str = "cpu", precision: str = "fp32", compile: bool = False,
-               channels_last: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+               channels_last: bool = False) -> Callable[..., torch.Tensor]:
     """solve(x_T: [b, C, H, W], labels: [b] long or None) -> states [b, M, C, H, W] float32 at the
     output times; labels: the class of each trajectory for a conditional teacher (its guidance).
 

@@ -63,7 +63,7 @@ def run(rc: RunConfig, config: dict[str, Any] | None = None, through: str = "eva
         raise ValueError(f"through must be one of {STEPS[1:]}, got {through!r}")
     run_dir = Path(rc.run_dir)
     teacher = build_teacher(rc.teacher)
-    if teacher.num_classes is not None:
+    if getattr(teacher, "num_classes", None) is not None:
         refuse_conditional_student(rc.teacher.kind)
     check_student_source(rc, teacher)
     if through == "eval":        # eval's input files are checked before any work

@@ -79,17 +79,17 @@ def class_weights(rc: RunConfig, teacher: Teacher) -> list[float]:
     from dsno.config import _fail
     name = getattr(teacher, "name", None) or type(teacher).__name__
     given = rc.data.class_weights
-    if teacher.num_classes is None:
+    num_classes = getattr(teacher, "num_classes", None)      # PSLD teachers have none
+    if num_classes is None:
         if given is not None:
             _fail("data.class_weights", given, f"is for a class-conditional teacher; teacher {name} is "
                   f"unconditional: remove it")
         return []
     if given is None:
         own = getattr(teacher, "class_weights", None)
-        return [1.0] * teacher.num_classes if own is None else [float(w) for w in own]
-    if len(given) != teacher.num_classes:
-        _fail("data.class_weights", given, f"needs one weight per class of teacher {name} "
-              f"({teacher.num_classes} classes)")
+        return [1.0] * num_classes if own is None else [float(w) for w in own]
+    if len(given) != num_classes:
+        _fail("data.class_weights", given, f"needs one weight per class of teacher {name} ({num_classes} classes)")
     return list(given)
 
 

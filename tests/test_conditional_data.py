@@ -21,6 +21,7 @@ from dsno.config import ConfigError, check_run, validate
 from dsno.data import (
     CorruptShardError,
     FingerprintMismatchError,
+    TrajectoryDataModule,
     TrajectoryDataset,
     check_fingerprint,
     generate_dataset,
@@ -111,6 +112,10 @@ def test_labels_are_stored_beside_the_states_and_read_back(tmp_path):
     assert label.dtype == torch.int64 and int(label) == labels[4]
     assert torch.equal(x_T, trajectory_noise(SEED, 4, 5, SHAPE)[0])
     assert torch.equal(states, solve(x_T[None], label.view(1))[0])
+    dm = TrajectoryDataModule(tmp_path, batch_size=4, val_fraction=0.0)
+    batch_x_T, batch_states, batch_labels = next(iter(dm.train_dataloader()))
+    assert batch_labels.dtype == torch.int64 and batch_labels.shape == (4,)
+    assert torch.equal(batch_states, solve(batch_x_T, batch_labels))
 
 
 def test_sigkill_mid_shard_then_resume_gives_the_same_labels(tmp_path):

@@ -199,6 +199,7 @@ class TeacherConfig:
 
     kind: str = doc_field(MISSING, "the teacher kind (teacher=KIND picks it and its keys)")
     process: ClassVar[str] = "scalar"     # the solver registry's process the kind's teacher needs
+    conditional: ClassVar[bool] = False   # its teacher takes class labels (num_classes is not None)
 
     def fixed_schedule(self):
         return None
@@ -308,8 +309,14 @@ class DataConfig:
                                             "solve; exact ones stay float64")
     compile: bool = doc_field(False, "torch.compile the teacher network (default mode) for the solve")
     channels_last: bool = doc_field(False, "channels_last memory format for the teacher network")
+    class_weights: Optional[List[float]] = doc_field(None, "conditional teachers: the weight of each class label "
+                                                     "the trajectories are drawn with; null: the teacher's own")
 
     def __post_init__(self) -> None:
+        if self.class_weights is not None:
+            w = list(self.class_weights)
+            if not w or any(not math.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
+                _fail("data.class_weights", w, "must be finite numbers >= 0, one per class, not all 0")
         _count("data.num_trajectories", self.num_trajectories, 10**12, "past any disk")
         _count("data.shard_size", self.shard_size, 10**7, "a shard is written and verified whole; keep each "
                "well under memory")
@@ -800,10 +807,19 @@ STAGES = {"data": ("data",), "train": ("data", "train", "export", "eval"), "eval
           "search": ("search",)}
 
 
+def refuse_conditional_student(kind: str) -> None:
+    """ConfigError: a class-conditional teacher's student (training, export, eval) is not built yet."""
+    raise ConfigError(f"config error: teacher={kind} is class-conditional, and the conditional student (labels in "
+                      f"training, export and eval) is not built yet: only its trajectories can be made "
+                      f"(python -m data_gen teacher={kind}), or pick an unconditional teacher")
+
+
 def check_run(c: RunConfig, stage: str) -> None:
     """Before `stage` (a key of STAGES) writes anything: the values of every stage it reaches that this
     machine and its files decide (hardware, weights files, writable folders). ConfigError (one line)."""
     reached = STAGES[stage]
+    if set(reached) & {"train", "eval"} and c.teacher.conditional:
+        refuse_conditional_student(c.teacher.kind)
     if set(reached) & {"data", "train", "eval"}:       # each of them is a W&B run (or CSV log)
         _check_logger(c.logger)
     if "data" in reached:

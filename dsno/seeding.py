@@ -13,6 +13,7 @@ import struct
 
 NOISE = b"dsno.noise"      # x_T of teacher trajectory `index` (dsno.data.generate)
 CHUNK = b"dsno.chunk"      # noise of image chunk `index` (dsno.sample_images)
+LABEL = b"dsno.label"      # class label of teacher trajectory `index` (dsno.data.generate)
 
 
 def index_seed(seed: int, index: int, domain: bytes = NOISE) -> int:

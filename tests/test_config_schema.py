@@ -102,6 +102,9 @@ CHANGES = {
     "mnist_gmm": {"size": 8, "components": 32, "path": str(UNET_ASSET), "schedule.kind": "cosine",
                   "schedule.beta_min": 0.2, "schedule.beta_max": 15.0, "schedule.s": 0.01, "schedule.num_steps": 500,
                   "schedule.beta_start": 2e-4, "schedule.beta_end": 0.03},
+    "mnist_gmm_cond": {"size": 8, "per_class": 4, "path": str(UNET_ASSET), "guidance": 1.5, "schedule.kind": "cosine",
+                       "schedule.beta_min": 0.2, "schedule.beta_max": 15.0, "schedule.s": 0.01,
+                       "schedule.num_steps": 500, "schedule.beta_start": 2e-4, "schedule.beta_end": 0.03},
     "gmm_file": {"path": str(UNET_ASSET), "schedule.kind": "cosine", "schedule.beta_min": 0.2,
                  "schedule.beta_max": 15.0, "schedule.s": 0.01, "schedule.num_steps": 500,
                  "schedule.beta_start": 2e-4, "schedule.beta_end": 0.03},
@@ -133,7 +136,7 @@ def test_every_key_of_every_teacher_kind_is_tested():
         assert keys == set(CHANGES[name]), f"teacher kind {name}: keys {sorted(keys)} vs tested {sorted(CHANGES[name])}"
 
 
-@pytest.mark.parametrize("kind", ["mnist_gmm", "gmm_file", "unet", "psld_mnist_gmm", "psld_unet"])
+@pytest.mark.parametrize("kind", ["mnist_gmm", "mnist_gmm_cond", "gmm_file", "unet", "psld_mnist_gmm", "psld_unet"])
 def test_every_teacher_key_changes_what_is_loaded_or_is_refused(kind):
     base = BASE.get(kind, {})
     reference = _outcome(kind, **_nested(base))

@@ -80,6 +80,17 @@ def python_c(code):
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny tensors: threads only add contention
 
 
+def start_until(code, target):
+    """A generation subprocess running `code` (see `python_c`), once it has created file `target`."""
+    proc = subprocess.Popen(python_c(code), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=SUBPROCESS_ENV)
+    deadline = time.monotonic() + 60
+    while not target.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"generation never made {target.name}"
+        time.sleep(0.005)
+    return proc
+
+
 def test_values_are_noise_and_its_solution(tmp_path):
     m = generate(tmp_path)
     assert m.complete and [s.count for s in m.shards] == [3, 3, 3, 1]
@@ -123,15 +134,9 @@ def test_float64_solve_sees_the_stored_noise(tmp_path):
 
 def test_sigkill_mid_shard_then_resume_is_bitwise_identical(tmp_path, caplog):
     killed, reference = tmp_path / "killed", tmp_path / "reference"
-    proc = subprocess.Popen(python_c(
-        f"from test_data_generate import run_generation; run_generation({str(killed)!r}, 12, 4, 2, 0.25)"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=SUBPROCESS_ENV)
     target = killed / "shard-00001.states.npy.tmp"  # shard 1 is being written
-    deadline = time.monotonic() + 60
-    while not target.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "generation never reached shard 1"
-        time.sleep(0.005)
+    proc = start_until(f"from test_data_generate import run_generation; run_generation({str(killed)!r}, 12, 4, 2, "
+                       f"0.25)", target)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL

@@ -30,7 +30,7 @@ from dsno.data import (
 )
 from dsno.data.lock import LOCK_NAME, generation_lock
 from dsno.data.manifest import MANIFEST_NAME, REPAIR_HINT
-from test_data_generate import SUBPROCESS_ENV, generate, python_c, solve
+from test_data_generate import generate, solve, start_until
 
 FIX = f"Fix: regenerate only the bad shards, bit for bit: `{REPAIR_HINT}` (or generate_dataset(..., repair=True))."
 
@@ -208,15 +208,9 @@ def test_teacher_stage_refuses_non_finite_states_naming_trajectories(tiny_run):
 
 def test_second_run_is_refused_and_leaves_the_first_ones_files(tmp_path, caplog):
     folder = tmp_path / "d"
-    proc = subprocess.Popen(python_c(
-        f"from test_data_generate import run_generation; run_generation({str(folder)!r}, 12, 4, 2, 0.25)"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=SUBPROCESS_ENV)
     temp = folder / "shard-00001.states.npy.tmp"
-    deadline = time.monotonic() + 60
-    while not temp.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "generation never reached shard 1"
-        time.sleep(0.005)
+    proc = start_until(f"from test_data_generate import run_generation; run_generation({str(folder)!r}, 12, 4, 2, "
+                       f"0.25)", temp)
     with pytest.raises(FolderLockedError) as err:
         generate(folder, num_trajectories=12, shard_size=4)
     assert str(err.value) == (

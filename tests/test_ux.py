@@ -5,7 +5,7 @@ import pytest
 
 
 @pytest.mark.parametrize("marker", ["model_index.json", "unet/config.json", "scheduler/scheduler_config.json"])
-@pytest.mark.parametrize("kind", ["unet", "psld_unet", "mnist_gmm", "gmm_file"])
+@pytest.mark.parametrize("kind", ["unet", "psld_unet", "mnist_gmm", "mnist_gmm_cond", "gmm_file"])
 def test_a_diffusers_folder_under_another_kind_names_teacher_diffusers(tmp_path, kind, marker):
     from dsno.builders import build_teacher
     from dsno.config import teacher_config
@@ -214,7 +214,8 @@ def _leaf_keys(node, prefix=""):
 
 
 @pytest.mark.parametrize("schema", ["run", "search"])
-@pytest.mark.parametrize("kind", ["mnist_gmm", "gmm_file", "unet", "diffusers", "psld_mnist_gmm", "psld_unet"])
+@pytest.mark.parametrize("kind", ["mnist_gmm", "mnist_gmm_cond", "gmm_file", "unet", "diffusers", "psld_mnist_gmm",
+                                  "psld_unet"])
 def test_every_key_of_the_composed_config_has_a_help_line(kind, schema):
     from conftest import compose
     from dsno.config import key_help

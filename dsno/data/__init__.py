@@ -3,7 +3,8 @@
     manifest = generate_dataset(out_dir, solve=solve, fingerprint=fp, num_trajectories=N,
                                 shard_size=S, sample_shape=(C, H, W), seed=0, batch_size=B)
     verify_dataset(out_dir)                      # sha256 + finite values of every shard, or CorruptShardError
-    ds = TrajectoryDataset(out_dir)              # ds[i] -> (x_T [C, H, W], states [M, C, H, W]); each
+    ds = TrajectoryDataset(out_dir)              # ds[i] -> (x_T [C, H, W], states [M, C, H, W]), and
+                                                 # label (int64 scalar) in a conditional data set; each
                                                  # shard is verified (sha256, finite) before first use
     dm = TrajectoryDataModule(out_dir, batch_size=64)
 
@@ -13,7 +14,8 @@ generation side starts fast.
 
 from typing import Any
 
-from dsno.data.generate import generate_dataset, merge_manifest, resolve_rank, trajectory_noise
+from dsno.data.generate import (generate_dataset, label_rule, merge_manifest, resolve_rank, trajectory_labels,
+                                trajectory_noise)
 from dsno.data.manifest import (
     CorruptShardError,
     DatasetError,
@@ -34,8 +36,8 @@ __all__ = [
     "CorruptShardError", "DatasetError", "DatasetNotFoundError", "DatasetTooLargeError",
     "FingerprintMismatchError", "FolderLockedError", "InsufficientDiskSpaceError", "Manifest",
     "NonFiniteStatesError", "TrajectoryDataModule", "TrajectoryDataset",
-    "check_fingerprint", "generate_dataset", "load_manifest", "make_fingerprint", "merge_manifest",
-    "resolve_rank", "trajectory_noise", "verify_dataset",
+    "check_fingerprint", "generate_dataset", "label_rule", "load_manifest", "make_fingerprint", "merge_manifest",
+    "resolve_rank", "trajectory_labels", "trajectory_noise", "verify_dataset",
 ]
 
 

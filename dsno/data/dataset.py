@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Sequen
 
 from dsno.data.manifest import (
     GENERATE_HINT,
+    LABELS,
     MANIFEST_NAME,
     CorruptShardError,
     DatasetError,
@@ -27,7 +28,7 @@ from dsno.data.manifest import (
     check_fingerprint,
     load_manifest,
 )
-from dsno.data.shards import find_bad_shards, map_npy
+from dsno.data.shards import find_bad_shards, map_npy, role_dtype
 from dsno.data.verify import ShardVerifier
 
 VERIFY_MODES = ("none", "quick", "full")
@@ -40,7 +41,8 @@ def _default_max_open_shards() -> int:
 
 
 class TrajectoryDataset(Dataset):
-    """Trajectories of a data set folder: item i -> (x_T [C, H, W], states [M, C, H, W]), float32.
+    """Trajectories of a data set folder: item i -> (x_T [C, H, W], states [M, C, H, W]), float32,
+    and in a conditional data set (`has_labels`) its class label, an int64 scalar tensor, third.
 
     verify: "quick" (the default) checks every shard file's size and header at construction, and
         each shard's sha256 and finite values lazily, before its first item is returned (skipping
@@ -76,7 +78,7 @@ class TrajectoryDataset(Dataset):
         self.max_open_shards = _default_max_open_shards() if max_open_shards is None else max_open_shards
         if not (isinstance(self.max_open_shards, int) and self.max_open_shards >= 1):
             raise ValueError(f"max_open_shards must be >= 1, got {max_open_shards}")
-        self._maps: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._maps: OrderedDict[int, tuple[np.ndarray, ...]] = OrderedDict()
 
     def verify_items(self, indices: Iterable[int]) -> None:
         """Verify (once) the shards holding trajectories `indices`; `CorruptShardError` if one is bad."""
@@ -94,23 +96,28 @@ class TrajectoryDataset(Dataset):
     def sample_shape(self) -> tuple[int, ...]:
         return self.manifest.sample_shape
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether each trajectory comes with a class label (a conditional teacher's data set)."""
+        return LABELS in self.manifest.roles
+
     def __len__(self) -> int:
         return self.manifest.num_trajectories
 
-    def _shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _shard(self, index: int) -> tuple[np.ndarray, ...]:
         maps = self._maps.get(index)
         if maps is not None:
             self._maps.move_to_end(index)
             return maps
         rec = self.manifest.shards[index]
-        maps = tuple(map_npy(self.folder / rec.files[role].name, self.manifest.expected_shape(index, role))
-                     for role in ("x_T", "states"))
+        maps = tuple(map_npy(self.folder / rec.files[role].name, self.manifest.expected_shape(index, role),
+                             role_dtype(role)) for role in self.manifest.roles)
         self._maps[index] = maps
         if len(self._maps) > self.max_open_shards:
             self._maps.popitem(last=False)
         return maps
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         n = len(self)
         i = int(i)
         if not -n <= i < n:
@@ -118,8 +125,7 @@ class TrajectoryDataset(Dataset):
         shard, row = divmod(i % n, self.manifest.shard_size)
         if self.verifier is not None:
             self.verifier.ensure(shard)
-        x_T, states = self._shard(shard)
-        return torch.from_numpy(np.array(x_T[row])), torch.from_numpy(np.array(states[row]))
+        return tuple(torch.from_numpy(np.array(array[row])) for array in self._shard(shard))
 
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers (spawn) get the description, not the maps: each maps its own lazily.

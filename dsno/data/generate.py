@@ -1,7 +1,8 @@
 """The generation driver: teacher trajectories into a resumable, rank-sharded data set.
 
-Trajectory g (0 <= g < num_trajectories) lives in shard g // shard_size. Its noise depends on
-(seed, g) only (`trajectory_noise`), so an interrupted-and-resumed run, a repaired shard and a
+Trajectory g (0 <= g < num_trajectories) lives in shard g // shard_size. Its noise, and in a
+conditional data set its class label, depend on (seed, g) only (`trajectory_noise`,
+`trajectory_labels`), so an interrupted-and-resumed run, a repaired shard and a
 run over any number of ranks all write the same bytes (on the same CPU and software).
 
 Rank r of W writes the shards i with i % W == r. With W == 1 the driver updates `manifest.json`
@@ -29,8 +30,9 @@ import torch
 
 from dsno.atomic import is_disk_full, refuse_link
 from dsno.data.manifest import (
+    ALL_ROLES,
+    LABELS,
     MANIFEST_NAME,
-    ROLES,
     CorruptShardError,
     DatasetNotFoundError,
     DatasetTooLargeError,
@@ -47,10 +49,11 @@ from dsno.data.manifest import (
     write_json_atomic,
 )
 from dsno.data.lock import generation_lock
-from dsno.data.shards import TEMP_SUFFIX, find_bad_shards, npy_file_size, remove_stray_temp, write_shard
+from dsno.data.shards import (TEMP_SUFFIX, find_bad_shards, npy_file_size, remove_stray_temp, role_dtype,
+                              write_shard)
 from dsno.data.verify import CACHE_NAME, ShardVerifier
 from dsno.progress import progress_bar
-from dsno.seeding import NOISE, index_seed
+from dsno.seeding import LABEL, NOISE, index_seed
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,29 @@ def trajectory_noise(seed: int, start: int, stop: int, sample_shape: Sequence[in
         gen.manual_seed(noise_seed(seed, g))
         torch.randn(tuple(sample_shape), generator=gen, out=out[j])
     return out
+
+
+def trajectory_labels(seed: int, start: int, stop: int, class_weights: Sequence[float]) -> np.ndarray:
+    """Class labels of trajectories [start, stop): int64 [stop - start], label c with probability
+    class_weights[c] / sum(class_weights), by inverse CDF of u_g = (index_seed(seed, g, LABEL) >> 11) / 2**53
+    (`LABEL_RULE`), so each label depends on (seed, g) and the weights only."""
+    cdf = np.cumsum(np.asarray(class_weights, dtype=np.float64))
+    u = np.array([(index_seed(seed, g, LABEL) >> 11) * 2.0**-53 for g in range(start, stop)], dtype=np.float64)
+    return np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), len(cdf) - 1).astype(np.int64)
+
+
+LABEL_RULE = ("label of trajectory g = the first c with u_g * sum(w) < w_0 + ... + w_c, u_g = "
+              "(blake2b-64(seed, g; person=dsno.label) >> 11) / 2**53, w = class_weights")
+
+
+def label_rule(class_weights: Sequence[float]) -> dict[str, Any]:
+    """The `labels` entry of a conditional data set's fingerprint: the rule (`trajectory_labels`) and
+    the class weights, normalised to sum 1. ValueError unless they are finite, >= 0, not all 0."""
+    w = np.asarray(class_weights, dtype=np.float64)
+    if w.ndim != 1 or len(w) == 0 or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"class weights must be finite numbers >= 0, one per class, not all 0, got "
+                         f"{list(class_weights)}")
+    return {"rule": LABEL_RULE, "num_classes": len(w), "class_weights": (w / w.sum()).tolist()}
 
 
 # ---------------------------------------------------------------- ranks
@@ -187,7 +213,7 @@ def _remove_stray_temps(folder: Path, world_size: int, rank: int) -> list[str]:
     holds, this rank's manifest temps and, in a single-rank run (which holds the folder alone),
     every manifest and cache temp."""
     removed = []
-    shard_re = re.compile(r"shard-(\d+)\.(?:" + "|".join(ROLES) + r")\.npy" + re.escape(TEMP_SUFFIX))
+    shard_re = re.compile(r"shard-(\d+)\.(?:" + "|".join(ALL_ROLES) + r")\.npy" + re.escape(TEMP_SUFFIX))
     for path in folder.iterdir():
         name = path.name
         shard = shard_re.fullmatch(name)
@@ -220,11 +246,13 @@ def _check_args(num_trajectories: int, shard_size: int, seed: int, batch_size: i
 
 def _planned_bytes(target: Manifest, listed: Iterable[int]) -> tuple[int, int]:
     """(bytes, shards) still to write: the whole data set less the listed shards, in closed form."""
+    def shard_bytes(i: int) -> int:
+        return sum(npy_file_size(target.expected_shape(i, role), role_dtype(role)) for role in target.roles)
+
     full, rest = divmod(target.num_trajectories, target.shard_size)
-    per = [npy_file_size(target.expected_shape(i, role)) for i in (0, target.num_shards - 1) for role in ROLES]
-    total = full * (per[0] + per[1]) + (per[2] + per[3] if rest else 0)
+    total = full * shard_bytes(0) + (shard_bytes(target.num_shards - 1) if rest else 0)
     listed = list(listed)
-    done = sum(npy_file_size(target.expected_shape(i, role)) for i in listed for role in ROLES)
+    done = sum(shard_bytes(i) for i in listed)
     return total - done, target.num_shards - len(listed)
 
 
@@ -267,16 +295,20 @@ def _non_finite_message(bad: torch.Tensor, g0: int, index: int, target: Manifest
 
 
 def _solve_batches(solve: Solve, target: Manifest, index: int, batch_size: int, noise_dtype: torch.dtype,
-                   on_batch: Callable[[int], None], folder: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(x_T, states) float32 NumPy batches of shard `index`, solving `batch_size` at a time."""
+                   on_batch: Callable[[int], None], folder: Path) -> Iterator[tuple[np.ndarray, ...]]:
+    """(x_T, states) float32 NumPy batches of shard `index`, solving `batch_size` at a time; in a
+    conditional data set (x_T, states, labels int64), solved as solve(x_T, labels)."""
+    rule = target.fingerprint.get(LABELS)
     start = index * target.shard_size
     stop = start + target.expected_count(index)
     shape = target.sample_shape
     for g0 in range(start, stop, batch_size):
         g1 = min(g0 + batch_size, stop)
         x_T = trajectory_noise(target.seed, g0, g1, shape)
+        labels = None if rule is None else trajectory_labels(target.seed, g0, g1, rule["class_weights"])
         with torch.no_grad():
-            states = solve(x_T.to(noise_dtype))
+            states = (solve(x_T.to(noise_dtype)) if labels is None
+                      else solve(x_T.to(noise_dtype), torch.from_numpy(labels)))
         want = (g1 - g0, target.num_times, *shape)
         if not isinstance(states, torch.Tensor) or tuple(states.shape) != want:
             got = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
@@ -287,7 +319,7 @@ def _solve_batches(solve: Solve, target: Manifest, index: int, batch_size: int, 
         if bad.any():
             raise NonFiniteStatesError(_non_finite_message(bad, g0, index, target, folder))
         on_batch(g1 - g0)
-        yield x_T.numpy(), states.numpy()
+        yield (x_T.numpy(), states.numpy()) if labels is None else (x_T.numpy(), states.numpy(), labels)
 
 
 def generate_dataset(out_dir: str | os.PathLike, *, solve: Solve, fingerprint: Mapping[str, Any],
@@ -299,7 +331,9 @@ def generate_dataset(out_dir: str | os.PathLike, *, solve: Solve, fingerprint: M
 
     solve: x_T [b, *sample_shape] (dtype `noise_dtype`, CPU) -> states [b, M, *sample_shape], the
         teacher's solution at the M = len(fingerprint["times"]) output times (any device/float dtype;
-        stored as float32). Called under torch.no_grad with at most `batch_size` trajectories.
+        stored as float32). When the fingerprint has `labels` ({class_weights: [w_0, ...], ...}),
+        solve(x_T, labels) gets each trajectory's class label (int64 [b], `trajectory_labels`),
+        stored beside the states. Called under torch.no_grad with at most `batch_size` trajectories.
         A NaN/inf state stops the run (`NonFiniteStatesError`) before its shard is written.
     fingerprint: {teacher, solver, grid, times, ...} (see `make_fingerprint`); a folder holding a
         data set with another fingerprint, seed, count or shard size is refused.

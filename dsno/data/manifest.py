@@ -5,7 +5,8 @@ The manifest is JSON, `format_version` 1:
 
     fingerprint   {teacher, solver, grid, times, sample_shape, dtype, ...}: what the data means
     seed, num_trajectories, shard_size: which trajectories (noise of trajectory g depends on (seed, g))
-    shards        [{index, count, files: {role: {name, bytes, sha256}}}], sorted by index
+    shards        [{index, count, files: {role: {name, bytes, sha256}}}], sorted by index; the roles
+                  are x_T and states, and labels (int64 [n]) when the fingerprint has `labels`
     created, updated (ISO 8601, UTC), complete, noise (how x_T was drawn), torch_version
 
 It only ever lists shards whose files are whole: writers replace it atomically after each shard.
@@ -30,6 +31,9 @@ from dsno.jsonfile import excerpt, read_json_file
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ROLES = ("x_T", "states")
+LABELS = "labels"            # the class label of each trajectory: a role only of a conditional data set
+ALL_ROLES = ROLES + (LABELS,)
+ROLE_DTYPES = {"x_T": "<f4", "states": "<f4", LABELS: "<i8"}
 DTYPE = "float32"
 FINGERPRINT_REQUIRED = ("teacher", "solver", "grid", "times")
 FLOAT_RTOL = 1e-9
@@ -115,13 +119,13 @@ class ShardRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "count": self.count,
-                "files": {role: self.files[role].to_dict() for role in ROLES}}
+                "files": {role: record.to_dict() for role, record in self.files.items()}}
 
 
 def shard_file_name(index: int, role: str) -> str:
     """Canonical file name of a shard file, e.g. `shard-00003.states.npy`."""
-    if role not in ROLES:
-        raise ValueError(f"unknown shard file role {role!r}; use one of {ROLES}")
+    if role not in ALL_ROLES:
+        raise ValueError(f"unknown shard file role {role!r}; use one of {ALL_ROLES}")
     return f"shard-{index:05d}.{role}.npy"
 
 
@@ -169,6 +173,11 @@ class Manifest:
         return tuple(int(s) for s in self.fingerprint["sample_shape"])
 
     @property
+    def roles(self) -> tuple[str, ...]:
+        """The files of each shard: x_T and states, and labels when the data set is conditional."""
+        return ALL_ROLES if LABELS in self.fingerprint else ROLES
+
+    @property
     def num_shards(self) -> int:
         """Planned number of shards (whole or not)."""
         return num_shards_of(self.num_trajectories, self.shard_size)
@@ -180,8 +189,10 @@ class Manifest:
         return min(self.shard_size, self.num_trajectories - index * self.shard_size)
 
     def expected_shape(self, index: int, role: str) -> tuple[int, ...]:
-        """Array shape of shard file `role`: [n, *sample_shape] or [n, M, *sample_shape]."""
+        """Array shape of shard file `role`: [n, *sample_shape], [n, M, *sample_shape] or [n] (labels)."""
         n = self.expected_count(index)
+        if role == LABELS:
+            return (n,)
         return (n, *self.sample_shape) if role == "x_T" else (n, self.num_times, *self.sample_shape)
 
     def layout(self) -> dict[str, Any]:
@@ -243,7 +254,7 @@ def _parse_shard(s: Any, m: Manifest, source: str) -> ShardRecord:
         if count != m.expected_count(index):
             raise ValueError(f"shard {index} count {count}, expected {m.expected_count(index)}")
         files = {}
-        for role in ROLES:
+        for role in m.roles:
             f = s["files"][role]
             name = shard_file_name(index, role)
             if f["name"] != name:

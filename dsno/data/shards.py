@@ -3,6 +3,7 @@
 A shard `i` is two files in the data set folder:
     shard-0000i.x_T.npy     float32 [n, *sample_shape]       the noise x_T
     shard-0000i.states.npy  float32 [n, M, *sample_shape]    the states at the M output times
+    shard-0000i.labels.npy  int64 [n]                        the class labels (conditional data sets only)
 Plain NumPy `.npy` (version 1.0 header, little-endian, C order), so `np.load(path, mmap_mode="r")`
 reads them and `sha256sum` reproduces the manifest's checksums.
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from dsno.atomic import fsync_dir, open_no_follow, refuse_link
 from dsno.data.manifest import (
-    ROLES,
+    ROLE_DTYPES,
     CorruptShardError,
     DatasetError,
     FileRecord,
@@ -42,30 +43,37 @@ TEMP_SUFFIX = ".tmp"
 _HASH_CHUNK = 1 << 22
 
 
-def npy_header(shape: Sequence[int]) -> bytes:
-    """The `.npy` (v1.0) header of a C-ordered little-endian float32 array of `shape`."""
+def role_dtype(role: str) -> np.dtype:
+    """The dtype of shard file `role`: little-endian float32, int64 for labels."""
+    return np.dtype(ROLE_DTYPES[role])
+
+
+def npy_header(shape: Sequence[int], dtype: np.dtype = NPY_DTYPE) -> bytes:
+    """The `.npy` (v1.0) header of a C-ordered little-endian array of `dtype` and `shape`."""
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(NPY_DTYPE), "fortran_order": False,
+        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
               "shape": tuple(int(s) for s in shape)})
     return buf.getvalue()
 
 
-def npy_file_size(shape: Sequence[int]) -> int:
-    """Bytes of the `.npy` file holding a float32 array of `shape`."""
-    return len(npy_header(shape)) + int(np.prod(shape, dtype=np.int64)) * NPY_DTYPE.itemsize
+def npy_file_size(shape: Sequence[int], dtype: np.dtype = NPY_DTYPE) -> int:
+    """Bytes of the `.npy` file holding an array of `dtype` (float32 by default) and `shape`."""
+    return len(npy_header(shape, dtype)) + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
 class NpyStreamWriter:
-    """Write one float32 array of known shape in row batches to `<path>.tmp`, hashing as it goes.
+    """Write one array of known shape and dtype (float32 by default) in row batches to `<path>.tmp`,
+    hashing as it goes.
 
     `commit()` checks every row arrived, fsyncs and renames to `path`; `abort()` removes the temp
     file. The temp file is created exclusively: a second writer of the same file fails loudly.
     """
 
-    def __init__(self, path: Path, shape: Sequence[int]):
+    def __init__(self, path: Path, shape: Sequence[int], dtype: np.dtype = NPY_DTYPE):
         self.path = Path(path)
         self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtype
         self.temp_path = self.path.with_name(self.path.name + TEMP_SUFFIX)
         self.rows = 0
         self._hash = hashlib.sha256()
@@ -80,7 +88,7 @@ class NpyStreamWriter:
         if not _lock_exclusive(self._file.fileno(), self.temp_path):
             self._file.close()
             raise busy
-        self._write(npy_header(self.shape))
+        self._write(npy_header(self.shape, dtype))
 
     def _write(self, data: bytes | memoryview) -> None:
         self._file.write(data)
@@ -88,12 +96,12 @@ class NpyStreamWriter:
         self._bytes += len(data)
 
     def write(self, rows: np.ndarray) -> None:
-        """Append rows of shape [b, *shape[1:]] (cast to little-endian float32)."""
+        """Append rows of shape [b, *shape[1:]] (cast to the writer's dtype)."""
         if tuple(rows.shape[1:]) != self.shape[1:]:
             raise ValueError(f"rows of shape {tuple(rows.shape)} do not fit array {self.shape}")
         if self.rows + rows.shape[0] > self.shape[0]:
             raise ValueError(f"{self.path.name}: {self.rows + rows.shape[0]} rows for {self.shape[0]}")
-        self._write(memoryview(np.ascontiguousarray(rows, dtype=NPY_DTYPE)).cast("B"))
+        self._write(memoryview(np.ascontiguousarray(rows, dtype=self.dtype)).cast("B"))
         self.rows += rows.shape[0]
 
     def commit(self) -> FileRecord:
@@ -144,18 +152,19 @@ def remove_stray_temp(path: Path) -> bool:
 
 
 def write_shard(folder: Path, manifest: Manifest, index: int,
-                batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> ShardRecord:
-    """Write shard `index` from (x_T [b, *shape], states [b, M, *shape]) batches; both files whole or
-    neither renamed. Returns the record to put in the manifest."""
+                batches: Iterable[tuple[np.ndarray, ...]]) -> ShardRecord:
+    """Write shard `index` from batches of one array per role of `manifest.roles` (x_T [b, *shape],
+    states [b, M, *shape], and labels [b] for a conditional data set); every file whole or none
+    renamed. Returns the record to put in the manifest."""
     writers: dict[str, NpyStreamWriter] = {}
     try:
-        for role in ROLES:
+        for role in manifest.roles:
             writers[role] = NpyStreamWriter(folder / shard_file_name(index, role),
-                                            manifest.expected_shape(index, role))
-        for x_T, states in batches:
-            writers["x_T"].write(x_T)
-            writers["states"].write(states)
-        files = {role: writers[role].commit() for role in ROLES}
+                                            manifest.expected_shape(index, role), role_dtype(role))
+        for batch in batches:
+            for role, rows in zip(manifest.roles, batch, strict=True):
+                writers[role].write(rows)
+        files = {role: writers[role].commit() for role in manifest.roles}
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -185,9 +194,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def scan_npy(path: Path, offset: int, row_elements: int, max_rows: int = 10) -> tuple[str, list[int], int]:
-    """One read of a float32 `.npy` file: (sha256 of the whole file, the first `max_rows` rows
-    holding a NaN or inf, how many such rows). `offset` is where the data starts (a multiple of 4)."""
+def scan_npy(path: Path, offset: int, row_elements: int, max_rows: int = 10,
+             dtype: np.dtype = NPY_DTYPE) -> tuple[str, list[int], int]:
+    """One read of a `.npy` file: (sha256 of the whole file, the first `max_rows` rows holding a NaN
+    or inf, how many such rows; none for an integer dtype). `offset` is where the data starts (a
+    multiple of 4)."""
     h = hashlib.sha256()
     buf = bytearray(_HASH_CHUNK)
     view = memoryview(buf)
@@ -197,7 +208,8 @@ def scan_npy(path: Path, offset: int, row_elements: int, max_rows: int = 10) -> 
         while n := _read_full(f, view):
             h.update(view[:n])
             lo = max(offset - pos, 0)
-            data = np.frombuffer(buf, dtype=NPY_DTYPE, count=(n - lo) // 4, offset=lo) if n > lo else None
+            data = (np.frombuffer(buf, dtype=NPY_DTYPE, count=(n - lo) // 4, offset=lo)
+                    if n > lo and dtype.kind == "f" else None)
             if data is not None and not np.isfinite(data).all():
                 first = (pos + lo - offset) // 4
                 for e in np.flatnonzero(~np.isfinite(data)):
@@ -223,6 +235,7 @@ def check_shard_layout(folder: Path, manifest: Manifest, record: ShardRecord, ro
     rec = record.files[role]
     path = folder / rec.name
     expected_shape = manifest.expected_shape(record.index, role)
+    expected_dtype = role_dtype(role)
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -233,10 +246,10 @@ def check_shard_layout(folder: Path, manifest: Manifest, record: ShardRecord, ro
         shape, dtype, fortran, offset = read_npy_header(path)
     except (ValueError, OSError) as e:
         return f"not a readable .npy file ({e})"
-    if shape != expected_shape or dtype != NPY_DTYPE or fortran:
+    if shape != expected_shape or dtype != expected_dtype or fortran:
         return (f"holds {dtype} {shape}{' (Fortran order)' if fortran else ''}, "
-                f"expected float32 {expected_shape}")
-    if offset + int(np.prod(shape, dtype=np.int64)) * NPY_DTYPE.itemsize != size:
+                f"expected {expected_dtype} {expected_shape}")
+    if offset + int(np.prod(shape, dtype=np.int64)) * expected_dtype.itemsize != size:
         return f"size {size} bytes does not fit its header (shape {shape})"
     return None
 
@@ -246,8 +259,9 @@ def check_shard_content(folder: Path, manifest: Manifest, record: ShardRecord, r
     Call after `check_shard_layout` found nothing."""
     rec = record.files[role]
     shape = manifest.expected_shape(record.index, role)
-    offset = rec.bytes - int(np.prod(shape, dtype=np.int64)) * NPY_DTYPE.itemsize
-    digest, bad, count = scan_npy(folder / rec.name, offset, int(np.prod(shape[1:], dtype=np.int64)))
+    dtype = role_dtype(role)
+    offset = rec.bytes - int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    digest, bad, count = scan_npy(folder / rec.name, offset, int(np.prod(shape[1:], dtype=np.int64)), dtype=dtype)
     if digest != rec.sha256:
         return f"sha256 {digest[:16]} differs from the manifest's {rec.sha256[:16]} (first 16 hex digits)"
     if count:
@@ -275,7 +289,7 @@ def find_bad_shards(folder: str | os.PathLike, manifest: Manifest, full: bool,
     by_index = {s.index: s for s in manifest.shards}
     problems = []
     for i in sorted(by_index if indices is None else set(indices) & set(by_index)):
-        for role in ROLES:
+        for role in manifest.roles:
             what = check_shard_file(folder, manifest, by_index[i], role, full)
             if what is not None:
                 problems.append((i, by_index[i].files[role].name, what))
@@ -299,18 +313,18 @@ def verify_dataset(folder: str | os.PathLike, full: bool = True) -> Manifest:
     return manifest
 
 
-def map_npy(path: Path, shape: Sequence[int]) -> np.ndarray:
-    """Read-only memory map of a float32 `.npy` file of the given shape (no data is read).
+def map_npy(path: Path, shape: Sequence[int], dtype: np.dtype = NPY_DTYPE) -> np.ndarray:
+    """Read-only memory map of a `.npy` file of the given shape and dtype (no data is read).
 
     Advises the kernel of random access, so a shuffled reader does not pull in read-ahead pages.
     """
-    file_shape, dtype, fortran, offset = read_npy_header(path)
-    if file_shape != tuple(shape) or dtype != NPY_DTYPE or fortran:
-        raise DatasetError(f"{path} holds {dtype} {file_shape}, expected float32 {tuple(shape)}; "
+    file_shape, file_dtype, fortran, offset = read_npy_header(path)
+    if file_shape != tuple(shape) or file_dtype != dtype or fortran:
+        raise DatasetError(f"{path} holds {file_dtype} {file_shape}, expected {dtype} {tuple(shape)}; "
                            f"check the data set with verify_dataset({str(path.parent)!r})")
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if hasattr(mmap, "MADV_RANDOM"):
         mm.madvise(mmap.MADV_RANDOM)
     count = int(np.prod(shape, dtype=np.int64))
-    return np.frombuffer(mm, dtype=NPY_DTYPE, count=count, offset=offset).reshape(shape)
+    return np.frombuffer(mm, dtype=dtype, count=count, offset=offset).reshape(shape)

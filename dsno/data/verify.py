@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from dsno.data.manifest import ROLES, CorruptShardError, Manifest, ShardRecord, write_json_atomic
+from dsno.data.manifest import CorruptShardError, Manifest, ShardRecord, write_json_atomic
 from dsno.data.shards import check_shard_content, check_shard_layout
 from dsno.jsonfile import read_json_file
 
@@ -108,7 +108,7 @@ class ShardVerifier:
         """(index, file name, what) for each bad file of listed shard `index`; records good ones."""
         rec: ShardRecord = self._records[index]
         found = []
-        for role in ROLES:
+        for role in self.manifest.roles:
             name = rec.files[role].name
             what = check_shard_layout(self.folder, self.manifest, rec, role)
             key = file_key(self.folder / name, rec.files[role].sha256)

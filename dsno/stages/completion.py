@@ -28,6 +28,8 @@ OUTPUTS = {"train": (CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG),
 # how a stage reads or starts, not what it makes
 NOT_OUTPUT_SHAPING = {("train", "resume"), ("data", "dir"), ("data", "repair"), ("data", "verify"),
                       ("data", "num_workers")}
+# keys added after runs were first stamped: left out while at their default, so those runs stay complete
+LATER_KEYS = {("data", "class_weights"): None}
 
 
 def stamp(rc: RunConfig, stage: str) -> str:
@@ -36,6 +38,9 @@ def stamp(rc: RunConfig, stage: str) -> str:
     values = {k: _plain(getattr(rc, k)) for k in keys}
     for section, key in NOT_OUTPUT_SHAPING:
         values[section].pop(key, None)
+    for (section, key), default in LATER_KEYS.items():
+        if section in values and values[section].get(key, default) == default:
+            values[section].pop(key, None)
     text = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -27,8 +27,9 @@ def solver_spec(sc: SolverConfig) -> dict[str, Any]:
 
 def make_solve(teacher: Teacher, sc: SolverConfig, grid: torch.Tensor, times: list[float],
                device: torch.device | str = "cpu", precision: str = "fp32", compile: bool = False,
-               channels_last: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """solve(x_T: [b, C, H, W]) -> states [b, M, C, H, W] float32 at the output times.
+               channels_last: bool = False) -> Callable[..., torch.Tensor]:
+    """solve(x_T: [b, C, H, W], labels: [b] long or None) -> states [b, M, C, H, W] float32 at the
+    output times; labels: the class of each trajectory for a conditional teacher (its guidance).
 
     For a neural teacher (one with a `.network`), precision="bf16" runs the network under bf16
     autocast (the solver's arithmetic stays float32), channels_last and compile (torch.compile,
@@ -45,10 +46,10 @@ def make_solve(teacher: Teacher, sc: SolverConfig, grid: torch.Tensor, times: li
     autocast = dtype == torch.float32 and precision == "bf16"
 
     @torch.no_grad()
-    def solve(x_T: torch.Tensor) -> torch.Tensor:
+    def solve(x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = prior_state(teacher, x_T.to(device=device, dtype=dtype))
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-            traj = sample(teacher, x, grid, solver=sc.name, order=sc.order, return_trajectory=idx,
+            traj = sample(teacher, x, grid, solver=sc.name, order=sc.order, return_trajectory=idx, cond=labels,
                           **sc.solve_options())
         return traj.transpose(0, 1).to(torch.float32).cpu()
 
@@ -59,9 +60,35 @@ def fingerprint(rc: RunConfig, teacher: Teacher, grid: torch.Tensor, shape: tupl
     """What a trajectory data set must match to be used with this config."""
     solver = {**solver_spec(rc.solver), "precision": rc.data.precision if teacher.solve_dtype == torch.float32
               else "float64"}
-    return {"teacher": teacher.fingerprint(), "solver": solver,
-            "grid": [float(t) for t in grid], "times": [float(t) for t in rc.data.times],
-            "sample_shape": list(shape), "dtype": "float32"}
+    fp = {"teacher": teacher.fingerprint(), "solver": solver,
+          "grid": [float(t) for t in grid], "times": [float(t) for t in rc.data.times],
+          "sample_shape": list(shape), "dtype": "float32"}
+    weights = class_weights(rc, teacher)
+    if weights:
+        from dsno.data.generate import LABELS, label_rule
+        fp[LABELS] = label_rule(weights)
+    return fp
+
+
+def class_weights(rc: RunConfig, teacher: Teacher) -> list[float]:
+    """The weights the trajectories' labels are drawn with: data.class_weights, else the teacher's own
+    (`class_weights`), else uniform; [] for an unconditional teacher. ConfigError when
+    data.class_weights does not fit the teacher."""
+    from dsno.config import _fail
+    name = getattr(teacher, "name", None) or type(teacher).__name__
+    given = rc.data.class_weights
+    num_classes = getattr(teacher, "num_classes", None)      # PSLD teachers have none
+    if num_classes is None:
+        if given is not None:
+            _fail("data.class_weights", given, f"is for a class-conditional teacher; teacher {name} is "
+                  f"unconditional: remove it")
+        return []
+    if given is None:
+        own = getattr(teacher, "class_weights", None)
+        return [1.0] * num_classes if own is None else [float(w) for w in own]
+    if len(given) != num_classes:
+        _fail("data.class_weights", given, f"needs one weight per class of teacher {name} ({num_classes} classes)")
+    return list(given)
 
 
 def generate(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...], progress: bool = True):

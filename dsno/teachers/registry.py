@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-BUILTIN_MODULES = ("dsno.teachers.mnist_gmm", "dsno.teachers.gmm", "dsno.teachers.unet", "dsno.teachers.diffusers",
-                   "dsno.teachers.psld_gmm", "dsno.teachers.psld_unet")
+BUILTIN_MODULES = ("dsno.teachers.mnist_gmm", "dsno.teachers.mnist_gmm_cond", "dsno.teachers.gmm",
+                   "dsno.teachers.unet", "dsno.teachers.diffusers", "dsno.teachers.psld_gmm", "dsno.teachers.psld_unet")
 _KINDS: dict[str, "TeacherKind"] = {}
 
 

@@ -13,7 +13,6 @@ import os
 import sys
 from typing import Iterator
 
-from dsno.jsonfile import read_json_file  # noqa: F401  (re-exported: the one bounded JSON reader)
 
 
 class UserError(ValueError):

@@ -110,7 +110,8 @@ def output_parameterization(rc: RunConfig, teacher: Teacher) -> dict[str, Any]:
 def student_config(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> SamplerConfig:
     """The build config of the DSNO student (see dsno.nn.build_dsno), checked on construction."""
     bb = rc.model.backbone
-    if bb.type == "teacher":
+    num_classes = getattr(teacher, "num_classes", None)       # a conditional student takes the teacher's labels
+    if bb.type == "teacher":        # a copied network keeps its class embedding
         backbone = teacher_backbone_config(teacher)
         time_input = teacher.time_input_spec
     else:        # a fresh backbone of an augmented process emits only the data part of each state
@@ -119,12 +120,14 @@ def student_config(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> S
             "base_channels": bb.base_channels, "channel_mult": list(bb.channel_mult),
             "num_res_blocks": bb.num_res_blocks, "attn_resolutions": list(bb.attn_resolutions),
             "dropout": bb.dropout}}
+        if num_classes is not None:     # a fresh backbone gets a class embedding
+            backbone["kwargs"]["num_classes"] = num_classes
         time_input = "continuous"
     records = ({"process": teacher.process.to_dict(), "data_channels": teacher.data_channels} if teacher.augmented
                else {"schedule": teacher.schedule.to_dict()})
     return SamplerConfig(backbone=backbone, time_input=time_input, times=tuple(float(t) for t in rc.data.times),
                          modes=rc.model.modes, **output_parameterization(rc, teacher), image_shape=tuple(shape),
-                         experiment=rc.experiment, **records)
+                         experiment=rc.experiment, num_classes=num_classes, **records)
 
 
 def teacher_backbone_config(teacher: Teacher) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Checks of the tensors users hand to the public API (`dsno.sample`, a loaded sampler).
 
     check_noise(x_T, shape=(1, 16, 16))     # a floating-point tensor [B, *shape], finite; else InputError
+    check_class_labels(labels, 10, batch=B)  # a LongTensor [B] in [0, 10) (None for num_classes None)
 """
 
 from __future__ import annotations
@@ -29,3 +30,30 @@ def check_noise(x_T: Any, shape: Sequence[int] | None = None, name: str = "x_T")
         raise InputError(f"{name} holds {bad} non-finite values (NaN or infinity); pass finite noise, e.g. "
                          f"torch.randn(B, {want[4:-1] if shape is not None else '...'})")
     return x_T
+
+
+def check_class_labels(labels: Any, num_classes: int | None, batch: int | None = None, name: str = "labels",
+                       owner: str = "this sampler", error: type[UserError] = InputError) -> torch.Tensor | None:
+    """labels as a LongTensor [B] in [0, num_classes) (B = batch when given), or None when num_classes
+    is None (unconditional: labels must be None); else one `error` naming `name` and `owner`."""
+    if num_classes is None:
+        if labels is not None:
+            raise error(f"{owner} is unconditional and takes no class labels: drop {name}")
+        return None
+    want = f"a LongTensor [B] in [0, {num_classes})"
+    if labels is None:
+        raise error(f"{owner} is class-conditional ({num_classes} classes): pass {name}, {want}, one per sample")
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise error(f"{name} must be {want}, got {type(labels).__name__}") from None
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise error(f"{name} must be {want}, got dtype {labels.dtype}")
+    if labels.ndim != 1 or labels.shape[0] == 0 or (batch is not None and labels.shape[0] != batch):
+        rows = f"{batch} (one per sample)" if batch is not None else "one per sample"
+        raise error(f"{name} must be {want} with {rows} labels, got shape {tuple(labels.shape)}")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise error(f"{name} holds label {low if low < 0 else high}, outside [0, {num_classes}) of {owner} "
+                    f"({num_classes} classes)")
+    return labels.long()

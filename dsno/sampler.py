@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from dsno.errors import UnsafeFileError, UserError, UserFileNotFoundError
-from dsno.inputs import InputError, check_noise
+from dsno.inputs import InputError, check_class_labels, check_noise
 from dsno.jsonfile import read_json_file
 from dsno.nn import DSNO, build_dsno
 from dsno.nn.config import ConfigError, SamplerConfig, as_config
@@ -157,17 +157,21 @@ class Sampler(abc.ABC):
         self.data_range: tuple[float, float] = config.data_range
         self.data_channels: int = config.data_channels or self.image_shape[0]
         self.output_channels: int = config.output_channels     # C, or data_channels: the data part only
+        self.num_classes: int | None = config.num_classes       # class-conditional: labels in [0, num_classes)
 
     @abc.abstractmethod
-    def _run(self, x_T: torch.Tensor) -> torch.Tensor:
-        """float32 [B, C, H, W] -> [B, M, c, H, W] (c = `output_channels`)."""
+    def _run(self, x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [B, C, H, W], labels [B] long (a conditional sampler's) -> [B, M, c, H, W]
+        (c = `output_channels`)."""
 
-    def __call__(self, x_T: torch.Tensor) -> torch.Tensor:
-        """x_T [B, C, H, W] (float) -> the M trajectory points [B, M, c, H, W] (float32, x_T's device):
-        whole states (c = C), or an augmented student's data part (c = data_channels)."""
+    def __call__(self, x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x_T [B, C, H, W] (float), labels [B] long in [0, num_classes) for a class-conditional sampler
+        (None for an unconditional one) -> the M trajectory points [B, M, c, H, W] (float32, x_T's
+        device): whole states (c = C), or an augmented student's data part (c = data_channels)."""
         check_noise(x_T, self.image_shape)
+        labels = check_class_labels(labels, self.num_classes, batch=x_T.shape[0])
         with torch.inference_mode():
-            return self._run(x_T.float()).to(x_T.device)
+            return self._run(x_T.float(), labels).to(x_T.device)
 
     def sample(self, n: int, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
         """n images [n, c, H, W] (CPU, float32): the last time's output, its first c = data_channels
@@ -202,8 +206,8 @@ class TorchSampler(Sampler):
         self.model = load_dsno(config, path / FORM_FILES[self.form]).to(self.device)
         set_temporal_impl(self.model, "auto")      # the same map, as a matrix on the CPU (faster there)
 
-    def _run(self, x_T: torch.Tensor) -> torch.Tensor:
-        return self.model(x_T.to(self.device))
+    def _run(self, x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x_T.to(self.device), None if labels is None else labels.to(self.device))
 
 
 class ProgramSampler(Sampler):
@@ -242,8 +246,9 @@ class ExportedProgramSampler(ProgramSampler):
             program = move_to_device_pass(program, self.device)
         self.module = program.module()
 
-    def _run(self, x_T: torch.Tensor) -> torch.Tensor:
-        return self.module(x_T.to(self.device))
+    def _run(self, x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        args = (x_T,) if labels is None else (x_T, labels)
+        return self.module(*(a.to(self.device) for a in args))
 
 
 class OnnxSampler(ProgramSampler):
@@ -270,8 +275,11 @@ class OnnxSampler(ProgramSampler):
                                    f"it takes {[tuple(i.shape) for i in inputs]}")
         self.input_name = inputs[0].name
 
-    def _run(self, x_T: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x_T.detach().cpu().numpy()})[0]
+    def _run(self, x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        feed = {self.input_name: x_T.detach().cpu().numpy()}
+        if labels is not None:
+            feed[self.label_input_name] = labels.detach().cpu().numpy()
+        out = self.session.run(None, feed)[0]
         return torch.from_numpy(out)
 
 

@@ -18,7 +18,8 @@ backbone records of teacher weights (`check_unet_kwargs`, `check_diffusers_unet_
      "parameterization": {"kind": "state" | "denoised", ...} (optional, a record),
      "image_shape": [C, H, W], "data_range": [lo, hi], "schedule": {...} (VPSchedule.to_dict()),
      "data_channels": c (optional: an augmented process's states [C, H, W] hold the data in the first c
-     channels, the momentum after them; "process": its record), "experiment": name (optional)}
+     channels, the momentum after them; "process": its record), "experiment": name (optional),
+     "num_classes": K (optional: a class-conditional DSNO, called with labels [B] in [0, K))}
 The backbone takes image_shape's C channels and emits C (whole states) or data_channels (the data
 part of each state, an augmented student's; see `SamplerConfig.output_channels`).
 """
@@ -45,6 +46,7 @@ MAX_LEVELS = 8                  # resolutions of a UNet
 MAX_RES_BLOCKS = 16             # residual units per level
 MAX_TIMES = 1024                # output times M
 MAX_TRAIN_TIMESTEPS = 100_000   # discrete time steps (time_input, scheduler configs)
+MAX_CLASSES = 100_000           # class labels of a conditional backbone
 BOUNDS_HINT = (f"bounds: channels <= {MAX_CHANNELS}, image side <= {MAX_IMAGE_SIDE}, layer width <= {MAX_WIDTH}, "
                f"<= {MAX_TIMES} times, <= {MAX_TRAIN_TIMESTEPS:,} time steps")
 
@@ -142,6 +144,10 @@ def check_unet_kwargs(kwargs: Any, where: str = "backbone kwargs") -> dict[str, 
         check_int(f"{where}['attn_resolutions'] entries", r, 1, MAX_IMAGE_SIDE)
     check_number(f"{where}['dropout']", args["dropout"], 0.0, 1.0)
     check_number(f"{where}['time_scale']", args["time_scale"], 0.0, 1e9)
+    if args["num_classes"] is None:
+        del args["num_classes"]     # unconditional: the record (and so a teacher's fingerprint) as before
+    else:
+        check_int(f"{where}['num_classes']", args["num_classes"], 1, MAX_CLASSES)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
 
 
@@ -192,6 +198,14 @@ def backbone_io(backbone: dict[str, Any]) -> tuple[int, int, Optional[tuple[int,
     return args["in_channels"], args["out_channels"], sizes
 
 
+def backbone_classes(backbone: dict[str, Any]) -> Optional[int]:
+    """The class labels a checked "backbone" entry embeds (UNet `num_classes`, diffusers `num_class_embeds`);
+    None for an unconditional backbone."""
+    if backbone["type"] == "unet":
+        return backbone.get("kwargs", {}).get("num_classes")
+    return backbone["config"].get("num_class_embeds")
+
+
 def check_backbone(backbone: Any) -> dict[str, Any]:
     """A "backbone" entry: {"type": "unet", "kwargs": {...}} or {"type": "diffusers_unet2d", "config": {...}}."""
     kind = backbone.get("type") if isinstance(backbone, dict) else None
@@ -231,6 +245,7 @@ class SamplerConfig:
     net_times: PerTime = None
     data_range: tuple[float, float] = (-1.0, 1.0)
     data_channels: Optional[int] = None
+    num_classes: Optional[int] = None
     parameterization: Optional[dict[str, Any]] = None
     schedule: Optional[dict[str, Any]] = None
     process: Optional[dict[str, Any]] = None
@@ -263,6 +278,8 @@ class SamplerConfig:
         if self.data_channels is not None:
             check_int("config['data_channels'] (the leading channels of a state that are the data)",
                       self.data_channels, 1, shape[0])
+        if self.num_classes is not None:
+            check_int("config['num_classes'] (labels in [0, num_classes))", self.num_classes, 1, MAX_CLASSES)
         param = self.parameterization
         if param is not None and not (isinstance(param, dict) and param.get("kind") in ("state", "denoised")):
             raise ConfigError(f"config['parameterization'] must be a dict with kind 'state' or 'denoised', "
@@ -273,6 +290,7 @@ class SamplerConfig:
         if self.experiment is not None and not isinstance(self.experiment, str):
             raise ConfigError(f"config['experiment'] must be a name, got {show(self.experiment)}")
         self._check_backbone_shape()
+        self._check_backbone_classes()
 
     def _put(self, name: str, value: Any) -> None:
         """Store a field's normalised value (tuples, floats) on the frozen instance."""
@@ -295,6 +313,15 @@ class SamplerConfig:
             raise ConfigError(f"config['image_shape'] {list(self.image_shape)} does not match the backbone "
                               f"(in_channels={c_in}, out_channels={c_out}, image size={list(sizes)}); it must take "
                               f"C channels and emit C or data_channels ({data_channels})")
+
+    def _check_backbone_classes(self) -> None:
+        embeds = backbone_classes(self.backbone)
+        fits = embeds is None if self.num_classes is None else embeds is not None and embeds >= self.num_classes
+        if not fits:
+            raise ConfigError(f"config['num_classes'] {show(self.num_classes)} does not match the backbone, which "
+                              f"embeds {embeds if embeds is not None else 'no'} class labels: a conditional sampler "
+                              "needs a backbone with a class embedding of at least num_classes labels, an "
+                              "unconditional one a backbone without")
 
     @property
     def output_channels(self) -> int:

@@ -42,14 +42,17 @@ class WithTemporal(nn.Module):
 
 
 class DiffusersUNet(nn.Module):
-    """Adapter: a diffusers `UNet2DModel` called as fn(x, t) -> tensor (its output's `.sample`)."""
+    """Adapter: a diffusers `UNet2DModel` called as fn(x, t, labels=None) -> tensor (its output's `.sample`;
+    labels: its `class_labels`)."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t).sample
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return self.unet(x, t).sample
+        return self.unet(x, t, class_labels=labels).sample
 
 
 class DiscreteTime:
@@ -158,14 +161,20 @@ class DSNO(nn.Module):
         self.register_buffer("in_scale", torch.tensor(in_scale, dtype=torch.float32), persistent=False)
         self.register_buffer("net_times", torch.tensor(net_times, dtype=torch.float32), persistent=False)
 
-    def forward(self, x_T: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x_T [B, C, H, W], labels [B] long (a class-conditional backbone's; None: none passed)
+        -> [B, M, c, H, W]."""
         b, m = x_T.shape[0], self.num_times
         per_time = (1, m, *([1] * (x_T.ndim - 1)))
         x = (self.in_scale.to(x_T.dtype).reshape(per_time) * x_T.unsqueeze(1)).reshape(b * m, *x_T.shape[1:])
         t = self.net_times.repeat(b)
         if self.time_input is not None:
             t = self.time_input(t)
-        net = self.backbone(x, t).reshape(b, m, -1, *x_T.shape[2:])
+        if labels is None:
+            net = self.backbone(x, t)
+        else:          # branch m of sample i is row i * M + m: each label repeated M times
+            net = self.backbone(x, t, labels.repeat_interleave(m))
+        net = net.reshape(b, m, -1, *x_T.shape[2:])
         # a backbone with fewer output channels than inputs (an augmented student's data part) skips from
         # the leading channels of x_T
         return (self.skip.to(net.dtype).reshape(per_time) * x_T[:, :net.shape[2]].unsqueeze(1)

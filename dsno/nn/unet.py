@@ -121,12 +121,15 @@ class UNet(nn.Module):
     Middle: a unit with attention, then one without. Up path: per level, `num_res_blocks + 1`
     units fed with the concatenated skips, then an Upsample (except at the top level).
     Attention is used at every resolution listed in `attn_resolutions` (in pixels).
+    num_classes: class-conditional (a label embedding of num_classes + 1 rows, the last the null
+    label, added to the time embedding); None: unconditional.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 32,
                  channel_mult: Sequence[int] = (1, 2), num_res_blocks: int = 1,
                  attn_resolutions: Sequence[int] = (8,), image_size: int = 16, dropout: float = 0.0,
-                 time_scale: float = 1000.0, num_groups: int = 8, num_heads: int = 1):
+                 time_scale: float = 1000.0, num_groups: int = 8, num_heads: int = 1,
+                 num_classes: int | None = None):
         super().__init__()
         levels = len(channel_mult)
         if levels < 1 or num_res_blocks < 1:
@@ -146,6 +149,9 @@ class UNet(nn.Module):
 
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_channels), nn.SiLU(),
                                       nn.Linear(emb_channels, emb_channels))
+        self.num_classes = num_classes
+        # class c's embedding is row c, the null label's (the unconditional branch) row num_classes
+        self.label_emb = None if num_classes is None else nn.Embedding(num_classes + 1, emb_channels)
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -178,11 +184,19 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(min(num_groups, ch), ch)
         self.conv_out = zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, H, W], t [B] (or a scalar) in [0, 1], labels [B] long in [0, num_classes] (num_classes:
+        the null label; None: every row null) for a class-conditional UNet -> [B, out_channels, H, W]."""
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_mlp(timestep_embedding(t * self.time_scale, self.base_channels).to(x.dtype))
+        if self.label_emb is not None:
+            if labels is None:
+                labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.label_emb(labels).to(emb.dtype)
+        elif labels is not None:
+            raise ValueError("this UNet is unconditional (num_classes None) and takes no labels")
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:

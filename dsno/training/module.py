@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import lightning as L
 import torch
@@ -13,6 +14,13 @@ from dsno.training.losses import TrajectoryLoss
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf."""
+
+
+def unpack(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x_T [B, C, H, W], states [B, M, C, H, W], labels [B] long or None) of a data set's batch: a
+    conditional data set's batches carry the class labels third."""
+    x_T, states, *rest = batch
+    return x_T, states, rest[0] if rest else None
 
 
 def non_finite_loss_message(loss: float, step: int, last_ckpt: Path | None) -> str:
@@ -57,12 +65,12 @@ class DSNOModule(L.LightningModule):
                             "the EMA became Lightning's callback, or by another program); use another run_dir or "
                             "train.resume=false to start over")
 
-    def forward(self, x_T: torch.Tensor) -> torch.Tensor:
-        return self.model(x_T)
+    def forward(self, x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x_T, labels)
 
     def training_step(self, batch, batch_idx):
-        x_T, states = batch
-        pred = self.model(x_T)
+        x_T, states, labels = unpack(batch)
+        pred = self.model(x_T, labels)
         loss, per_time = self.loss(pred, states[:, :, :pred.shape[2]])
         if not torch.isfinite(loss):
             ckpt = getattr(self._trainer, "checkpoint_callback", None)
@@ -74,8 +82,8 @@ class DSNOModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        x_T, states = batch
-        pred = self.model(x_T)
+        x_T, states, labels = unpack(batch)
+        pred = self.model(x_T, labels)
         states = states[:, :, :pred.shape[2]]
         if batch_idx == 0:
             self.val_samples = pred[:self.num_val_samples, -1].detach().float().cpu()

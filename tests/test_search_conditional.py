@@ -118,7 +118,9 @@ def test_a_conditional_teacher_without_an_unconditional_branch_is_searched_on_la
 @pytest.mark.parametrize("make,weights,msg", [
     (conditional_mixture, [1.0, 1.0], r"^class weights \[1.0, 1.0\]: need one weight per class of teacher gmm_cond "
                                       r"\(3 classes\)$"),
-    (conditional_mixture, [0.0, 0.0, 0.0], r"^class weights must be finite numbers >= 0, one per class, not all 0"),
+    (conditional_mixture, [0.0, 0.0, 0.0], r"^class weights \[0.0, 0.0, 0.0\]: must be finite numbers >= 0, one per "
+                                           r"class of teacher gmm_cond \(3 classes\), not all 0$"),
+    (conditional_mixture, ["a", 1.0, 1.0], r"^class weights \['a', 1.0, 1.0\]: must be finite numbers"),
     (mixture, [1.0], r"^class weights \[1.0\] are for a class-conditional teacher; teacher gmm is unconditional: "
                      r"drop them$"),
 ])

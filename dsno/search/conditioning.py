@@ -43,14 +43,15 @@ class Conditioning:
         if class_weights is None:
             own = getattr(teacher, "class_weights", None)
             class_weights = [1.0] * num_classes if own is None else [float(w) for w in own]
-        weights = tuple(float(w) for w in class_weights)
+        try:
+            weights = tuple(float(w) for w in class_weights)
+            label_rule(weights)
+        except (TypeError, ValueError):
+            raise SearchError(f"class weights {list(class_weights)}: must be finite numbers >= 0, one per class "
+                              f"of teacher {name} ({num_classes} classes), not all 0") from None
         if len(weights) != num_classes:
             raise SearchError(f"class weights {list(weights)}: need one weight per class of teacher {name} "
                               f"({num_classes} classes)")
-        try:
-            label_rule(weights)
-        except ValueError as e:
-            raise SearchError(str(e)) from None
         return cls(weights, check_guidance(teacher, getattr(teacher, "guidance", 0.0)))
 
     def fingerprint(self) -> dict[str, Any]:

@@ -90,14 +90,6 @@ def test_val_noise_never_reaches_training_on_any_rank_or_resume(trained):
     assert other.split_record() != data.split_record()
 
 
-def test_resume_with_another_split_is_refused_in_one_line(trained):
-    from dsno.errors import UserError
-    from dsno.stages.pipeline import run
-    with pytest.raises(UserError, match=r"another train/val split \(64 trajectories, 6 held out.*now 64 "
-                                        r"trajectories, 13 held out.*train.resume=false"):
-        run(_config(trained.run_dir, "data.val_fraction=0.2", "trainer.max_steps=7"), through="train")
-
-
 def test_gap_metrics_are_logged_and_scored_on_the_right_trajectories(trained):
     record = _record(trained.run_dir)
     rows = record["rows"]
@@ -170,7 +162,7 @@ def test_best_val_exports_the_lowest_val_step_and_resume_keeps_it(tmp_path, monk
     assert all(torch.equal(kept[k], ema[k]) for k in kept) and any(not torch.equal(kept[k], exported[k]) for k in kept)
 
 
-def test_weight_decay_reaches_the_optimizer(trained, tmp_path, monkeypatch):
+def test_weight_decay_reaches_the_optimizer(trained, tmp_path):
     from dsno.nn import build_dsno
     from dsno.training.losses import TrajectoryLoss
     from dsno.training.module import DSNOModule
@@ -197,7 +189,7 @@ def test_plain_distillation_m1_trains_and_exports(tmp_path):
     rc = _train(tmp_path / "m1", "data.times=[0.001]", "model.modes=1", through="export")
     sampler = load_sampler(tmp_path / "m1" / "sampler")
     assert list(sampler.times) == pytest.approx([0.001])
-    x = torch.randn(3, *rc_shape(rc))
+    x = torch.randn(3, *_shape(rc))
     out = sampler(x)
     assert out.shape == (3, 1, *x.shape[1:]) and torch.isfinite(out).all()
     model = _ema_of(tmp_path / "m1")
@@ -212,7 +204,7 @@ def test_plain_distillation_m1_trains_and_exports(tmp_path):
     assert rows and all(math.isfinite(r["val/rmse_final"]) for r in rows)
 
 
-def rc_shape(rc):
+def _shape(rc):
     from dsno.builders import build_teacher, sample_shape
     return sample_shape(build_teacher(rc.teacher))
 
@@ -234,3 +226,12 @@ def test_generalisation_keys_are_checked_in_one_line(tmp_path):
     # allowed: plain distillation, and no held-out trajectories when the last step is kept
     rc = _config(tmp_path / "r", "data.times=[0.001]", "model.modes=1", "data.val_fraction=0", "train.select=last")
     assert list(rc.data.times) == [0.001] and (rc.train.select, rc.data.val_fraction) == ("last", 0)
+
+
+def test_resume_with_another_split_is_refused_in_one_line(trained):
+    """Last in this file: it starts a run in `trained`'s folder (refused before any write)."""
+    from dsno.errors import UserError
+    from dsno.stages.pipeline import run
+    with pytest.raises(UserError, match=r"last.ckpt was trained with another train/val split \(64 trajectories, 6 held "
+                                        r"out.*now 64 trajectories, 13 held out.*train.resume=false"):
+        run(_config(trained.run_dir, "data.val_fraction=0.2", "trainer.max_steps=7"), through="train")

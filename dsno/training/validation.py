@@ -76,6 +76,7 @@ class HeldOutValidation(L.Callback):
         self.loaders: dict[str, Any] = {}
         self.split: dict[str, Any] = {}
         self.sizes: dict[str, int] = {}
+        self.resumed_from: str | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         data = trainer.datamodule
@@ -148,11 +149,15 @@ class HeldOutValidation(L.Callback):
         return {"rows": self.rows, "best_step": self.best_step, "best_weights": self.best_weights,
                 "split": self.split}
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.resumed_from = trainer.ckpt_path       # Lightning calls this hook before load_state_dict
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("split") and self.split and state["split"] != self.split:
-            raise UserError(f"the checkpoint was trained with another train/val split ({describe(state['split'])}; "
-                            f"now {describe(self.split)}): its held-out trajectories may have been trained on; "
-                            "use another run_dir or train.resume=false to start over")
+            raise UserError(f"{self.resumed_from or 'the checkpoint'} was trained with another train/val split "
+                            f"({describe(state['split'])}; now {describe(self.split)}: data.val_fraction, seed or the "
+                            "data set changed): its held-out trajectories may have been trained on; use another "
+                            "run_dir or train.resume=false to start over")
         self.rows = [dict(r) for r in state.get("rows", [])]
         self.best_step = state.get("best_step")
         self.best_weights = state.get("best_weights")

@@ -60,8 +60,8 @@ class HeldOutValidation(L.Callback):
     val/{loss,rmse_final}, train_subset/{loss,rmse_final} and gap/rmse_final (val minus train_subset)
     at that step with an EMA sample grid (val/ema_samples), and rewrites `path` (rank 0, atomically).
 
-    It runs in on_train_batch_end, after the EMA's update and before ModelCheckpoint's save (Lightning
-    orders checkpoint callbacks last), so the step-s checkpoint holds the step-s validation: its
+    It runs in on_train_batch_end, after the EMA's update (give it after the `EMA` callback) and before
+    ModelCheckpoint's save (Lightning orders checkpoint callbacks last), so the step-s checkpoint holds the step-s validation: its
     state (the rows, the best validation's step and EMA weights, the split's digest) resumes exactly.
     Every rank validates the whole held-out set (the loaders have no distributed sampler); rank 0 logs.
     """
@@ -80,6 +80,8 @@ class HeldOutValidation(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         data = trainer.datamodule
+        if not hasattr(data, "held_out_loaders"):       # fit without a StepTrajectoryData: nothing held out
+            return
         self.loaders = data.held_out_loaders()
         self.sizes = {name: len(loader.dataset) for name, loader in self.loaders.items()}
         self.split = data.split_record()

@@ -324,8 +324,8 @@ class DataConfig:
         _in_range("data.val_fraction", self.val_fraction, 0.0, 0.5, hi_open=True)
         _count("data.num_workers", self.num_workers, 256, "more loader processes than any machine has cores", lo=0)
         times = list(self.times)
-        if len(times) < 2:
-            _fail("data.times", times, "needs at least 2 output times (M >= 2)")
+        if len(times) < 1:
+            _fail("data.times", times, "needs at least 1 output time (M >= 1; M = 1 is plain distillation)")
         if len(times) > 256:
             _fail("data.times", f"[{len(times)} times]", "at most 256 output times (each is one backbone branch)")
         if any(not math.isfinite(t) for t in times):
@@ -398,9 +398,13 @@ class TrainConfig:
     grad_clip: float = doc_field(1.0, "gradient-norm clip (0: none)")
     resume: bool = doc_field(True, "continue from checkpoints/last.ckpt when it exists (false: start over)")
     checkpoint_every: int = doc_field(100, "steps between checkpoints (what a resumed run starts from)")
+    select: str = doc_field("best_val", "the EMA weights kept for export: best_val (those of the validation with the "
+                            "lowest val/rmse_final on held-out trajectories) or last (those of the last step)")
+    weight_decay: float = doc_field(0.0, "AdamW's decoupled weight decay (0: plain Adam)")
 
     def __post_init__(self) -> None:
         from dsno.training.losses import KINDS
+        from dsno.training.validation import SELECT
         _count("train.batch_size", self.batch_size, 65536, "larger batches only exhaust memory")
         _in_range("train.lr", self.lr, 0.0, 1.0, lo_open=True)
         _count("train.warmup_steps", self.warmup_steps, 10**9, "past any trainer.max_steps", lo=0)
@@ -412,6 +416,8 @@ class TrainConfig:
         _in_range("train.weight_min", self.weight_min, 0.0, self.weight_max, lo_open=True)
         _count("train.checkpoint_every", self.checkpoint_every, 10**9, "past any trainer.max_steps")
         _in_range("train.grad_clip", self.grad_clip, 0.0, 1e12)
+        _choice("train.select", self.select, SELECT)
+        _in_range("train.weight_decay", self.weight_decay, 0.0, 1e3)
 
 
 @dataclass
@@ -625,6 +631,9 @@ class RunConfig:
                   f"the {len(times)} output times (data.times) and the start time {t_max:g}")
         self._check_processes()
         self._check_solver_options(times)
+        if self.train.select == "best_val" and self.data.val_fraction == 0:
+            _fail("train.select", self.train.select, "needs held-out trajectories: set data.val_fraction > 0, "
+                  "or train.select=last")
         m = len(times)
         if self.model.modes > m // 2 + 1:
             _fail("model.modes", self.model.modes, f"must be <= M // 2 + 1 = {m // 2 + 1} for M = {m} output times")

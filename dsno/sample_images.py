@@ -80,8 +80,9 @@ def label_cycle(labels: Any, num_classes: int | None, sampler: str | os.PathLike
         return None
     if labels is None:
         raise InputError(f"{owner} is class-conditional ({num_classes} classes): pass {LABELS_HELP}")
-    cycle = list(range(num_classes)) if labels == "all" else [labels] if not isinstance(labels, (list, tuple)) \
-        else list(labels)
+    labels = labels.tolist() if isinstance(labels, (np.ndarray, np.generic, torch.Tensor)) else labels
+    cycle = list(range(num_classes)) if labels == "all" else list(labels) if isinstance(labels, (list, tuple)) \
+        else [labels]
     if not cycle or not all(isinstance(k, int) and not isinstance(k, bool) for k in cycle):
         raise InputError(f"labels={labels!r}: need integer classes in [0, {num_classes}); {LABELS_HELP}")
     return check_class_labels(cycle, num_classes, name=f"labels={labels!r}", owner=owner).tolist()
@@ -253,7 +254,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         npz = write_samples(opts.sampler, opts.n, opts.out, seed=opts.seed, batch_size=opts.batch_size,
                             form=opts.form, chunk_size=opts.chunk_size, trust_program=opts.trust_program,
                             labels=opts.labels)
-    print(f"wrote {npz} and {npz.parent / 'png'}/")
+    labels = npz.parent / LABELS_FILE
+    also = f" and {labels} (each image's class)" if labels.is_file() else ""
+    print(f"wrote {npz} and {npz.parent / PNG_DIR}/{also}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from dsno.errors import UnsafeFileError, UserError, UserFileNotFoundError
-from dsno.inputs import InputError, check_class_labels, check_noise, sample_labels
+from dsno.inputs import InputError, check_noise, sample_labels
 from dsno.jsonfile import read_json_file
 from dsno.nn import DSNO, build_dsno
 from dsno.nn.config import ConfigError, SamplerConfig, as_config
@@ -171,11 +171,11 @@ class Sampler(abc.ABC):
         (c = `output_channels`)."""
 
     def __call__(self, x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x_T [B, C, H, W] (float), labels [B] long in [0, num_classes) for a class-conditional sampler
-        (None for an unconditional one) -> the M trajectory points [B, M, c, H, W] (float32, x_T's
+        """x_T [B, C, H, W] (float), labels [B] long in [0, num_classes) (or one int for every row) for a
+        class-conditional sampler (None for an unconditional one) -> the M trajectory points [B, M, c, H, W] (float32, x_T's
         device): whole states (c = C), or an augmented student's data part (c = data_channels)."""
         check_noise(x_T, self.image_shape)
-        labels = check_class_labels(labels, self.num_classes, batch=x_T.shape[0])
+        labels = sample_labels(labels, self.num_classes, x_T.shape[0])
         with torch.inference_mode():
             return self._run(x_T.float(), labels).to(x_T.device)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from dsno import export as export_module
 from dsno.errors import UserError
 from dsno.export import export_sampler, save_pt2
 from dsno.inputs import InputError
@@ -130,6 +131,20 @@ def test_three_forms_take_labels_and_give_the_same_images(model, folder):
     assert load_sampler(folder, form="onnx").label_input_name == "labels"
 
 
+def test_export_verification_runs_every_form_on_the_same_labels(model, folder):
+    config = SamplerConfig.from_dict(CONFIG)
+    x_T, labels = export_module.example_inputs(config, 3, seed=1)
+    assert x_T.shape == (3, 1, 8, 8) and labels.dtype == torch.int64 and labels.ne(0).any()
+
+    class IgnoresLabels(nn.Module):
+        def forward(self, x_T, labels):
+            return model(x_T, torch.zeros_like(labels))
+
+    for form in ("pt2", "onnx"):       # the export of `folder` passed the same check with the model itself
+        with pytest.raises(RuntimeError, match=f"exported form '{form}' differs from the model"):
+            export_module._verify(IgnoresLabels(), folder, [form], config)
+
+
 def test_sample_takes_an_int_or_n_labels(folder):
     sampler = load_sampler(folder, form="pt2")
     threes = sampler.sample(4, seed=7, labels=3)
@@ -139,6 +154,8 @@ def test_sample_takes_an_int_or_n_labels(folder):
     mixed = sampler.sample(4, seed=7, labels=[3, 5, 3, 5], batch_size=3)    # labels follow their images
     assert torch.allclose(mixed[0::2], threes[0::2], atol=1e-5) and torch.allclose(mixed[1::2], fives[1::2], atol=1e-5)
     assert torch.equal(sampler.sample(0, labels=3), torch.zeros(0, 1, 8, 8))
+    x = noise(3)
+    assert torch.equal(sampler(x, 4), sampler(x, torch.tensor([4, 4, 4])))     # an int labels every row
 
 
 @pytest.mark.parametrize("call,message", [
@@ -171,6 +188,19 @@ def test_a_program_whose_inputs_do_not_match_its_config_is_refused_in_one_line(f
     for form in ("pt2", "onnx"):
         message = one_line_error(lambda: load_sampler(unconditional, form=form), SamplerFileError)
         assert f"sampler.{form} takes 2 input(s), but its config.json declares an unconditional sampler" in message
+
+    class FloatLabels(nn.Module):   # two inputs, but the labels are not int64 [B]
+        def forward(self, x_T, labels):
+            return torch.stack([x_T, x_T * labels[:, None, None, None]], dim=1)
+
+    float_labels = tmp_path / "float-labels"
+    shutil.copytree(folder, float_labels)
+    torch.onnx.export(FloatLabels(), (noise(2), torch.ones(2)), str(float_labels / "sampler.onnx"), dynamo=False,
+                      input_names=["x_T", "labels"], output_names=["trajectory"],
+                      dynamic_axes={"x_T": {0: "batch"}, "labels": {0: "batch"}, "trajectory": {0: "batch"}})
+    _resign(float_labels)
+    assert "sampler.onnx must take x_T [B, 1, 8, 8] and labels [B] int64 (6 classes) and return" in one_line_error(
+        lambda: load_sampler(float_labels, form="onnx"), SamplerFileError)
 
     class OneInput(nn.Module):      # an unconditional program beside a conditional config
         def forward(self, x_T):
@@ -207,7 +237,7 @@ def test_sample_images_cycles_the_labels_and_records_them(folder, tmp_path):
     listed = tmp_path / "listed"
     write_samples(folder, 5, listed, seed=2, chunk_size=4, progress=False, labels=[4, 1])
     assert np.load(listed / "labels.npy").tolist() == [4, 1, 4, 1, 4]
-    write_samples(folder, 3, tmp_path / "one", seed=2, progress=False, labels=5)
+    write_samples(folder, 3, tmp_path / "one", seed=2, progress=False, labels=np.int64(5))
     assert np.load(tmp_path / "one" / "labels.npy").tolist() == [5, 5, 5]
     assert "different labels" in one_line_error(
         lambda: write_samples(folder, 7, out, seed=2, chunk_size=4, progress=False, labels=[1]), UserError)
@@ -235,3 +265,6 @@ def test_sample_images_label_errors_are_one_line(folder, tmp_path, capsys):
     assert "is unconditional and takes no class labels: drop labels=3" in _cli_error(
         capsys, [f"sampler={tmp_path / 'v1'}", "n=3", out, "labels=3"])
     assert not (tmp_path / "o").exists()
+    sample_images_main([f"sampler={folder}", "n=3", out, "labels=[2,0]"])
+    assert "o/labels.npy (each image's class)" in capsys.readouterr().out
+    assert np.load(tmp_path / "o" / "labels.npy").tolist() == [2, 0, 2]

@@ -74,10 +74,8 @@ def label_cycle(labels: Any, num_classes: int | None, sampler: str | os.PathLike
     """The classes image i cycles through (image i gets cycle[i % len(cycle)]) for labels= an int, a list of
     ints or "all" (see LABELS_HELP); None for an unconditional sampler. One InputError line otherwise."""
     owner = f"the sampler at {sampler}"
-    if num_classes is None:
-        if labels is not None:
-            raise InputError(f"{owner} is unconditional and takes no class labels: drop labels={labels!r}")
-        return None
+    if num_classes is None:     # None, or the one-line refusal of labels
+        return check_class_labels(labels, None, name=f"labels={labels!r}", owner=owner)
     if labels is None:
         raise InputError(f"{owner} is class-conditional ({num_classes} classes): pass {LABELS_HELP}")
     labels = labels.tolist() if isinstance(labels, (np.ndarray, np.generic, torch.Tensor)) else labels

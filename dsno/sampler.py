@@ -172,8 +172,8 @@ class Sampler(abc.ABC):
 
     def __call__(self, x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """x_T [B, C, H, W] (float), labels [B] long in [0, num_classes) (or one int for every row) for a
-        class-conditional sampler (None for an unconditional one) -> the M trajectory points [B, M, c, H, W] (float32, x_T's
-        device): whole states (c = C), or an augmented student's data part (c = data_channels)."""
+        class-conditional sampler (None for an unconditional one) -> the M trajectory points [B, M, c, H, W]
+        (float32, x_T's device): whole states (c = C), or an augmented student's data part (c = data_channels)."""
         check_noise(x_T, self.image_shape)
         labels = sample_labels(labels, self.num_classes, x_T.shape[0])
         with torch.inference_mode():

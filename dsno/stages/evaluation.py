@@ -53,10 +53,34 @@ def timing_fields(t: dict[str, float], repeats: int) -> dict[str, Any]:
             "timing_repeats": repeats}
 
 
-def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int,
+Method = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]   # (noise, labels or None) -> samples
+
+
+def in_batches(fn: Method, x: torch.Tensor, labels: torch.Tensor | None, batch_size: int,
                device: torch.device | str) -> torch.Tensor:
-    """fn over x in batches of batch_size on `device`; the results concatenated on the CPU."""
-    return torch.cat([fn(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    """fn(noise, labels) over x (and its labels [N], or None) in batches of batch_size on `device`; the
+    results concatenated on the CPU."""
+    return torch.cat([fn(x[i:i + batch_size].to(device), None if labels is None else labels[i:i + batch_size].to(device))
+                      .cpu() for i in range(0, len(x), batch_size)])
+
+
+def eval_labels(rc: RunConfig, teacher, n: int) -> torch.Tensor | None:
+    """The class label of each of the n eval samples, long [n]: drawn from (eval.seed, i) with the teacher's
+    own class weights by the data stage's rule (`trajectory_labels`); None for an unconditional teacher."""
+    from dsno.data.generate import trajectory_labels
+    from dsno.stages.trajectories import teacher_class_weights
+    weights = teacher_class_weights(teacher)
+    return torch.from_numpy(trajectory_labels(rc.eval.seed, 0, n, weights)) if weights else None
+
+
+def scores_labels(rc: RunConfig, teacher, shape: tuple[int, ...]) -> bool:
+    """Whether eval scores label accuracy: a conditional teacher of the 10 digits whose kind declares
+    digit data (registered with digits=True) and makes 1-channel images, for the project's digit classifier."""
+    from dsno.metrics.digit_classifier import NUM_CLASSES
+    from dsno.teachers.registry import teacher_kinds
+    kind = teacher_kinds().get(rc.teacher.kind)
+    return (kind is not None and kind.digits and shape[0] == 1
+            and getattr(teacher, "num_classes", None) == NUM_CLASSES)
 
 
 def solver_runs(rc: RunConfig) -> list[dict[str, Any]]:
@@ -155,6 +179,8 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     from dsno.solvers import nfe as nfe_of
     from dsno.solvers import sample, timesteps, usf
     from dsno.solvers.reference import calls_per_batch, describe, reference_solve, rmse
+    from dsno.stages.trajectories import teacher_class_weights
+    from dsno.teachers.conditional import bind
 
     run_dir = Path(rc.run_dir)
     out = run_dir / "eval"
@@ -174,20 +200,24 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     out.mkdir(parents=True, exist_ok=True)
     n, bs, dtype, repeats = rc.eval.num_samples, rc.eval.batch_size, teacher.solve_dtype, rc.eval.timing_repeats
     x_T = torch.randn(n, *shape, generator=torch.Generator().manual_seed(rc.eval.seed))
+    labels = eval_labels(rc, teacher, n)         # every method gets the same labels (None: unconditional)
     t_end = rc.solver.t_end
 
-    def solve(grid: torch.Tensor, solver: str, as_dtype: torch.dtype = dtype, **kwargs: Any
-              ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A call that solves one batch of noise on `grid` with `solver`, in `as_dtype`: the final data."""
-        return lambda x: sample(teacher, prior_state(teacher, x.to(as_dtype)), grid, solver=solver,
-                                **kwargs)[:, :c].float()
+    def solve(grid: torch.Tensor, solver: str, as_dtype: torch.dtype = dtype, **kwargs: Any) -> Method:
+        """A call that solves one batch of noise (and its labels, under the teacher's guidance) on `grid`
+        with `solver`, in `as_dtype`: the final data."""
+        return lambda x, y: sample(teacher, prior_state(teacher, x.to(as_dtype)), grid, solver=solver, cond=y,
+                                   **kwargs)[:, :c].float()
 
     grid = solver_grid(teacher, rc.solver, [float(t) for t in rc.data.times])
     t_mid = float(grid[len(grid) // 2])
 
+    timed_labels = None if labels is None else labels[:bs].to(device)     # the labels of the timed batch
+
     def teacher_eval(x: torch.Tensor) -> torch.Tensor:
-        """One teacher evaluation (mid-grid): the unit of every method's measured cost."""
-        return teacher.eps(prior_state(teacher, x.to(dtype)), t_mid)
+        """One teacher evaluation (mid-grid; a conditional teacher's under its guidance, on the labels of the
+        timed batch): the unit of every method's measured cost."""
+        return bind(teacher, timed_labels).eps(prior_state(teacher, x.to(dtype)), t_mid)
 
     with torch.no_grad():
         teacher_eval(x_T[:bs].to(device))                            # warm-up
@@ -204,24 +234,30 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
         # reference by ~1e-7 RMSE, far below the reference's own step error, and runs 2.6x faster than float64)
         hook = teacher.register_forward_pre_hook(reference_progress(tick, calls))
         try:
-            ref = in_batches(lambda x: reference_solve(teacher, prior_state(teacher, x), t_end, steps,
-                                                       rc.eval.reference_rtol)[:, :c].float(), x_T, bs, device)
+            ref = in_batches(lambda x, y: reference_solve(bind(teacher, y), prior_state(teacher, x), t_end, steps,
+                                                          rc.eval.reference_rtol)[:, :c].float(), x_T, labels, bs,
+                             device)
         finally:
             hook.remove()
 
     finals: dict[str, torch.Tensor] = {"reference": ref}
+    with_accuracy = labels is not None and scores_labels(rc, teacher, image_shape)
+    if with_accuracy:
+        from dsno.metrics.fidelity import label_accuracy
     rows: list[dict[str, Any]] = []
     units: list[dict[str, float]] = []       # the teacher evaluation's timing beside each row's
 
-    def add_row(method: str, nfe: int, fn: Callable[[torch.Tensor], torch.Tensor], **extra: Any) -> None:
-        """Run fn over all the eval noise, time it `repeats` times on one batch, each time with one teacher
-        evaluation right after it (its cost in teacher evaluations), and score it against the reference."""
-        x = in_batches(fn, x_T, bs, device)
-        t = seconds_per_sample(fn, x_T[:bs].to(device), repeats, teacher_eval)
+    def add_row(method: str, nfe: int, fn: Method, **extra: Any) -> None:
+        """Run fn over all the eval noise (and labels), time it `repeats` times on one batch, each time with one
+        teacher evaluation right after it (its cost in teacher evaluations), and score it against the reference
+        (and the digit classifier, for label accuracy)."""
+        x = in_batches(fn, x_T, labels, bs, device)
+        t = seconds_per_sample(lambda z: fn(z, timed_labels), x_T[:bs].to(device), repeats, teacher_eval)
         cost = t["per_unit"]
+        accuracy = {"label_accuracy": label_accuracy(x, labels)} if labels is not None and with_accuracy else {}
         rows.append({"method": method, "nfe": nfe, "rmse_vs_reference": rmse(x, ref), **timing_fields(t, repeats),
                      "cost_teacher_evals": cost["median"], "cost_teacher_evals_min": cost["min"],
-                     "cost_teacher_evals_max": cost["max"], **extra})
+                     "cost_teacher_evals_max": cost["max"], **accuracy, **extra})
         units.append(t["unit"])
         finals[f"{method}@{nfe}"] = x
         log.info("eval: [%d/%d] %-36s NFE %3d  RMSE %.4f  %.3f ms/sample (median of %d, %.3f-%.3f), %.2f teacher "
@@ -232,7 +268,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     runs, schedules = solver_runs(rc), schedule_runs(rc)
     total = 2 + len(runs) + len(schedules)
     with torch.no_grad(), counter("eval", total) as advance:
-        add_row("dsno", 1, lambda z: sampler(z)[:, -1, :c], note=f"one pass, backbone on M={len(sampler.times)} time points")
+        add_row("dsno", 1, lambda z, y: sampler(z, y)[:, -1, :c], note=f"one pass, backbone on M={len(sampler.times)} time points")
 
         teacher_opts = rc.solver.solve_options()
         teacher_nfe = nfe_of(rc.solver.name, len(grid) - 1, order=rc.solver.order, **teacher_opts)
@@ -270,8 +306,14 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
               "teacher_eval": {**timing_fields(units[0], repeats), "t": t_mid},     # timed beside DSNO
               "fidelity": {k: v for k, v in fidelity.items() if k != "extractor"},
               "distillation": distillation_cost(run_dir, Path(rc.data.dir)), "rows": rows}
+    if labels is not None:        # a conditional run: what every method was asked for
+        result["conditions"] = {"guidance": float(getattr(teacher, "guidance", 0.0)),
+                                "class_weights": teacher_class_weights(teacher), "seed": rc.eval.seed,
+                                "labels": labels.tolist()}
+        if with_accuracy:
+            result["conditions"]["reference_label_accuracy"] = label_accuracy(ref, labels)
     from dsno.stages.report import write_report
-    write_report(result, finals, out, rc.eval.grid_samples)
+    write_report(result, finals, out, rc.eval.grid_samples, labels)
     from dsno import loggers
     own_logger = logger is None                # a W&B run of its own, linked to the training run
     if own_logger:

@@ -146,3 +146,21 @@ def test_an_unconditional_eval_records_no_labels(tmp_path):
                               "teacher_eval"]
     assert [r for r in result["rows"] if "label_accuracy" in r] == []
     assert "label accuracy" not in (tmp_path / "run" / "eval" / "report.md").read_text()
+
+
+def test_label_accuracy_is_scored_only_for_a_conditional_digit_teacher(conditional_run):
+    rc, *_ = conditional_run
+    teacher = build_teacher(rc.teacher)
+    assert evaluation.scores_labels(rc, teacher, (1, 8, 8))
+    assert not evaluation.scores_labels(rc, teacher, (3, 8, 8))            # not the digit classifier's images
+    plain = validate(compose("run_dir=/tmp/unused", *TINY_RUN))
+    assert not evaluation.scores_labels(plain, build_teacher(plain.teacher), (1, 16, 16))
+    assert evaluation.eval_labels(plain, build_teacher(plain.teacher), N) is None
+
+
+def test_the_wandb_table_gains_label_accuracy_only_when_scored():
+    from dsno.loggers import EVAL_COLUMNS, eval_columns
+    plain = [{"method": "dsno", "nfe": 1, "rmse_vs_reference": 0.1}]
+    assert eval_columns(plain) == EVAL_COLUMNS
+    scored = [{**plain[0], "label_accuracy": 0.9}, {"method": "ddim-1", "nfe": 1, "skipped": "x"}]
+    assert eval_columns(scored) == [*EVAL_COLUMNS[:3], "label_accuracy", *EVAL_COLUMNS[3:]]

@@ -164,3 +164,16 @@ def test_the_wandb_table_gains_label_accuracy_only_when_scored():
     assert eval_columns(plain) == EVAL_COLUMNS
     scored = [{**plain[0], "label_accuracy": 0.9}, {"method": "ddim-1", "nfe": 1, "skipped": "x"}]
     assert eval_columns(scored) == [*EVAL_COLUMNS[:3], "label_accuracy", *EVAL_COLUMNS[3:]]
+
+
+def test_a_complete_conditional_run_is_kept_and_another_guidance_is_not(conditional_run):
+    from dsno.run_files import CHECKPOINT_DIR
+    from dsno.stages import completion
+    rc, *_ = conditional_run
+    weights = sorted((Path(rc.run_dir) / CHECKPOINT_DIR).glob("*"))
+    before = {p: p.stat().st_mtime_ns for p in weights}
+    pipeline.run(rc, through="export")                     # complete for this config: nothing redone
+    assert {p: p.stat().st_mtime_ns for p in weights} == before
+    root = Path(rc.teacher.path).parent
+    assert completion.is_complete(_config(root), "train")
+    assert not completion.is_complete(_config(root, "teacher.guidance=2.0"), "train")

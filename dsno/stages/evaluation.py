@@ -1,5 +1,10 @@
-"""The evaluation stage: DSNO next to every solver on the same noise, scored against a
-float64 reference solution of the teacher's ODE and with torch-fidelity; a report out."""
+"""The evaluation stage: DSNO next to every solver on the same noise (and, for a class-conditional
+teacher, the same labels under its guidance), scored against a float64 reference solution of the
+teacher's ODE, with torch-fidelity and, for digits, the digit classifier's label accuracy; a report out.
+
+`run` is a straight line of named steps: load_setup -> eval_inputs -> cost_unit -> solve_reference ->
+the Planned runs (dsno_run, teacher_run, solver_runs, schedule_runs) -> run_methods (a MethodRun each,
+whose row() is its line of metrics.json) -> FID -> eval_result -> publish."""
 
 from __future__ import annotations
 

@@ -816,19 +816,10 @@ STAGES = {"data": ("data",), "train": ("data", "train", "export", "eval"), "eval
           "search": ("search",)}
 
 
-def refuse_conditional_student(kind: str) -> None:
-    """ConfigError: a class-conditional teacher's student (training, export, eval) is not built yet."""
-    raise ConfigError(f"config error: teacher={kind} is class-conditional, and the conditional student (labels in "
-                      f"training, export and eval) is not built yet: only its trajectories can be made "
-                      f"(python -m data_gen teacher={kind}), or pick an unconditional teacher")
-
-
 def check_run(c: RunConfig, stage: str) -> None:
     """Before `stage` (a key of STAGES) writes anything: the values of every stage it reaches that this
     machine and its files decide (hardware, weights files, writable folders). ConfigError (one line)."""
     reached = STAGES[stage]
-    if set(reached) & {"train", "eval"} and c.teacher.conditional:
-        refuse_conditional_student(c.teacher.kind)
     if set(reached) & {"data", "train", "eval"}:       # each of them is a W&B run (or CSV log)
         _check_logger(c.logger)
     if "data" in reached:

@@ -84,11 +84,20 @@ def class_weights(rc: RunConfig, teacher: Teacher) -> list[float]:
                   f"unconditional: remove it")
         return []
     if given is None:
-        own = getattr(teacher, "class_weights", None)
-        return [1.0] * num_classes if own is None else [float(w) for w in own]
+        return teacher_class_weights(teacher)
     if len(given) != num_classes:
         _fail("data.class_weights", given, f"needs one weight per class of teacher {name} ({num_classes} classes)")
     return list(given)
+
+
+def teacher_class_weights(teacher: Teacher) -> list[float]:
+    """A conditional teacher's own label weights (`class_weights`, e.g. a mixture's P(y)), else uniform;
+    [] for an unconditional teacher."""
+    num_classes = getattr(teacher, "num_classes", None)
+    if num_classes is None:
+        return []
+    own = getattr(teacher, "class_weights", None)
+    return [1.0] * num_classes if own is None else [float(w) for w in own]
 
 
 def generate(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...], progress: bool = True):

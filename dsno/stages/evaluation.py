@@ -74,7 +74,7 @@ def eval_labels(rc: RunConfig, teacher, n: int) -> torch.Tensor | None:
     """The class label of each of the n eval samples, long [n]: drawn from (eval.seed, i) with the teacher's
     own class weights by the data stage's rule (`trajectory_labels`); None for an unconditional teacher."""
     from dsno.data.generate import trajectory_labels
-    from dsno.stages.trajectories import teacher_class_weights
+    from dsno.teachers.conditional import teacher_class_weights
     weights = teacher_class_weights(teacher)
     return torch.from_numpy(trajectory_labels(rc.eval.seed, 0, n, weights)) if weights else None
 
@@ -458,7 +458,7 @@ def eval_result(setup: Setup, inputs: Inputs, reference: Reference, unit: CostUn
                 rows: list[dict[str, Any]], finals: dict[str, torch.Tensor]) -> dict[str, Any]:
     """metrics.json's content: the rows, the reference, the teacher evaluation timed beside DSNO (the first run),
     FID's reference, what distillation cost; for a conditional run the labels and guidance every method got."""
-    from dsno.stages.trajectories import teacher_class_weights
+    from dsno.teachers.conditional import teacher_class_weights
     rc, teacher = setup.rc, setup.teacher
     first = next(r for r in runs if r.timing is not None)
     result = {"experiment": rc.experiment, "num_samples": len(inputs.x_T), "reference": reference.description,

@@ -11,6 +11,7 @@ import torch
 from dsno.builders import output_indices, prior_state, solver_grid
 from dsno.config import RunConfig, SolverConfig
 from dsno.teachers.base import Teacher
+from dsno.teachers.conditional import teacher_class_weights
 
 
 def solver_spec(sc: SolverConfig) -> dict[str, Any]:
@@ -88,16 +89,6 @@ def class_weights(rc: RunConfig, teacher: Teacher) -> list[float]:
     if len(given) != num_classes:
         _fail("data.class_weights", given, f"needs one weight per class of teacher {name} ({num_classes} classes)")
     return list(given)
-
-
-def teacher_class_weights(teacher: Teacher) -> list[float]:
-    """A conditional teacher's own label weights (`class_weights`, e.g. a mixture's P(y)), else uniform;
-    [] for an unconditional teacher."""
-    num_classes = getattr(teacher, "num_classes", None)
-    if num_classes is None:
-        return []
-    own = getattr(teacher, "class_weights", None)
-    return [1.0] * num_classes if own is None else [float(w) for w in own]
 
 
 def generate(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...], progress: bool = True):

@@ -71,6 +71,16 @@ def require_unconditional(teacher: Any) -> None:
                          f"unconditional branch: pass cond=labels (a LongTensor [B] in [0, {num_classes}))")
 
 
+def teacher_class_weights(teacher: Any) -> list[float]:
+    """A conditional teacher's own label weights (`class_weights`, e.g. a mixture's P(y)), else uniform;
+    [] for an unconditional teacher."""
+    num_classes = getattr(teacher, "num_classes", None)
+    if num_classes is None:
+        return []
+    own = getattr(teacher, "class_weights", None)
+    return [1.0] * num_classes if own is None else [float(w) for w in own]
+
+
 def row_labels(teacher: Any, labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """The labels a conditional teacher's `forward` uses for the rows of x: [B] long on x's device,
     in [0, num_classes] (num_classes: the null label). None: every row null, or LabelError when the

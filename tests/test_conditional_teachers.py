@@ -260,6 +260,8 @@ def test_a_wrapped_conditional_function_is_bound_guided_and_sampled():
     torch.testing.assert_close(teacher.conditioned(y, guidance=0.0).eps(x, ts[1]), class_eps(x, ts[1].expand(4), y))
     assert teacher.fingerprint()["num_classes"] == 3 and teacher.fingerprint()["guidance"] == W
     assert "num_classes" not in wrap(lambda x, t: x, schedule, time_input="continuous").fingerprint()
+    probed = wrap(class_eps, schedule, num_classes=3, supports_guidance=True)   # the time probe passes null labels
+    torch.testing.assert_close(probed(x, ts[1].expand(4), y), class_eps(x, ts[1].expand(4), y))
 
 
 def test_a_wrapped_function_with_bad_conditions_is_refused_in_one_line():

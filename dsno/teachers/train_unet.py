@@ -2,8 +2,9 @@
 
     python -m dsno.teachers.train_unet --size 16 --steps 4000 --seed 0                  (VP, mnist_unet16)
     python -m dsno.teachers.train_unet --size 16 --steps 4000 --seed 0 --schedule psld  (mnist_psld_unet16)
-    python -m dsno.teachers.train_unet --size 16 --num-classes 10 --label-dropout 0.15 \
-        --init dsno/assets/mnist_unet16.safetensors ...                                (mnist_unet_cond16)
+    python -m dsno.teachers.train_unet --size 16 --steps 1500 --seed 0 --num-classes 10 --label-dropout 0.15 \
+        --init dsno/assets/mnist_unet16.safetensors --lr 1e-3 --warmup-steps 100 --ema-decay 0.995
+                                                                                        (mnist_unet_cond16)
 
 Recipe (denoising score matching, DDPM's L_simple, in continuous time):
   VP (linear, beta 0.1 .. 20 by default): x_t = alpha_t x_0 + sigma_t eps, eps of the data's shape;

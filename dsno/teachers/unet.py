@@ -50,7 +50,7 @@ def remake_command(size: int = 16, out: Path | None = None, psld: bool = False, 
     if conditional:
         cmd = (f"python -m dsno.teachers.train_unet --size {size} --steps {COND_STEPS} --seed 0 --num-classes 10 "
                f"--label-dropout {COND_LABEL_DROPOUT:g} --init {asset_path(size).relative_to(ASSETS.parent.parent)} "
-               f"--lr 5e-4 --warmup-steps 100")
+               f"--lr 1e-3 --warmup-steps 100 --ema-decay 0.995")
     shipped = asset_path(size, psld, conditional)
     return cmd if out is None or Path(out).resolve() == shipped else f"{cmd} --out {out}"
 

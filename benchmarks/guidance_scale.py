@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--teacher", type=Path, default=None, help="a train_unet --num-classes weights file "
                                                                "(default: the shipped mnist_unet_cond16)")
     ap.add_argument("--size", type=int, default=16)
-    ap.add_argument("--guidance", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 3.0, 4.0])
+    ap.add_argument("--guidance", type=float, nargs="+", default=[0.0, 0.5, 0.75, 1.0, 2.0, 3.0, 4.0])
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--min-accuracy", type=float, default=0.97)

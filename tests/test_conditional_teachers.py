@@ -60,13 +60,15 @@ def test_guided_output_is_one_plus_w_conditional_minus_w_null(cond_teacher):
     assert (other - f_y).abs().mean() > 1e-3                            # the label changes the prediction
 
 
-def test_guided_samples_are_the_requested_digits(cond_teacher):
+def test_guidance_makes_the_samples_the_requested_digits(cond_teacher):
     from dsno.metrics.digit_classifier import accuracy, load_digit_classifier
-    y = torch.arange(10).repeat(8)
+    y = torch.arange(10).repeat(6)
     x = torch.randn(len(y), 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    ts, classifier = timesteps(cond_teacher.schedule, 20), load_digit_classifier(16)
     with torch.no_grad():
-        out = sample(cond_teacher, x, timesteps(cond_teacher.schedule, 10), cond=y)
-    assert accuracy(load_digit_classifier(16), out.clamp(-1, 1), y) >= 0.9
+        acc = {w: accuracy(classifier, sample(cond_teacher.conditioned(y, guidance=w), x, ts).clamp(-1, 1), y)
+               for w in (0.0, 0.75)}
+    assert acc[0.75] >= 0.9 and acc[0.75] > acc[0.0] + 0.05, acc   # 512 samples: 0.830 at w = 0, 0.979 at 0.75
 
 
 def test_the_fingerprint_holds_classes_and_guidance_and_the_unconditional_one_is_unchanged(cond_teacher):

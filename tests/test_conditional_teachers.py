@@ -276,7 +276,10 @@ def test_a_wrapped_function_with_bad_conditions_is_refused_in_one_line():
     plain = wrap(lambda x, t: x, schedule, time_input="continuous", name="plain")
     with pytest.raises(LabelError) as e:
         dsno.sample(plain, torch.randn(2, 1, 2, 2), timesteps(schedule, 2), cond=torch.tensor([0, 1]))
-    assert "is unconditional (num_classes None) and takes no labels" in one_line(e)
+    assert "teacher plain is unconditional" in one_line(e) and one_line(e).endswith("drop cond")
+    with pytest.raises(LabelError) as e:
+        plain(torch.randn(2, 1, 2, 2), torch.full((2,), 0.5), labels=torch.tensor([0, 1]))
+    assert "teacher plain is unconditional" in one_line(e) and one_line(e).endswith("drop cond")
     cond = wrap(class_eps, schedule, time_input="continuous", num_classes=3, name="toy")
     with pytest.raises(LabelError) as e:
         dsno.sample(cond, torch.randn(2, 1, 2, 2), timesteps(schedule, 2), cond=torch.tensor([0, 3]))

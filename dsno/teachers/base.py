@@ -273,11 +273,10 @@ class WrappedTeacher(Teacher):
     def row_labels(self, labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
         """The labels [B] long (null label num_classes) the network takes for the rows of x; None for an
         unconditional teacher, which refuses labels (LabelError)."""
-        from dsno.teachers.conditional import LabelError, row_labels
+        from dsno.teachers.conditional import check_labels, row_labels
         if self.num_classes is None:
             if labels is not None:
-                raise LabelError(f"teacher {self.name} is unconditional (num_classes None) and takes no labels: "
-                                 f"drop cond")
+                check_labels(self, labels)          # refuses any labels of an unconditional teacher
             return None
         return row_labels(self, labels, x)
 

@@ -220,7 +220,8 @@ RESPONSE_RATIO = 0.25           # the probed convention counts as wrong when it 
 
 
 class WrappedTeacher(Teacher):
-    """Any callable fn(x, t_model) -> prediction, with its schedule and parameterization.
+    """Any callable fn(x, t_model) -> prediction (fn(x, t_model, labels) when num_classes is set: see `wrap`),
+    with its schedule and parameterization.
 
     time_input: "continuous" passes schedule time t in [0, 1]; "discrete" passes the
     DDPM step index t * N - 1 (float) of a discrete schedule with N steps; or a callable
@@ -228,11 +229,15 @@ class WrappedTeacher(Teacher):
     the first call checks that the network responds to t in [0, 1] (`check_time_input`).
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: VPSchedule,
+    def __init__(self, fn: Callable[..., torch.Tensor], schedule: VPSchedule,
                  prediction: str = "eps", time_input: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 name: str | None = None):
+                 name: str | None = None, num_classes: int | None = None, supports_guidance: bool = False,
+                 guidance: float = 0.0):
         super().__init__()
         check_prediction(schedule, prediction)
+        check_class_count(num_classes, supports_guidance)
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.supports_guidance = bool(supports_guidance)
         if time_input == "discrete" and schedule.kind != "discrete":
             raise ValueError("time_input='discrete' needs a discrete schedule (VPSchedule.discrete(betas))")
         if not (time_input is None or callable(time_input) or time_input in ("continuous", "discrete")):
@@ -248,6 +253,8 @@ class WrappedTeacher(Teacher):
         self.time_input = "continuous" if time_input is None else time_input
         self.time_input_checked = callable(time_input) or getattr(schedule, "T", None) != 1.0
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        from dsno.teachers.conditional import check_guidance
+        self.guidance = check_guidance(self, guidance)
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         if callable(self.time_input):
@@ -256,16 +263,34 @@ class WrappedTeacher(Teacher):
             return t * self.schedule.num_steps - 1.0
         return t
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if not self.time_input_checked and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
             self.time_input_checked = True
             self.check_time_input(x)
         tm = self.model_time(t)
-        return self._call(x, tm)
+        return self._call(x, tm, self.row_labels(labels, x))
 
-    def _call(self, x: torch.Tensor, tm: torch.Tensor) -> torch.Tensor:
+    def row_labels(self, labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        """The labels [B] long (null label num_classes) the network takes for the rows of x; None for an
+        unconditional teacher, which refuses labels (LabelError)."""
+        from dsno.teachers.conditional import check_labels, row_labels
+        if self.num_classes is None:
+            if labels is not None:
+                check_labels(self, labels)          # refuses any labels of an unconditional teacher
+            return None
+        return row_labels(self, labels, x)
+
+    def _call(self, x: torch.Tensor, tm: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         fn = self.model if self.model is not None else self._fn
-        return fn(x, tm.to(x.dtype if x.is_floating_point() else torch.float32))
+        tm = tm.to(x.dtype if x.is_floating_point() else torch.float32)
+        return fn(x, tm) if labels is None else fn(x, tm, labels)
+
+    def probe_labels(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The labels of the time-convention probe: null (or class 0 without a null label); None unconditional."""
+        if self.num_classes is None:
+            return None
+        fill = self.num_classes if self.supports_guidance else 0
+        return torch.full((x.shape[0],), fill, dtype=torch.long, device=x.device)
 
     def time_response(self, x: torch.Tensor, convention: str) -> float | None:
         """How much the network's output on x moves between the schedule times PROBE_TIMES fed in
@@ -278,7 +303,7 @@ class WrappedTeacher(Teacher):
                             device=x.device)
             try:
                 with torch.no_grad():
-                    outs.append(self._call(x, tm).double())
+                    outs.append(self._call(x, tm, self.probe_labels(x)).double())
             except (ValueError, RuntimeError, IndexError, TypeError):   # a network that refuses such inputs
                 return None
         scale = float(outs[0].norm() + outs[1].norm())
@@ -313,15 +338,34 @@ class WrappedTeacher(Teacher):
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
         fp["name"] = self.name
+        if self.num_classes is not None:        # an unconditional teacher's fingerprint stays as it was
+            fp.update(num_classes=self.num_classes, supports_guidance=self.supports_guidance, guidance=self.guidance)
         return fp
 
 
-def wrap(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: VPSchedule,
-         prediction: str = "eps", time_input: str | Callable | None = None, name: str | None = None
-         ) -> WrappedTeacher:
+def check_class_count(num_classes: Any, supports_guidance: Any) -> None:
+    """num_classes None or an int >= 1; supports_guidance a bool, and False without classes (ValueError)."""
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be None (unconditional) or an int >= 1, got {num_classes!r}")
+    if not isinstance(supports_guidance, bool):
+        raise ValueError(f"supports_guidance must be True or False, got {supports_guidance!r}")
+    if supports_guidance and num_classes is None:
+        raise ValueError("supports_guidance=True needs num_classes: guidance mixes a class-conditional model with "
+                         "its unconditional (null-label) branch")
+
+
+def wrap(fn: Callable[..., torch.Tensor], schedule: VPSchedule,
+         prediction: str = "eps", time_input: str | Callable | None = None, name: str | None = None,
+         num_classes: int | None = None, supports_guidance: bool = False, guidance: float = 0.0) -> WrappedTeacher:
     """Turn any callable fn(x, t) predicting eps, x0, v (VP) or flow_velocity (flow) into a Teacher.
 
     time_input: how fn takes time: "continuous" (t in [0, 1]), "discrete" (a discrete schedule's step
     index t N - 1, as diffusers UNets take it) or a callable t -> fn's input. Not stated, the first call
-    probes fn at two times and refuses, in one line, a network that responds to 0-999 but not to [0, 1]."""
-    return WrappedTeacher(fn, schedule, prediction, time_input, name)
+    probes fn at two times and refuses, in one line, a network that responds to 0-999 but not to [0, 1].
+
+    Class-conditional (num_classes K): fn(x, t, labels) with labels [B] long in [0, K], K the null label
+    (always passed; a teacher without a null branch only ever gets [0, K)). supports_guidance: fn has that
+    unconditional branch (trained with label dropout), so `bind` / `dsno.sample(..., cond=)` may guide it
+    with scale w = guidance: (1 + w) fn(x, t, y) - w fn(x, t, K)."""
+    return WrappedTeacher(fn, schedule, prediction, time_input, name, num_classes, supports_guidance, guidance)

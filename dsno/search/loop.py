@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from dsno.atomic import atomic_save_safetensors, atomic_write_text
-from dsno.config import SearchConfig, check_search
 from dsno.errors import UserError
 from dsno.jsonfile import read_json_file
 from dsno.progress import progress_bar
+from dsno.search.config import BASES, MODES, NOISE_SEED_STRIDE, SearchConfig, check_search  # noqa: F401
 from dsno.search.predictor import Predictor, kendall_tau
 from dsno.search.space import BASE_OPTIONS, Space, _build, _tidy, crossover, encode, mutate, random_schedule
 from dsno.solvers import usf
@@ -41,12 +41,9 @@ from dsno.solvers.reference import REFERENCE_LABEL, reference_solve, rmse
 from dsno.solvers.grids import SPACINGS, timesteps
 
 log = logging.getLogger("dsno")
-MODES = ("full", "timesteps")
-BASES = ("unipc", "dpm_solver_pp", "deis", "ipndm", "ddim")
 SEEDED = tuple((name, order, BASE_OPTIONS.get(name, {})) for name, order in (
     ("unipc", 3), ("dpm_solver_pp", 3), ("dpm_solver_pp", 2), ("deis", 3), ("ipndm", 3), ("ipndm", 4)))
 MAX_RMSE = 1e3
-NOISE_SEED_STRIDE = 1_000_003     # search.seed s draws its noise with the seeds STRIDE * s + 1 and + 2
 
 
 class SearchError(UserError):

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from dsno.builders import output_indices, prior_state, solver_grid
+from dsno.checks import fail
 from dsno.config import RunConfig, SolverConfig
 from dsno.teachers.base import Teacher
 
@@ -74,20 +75,19 @@ def class_weights(rc: RunConfig, teacher: Teacher) -> list[float]:
     """The weights the trajectories' labels are drawn with: data.class_weights, else the teacher's own
     (`class_weights`), else uniform; [] for an unconditional teacher. ConfigError when
     data.class_weights does not fit the teacher."""
-    from dsno.config import _fail
     name = getattr(teacher, "name", None) or type(teacher).__name__
     given = rc.data.class_weights
     num_classes = getattr(teacher, "num_classes", None)      # PSLD teachers have none
     if num_classes is None:
         if given is not None:
-            _fail("data.class_weights", given, f"is for a class-conditional teacher; teacher {name} is "
+            fail("data.class_weights", given, f"is for a class-conditional teacher; teacher {name} is "
                   f"unconditional: remove it")
         return []
     if given is None:
         own = getattr(teacher, "class_weights", None)
         return [1.0] * num_classes if own is None else [float(w) for w in own]
     if len(given) != num_classes:
-        _fail("data.class_weights", given, f"needs one weight per class of teacher {name} ({num_classes} classes)")
+        fail("data.class_weights", given, f"needs one weight per class of teacher {name} ({num_classes} classes)")
     return list(given)
 
 

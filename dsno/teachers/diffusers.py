@@ -41,7 +41,9 @@ from dsno.nn.dsno import DiffusersUNet, diffusers_backbone_spec
 from dsno.schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
 from dsno.teachers.base import WrappedTeacher
 from dsno.teachers.unet import weights_sha256
-from dsno.config import TeacherConfig, _existing_path, _fail, check_prediction_key, doc_field
+from dsno.checks import existing_path, fail
+from dsno.schema import doc_field
+from dsno.teachers.config import TeacherConfig, check_prediction_key
 from dsno.errors import UserFileNotFoundError
 from dsno.teachers.registry import register_teacher
 from dsno.trust.tensor_file import check_float_dtypes, tensor_layout
@@ -446,8 +448,8 @@ class DiffusersTeacherConfig(TeacherConfig):
 
     def __post_init__(self) -> None:
         if self.path is None:
-            _fail("teacher.path", None, "teacher=diffusers needs teacher.path=DIR (a local diffusers folder)")
-        _existing_path("teacher.path", self.path, "the teacher's diffusers folder")
+            fail("teacher.path", None, "teacher=diffusers needs teacher.path=DIR (a local diffusers folder)")
+        existing_path("teacher.path", self.path, "the teacher's diffusers folder")
         check_prediction_key("teacher", self.prediction)
 
 

@@ -18,7 +18,9 @@ import torch
 from dsno.nn.config import ConfigError
 from dsno.trust.tensor_file import load_float_tensors
 from dsno.schedules import Schedule, VPSchedule
-from dsno.config import ScheduleConfig, TeacherConfig, _existing_path, _fail, build_schedule, doc_field
+from dsno.checks import existing_path, fail
+from dsno.schema import doc_field
+from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule
 from dsno.teachers.base import Teacher
 from dsno.teachers.registry import register_teacher
 
@@ -166,8 +168,8 @@ class GMMFileConfig(TeacherConfig):
 
     def __post_init__(self) -> None:
         if self.path is None:
-            _fail("teacher.path", None, "teacher=gmm_file needs teacher.path=FILE")
-        _existing_path("teacher.path", self.path, "the mixture's safetensors file")
+            fail("teacher.path", None, "teacher=gmm_file needs teacher.path=FILE")
+        existing_path("teacher.path", self.path, "the mixture's safetensors file")
         self.schedule.check("teacher.schedule")
 
     def fixed_schedule(self):

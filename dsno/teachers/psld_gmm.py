@@ -19,7 +19,8 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from dsno.config import _fail, _finite, doc_field
+from dsno.checks import fail, finite
+from dsno.schema import doc_field
 from dsno.processes.psld import PSLD
 from dsno.schedules import ProcessError
 from dsno.teachers.base import batch_times
@@ -178,13 +179,13 @@ class PSLDMnistGMMConfig(DigitMixtureConfig):
     def __post_init__(self) -> None:
         self.check_mixture_keys()
         for key in ("beta_min", "beta_max", "nu", "gamma", "kappa", *(("m_inv",) if self.m_inv is not None else ())):
-            _finite(f"teacher.{key}", getattr(self, key))
+            finite(f"teacher.{key}", getattr(self, key))
         try:
             self.psld()
         except ProcessError as e:        # name the first parameter the process's message mentions
             keys = ("beta_min", "beta_max", "m_inv", "gamma", "kappa", "nu")
             key = next((k for k in keys if re.search(rf"\b{k}\b", str(e))), "beta_min")
-            _fail(f"teacher.{key}", getattr(self, key), str(e))
+            fail(f"teacher.{key}", getattr(self, key), str(e))
 
     def psld(self) -> PSLD:
         return PSLD(self.beta_min, self.beta_max, self.nu, self.gamma, m_inv=self.m_inv, kappa=self.kappa)

@@ -15,7 +15,8 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from dsno.config import TeacherConfig, doc_field
+from dsno.schema import doc_field
+from dsno.teachers.config import TeacherConfig
 from dsno.nn.unet import UNet
 from dsno.processes.psld import PSLD
 from dsno.schedules import ProcessError

@@ -21,8 +21,9 @@ from dsno.nn.config import ConfigError, check_unet_kwargs
 from dsno.nn.unet import UNet
 from dsno.schedules import VPSchedule
 from dsno.teachers.base import WrappedTeacher
-from dsno.config import (ScheduleConfig, TeacherConfig, _count, _existing_path, build_schedule, check_prediction_key,
-                         doc_field)
+from dsno.checks import count, existing_path
+from dsno.schema import doc_field
+from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule, check_prediction_key
 from dsno.errors import UserFileNotFoundError
 from dsno.teachers.registry import register_teacher
 from dsno.trust.tensor_file import check_float_dtypes, model_layout, tensor_layout
@@ -176,8 +177,8 @@ def load_unet_teacher(path: str | Path | None = None, schedule: VPSchedule | Non
 
 def check_weights_file_keys(c: Any) -> None:
     """teacher.size and teacher.path of a kind that loads a `train_unet` weights file."""
-    _count("teacher.size", c.size, 64, "the UNet teachers are trained on digits of at most 64x64", lo=4)
-    _existing_path("teacher.path", c.path, "the teacher's weights file")
+    count("teacher.size", c.size, 64, "the UNet teachers are trained on digits of at most 64x64", lo=4)
+    existing_path("teacher.path", c.path, "the teacher's weights file")
 
 
 @dataclass

@@ -2,7 +2,9 @@
 `python -m dsno.search experiment=mnist_gmm nfe=5` writes runs/<experiment>/schedules/nfe5.yaml.
 
 space: the candidates (draws, mutation, crossover, encoding); predictor: the performance
-predictor; loop: scoring, the search rounds, verification and resume.
+predictor; records: a scored candidate and the search state (<name>.scored.json); conditioning: the
+labels and guidance of a class-conditional teacher's search; loop: scoring, the search rounds,
+verification and resume.
 """
 
 from dsno.search.loop import SearchConfig, SearchError, search

@@ -1,8 +1,10 @@
 """Search a USF solver schedule: `python -m dsno.search experiment=mnist_gmm nfe=5`.
 
-Keys: nfe, and search.* (dsno.config.SearchConfig, which an experiment may size): search.mode=timesteps for the timestep-only
+Keys: nfe, and search.* (dsno.search.config.SearchConfig, which an experiment may size): search.mode=timesteps for the timestep-only
 (GITS / LD3-style) baseline, search.pin_times=[...] for grids that must pass through given times
-(e.g. data.times, to make DSNO's training data with solver=usf). Writes
+(e.g. data.times, to make DSNO's training data with solver=usf). A class-conditional teacher
+(teacher=mnist_gmm_cond teacher.guidance=W) is searched on labels drawn with data.class_weights under
+its guidance. Writes
 <run_dir>/schedules/nfe<N>.yaml (nfe<N>_timesteps.yaml) and resumes from <name>.scored.json."""
 
 import sys

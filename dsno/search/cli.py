@@ -28,7 +28,7 @@ def split(cfg: DictConfig) -> tuple[Any, Any, Any]:
 
 class SearchPreflight(Preflight):
     """dsno.cli.Preflight of `python -m dsno.search`: the run config, and nfe and search.* against the
-    budget and the teacher's time range (dsno.config.check_search), before Hydra writes anything."""
+    budget and the teacher's time range (dsno.search.config.check_search), before Hydra writes anything."""
 
     def validated(self, config: DictConfig):
         from dsno.config import check_search
@@ -38,8 +38,18 @@ class SearchPreflight(Preflight):
         return rc
 
 
+def label_weights(rc: Any, teacher: Any) -> list[float] | None:
+    """A class-conditional teacher's label weights, those its trajectories are drawn with (data.class_weights,
+    else the teacher's own, else uniform); None for an unconditional teacher."""
+    if getattr(teacher, "num_classes", None) is None:
+        return None
+    from dsno.stages.trajectories import class_weights
+    return class_weights(rc, teacher)
+
+
 def run(cfg: DictConfig) -> dict:
-    """Build the teacher and search; prints the one-line summary, returns it."""
+    """Build the teacher and search (a class-conditional one on labels drawn with `label_weights`, under
+    teacher.guidance); prints the one-line summary, returns it."""
     from dsno.builders import build_teacher, sample_shape
     from dsno.search.loop import search
 
@@ -53,7 +63,7 @@ def run(cfg: DictConfig) -> dict:
     teacher = build_teacher(rc.teacher)
     out = Path(sc.out) if sc.out else Path(rc.run_dir) / "schedules"
     result = search(teacher, nfe, sc, out, rc.solver.t_end, teacher.solve_dtype,
-                    shape=sample_shape(teacher))
+                    shape=sample_shape(teacher), class_weights=label_weights(rc, teacher))
     c = result["cost"]
     print(f"wrote {result['path']}: RMSE {result['score']['rmse_verify']:.4g} on {sc.verify_batch} verify samples; "
           f"{c['wall_s']:.0f} s ({c['cpu_s']:.0f} s CPU), {c['teacher_calls']} teacher calls ({c['teacher_sample_evals']} sample evaluations), "

@@ -201,8 +201,8 @@ class DataConfig:
         in_range("data.val_fraction", self.val_fraction, 0.0, 0.5, hi_open=True)
         count("data.num_workers", self.num_workers, 256, "more loader processes than any machine has cores", lo=0)
         times = list(self.times)
-        if len(times) < 2:
-            fail("data.times", times, "needs at least 2 output times (M >= 2)")
+        if len(times) < 1:
+            fail("data.times", times, "needs at least 1 output time (M >= 1; M = 1 is plain distillation)")
         if len(times) > 256:
             fail("data.times", f"[{len(times)} times]", "at most 256 output times (each is one backbone branch)")
         if any(not math.isfinite(t) for t in times):
@@ -275,8 +275,12 @@ class TrainConfig:
     grad_clip: float = doc_field(1.0, "gradient-norm clip (0: none)")
     resume: bool = doc_field(True, "continue from checkpoints/last.ckpt when it exists (false: start over)")
     checkpoint_every: int = doc_field(100, "steps between checkpoints (what a resumed run starts from)")
+    select: str = doc_field("best_val", "the EMA weights kept for export: best_val (those of the validation with the "
+                            "lowest val/rmse_final on held-out trajectories) or last (those of the last step)")
+    weight_decay: float = doc_field(0.0, "AdamW's decoupled weight decay (0: plain Adam)")
 
     def __post_init__(self) -> None:
+        from dsno.training.validation import SELECT
         count("train.batch_size", self.batch_size, 65536, "larger batches only exhaust memory")
         in_range("train.lr", self.lr, 0.0, 1.0, lo_open=True)
         count("train.warmup_steps", self.warmup_steps, 10**9, "past any trainer.max_steps", lo=0)
@@ -288,6 +292,8 @@ class TrainConfig:
         in_range("train.weight_min", self.weight_min, 0.0, self.weight_max, lo_open=True)
         count("train.checkpoint_every", self.checkpoint_every, 10**9, "past any trainer.max_steps")
         in_range("train.grad_clip", self.grad_clip, 0.0, 1e12)
+        choice("train.select", self.select, SELECT)
+        in_range("train.weight_decay", self.weight_decay, 0.0, 1e3)
 
 
 @dataclass
@@ -422,6 +428,9 @@ class RunConfig:
                   f"the {len(times)} output times (data.times) and the start time {t_max:g}")
         self._check_processes()
         self._check_solver_options(times)
+        if self.train.select == "best_val" and self.data.val_fraction == 0:
+            fail("train.select", self.train.select, "needs held-out trajectories: set data.val_fraction > 0, "
+                  "or train.select=last")
         m = len(times)
         if self.model.modes > m // 2 + 1:
             fail("model.modes", self.model.modes, f"must be <= M // 2 + 1 = {m // 2 + 1} for M = {m} output times")
@@ -600,19 +609,10 @@ STAGES = {"data": ("data",), "train": ("data", "train", "export", "eval"), "eval
           "search": ("search",)}
 
 
-def refuse_conditional_student(kind: str) -> None:
-    """ConfigError: a class-conditional teacher's student (training, export, eval) is not built yet."""
-    raise ConfigError(f"config error: teacher={kind} is class-conditional, and the conditional student (labels in "
-                      f"training, export and eval) is not built yet: only its trajectories can be made "
-                      f"(python -m data_gen teacher={kind}), or pick an unconditional teacher")
-
-
 def check_run(c: RunConfig, stage: str) -> None:
     """Before `stage` (a key of STAGES) writes anything: the values of every stage it reaches that this
     machine and its files decide (hardware, weights files, writable folders). ConfigError (one line)."""
     reached = STAGES[stage]
-    if set(reached) & {"train", "eval"} and c.teacher.conditional:
-        refuse_conditional_student(c.teacher.kind)
     if set(reached) & {"data", "train", "eval"}:       # each of them is a W&B run (or CSV log)
         _check_logger(c.logger)
     if "data" in reached:

@@ -6,7 +6,10 @@ program, dynamic batch) and `sampler.onnx` (opset 18, dynamic batch), and `check
 the sha256 of every file, signed with this install's key (`dsno.trust.checksums`), so a changed
 file is refused by name and the program forms load here without `trust_program`. The pt2 and
 ONNX forms use `DSNO.exportable()`, which replaces the FFT of every temporal layer by the
-equivalent real matrix product; every exported form is checked against the in-memory model,
+equivalent real matrix product. The programs take x_T [B, C, H, W] (float32), and for a
+class-conditional config (`num_classes`) a second input `labels` [B] (int64); an unconditional
+program has the one input only. Every exported form is checked against the in-memory model, on the
+same noise and labels,
 through the same safe loaders users get, before the folder is published. The folder appears
 atomically: written under a temporary name (`.NAME.tmp-PID`, removed on the next export once its
 process is dead), then renamed. An existing `out_dir` is replaced only when it is empty or a sampler
@@ -46,7 +49,7 @@ from dsno.trust import CHECKSUM_FILE, check_onnx_model, check_pt2_archive, write
 from dsno.trust.tensor_file import shape_mismatch
 
 ONNX_OPSET = 18
-ONNX_INPUT, ONNX_OUTPUT = "x_T", "trajectory"
+ONNX_INPUT, ONNX_LABELS, ONNX_OUTPUT = "x_T", "labels", "trajectory"
 ONNX_SINGLE_FILE_LIMIT = 1_800_000_000  # bytes of weights; larger models keep them in sampler.onnx.data
 VERIFY_TOLERANCE = 1e-4
 
@@ -73,8 +76,8 @@ def export_sampler(model: DSNO, config: SamplerConfig | dict[str, Any], out_dir:
     tmp.mkdir()
     try:
         write_bytes_no_follow(tmp / CONFIG_FILE, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
-        example = torch.randn(2, *config.image_shape, generator=torch.Generator().manual_seed(0))
-        program = export_program(model, example) if {"pt2", "onnx"} & set(forms) else None
+        example = example_inputs(config, 2, seed=0)
+        program = export_program(model, *example) if {"pt2", "onnx"} & set(forms) else None
         for form in forms:
             path = tmp / FORM_FILES[form]
             if form == "safetensors":
@@ -82,11 +85,11 @@ def export_sampler(model: DSNO, config: SamplerConfig | dict[str, Any], out_dir:
             elif form == "pt2":
                 save_pt2(program, path)
             else:
-                save_onnx(program, example, path)
+                save_onnx(program, example[0], path, *example[1:])
         extra = check_onnx_model(tmp / FORM_FILES["onnx"]) if "onnx" in forms else []
         write_checksums(tmp, [CONFIG_FILE, *(FORM_FILES[f] for f in forms), *extra])
         if verify:
-            _verify(model, tmp, forms, config.image_shape)
+            _verify(model, tmp, forms, config)
         _publish(tmp, out_dir)
     except OSError as e:
         if is_disk_full(e):
@@ -130,11 +133,28 @@ def save_safetensors(model: DSNO, path: Path) -> None:
     write_bytes_no_follow(path, save(state, metadata=metadata))
 
 
-def export_program(model: DSNO, example: torch.Tensor) -> torch.export.ExportedProgram:
-    """torch.export of `model.exportable()` (eval, CPU) with a dynamic batch; example: [B, C, H, W]."""
+def example_inputs(config: SamplerConfig, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """(x_T [batch, C, H, W] float32,) and, for a class-conditional config, labels [batch] int64 in
+    [0, num_classes), drawn from torch.Generator().manual_seed(seed): what the programs take."""
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(batch, *config.image_shape, generator=g)
+    if config.num_classes is None:
+        return (x_T,)
+    return x_T, torch.randint(0, config.num_classes, (batch,), generator=g)
+
+
+def export_program(model: DSNO, example: torch.Tensor, labels: torch.Tensor | None = None
+                   ) -> torch.export.ExportedProgram:
+    """torch.export of `model.exportable()` (eval, CPU) with a dynamic batch; example: [B, C, H, W],
+    labels: [B] int64 for a class-conditional model (a second input, sharing the batch), else None."""
     exportable = model.exportable().to("cpu").eval()
+    batch = torch.export.Dim("batch", min=1)
+    if labels is None:
+        args, options = (example,), {}
+    else:   # the batch equality of the two inputs as an ATen assert in the graph, not as guard code
+        args, options = (example, labels), {"prefer_deferred_runtime_asserts_over_guards": True}
     try:
-        return torch.export.export(exportable, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        return torch.export.export(exportable, args, dynamic_shapes=tuple({0: batch} for _ in args), **options)
     except Exception as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RuntimeError(f"torch.export cannot trace this DSNO with a dynamic batch ({reason}); the pt2 and "
@@ -152,12 +172,15 @@ def save_pt2(program: torch.export.ExportedProgram, path: Path) -> None:
     check_pt2_archive(path)
 
 
-def save_onnx(program: torch.export.ExportedProgram, example: torch.Tensor, path: Path) -> None:
-    """ONNX (opset 18) from the exported program; input "x_T" and output "trajectory" [batch, ...]."""
+def save_onnx(program: torch.export.ExportedProgram, example: torch.Tensor, path: Path,
+              labels: torch.Tensor | None = None) -> None:
+    """ONNX (opset 18) from the exported program: inputs "x_T" (and "labels" [batch] int64 for a
+    class-conditional program), output "trajectory" [batch, ...]."""
     import onnx_ir as ir
     weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict.values())
-    onnx_program = torch.onnx.export(program, (example,), None, dynamo=True, opset_version=ONNX_OPSET,
-                                     input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT], verbose=False)
+    args, names = ((example,), [ONNX_INPUT]) if labels is None else ((example, labels), [ONNX_INPUT, ONNX_LABELS])
+    onnx_program = torch.onnx.export(program, args, None, dynamo=True, opset_version=ONNX_OPSET,
+                                     input_names=names, output_names=[ONNX_OUTPUT], verbose=False)
     graph = onnx_program.model.graph
     batch = graph.inputs[0].shape[0]
     for value in (*graph.inputs, *graph.outputs):
@@ -183,20 +206,22 @@ def _check_model_matches_config(model: DSNO, config: SamplerConfig) -> None:
         raise ValueError(f"model times {model.times.tolist()} differ from config times {list(config.times)}")
 
 
-def _verify(model: DSNO, folder: Path, forms: Sequence[str], image_shape: Sequence[int]) -> None:
-    x = torch.randn(3, *image_shape, generator=torch.Generator().manual_seed(1))
+def _verify(model: DSNO, folder: Path, forms: Sequence[str], config: SamplerConfig) -> None:
+    """Every form, run on the same noise (and labels), must give the model's output to VERIFY_TOLERANCE."""
+    inputs = example_inputs(config, 3, seed=1)
     with torch.no_grad():
-        reference = model(x)
+        reference = model(*inputs)
     for form in forms:
         if form == "safetensors":
             with torch.no_grad():
-                got = load_dsno(read_config(folder), folder / FORM_FILES[form])(x)
+                got = load_dsno(read_config(folder), folder / FORM_FILES[form])(*inputs)
         elif form == "pt2":
             with torch.no_grad():
-                got = load_pt2_program(folder / FORM_FILES[form]).module()(x)
+                got = load_pt2_program(folder / FORM_FILES[form]).module()(*inputs)
         else:
             session = load_onnx_session(folder / FORM_FILES[form])
-            got = torch.from_numpy(session.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})[0])
+            feed = dict(zip((ONNX_INPUT, ONNX_LABELS), (a.numpy() for a in inputs)))
+            got = torch.from_numpy(session.run([ONNX_OUTPUT], feed)[0])
         err = float((got - reference).abs().max())
         if not err <= VERIFY_TOLERANCE * (1.0 + float(reference.abs().max())):
             raise RuntimeError(f"exported form {form!r} differs from the model by {err:.3g} (max abs)")

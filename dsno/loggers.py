@@ -162,13 +162,23 @@ EVAL_COLUMNS = ["method", "nfe", "rmse_vs_reference", "sec_per_sample", "sec_per
                 "is_mean", "precision", "recall"]
 
 
+def eval_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The eval table's columns: EVAL_COLUMNS, with label_accuracy after the RMSE when a run was scored for it
+    (a conditional digit teacher's)."""
+    if not any(r.get("label_accuracy") is not None for r in rows):
+        return list(EVAL_COLUMNS)
+    at = EVAL_COLUMNS.index("rmse_vs_reference") + 1
+    return [*EVAL_COLUMNS[:at], "label_accuracy", *EVAL_COLUMNS[at:]]
+
+
 def log_eval(logger: Any, result: dict[str, Any], out: Path) -> None:
     """Eval's table of rows and its pictures under `out` (comparison.png, grids/*.png, plots)."""
     if not is_wandb(logger):
         return
     import wandb
-    table = [[r.get(c) for c in EVAL_COLUMNS] for r in result["rows"] if "skipped" not in r]
-    logger.log_table("eval/metrics", columns=EVAL_COLUMNS, data=table)
+    columns = eval_columns(result["rows"])
+    table = [[r.get(c) for c in columns] for r in result["rows"] if "skipped" not in r]
+    logger.log_table("eval/metrics", columns=columns, data=table)
     images = {f"eval/{p.stem}": p for p in sorted(out.glob("*.png"))}
     images.update({f"eval/grids/{p.stem}": p for p in sorted((out / "grids").glob("*.png"))})
     if images:

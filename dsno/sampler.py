@@ -5,6 +5,9 @@
     sampler(x_T)                                  # [B, C, H, W] -> [B, M, c, H, W] (c = C, or an augmented
                                                   #   student's data part: c = data_channels)
     sampler.sample(n, seed=0)                     # [n, c, H, W], the last time, clamped to data_range
+    sampler.num_classes                           # K for a class-conditional sampler (None: unconditional)
+    sampler(x_T, labels)                          # ... which needs labels [B] long in [0, K)
+    sampler.sample(n, seed=0, labels=3)           # every image class 3; or n labels (a list or LongTensor)
 
 Loading never runs code from the folder. Every file is checked against the folder's signed
 checksums.json (a changed file or a link is refused by name) before config.json is read; the
@@ -14,7 +17,8 @@ safe). A program form (sampler.pt2, sampler.onnx) is opened only when this insta
 it (its checksums carry this install's signature) or with `trust_program=True`; even then a
 .pt2 must consist of plain tensors and ATen operators (`dsno.trust.check_pt2_archive`), an
 .onnx may read external data only beside itself, and the program's input and output shapes
-must match config.json. Needs neither Lightning nor Hydra.
+must match config.json: a class-conditional config (`num_classes`) needs a program of two inputs
+(x_T, labels [B] int64), an unconditional one a program of x_T only. Needs neither Lightning nor Hydra.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 import torch
 
 from dsno.errors import UnsafeFileError, UserError, UserFileNotFoundError
-from dsno.inputs import InputError, check_class_labels, check_noise
+from dsno.inputs import InputError, check_noise, sample_labels
 from dsno.jsonfile import read_json_file
 from dsno.nn import DSNO, build_dsno
 from dsno.nn.config import ConfigError, SamplerConfig, as_config
@@ -143,7 +147,9 @@ def load_pt2_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
 
 
 class Sampler(abc.ABC):
-    """Base: `times`, `config`, `__call__(x_T) -> [B, M, c, H, W]` and `sample(n, seed)`."""
+    """Base: `times`, `config`, `num_classes`, `__call__(x_T, labels=None) -> [B, M, c, H, W]` and
+    `sample(n, seed, labels=None)`; labels (class labels in [0, num_classes)) are required by a
+    class-conditional sampler and refused by an unconditional one, in one InputError line."""
 
     form = ""
 
@@ -165,19 +171,21 @@ class Sampler(abc.ABC):
         (c = `output_channels`)."""
 
     def __call__(self, x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x_T [B, C, H, W] (float), labels [B] long in [0, num_classes) for a class-conditional sampler
-        (None for an unconditional one) -> the M trajectory points [B, M, c, H, W] (float32, x_T's
-        device): whole states (c = C), or an augmented student's data part (c = data_channels)."""
+        """x_T [B, C, H, W] (float), labels [B] long in [0, num_classes) (or one int for every row) for a
+        class-conditional sampler (None for an unconditional one) -> the M trajectory points [B, M, c, H, W]
+        (float32, x_T's device): whole states (c = C), or an augmented student's data part (c = data_channels)."""
         check_noise(x_T, self.image_shape)
-        labels = check_class_labels(labels, self.num_classes, batch=x_T.shape[0])
+        labels = sample_labels(labels, self.num_classes, x_T.shape[0])
         with torch.inference_mode():
             return self._run(x_T.float(), labels).to(x_T.device)
 
-    def sample(self, n: int, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+    def sample(self, n: int, seed: int = 0, batch_size: int = 256, labels: Any = None) -> torch.Tensor:
         """n images [n, c, H, W] (CPU, float32): the last time's output, its first c = data_channels
         channels (all of them but for an augmented process), clamped to data_range.
 
-        The noise is torch.randn(n, C, H, W) from torch.Generator().manual_seed(seed).
+        The noise is torch.randn(n, C, H, W) from torch.Generator().manual_seed(seed), whatever the labels.
+        labels (a class-conditional sampler's, required; None for an unconditional one): an int (every
+        image that class) or n labels in [0, num_classes) (a sequence or LongTensor [n]).
         """
         per_image = math.prod(self.image_shape)
         most = min(MAX_SAMPLES, MAX_SAMPLE_ELEMENTS // per_image)
@@ -186,9 +194,13 @@ class Sampler(abc.ABC):
             raise InputError(f"need an int n in [0, {most:,}] (the images are held in memory; write more with "
                              f"`python -m dsno.sample_images`) and batch_size >= 1, got n={n!r}, "
                              f"batch_size={batch_size!r}")
+        labels = sample_labels(labels, self.num_classes, n)
         noise = torch.randn(n, *self.image_shape, generator=torch.Generator().manual_seed(seed))
         c = self.data_channels
-        out = [self(noise[i:i + batch_size].to(self.device))[:, -1, :c].cpu() for i in range(0, n, batch_size)]
+        out = []
+        for i in range(0, n, batch_size):
+            batch_labels = None if labels is None else labels[i:i + batch_size]
+            out.append(self(noise[i:i + batch_size].to(self.device), batch_labels)[:, -1, :c].cpu())
         images = torch.cat(out) if out else noise[:, :c]
         return images.clamp(*self.data_range)
 
@@ -211,18 +223,34 @@ class TorchSampler(Sampler):
 
 
 class ProgramSampler(Sampler):
-    """A sampler whose network is a program file; its signature is probed at load time."""
+    """A sampler whose network is a program file; its inputs are checked and its signature probed at load time."""
+
+    def input_description(self) -> str:
+        """The inputs config.json declares: x_T [B, C, H, W], and labels [B] for a class-conditional sampler."""
+        x_T = f"x_T [B, {', '.join(map(str, self.image_shape))}]"
+        return x_T if self.num_classes is None else f"{x_T} and labels [B] int64 ({self.num_classes} classes)"
+
+    def check_input_count(self, found: int) -> None:
+        """SamplerFileError unless the program takes the inputs config.json declares (1, or 2 with labels)."""
+        expected = 1 if self.num_classes is None else 2
+        if found != expected:
+            kind = "an unconditional" if self.num_classes is None else "a class-conditional"
+            raise SamplerFileError(f"{self.path / FORM_FILES[self.form]} takes {found} input(s), but its config.json "
+                                   f"declares {kind} sampler, which takes {self.input_description()}; the program "
+                                   "and its config do not belong together: export the sampler again")
 
     def check_signature(self) -> None:
-        """Run a batch of 2 zero images; the output must be finite [2, M, C, H, W] (else refused)."""
+        """Run a batch of 2 zero images (with labels 0 for a class-conditional sampler); the output must
+        be finite [2, M, C, H, W] (else refused)."""
         file = self.path / FORM_FILES[self.form]
         expected = (2, len(self.times), self.output_channels, *self.image_shape[1:])
+        labels = None if self.num_classes is None else torch.zeros(2, dtype=torch.long)
         try:
             with torch.inference_mode():
-                out = self._run(torch.zeros(2, *self.image_shape))
+                out = self._run(torch.zeros(2, *self.image_shape), labels)
         except Exception as e:   # a foreign program may fail in any way; say which file and why
-            raise SamplerFileError(f"{file} does not run on a batch [2, {', '.join(map(str, self.image_shape))}] "
-                                   f"as config.json declares ({type(e).__name__}); export the sampler again") \
+            raise SamplerFileError(f"{file} does not run on a batch of 2 of {self.input_description()} as "
+                                   f"config.json declares ({type(e).__name__}); export the sampler again") \
                 from None
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -244,6 +272,7 @@ class ExportedProgramSampler(ProgramSampler):
         if self.device.type != "cpu":
             from torch.export.passes import move_to_device_pass
             program = move_to_device_pass(program, self.device)
+        self.check_input_count(len(program.graph_signature.user_inputs))
         self.module = program.module()
 
     def _run(self, x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -270,10 +299,13 @@ class OnnxSampler(ProgramSampler):
             raise SamplerFileError(f"{file} is not a loadable ONNX model ({type(e).__name__}); export it again") \
                 from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inputs) != 1 or len(outputs) < 1 or len(inputs[0].shape) != 4 or len(outputs[0].shape) != 5:
-            raise SamplerFileError(f"{file} must take one input [B, C, H, W] and return [B, M, C, H, W]; "
-                                   f"it takes {[tuple(i.shape) for i in inputs]}")
+        self.check_input_count(len(inputs))
+        labels_fit = self.num_classes is None or (len(inputs[1].shape) == 1 and inputs[1].type == "tensor(int64)")
+        if len(outputs) < 1 or len(inputs[0].shape) != 4 or len(outputs[0].shape) != 5 or not labels_fit:
+            raise SamplerFileError(f"{file} must take {self.input_description()} and return [B, M, C, H, W]; it "
+                                   f"takes {[(tuple(i.shape), i.type) for i in inputs]}")
         self.input_name = inputs[0].name
+        self.label_input_name = inputs[1].name if self.num_classes is not None else None
 
     def _run(self, x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         feed = {self.input_name: x_T.detach().cpu().numpy()}

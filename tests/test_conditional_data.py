@@ -1,7 +1,6 @@
 """Class labels in the teacher stage: each trajectory's label drawn from (seed, g) and the class
 weights, stored and checksummed beside its states, part of the data set's fingerprint; read back
-with each trajectory; an unconditional data set unchanged; training refused until the conditional
-student exists."""
+with each trajectory; an unconditional data set unchanged (training on them: tests/test_conditional_eval.py)."""
 
 import hashlib
 import json
@@ -17,7 +16,7 @@ import torch.multiprocessing as mp
 
 from conftest import TINY_RUN, compose
 from dsno.builders import build_teacher, sample_shape
-from dsno.config import ConfigError, check_run, validate
+from dsno.config import ConfigError, validate
 from dsno.data import (
     CorruptShardError,
     FingerprintMismatchError,
@@ -34,7 +33,6 @@ from dsno.data import (
 )
 from dsno.seeding import LABEL, index_seed
 from dsno.stages import trajectories
-from test_bad_input import _cli, _one_line
 from test_data_generate import snapshot, start_until
 
 TIMES = [0.75, 0.5, 0.0]
@@ -261,21 +259,3 @@ def test_an_unconditional_run_keeps_its_completion_stamps(tmp_path):
                                 "data.class_weights=[1,1,1,1,1,1,1,1,1,2]"))
     assert stamp(weighted, "train") != stamp(validate(compose(f"run_dir={tmp_path / 'run'}", *TINY_RUN,
                                                               "teacher=mnist_gmm_cond")), "train")
-
-
-def test_train_stops_in_one_line_on_a_conditional_teacher(tmp_path):
-    run = tmp_path / "run"
-    line = _one_line(_cli("train.py", f"run_dir={run}", *TINY_RUN, "teacher=mnist_gmm_cond"))
-    assert line == ("error: config error: teacher=mnist_gmm_cond is class-conditional, and the conditional student "
-                    "(labels in training, export and eval) is not built yet: only its trajectories can be made "
-                    "(python -m data_gen teacher=mnist_gmm_cond), or pick an unconditional teacher")
-    assert not run.exists()
-    rc = validate(compose(f"run_dir={run}", *TINY_RUN, "teacher=mnist_gmm_cond"))
-    check_run(rc, "data")
-    for stage in ("train", "eval"):
-        with pytest.raises(ConfigError, match="conditional student"):
-            check_run(rc, stage)
-    from dsno.stages.pipeline import run as run_pipeline
-    with pytest.raises(ConfigError, match="conditional student"):
-        run_pipeline(rc)
-    assert not run.exists()

@@ -45,7 +45,7 @@ BAD = [
     ("data.num_trajectories=abc", "data.num_trajectories=abc: Value 'abc' of type 'str' could not be converted to Integer"),
     ("data.shard_size=0", "data.shard_size=0: must be a positive integer"),
     ("data.times=[0.5,0.7,0.001]", "data.times=[0.5, 0.7, 0.001]: must be numbers in strictly decreasing order"),
-    ("data.times=[0.001]", "needs at least 2 output times"),
+    ("data.times=[]", "data.times=[]: needs at least 1 output time"),
     ("data.times=[1.5,0.5,0.001]", "must lie inside the schedule's time range"),
     ("data.times=[0.5,0.25,0.01]", "the last output time must equal solver.t_end"),
     ("data.verify=sometimes", "data.verify=sometimes: Invalid value 'sometimes', expected one of [none, quick, full]"),

@@ -108,16 +108,17 @@ def test_resume_continues_the_same_run(tiny_run, tmp_path, caplog):
     import logging
     from dsno.stages.pipeline import run
     data = f"data.dir={tmp_path / 'data'}"
-    run(tiny_run(data, run_dir=tmp_path / "full"), through="train")
+    last_step = "train.select=last"    # the exported weights checked below are the last step's EMA
+    run(tiny_run(data, last_step, run_dir=tmp_path / "full"), through="train")
     with caplog.at_level(logging.INFO, logger="dsno"):
         caplog.clear()         # only this run's lines (an earlier test may have left the dsno logger at INFO)
-        run(tiny_run(data, "trainer.max_steps=3", run_dir=tmp_path / "part"), through="train")
+        run(tiny_run(data, last_step, "trainer.max_steps=3", run_dir=tmp_path / "part"), through="train")
     steps = [r.getMessage().split()[2] for r in caplog.records if r.getMessage().startswith("train: step")]
     assert steps == ["1/3", "2/3", "3/3"]                 # no terminal under pytest: log lines, not a bar
     ckpt = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
     assert ckpt["averaging_state"]["n_averaged"].item() == 3        # EMA update s is in the step-s checkpoint
-    run(tiny_run(data, run_dir=tmp_path / "part"), through="train")  # max_steps back to 6, resume=true
+    run(tiny_run(data, last_step, run_dir=tmp_path / "part"), through="train")  # max_steps back to 6, resume=true
     a = _weights(tmp_path / "full" / "checkpoints" / "dsno_ema.safetensors")
     b = _weights(tmp_path / "part" / "checkpoints" / "dsno_ema.safetensors")
     assert a.keys() == b.keys()
@@ -131,7 +132,7 @@ def test_resume_continues_the_same_run(tiny_run, tmp_path, caplog):
     assert all(torch.equal(ema[k], b[k]) for k in b)
     assert any(not torch.equal(live[k], b[k]) for k in b)
     # rerun on the finished run: nothing left to train, the same EMA weights come out
-    run(tiny_run(data, run_dir=tmp_path / "part"), through="train")
+    run(tiny_run(data, last_step, run_dir=tmp_path / "part"), through="train")
     again = _weights(tmp_path / "part" / "checkpoints" / "dsno_ema.safetensors")
     assert all(torch.equal(again[k], b[k]) for k in b)
 

@@ -245,10 +245,10 @@ def test_eval_lists_every_schedule(tiny_run, tmp_path):
     usf.save(usf.from_solver("unipc", timesteps(teacher.schedule, steps=5), 3), d / "nfe5.yaml")
     usf.save(usf.from_solver("ddim", timesteps(teacher.schedule, steps=3), 1), d / "nfe3_timesteps.yaml")
     (d / "broken.yaml").write_text("nfe: 3\n")
-    runs = {r["method"]: r for r in schedule_runs(rc)}
+    runs = {r.method: r for r in schedule_runs(rc)}
     assert set(runs) == {"usf nfe5", "usf nfe3_timesteps", "usf broken"}
-    assert runs["usf nfe5"]["nfe"] == 5 and runs["usf nfe3_timesteps"]["nfe"] == 3
-    assert "missing key 'timesteps'" in runs["usf broken"]["skipped"]
+    assert runs["usf nfe5"].nfe == 5 and runs["usf nfe3_timesteps"].nfe == 3
+    assert "missing key 'timesteps'" in runs["usf broken"].skipped
 
 
 def test_data_set_fingerprints_are_pinned(tiny_run, tmp_path):

@@ -287,3 +287,16 @@ def compute_fidelity(
         torch_fidelity.KEY_METRIC_RECALL: "recall",
     }
     return {ours: float(raw[theirs]) for theirs, ours in keys.items() if theirs in raw}
+
+
+@torch.no_grad()
+def label_accuracy(samples: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """The fraction of `samples` ([N, 1, H, W] float in [-1, 1], or uint8) that the project's digit
+    classifier assigns to their requested digit `labels` ([N] long in [0, 10)): each image goes through
+    FID's digit path (uint8, resized to the classifier's size), its class the arg-max of the logits."""
+    if len(samples) != len(labels) or len(samples) == 0:
+        raise ValueError(f"need one label per sample, got {len(samples)} samples and {len(labels)} labels")
+    extractor = DigitFeatureExtractor(DIGIT_EXTRACTOR, ["logits"])
+    images = to_uint8(samples.detach().cpu())
+    predicted = torch.cat([extractor(x)[0].argmax(1) for x in images.split(batch_size)])
+    return float((predicted == labels.cpu()).double().mean())

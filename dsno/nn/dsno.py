@@ -1,6 +1,7 @@
 """The DSNO operator: a backbone with temporal Fourier layers that maps x_T to M trajectory points.
 
-`DSNO(x_T)`: x_T [B, C, H, W] -> [B, M, C, H, W], branch m the prediction at time t_m.
+`DSNO(x_T, labels=None)`: x_T [B, C, H, W] -> [B, M, C, H, W], branch m the prediction at time t_m;
+labels [B] long: a class-conditional backbone's class of each sample, given to all its M branches.
 x_T is repeated M times; the backbone runs on [B*M, C, H, W], branch m with the time input of
 t_m; after every residual unit (a ResBlock and its attention block, if any) of the down path,
 middle and up path, a `TemporalConv` mixes the M branches. Output m is

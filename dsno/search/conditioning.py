@@ -32,7 +32,7 @@ class Conditioning:
         the teacher's guidance scale `teacher.guidance` (0 when it has none). SearchError (one line) when the
         weights do not fit the teacher, GuidanceError when its guidance is not usable."""
         from dsno.data.generate import label_rule
-        from dsno.teachers.conditional import check_guidance
+        from dsno.teachers.conditional import check_guidance, teacher_class_weights
         num_classes = getattr(teacher, "num_classes", None)
         name = getattr(teacher, "name", None) or type(teacher).__name__
         if num_classes is None:
@@ -41,8 +41,7 @@ class Conditioning:
                                   f"{name} is unconditional: drop them")
             return None
         if class_weights is None:
-            own = getattr(teacher, "class_weights", None)
-            class_weights = [1.0] * num_classes if own is None else [float(w) for w in own]
+            class_weights = teacher_class_weights(teacher)
         try:
             weights = tuple(float(w) for w in class_weights)
             label_rule(weights)

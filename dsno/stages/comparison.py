@@ -3,7 +3,9 @@
 Rows, top to bottom: the float64 reference, the teacher solve, DSNO (each in the first column),
 a strip of NFE headers, then one row per deterministic eval solver with its NFE budgets side by
 side. A cell holds the first `per_cell` samples (a near-square block, each image upscaled by
-nearest neighbour) over a caption with the RMSE against the reference.
+nearest neighbour) over a caption with the RMSE against the reference. A class-conditional run's
+figure has no top rows: one row per class label, one column per method (its title in the header
+strip), each cell that method's first sample of that label.
 
     layout = Layout((16, 16), upscale=4, per_cell=4, top_rows=3, solver_rows=9, columns=10)
     layout.size                     # (width, height) in pixels
@@ -15,7 +17,7 @@ nearest neighbour) over a caption with the RMSE against the reference.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -51,6 +53,7 @@ class Layout:
     top_rows: int
     solver_rows: int
     columns: int
+    header_h: int = HEADER_H
 
     @property
     def block(self) -> tuple[int, int]:
@@ -72,14 +75,14 @@ class Layout:
     def size(self) -> tuple[int, int]:
         """(width, height) of the whole figure in pixels."""
         width = LABEL_W + PAD + self.columns * (self.cell_wh[0] + PAD)
-        return width, PAD + (self.top_rows + self.solver_rows) * self.row_h + HEADER_H
+        return width, PAD + (self.top_rows + self.solver_rows) * self.row_h + self.header_h
 
     def header_y(self) -> int:
         return PAD + self.top_rows * self.row_h
 
     def cell_origin(self, row: int, col: int) -> tuple[int, int]:
         """Top-left (x, y) of the image block of cell (row, col); row < top_rows: a top row."""
-        y = PAD + row * self.row_h + (HEADER_H if row >= self.top_rows else 0)
+        y = PAD + row * self.row_h + (self.header_h if row >= self.top_rows else 0)
         return LABEL_W + PAD + col * (self.cell_wh[0] + PAD), y
 
     def sample_origin(self, row: int, col: int, k: int) -> tuple[int, int]:
@@ -118,18 +121,28 @@ def compose(layout: Layout, cells: dict[tuple[int, int], torch.Tensor]) -> np.nd
 
 @dataclass
 class Figure:
-    """What the figure shows: the top rows, the solver rows and the NFE columns.
-    top: [(label, images, caption)]; solvers: [(label, {nfe: (images, caption)})]."""
+    """What the figure shows: the top rows, the solver rows and the columns.
+    top: [(label, images, caption)]; solvers: [(label, {column: (images, caption)})]; columns: NFE budgets
+    (headed "NFE k") or titles (a conditional figure's methods, headed by their names); corner: the text
+    at the head of the row labels."""
 
     top: list[tuple[str, torch.Tensor, str]]
-    solvers: list[tuple[str, dict[int, tuple[torch.Tensor, str]]]]
-    columns: list[int]
+    solvers: list[tuple[str, dict[int | str, tuple[torch.Tensor, str]]]]
+    columns: list[int | str]
+    corner: str = "solver  \\  NFE"
+
+    def header_lines(self, width: int) -> list[list[str]]:
+        """Each column's header as lines of at most `width` px ("NFE k" for a budget, a title wrapped)."""
+        return [[f"NFE {c}"] if isinstance(c, int) else _wrap(str(c), _font(11), width) for c in self.columns]
 
     def layout(self, per_cell: int = PER_CELL) -> Layout:
         shape = next(iter(self.cells().values()))[0].shape
         hw = (int(shape[-2]), int(shape[-1]))
         n = min(per_cell, int(shape[0]))
-        return Layout(hw, upscale_for(hw), n, len(self.top), len(self.solvers), max(1, len(self.columns)))
+        base = Layout(hw, upscale_for(hw), n, len(self.top), len(self.solvers), max(1, len(self.columns)))
+        titles = [] if all(isinstance(c, int) for c in self.columns) else self.header_lines(base.cell_wh[0])
+        lines = max((len(t) for t in titles), default=1)
+        return replace(base, header_h=HEADER_H + 13 * (lines - 1))
 
     def cells(self) -> dict[tuple[int, int], tuple[torch.Tensor, str]]:
         out = {(i, 0): (images, caption) for i, (_, images, caption) in enumerate(self.top)}
@@ -179,11 +192,12 @@ def save_comparison(figure: Figure, path: Path, per_cell: int = PER_CELL) -> Lay
         for i, line in enumerate(lines):
             draw.text((PAD, top + 14 * i), line, fill=(0, 0, 0), font=font)
     y = layout.header_y()
-    draw.text((PAD, y + 5), "solver  \\  NFE", fill=(0, 0, 0), font=font)
-    for col, nfe in enumerate(figure.columns):
+    draw.text((PAD, y + 5), figure.corner, fill=(0, 0, 0), font=font)
+    for col, (column, lines) in enumerate(zip(figure.columns, figure.header_lines(cw))):
         x, _ = layout.cell_origin(layout.top_rows, col)
-        text = f"NFE {nfe}"
-        draw.text((x + (cw - font.getlength(text)) / 2, y + 5), text, fill=(0, 0, 0), font=font)
+        face = font if isinstance(column, int) else small
+        for i, text in enumerate(lines):
+            draw.text((x + (cw - face.getlength(text)) / 2, y + 5 + 13 * i), text, fill=(0, 0, 0), font=face)
     for (row, col), (_, caption) in cells.items():
         x, y = layout.cell_origin(row, col)
         draw.text((x, y + ch + 2), caption, fill=(60, 60, 60), font=small)

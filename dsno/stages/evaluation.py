@@ -1,5 +1,10 @@
-"""The evaluation stage: DSNO next to every solver on the same noise, scored against a
-float64 reference solution of the teacher's ODE and with torch-fidelity; a report out."""
+"""The evaluation stage: DSNO next to every solver on the same noise (and, for a class-conditional
+teacher, the same labels under its guidance), scored against a float64 reference solution of the
+teacher's ODE, with torch-fidelity and, for digits, the digit classifier's label accuracy; a report out.
+
+`run` is a straight line of named steps: load_setup -> eval_inputs -> cost_unit -> solve_reference ->
+the Planned runs (dsno_run, teacher_run, solver_runs, schedule_runs) -> run_methods (a MethodRun each,
+whose row() is its line of metrics.json) -> FID -> eval_result -> publish."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 from statistics import median
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -53,32 +59,107 @@ def timing_fields(t: dict[str, float], repeats: int) -> dict[str, Any]:
             "timing_repeats": repeats}
 
 
-def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int,
+Method = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]   # (noise, labels or None) -> samples
+
+
+def in_batches(fn: Method, x: torch.Tensor, labels: torch.Tensor | None, batch_size: int,
                device: torch.device | str) -> torch.Tensor:
-    """fn over x in batches of batch_size on `device`; the results concatenated on the CPU."""
-    return torch.cat([fn(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    """fn(noise, labels) over x (and its labels [N], or None) in batches of batch_size on `device`; the
+    results concatenated on the CPU."""
+    return torch.cat([fn(x[i:i + batch_size].to(device), None if labels is None else labels[i:i + batch_size].to(device))
+                      .cpu() for i in range(0, len(x), batch_size)])
 
 
-def solver_runs(rc: RunConfig) -> list[dict[str, Any]]:
-    """One entry per (eval solver, NFE budget): its label, solver, kwargs, grid steps and NFE,
-    or the reason it can't meet that budget."""
+def eval_labels(rc: RunConfig, teacher, n: int) -> torch.Tensor | None:
+    """The class label of each of the n eval samples, long [n]: drawn from (eval.seed, i) with the teacher's
+    own class weights by the data stage's rule (`trajectory_labels`); None for an unconditional teacher."""
+    from dsno.data.generate import trajectory_labels
+    from dsno.teachers.conditional import teacher_class_weights
+    weights = teacher_class_weights(teacher)
+    return torch.from_numpy(trajectory_labels(rc.eval.seed, 0, n, weights)) if weights else None
+
+
+def scores_labels(rc: RunConfig, teacher, shape: tuple[int, ...]) -> bool:
+    """Whether eval scores label accuracy: a conditional teacher of the 10 digits whose kind declares
+    digit data (registered with digits=True) and makes 1-channel images, for the project's digit classifier."""
+    from dsno.metrics.digit_classifier import NUM_CLASSES
+    from dsno.teachers.registry import teacher_kinds
+    kind = teacher_kinds().get(rc.teacher.kind)
+    return (kind is not None and kind.digits and shape[0] == 1
+            and getattr(teacher, "num_classes", None) == NUM_CLASSES)
+
+
+@dataclass
+class Planned:
+    """One method at one NFE budget before it runs: the solver that runs it (None: the exported DSNO sampler),
+    its options, its grid (`steps` on eval.spacing, or an explicit `grid`; neither: the teacher solve's), and
+    the row's extra fields (note, stochastic); or `skipped`, why it cannot run."""
+
+    method: str
+    nfe: int | None
+    skipped: str | None = None
+    solver: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    steps: int | None = None
+    grid: torch.Tensor | None = None
+    stochastic: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodRun:
+    """What one Planned gave: its final samples [N, C, H, W] scored against the reference (RMSE), its timing
+    (`seconds_per_sample` with the teacher evaluation as unit), its label accuracy (None: not scored); or
+    `skipped`. `row()` is its line of metrics.json."""
+
+    method: str
+    nfe: int | None
+    repeats: int = 0
+    skipped: str | None = None
+    samples: torch.Tensor | None = None
+    rmse: float | None = None
+    timing: dict[str, Any] | None = None
+    label_accuracy: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Its name among the final samples (and grids): "method@nfe"."""
+        return f"{self.method}@{self.nfe}"
+
+    def row(self) -> dict[str, Any]:
+        if self.skipped is not None:
+            return {"method": self.method, "nfe": self.nfe, "skipped": self.skipped}
+        cost = self.timing["per_unit"]
+        accuracy = {} if self.label_accuracy is None else {"label_accuracy": self.label_accuracy}
+        return {"method": self.method, "nfe": self.nfe, "rmse_vs_reference": self.rmse,
+                **timing_fields(self.timing, self.repeats), "cost_teacher_evals": cost["median"],
+                "cost_teacher_evals_min": cost["min"], "cost_teacher_evals_max": cost["max"], **accuracy,
+                **self.extra}
+
+
+def solver_runs(rc: RunConfig) -> list[Planned]:
+    """One entry per (eval solver, NFE budget): its label, solver, options, grid steps and NFE, or the reason
+    it can't meet that budget."""
     from dsno.solvers import get, nfe as nfe_of, steps_for_nfe
     runs = []
     for spec in rc.eval.solvers:
         name, label, kwargs = spec.name, spec.label(), spec.kwargs()
         stochastic = get(name).stochastic
+        extra = ({"note": "stochastic (reverse SDE): converges in distribution, not to the ODE path",
+                  "stochastic": True} if stochastic else {})
         for budget in rc.eval.nfe:
             try:
                 steps = steps_for_nfe(name, budget, **kwargs)
             except ValueError as e:
-                runs.append({"method": label, "nfe": budget, "skipped": str(e)})
+                runs.append(Planned(label, budget, skipped=str(e)))
                 continue
-            runs.append({"method": label, "solver": name, "kwargs": kwargs, "steps": steps,
-                         "nfe": nfe_of(name, steps, **kwargs), "stochastic": stochastic})
+            runs.append(Planned(label, nfe_of(name, steps, **kwargs), solver=name, options=kwargs, steps=steps,
+                                stochastic=stochastic, extra=dict(extra)))
     return runs
 
 
-def schedule_runs(rc: RunConfig) -> list[dict[str, Any]]:
+def schedule_runs(rc: RunConfig) -> list[Planned]:
     """One entry per USF schedule in <run_dir>/schedules/*.yaml (python -m dsno.search): method
     "usf <file stem>", the schedule, its NFE; or, for one that can't run here, why."""
     from dsno.solvers.usf import NAME, ScheduleError, load
@@ -88,14 +169,29 @@ def schedule_runs(rc: RunConfig) -> list[dict[str, Any]]:
         try:
             s = load(path)
         except ScheduleError as e:
-            runs.append({"method": method, "nfe": None, "skipped": str(e)})
+            runs.append(Planned(method, None, skipped=str(e)))
             continue
         if abs(s.ts[-1] - rc.solver.t_end) > 1e-12:
-            runs.append({"method": method, "nfe": s.cost, "skipped": f"ends at t={s.ts[-1]:g}, not solver.t_end="
-                         f"{rc.solver.t_end:g}"})
+            runs.append(Planned(method, s.cost, skipped=f"ends at t={s.ts[-1]:g}, not solver.t_end={rc.solver.t_end:g}"))
             continue
-        runs.append({"method": method, "nfe": s.cost, "schedule": s, "path": str(path)})
+        runs.append(Planned(method, s.cost, solver=NAME, options={"schedule": s},
+                            grid=torch.tensor(s.ts, dtype=torch.float64), extra={"note": f"searched schedule {path}"}))
     return runs
+
+
+def dsno_run(sampler) -> Planned:
+    """DSNO: the exported sampler's one pass."""
+    return Planned("dsno", 1, extra={"note": f"one pass, backbone on M={len(sampler.times)} time points"})
+
+
+def teacher_run(rc: RunConfig, grid: torch.Tensor) -> Planned:
+    """The solver that made DSNO's training trajectories, on their grid."""
+    from dsno.solvers import nfe as nfe_of
+    options = rc.solver.solve_options()
+    return Planned(f"teacher ({rc.solver.name}-{rc.solver.order})",
+                   nfe_of(rc.solver.name, len(grid) - 1, order=rc.solver.order, **options), solver=rc.solver.name,
+                   options={"order": rc.solver.order, **options},
+                   extra={"note": "the solver that made DSNO's training trajectories"})
 
 
 REFERENCE_STEPS_CLOSED_FORM = 500   # a closed-form teacher (no network) costs microseconds per evaluation
@@ -149,21 +245,92 @@ def fidelity_plan(rc: RunConfig, shape: tuple[int, ...]) -> dict[str, Any]:
         "the teacher's training set), or eval.fidelity=false")
 
 
-def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate the run's exported sampler and the solvers; write metrics.json, report.md, PNGs."""
-    from dsno.sampler import load_sampler
-    from dsno.solvers import nfe as nfe_of
-    from dsno.solvers import sample, timesteps, usf
-    from dsno.solvers.reference import calls_per_batch, describe, reference_solve, rmse
+@dataclass
+class Setup:
+    """What every eval step reads: the config, the exported sampler, the teacher (on `device`), a solver
+    state's shape and its data part's, FID's plan (`fidelity_plan`) and the teacher solve's grid."""
 
+    rc: RunConfig
+    sampler: Any
+    teacher: Any
+    shape: tuple[int, ...]
+    image_shape: tuple[int, ...]
+    fidelity: dict[str, Any]
+    device: str
+    grid: torch.Tensor
+
+    @property
+    def out(self) -> Path:
+        return Path(self.rc.run_dir) / "eval"
+
+
+@dataclass
+class Inputs:
+    """The noise [N, *state] and class labels [N] long (None: an unconditional teacher) that every method
+    gets, run in batches of `batch_size` on `device`; the first batch is the timed one."""
+
+    x_T: torch.Tensor
+    labels: torch.Tensor | None
+    batch_size: int
+    device: str
+
+    def through(self, fn: Method) -> torch.Tensor:
+        """fn over all the noise and labels: the results concatenated on the CPU."""
+        return in_batches(fn, self.x_T, self.labels, self.batch_size, self.device)
+
+    @property
+    def timed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The timed batch: its noise and labels on the device."""
+        bs, device = self.batch_size, self.device
+        return self.x_T[:bs].to(device), None if self.labels is None else self.labels[:bs].to(device)
+
+
+@dataclass
+class CostUnit:
+    """One teacher evaluation (at mid-grid time t; a conditional teacher's under its guidance, on the timed
+    batch's labels): the unit of every method's measured cost, and its timing alone."""
+
+    call: Callable[[torch.Tensor], torch.Tensor]
+    t: float
+    timing: dict[str, Any]
+
+
+@dataclass
+class Reference:
+    """The float64 reference solve's final samples [N, C, H, W] (float32) and its description."""
+
+    samples: torch.Tensor
+    description: dict[str, Any]
+
+
+def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate the run's exported sampler and the solvers on the same noise (and labels); write metrics.json,
+    report.md, PNGs."""
+    setup = load_setup(rc, sampler_path)
+    inputs = eval_inputs(setup)
+    unit = cost_unit(setup, inputs)
+    reference = solve_reference(setup, inputs, unit)
+    plans = [dsno_run(setup.sampler), teacher_run(rc, setup.grid), *solver_runs(rc), *schedule_runs(rc)]
+    runs = run_methods(setup, inputs, reference, unit, plans)
+    rows = [r.row() for r in runs]
+    finals = {"reference": reference.samples, **{r.key: r.samples for r in runs if r.samples is not None}}
+    if setup.fidelity["computed"]:
+        _add_fidelity(rows, finals, setup.image_shape, rc, setup.fidelity)
+    result = eval_result(setup, inputs, reference, unit, runs, rows, finals)
+    publish(setup, result, finals, inputs.labels, logger)
+    return result
+
+
+def load_setup(rc: RunConfig, sampler_path: str | Path | None) -> Setup:
+    """The sampler and the teacher, checked against each other and rc before any work (FID's files too);
+    creates the eval folder."""
+    from dsno.sampler import load_sampler
     run_dir = Path(rc.run_dir)
-    out = run_dir / "eval"
     sampler_path = Path(sampler_path) if sampler_path else run_dir / "sampler"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sampler = load_sampler(sampler_path, device=device, trust_program=rc.eval.trust_program)
     teacher = build_teacher(rc.teacher).to(device)
     shape, image_shape = sample_shape(teacher), data_shape(teacher)     # a solver state; the data part of it
-    c = image_shape[0]
     check_prerequisites(rc, image_shape)
     fidelity = fidelity_plan(rc, image_shape)
     if list(sampler.config.get("image_shape", shape)) != list(shape):
@@ -171,115 +338,158 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
                         f"the teacher of experiment {rc.experiment} {list(shape)}")
     if abs(sampler.times[-1] - rc.solver.t_end) > 1e-12:
         raise UserError(f"sampler's last time {sampler.times[-1]} differs from solver.t_end {rc.solver.t_end}")
-    out.mkdir(parents=True, exist_ok=True)
-    n, bs, dtype, repeats = rc.eval.num_samples, rc.eval.batch_size, teacher.solve_dtype, rc.eval.timing_repeats
-    x_T = torch.randn(n, *shape, generator=torch.Generator().manual_seed(rc.eval.seed))
-    t_end = rc.solver.t_end
-
-    def solve(grid: torch.Tensor, solver: str, as_dtype: torch.dtype = dtype, **kwargs: Any
-              ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A call that solves one batch of noise on `grid` with `solver`, in `as_dtype`: the final data."""
-        return lambda x: sample(teacher, prior_state(teacher, x.to(as_dtype)), grid, solver=solver,
-                                **kwargs)[:, :c].float()
-
+    (run_dir / "eval").mkdir(parents=True, exist_ok=True)
     grid = solver_grid(teacher, rc.solver, [float(t) for t in rc.data.times])
-    t_mid = float(grid[len(grid) // 2])
+    return Setup(rc, sampler, teacher, shape, image_shape, fidelity, device, grid)
 
-    def teacher_eval(x: torch.Tensor) -> torch.Tensor:
-        """One teacher evaluation (mid-grid): the unit of every method's measured cost."""
-        return teacher.eps(prior_state(teacher, x.to(dtype)), t_mid)
+
+def eval_inputs(setup: Setup) -> Inputs:
+    """eval.num_samples noise draws from eval.seed, and for a conditional teacher their labels (`eval_labels`)."""
+    rc = setup.rc
+    n = rc.eval.num_samples
+    x_T = torch.randn(n, *setup.shape, generator=torch.Generator().manual_seed(rc.eval.seed))
+    return Inputs(x_T, eval_labels(rc, setup.teacher, n), rc.eval.batch_size, setup.device)
+
+
+def cost_unit(setup: Setup, inputs: Inputs) -> CostUnit:
+    """One teacher evaluation on the timed batch, warmed up and timed alone."""
+    from dsno.teachers.conditional import bind
+    teacher, dtype = setup.teacher, setup.teacher.solve_dtype
+    x, labels = inputs.timed
+    t_mid = float(setup.grid[len(setup.grid) // 2])
+
+    def teacher_eval(z: torch.Tensor) -> torch.Tensor:
+        return bind(teacher, labels).eps(prior_state(teacher, z.to(dtype)), t_mid)
 
     with torch.no_grad():
-        teacher_eval(x_T[:bs].to(device))                            # warm-up
-        one_eval = seconds_per_sample(teacher_eval, x_T[:bs].to(device), repeats)
+        teacher_eval(x)                                                 # warm-up
+        timing = seconds_per_sample(teacher_eval, x, setup.rc.eval.timing_repeats)
+    return CostUnit(teacher_eval, t_mid, timing)
+
+
+def solve_reference(setup: Setup, inputs: Inputs, unit: CostUnit) -> Reference:
+    """The float64 reference solve of every noise draw (a conditional teacher bound to its labels, under its
+    guidance), with a progress bar and an up-front estimate of its time."""
+    from dsno.solvers.reference import calls_per_batch, describe, reference_solve
+    from dsno.teachers.conditional import bind
+    rc, teacher, c = setup.rc, setup.teacher, setup.image_shape[0]
+    n, bs = len(inputs.x_T), inputs.batch_size
     steps = reference_steps(rc, teacher.network is not None)
     reference = describe(teacher, steps, rc.eval.reference_rtol)
     per_batch = calls_per_batch(teacher, steps)
-    estimate = "" if per_batch is None else f", about {per_batch * n * one_eval['median']:.0f} s"
+    estimate = "" if per_batch is None else f", about {per_batch * n * unit.timing['median']:.0f} s"
     log.info("eval: float64 reference (%s) on %d samples%s (one teacher evaluation: %.3f ms/sample)",
-             ", ".join(f"{k} {v}" for k, v in reference.items()), n, estimate, one_eval["median"] * 1e3)
+             ", ".join(f"{k} {v}" for k, v in reference.items()), n, estimate, unit.timing["median"] * 1e3)
     calls = None if per_batch is None else per_batch * -(-n // bs)
     with torch.no_grad(), counter("eval: reference", calls) as tick:
         # the state is float64; a network teacher is evaluated in its own float32 (its rounding moves the
         # reference by ~1e-7 RMSE, far below the reference's own step error, and runs 2.6x faster than float64)
         hook = teacher.register_forward_pre_hook(reference_progress(tick, calls))
         try:
-            ref = in_batches(lambda x: reference_solve(teacher, prior_state(teacher, x), t_end, steps,
-                                                       rc.eval.reference_rtol)[:, :c].float(), x_T, bs, device)
+            ref = inputs.through(lambda x, y: reference_solve(bind(teacher, y), prior_state(teacher, x), rc.solver.t_end,
+                                                              steps, rc.eval.reference_rtol)[:, :c].float())
         finally:
             hook.remove()
+    return Reference(ref, reference)
 
-    finals: dict[str, torch.Tensor] = {"reference": ref}
-    rows: list[dict[str, Any]] = []
-    units: list[dict[str, float]] = []       # the teacher evaluation's timing beside each row's
 
-    def add_row(method: str, nfe: int, fn: Callable[[torch.Tensor], torch.Tensor], **extra: Any) -> None:
-        """Run fn over all the eval noise, time it `repeats` times on one batch, each time with one teacher
-        evaluation right after it (its cost in teacher evaluations), and score it against the reference."""
-        x = in_batches(fn, x_T, bs, device)
-        t = seconds_per_sample(fn, x_T[:bs].to(device), repeats, teacher_eval)
-        cost = t["per_unit"]
-        rows.append({"method": method, "nfe": nfe, "rmse_vs_reference": rmse(x, ref), **timing_fields(t, repeats),
-                     "cost_teacher_evals": cost["median"], "cost_teacher_evals_min": cost["min"],
-                     "cost_teacher_evals_max": cost["max"], **extra})
-        units.append(t["unit"])
-        finals[f"{method}@{nfe}"] = x
-        log.info("eval: [%d/%d] %-36s NFE %3d  RMSE %.4f  %.3f ms/sample (median of %d, %.3f-%.3f), %.2f teacher "
-                 "evaluations", len(rows), total, method, nfe, rows[-1]["rmse_vs_reference"], t["median"] * 1e3,
-                 repeats, t["min"] * 1e3, t["max"] * 1e3, cost["median"])
-        advance(1)
+def method_call(setup: Setup, p: Planned) -> Method:
+    """The call that runs `p` on one batch of noise and labels: the final data [b, C, H, W] float32. DSNO's
+    sampler, or p's solver on its grid under the teacher's guidance (a stochastic one with a generator of
+    fixed seed for the pass over all the noise; the timed batches after it draw on from it, which changes no
+    result)."""
+    from dsno.solvers import sample, timesteps
+    rc, teacher, c = setup.rc, setup.teacher, setup.image_shape[0]
+    if p.solver is None:
+        return lambda z, y: setup.sampler(z, y)[:, -1, :c]
+    if p.grid is not None:
+        grid = p.grid
+    elif p.steps is not None:
+        grid = timesteps(teacher.grid_schedule, steps=p.steps, spacing=rc.eval.spacing, t_end=rc.solver.t_end)
+    else:
+        grid = setup.grid
+    options = dict(p.options)
+    if p.stochastic:
+        options["generator"] = torch.Generator(setup.device).manual_seed(rc.eval.seed + 1)
+    dtype = teacher.solve_dtype
+    return lambda x, y: sample(teacher, prior_state(teacher, x.to(dtype)), grid, solver=p.solver, cond=y,
+                               **options)[:, :c].float()
 
-    runs, schedules = solver_runs(rc), schedule_runs(rc)
-    total = 2 + len(runs) + len(schedules)
-    with torch.no_grad(), counter("eval", total) as advance:
-        add_row("dsno", 1, lambda z: sampler(z)[:, -1, :c], note=f"one pass, backbone on M={len(sampler.times)} time points")
 
-        teacher_opts = rc.solver.solve_options()
-        teacher_nfe = nfe_of(rc.solver.name, len(grid) - 1, order=rc.solver.order, **teacher_opts)
-        add_row(f"teacher ({rc.solver.name}-{rc.solver.order})", teacher_nfe,
-                solve(grid, rc.solver.name, order=rc.solver.order, **teacher_opts),
-                note="the solver that made DSNO's training trajectories")
+def run_methods(setup: Setup, inputs: Inputs, reference: Reference, unit: CostUnit,
+                plans: list[Planned]) -> list[MethodRun]:
+    """Every planned method over all the noise (and labels), with a progress bar: `run_method` each."""
+    labelled = inputs.labels is not None and scores_labels(setup.rc, setup.teacher, setup.image_shape)
+    runs: list[MethodRun] = []
+    with torch.no_grad(), counter("eval", len(plans)) as advance:
+        for p in plans:
+            runs.append(run_method(setup, inputs, reference, unit, p, labelled))
+            r = runs[-1]
+            if r.skipped is None:
+                t, cost = r.timing, r.timing["per_unit"]
+                log.info("eval: [%d/%d] %-36s NFE %3d  RMSE %.4f  %.3f ms/sample (median of %d, %.3f-%.3f), %.2f "
+                         "teacher evaluations", len(runs), len(plans), r.method, r.nfe, r.rmse, t["median"] * 1e3,
+                         r.repeats, t["min"] * 1e3, t["max"] * 1e3, cost["median"])
+            advance(1)
+    return runs
 
-        for r in runs:
-            if "skipped" in r:
-                rows.append({"method": r["method"], "nfe": r["nfe"], "skipped": r["skipped"]})
-                advance(1)
-                continue
-            g = timesteps(teacher.grid_schedule, steps=r["steps"], spacing=rc.eval.spacing, t_end=t_end)
-            if r["stochastic"]:
-                # one generator of fixed seed for the pass over all the noise (the timed batches after it
-                # draw on from it, which changes no result)
-                gen = torch.Generator(device).manual_seed(rc.eval.seed + 1)
-                add_row(r["method"], r["nfe"], solve(g, r["solver"], generator=gen, **r["kwargs"]),
-                        note="stochastic (reverse SDE): converges in distribution, not to the ODE path",
-                        stochastic=True)
-            else:
-                add_row(r["method"], r["nfe"], solve(g, r["solver"], **r["kwargs"]))
 
-        for r in schedules:
-            if "skipped" in r:
-                rows.append(r)
-                advance(1)
-                continue
-            add_row(r["method"], r["nfe"], solve(torch.tensor(r["schedule"].ts, dtype=torch.float64), usf.NAME,
-                                                 schedule=r["schedule"]), note=f"searched schedule {r['path']}")
+def run_method(setup: Setup, inputs: Inputs, reference: Reference, unit: CostUnit, p: Planned,
+               labelled: bool) -> MethodRun:
+    """Run p over all the noise, time it `eval.timing_repeats` times on the timed batch, each time with one
+    teacher evaluation right after it (its cost in teacher evaluations), score it against the reference and,
+    when `labelled`, for label accuracy."""
+    from dsno.solvers.reference import rmse
+    if p.skipped is not None:
+        return MethodRun(p.method, p.nfe, skipped=p.skipped)
+    fn, repeats = method_call(setup, p), setup.rc.eval.timing_repeats
+    x = inputs.through(fn)
+    batch, labels = inputs.timed
+    timing = seconds_per_sample(lambda z: fn(z, labels), batch, repeats, unit.call)
+    accuracy = None
+    if labelled:
+        from dsno.metrics.fidelity import label_accuracy
+        accuracy = label_accuracy(x, inputs.labels)
+    return MethodRun(p.method, p.nfe, repeats, samples=x, rmse=rmse(x, reference.samples), timing=timing,
+                     label_accuracy=accuracy, extra=dict(p.extra))
 
-    if fidelity["computed"]:
-        _add_fidelity(rows, finals, image_shape, rc, fidelity)
-    result = {"experiment": rc.experiment, "num_samples": n, "reference": reference, "device": _device_name(),
-              "teacher_eval": {**timing_fields(units[0], repeats), "t": t_mid},     # timed beside DSNO
-              "fidelity": {k: v for k, v in fidelity.items() if k != "extractor"},
-              "distillation": distillation_cost(run_dir, Path(rc.data.dir)), "rows": rows}
-    from dsno.stages.report import write_report
-    write_report(result, finals, out, rc.eval.grid_samples)
+
+def eval_result(setup: Setup, inputs: Inputs, reference: Reference, unit: CostUnit, runs: list[MethodRun],
+                rows: list[dict[str, Any]], finals: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """metrics.json's content: the rows, the reference, the teacher evaluation timed beside DSNO (the first run),
+    FID's reference, what distillation cost; for a conditional run the labels and guidance every method got."""
+    from dsno.teachers.conditional import teacher_class_weights
+    rc, teacher = setup.rc, setup.teacher
+    first = next(r for r in runs if r.timing is not None)
+    result = {"experiment": rc.experiment, "num_samples": len(inputs.x_T), "reference": reference.description,
+              "device": _device_name(),
+              "teacher_eval": {**timing_fields(first.timing["unit"], first.repeats), "t": unit.t},
+              "fidelity": {k: v for k, v in setup.fidelity.items() if k != "extractor"},
+              "distillation": distillation_cost(Path(rc.run_dir), Path(rc.data.dir)), "rows": rows}
+    if inputs.labels is not None:        # a conditional run: what every method was asked for
+        result["conditions"] = {"guidance": float(getattr(teacher, "guidance", 0.0)),
+                                "class_weights": teacher_class_weights(teacher), "seed": rc.eval.seed,
+                                "labels": inputs.labels.tolist()}
+        if any(r.label_accuracy is not None for r in runs):
+            from dsno.metrics.fidelity import label_accuracy
+            result["conditions"]["reference_label_accuracy"] = label_accuracy(finals["reference"], inputs.labels)
+    return result
+
+
+def publish(setup: Setup, result: dict[str, Any], finals: dict[str, torch.Tensor], labels: torch.Tensor | None,
+            logger=None) -> None:
+    """Write the report (metrics.json, report.md, figures) and log it to W&B: to `logger`, else to an eval run of
+    its own linked to the training run."""
     from dsno import loggers
-    own_logger = logger is None                # a W&B run of its own, linked to the training run
+    from dsno.stages.report import write_report
+    rc = setup.rc
+    write_report(result, finals, setup.out, rc.eval.grid_samples, labels)
+    own_logger = logger is None
     if own_logger:
         logger = loggers.eval_logger(rc)
-    loggers.log_eval(logger, result, out)
+    loggers.log_eval(logger, result, setup.out)
     if own_logger:
         loggers.finish(logger)
-    return result
 
 
 def check_prerequisites(rc: RunConfig, shape: tuple[int, ...]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dsno.builders import build_teacher, data_shape, sample_shape, teacher_backbone_config
-from dsno.config import ConfigError, RunConfig, refuse_conditional_student
+from dsno.config import ConfigError, RunConfig
 from dsno.stages import completion, trajectories
 
 log = logging.getLogger("dsno")
@@ -63,8 +63,6 @@ def run(rc: RunConfig, config: dict[str, Any] | None = None, through: str = "eva
         raise ValueError(f"through must be one of {STEPS[1:]}, got {through!r}")
     run_dir = Path(rc.run_dir)
     teacher = build_teacher(rc.teacher)
-    if getattr(teacher, "num_classes", None) is not None:
-        refuse_conditional_student(rc.teacher.kind)
     check_student_source(rc, teacher)
     if through == "eval":        # eval's input files are checked before any work
         evaluation.check_prerequisites(rc, data_shape(teacher))

@@ -35,17 +35,25 @@ def _kid(r: dict[str, Any]) -> str:
     return f"{r['kid']:.4g}" + (f" +- {r['kid_std']:.2g}" if r.get("kid_std") is not None else "")
 
 
+def has_label_accuracy(rows: list[dict[str, Any]]) -> bool:
+    """Whether any run was scored for label accuracy (a conditional run of a digit teacher)."""
+    return any(r.get("label_accuracy") is not None for r in rows)
+
+
 def equal_nfe_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: one line per (method, NFE): RMSE vs reference, FID, KID, IS, milliseconds per sample
-    (median, with min-max over the timed repeats) and that cost in teacher evaluations."""
-    lines = ["| method | NFE | RMSE vs reference | FID | KID | IS | precision / recall | ms / sample, median "
-             "(min-max) | measured cost, teacher evaluations |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """Markdown: one line per (method, NFE): RMSE vs reference, label accuracy (when scored), FID, KID, IS,
+    milliseconds per sample (median, with min-max over the timed repeats) and that cost in teacher evaluations."""
+    accuracy = has_label_accuracy(rows)
+    head = "| method | NFE | RMSE vs reference |" + (" label accuracy |" if accuracy else "")
+    lines = [head + " FID | KID | IS | precision / recall | ms / sample, median (min-max) | measured cost, teacher "
+             "evaluations |", "|---|---:|---:|" + ("---:|" if accuracy else "") + "---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['method']} | {r['nfe']} | skipped: {r['skipped']} | | | | | | |")
+            lines.append(f"| {r['method']} | {r['nfe']} | skipped: {r['skipped']} | | | | | | |" + (" |" if accuracy else ""))
             continue
-        lines.append(f"| {r['method']} | {r['nfe']} | {r['rmse_vs_reference']:.4f} | {_fmt(r.get('fid'), '.2f')} | "
-                     f"{_kid(r)} | {_fmt(r.get('is_mean'), '.2f')} | "
+        lines.append(f"| {r['method']} | {r['nfe']} | {r['rmse_vs_reference']:.4f} | "
+                     + (f"{_fmt(r.get('label_accuracy'), '.3f')} | " if accuracy else "")
+                     + f"{_fmt(r.get('fid'), '.2f')} | {_kid(r)} | {_fmt(r.get('is_mean'), '.2f')} | "
                      f"{_fmt(r.get('precision'), '.2f')} / {_fmt(r.get('recall'), '.2f')} | {_ms(r)} | "
                      f"{_fmt(r.get('cost_teacher_evals'), '.3g')} |")
     return "\n".join(lines)
@@ -193,6 +201,33 @@ def comparison_figure(result: dict[str, Any], finals: dict[str, torch.Tensor]) -
     return Figure(top=top, solvers=list(solvers.items()), columns=columns)
 
 
+def label_figure(result: dict[str, Any], finals: dict[str, torch.Tensor], labels: torch.Tensor) -> Figure:
+    """A conditional run's comparison figure: one row per class label asked for, one column per method (the
+    reference, the teacher solve, DSNO, then each deterministic solver at its budget nearest DSNO's measured
+    cost); a cell holds that method's first sample of the row's label (the same noise and label in every
+    column)."""
+    done = [r for r in result["rows"] if "skipped" not in r]
+    dsno = next((r for r in done if r["method"] == "dsno"), None)
+    target = dsno.get("cost_teacher_evals", 1) if dsno is not None else 1
+    columns: dict[str, str] = {"reference": "reference"}
+    columns.update({f"{r['method']}@{r['nfe']}": f"{r['method']}, NFE {r['nfe']}" for r in done
+                    if r["method"].startswith("teacher")})
+    if dsno is not None:
+        columns["dsno@1"] = "DSNO, one pass"
+    solvers: dict[str, list[dict[str, Any]]] = {}
+    for r in done:
+        if r["method"] != "dsno" and not r["method"].startswith("teacher") and not r.get("stochastic"):
+            solvers.setdefault(r["method"], []).append(r)
+    for method, runs in solvers.items():
+        r = min(runs, key=lambda r: (abs(r["nfe"] - target), r["nfe"]))
+        columns[f"{method}@{r['nfe']}"] = f"{method}, NFE {r['nfe']}"
+    rows = []
+    for c in sorted(set(labels.tolist())):
+        first = int((labels == c).nonzero()[0])
+        rows.append((f"label {c}", {title: (finals[key][first:first + 1], "") for key, title in columns.items()}))
+    return Figure(top=[], solvers=rows, columns=list(columns.values()), corner="label  \\  method")
+
+
 def plot_x(r: dict[str, Any], xkey: str) -> float:
     """A run's x in a plot: its NFE, or for DSNO its measured cost in teacher evaluations (not its one pass);
     or its median seconds per sample."""
@@ -244,6 +279,19 @@ def fidelity_caption(fidelity: dict[str, Any] | None) -> str:
     return f"FID against {fidelity['reference']}, on {fidelity['features']} features"
 
 
+def conditions_lines(result: dict[str, Any]) -> list[str]:
+    """A conditional run's labels and guidance (every method got the same), or [] for an unconditional one."""
+    cond = result.get("conditions")
+    if not cond:
+        return []
+    counts = torch.bincount(torch.tensor(cond["labels"]), minlength=len(cond["class_weights"])).tolist()
+    accuracy = (f" The reference's label accuracy is {cond['reference_label_accuracy']:.3f}."
+                if cond.get("reference_label_accuracy") is not None else "")
+    return [f"Class-conditional: every method got the same labels, drawn from eval.seed={cond['seed']} with the "
+            f"teacher's class weights (samples per label {counts}), under guidance w={cond['guidance']:g}.{accuracy}",
+            ""]
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
@@ -259,9 +307,11 @@ def distillation_lines(result: dict[str, Any]) -> list[str]:
     return [f"- {data}", f"- {train}"]
 
 
-def write_report(result: dict[str, Any], finals: dict[str, torch.Tensor], out: Path, grid_samples: int = 64) -> None:
+def write_report(result: dict[str, Any], finals: dict[str, torch.Tensor], out: Path, grid_samples: int = 64,
+                 labels: torch.Tensor | None = None) -> None:
     """Into `out`: metrics.json, report.md, comparison.png, the plots, and grids/grid_<method>_nfe<k>.png
-    for every run (grids of an earlier eval there, or loose in `out`, are removed)."""
+    for every run (grids of an earlier eval there, or loose in `out`, are removed). labels: a conditional
+    run's class label of each sample [N] (its figure: one row per label)."""
     out.mkdir(parents=True, exist_ok=True)
     grids = out / GRID_DIR
     grids.mkdir(exist_ok=True)
@@ -271,7 +321,8 @@ def write_report(result: dict[str, Any], finals: dict[str, torch.Tensor], out: P
     upscale = upscale_for(next(iter(finals.values())).shape[-2:]) if finals else 1
     for key, x in finals.items():
         save_grid(x[:grid_samples], grids / grid_file(key), upscale=upscale)
-    layout = save_comparison(comparison_figure(result, finals), out / FIGURE_FILE)
+    figure = comparison_figure(result, finals) if labels is None else label_figure(result, finals, labels)
+    layout = save_comparison(figure, out / FIGURE_FILE)
     fidelity = result.get("fidelity")
     fid_label = f"FID ({fidelity['features']})" if fidelity and fidelity.get("computed") else "FID"
     plots = save_plots(result["rows"], out, fid_label)
@@ -290,13 +341,21 @@ def write_report(result: dict[str, Any], finals: dict[str, torch.Tensor], out: P
           "## What distillation cost", "", *distillation_lines(result), "",
           f"{result['num_samples']} samples from the same noise for every method; reference: "
           f"{reference_caption(result['reference'])}. {fidelity_caption(fidelity)}.", "",
+          *conditions_lines(result),
           "## Samples (same noise)", "",
-          f"The first {layout.per_cell} samples of every method, {layout.upscale}x nearest-neighbour upscaled, with "
-          "each run's RMSE against the reference; stochastic solvers are left out (their samples follow other noise). "
+          (f"The first {layout.per_cell} samples of every method, {layout.upscale}x nearest-neighbour upscaled, with "
+           "each run's RMSE against the reference; stochastic solvers are left out (their samples follow other noise). "
+           if labels is None else
+           f"One row per class label: each method's first sample asked for that label (the same noise and label in "
+           f"every column), {layout.upscale}x nearest-neighbour upscaled; each solver at its budget nearest DSNO's "
+           "measured cost, stochastic solvers left out (their samples follow other noise). ") +
           f"Every run's first {min(grid_samples, result['num_samples'])} samples: `{GRID_DIR}/`.", "",
           f"![comparison]({FIGURE_FILE})", "",
           "## Quality at equal NFE", "", "RMSE of the final sample against the reference:", "",
           pivot_table(result["rows"]), "",
+          *(["Label accuracy (the fraction of samples the project's digit classifier assigns to the label asked "
+             "for):", "", pivot_table(result["rows"], "label_accuracy", ".3f"), ""]
+            if has_label_accuracy(result["rows"]) else []),
           *([fidelity_caption(fidelity) + ":", "", pivot_table(result["rows"], "fid", ".1f"), ""]
             if fidelity and fidelity.get("computed") else [fidelity_caption(fidelity) + ".", ""]),
           "Every run (KID: the squared MMD between the samples' and the real images' features, cubic polynomial "

@@ -1,6 +1,7 @@
 """The training stage: a complete trajectory set in, a DSNO checkpoint out (checkpoints/last.ckpt
-to resume from; the EMA weights, dsno_ema.safetensors, and their build config, dsno_config.json,
-for export). `dsno.stages.pipeline` composes it with the teacher stage, export and eval."""
+to resume from; the EMA weights kept by train.select, dsno_ema.safetensors, and their build config,
+dsno_config.json, for export; validation.json: the held-out and train-subset scores of each validation
+and the kept step). `dsno.stages.pipeline` composes it with the teacher stage, export and eval."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ from dsno.training.checkpoint_io import AtomicCheckpointIO
 from dsno.training.data import StepTrajectoryData
 from dsno.training.ema import EMA
 from dsno.training.losses import build_loss, time_weights
-from dsno.run_files import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, TRAIN_TIME_FILE, WEIGHTS_FILE
+from dsno.run_files import (CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, TRAIN_TIME_FILE, VALIDATION_FILE,
+                            WEIGHTS_FILE)
 from dsno.training.module import DSNOModule
+from dsno.training.validation import HeldOutValidation
 
 log = logging.getLogger("dsno")
 
@@ -94,12 +97,6 @@ def make_trainer(rc: RunConfig, run_dir: Path, logger, extra_callbacks=()) -> L.
                      plugins=[AtomicCheckpointIO()])
 
 
-def ema_weights(trainer: L.Trainer) -> dict[str, torch.Tensor]:
-    """The EMA weights of the trained DSNO (keys of the bare DSNO model), on the CPU."""
-    ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
-    return {k: v.detach().cpu().contiguous() for k, v in ema.averaged().model.state_dict().items()}
-
-
 def save_student(weights: dict[str, torch.Tensor], config: dict[str, Any], ckpt_dir: Path) -> Path:
     """Write the EMA weights (safetensors) and build config (JSON) atomically; return the weights path."""
     w, c = ckpt_dir / WEIGHTS_FILE, ckpt_dir / CONFIG_FILE
@@ -125,14 +122,16 @@ def run(rc: RunConfig, logger=None, teacher=None) -> Path | None:
     model, config = build_student(rc, teacher, shape)
     weights = time_weights(teacher.grid_schedule, rc.data.times, rc.train.weight_min, rc.train.weight_max)
     module = DSNOModule(model, build_loss(weights, rc.train.loss, rc.train.perceptual_weights), rc.train.lr,
-                        rc.train.warmup_steps, rc.train.temporal_impl)
+                        rc.train.warmup_steps, rc.train.temporal_impl, rc.train.weight_decay)
     data = StepTrajectoryData(rc.data.dir, rc.train.batch_size, num_workers=rc.data.num_workers,
                               val_fraction=rc.data.val_fraction, seed=rc.seed, expected_fingerprint=expected,
                               verify=rc.data.verify)
     if logger is None:
         from lightning.pytorch.loggers import CSVLogger
         logger = CSVLogger(str(run_dir), name="logs")
-    trainer = make_trainer(rc, run_dir, logger, [TrainTime(run_dir / CHECKPOINT_DIR / TRAIN_TIME_FILE)])
+    validation = HeldOutValidation(rc.trainer.val_check_interval, rc.train.select,
+                                   run_dir / CHECKPOINT_DIR / VALIDATION_FILE)
+    trainer = make_trainer(rc, run_dir, logger, [TrainTime(run_dir / CHECKPOINT_DIR / TRAIN_TIME_FILE), validation])
     last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     ckpt_path = str(last) if rc.train.resume and last.is_file() else None
     if ckpt_path:
@@ -150,4 +149,4 @@ def run(rc: RunConfig, logger=None, teacher=None) -> Path | None:
         raise
     if trainer.global_rank != 0:
         return None
-    return save_student(ema_weights(trainer), config, run_dir / CHECKPOINT_DIR)
+    return save_student(validation.kept_weights(trainer), config, run_dir / CHECKPOINT_DIR)

@@ -12,6 +12,7 @@ from dsno.builders import output_indices, prior_state, solver_grid
 from dsno.checks import fail
 from dsno.config import RunConfig, SolverConfig
 from dsno.teachers.base import Teacher
+from dsno.teachers.conditional import teacher_class_weights
 
 
 def solver_spec(sc: SolverConfig) -> dict[str, Any]:
@@ -84,8 +85,7 @@ def class_weights(rc: RunConfig, teacher: Teacher) -> list[float]:
                   f"unconditional: remove it")
         return []
     if given is None:
-        own = getattr(teacher, "class_weights", None)
-        return [1.0] * num_classes if own is None else [float(w) for w in own]
+        return teacher_class_weights(teacher)
     if len(given) != num_classes:
         fail("data.class_weights", given, f"needs one weight per class of teacher {name} ({num_classes} classes)")
     return list(given)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from dsno.errors import UserError
+from dsno.inputs import check_class_labels
 from dsno.teachers.base import Teacher
 
 
@@ -55,26 +56,11 @@ def check_guidance(teacher: Any, guidance: Any) -> float:
     return float(guidance)
 
 
-def check_labels(teacher: Any, labels: Any) -> torch.Tensor:
-    """The user's class labels for `teacher` as a LongTensor [B] in [0, num_classes); LabelError otherwise."""
-    num_classes = getattr(teacher, "num_classes", None)
-    if num_classes is None:
-        raise LabelError(f"teacher {_name(teacher)} is unconditional (num_classes None) and takes no labels: drop cond")
-    want = f"class labels as a LongTensor [B] in [0, {num_classes})"
-    try:
-        labels = torch.as_tensor(labels)
-    except (TypeError, ValueError, RuntimeError):
-        raise LabelError(f"cond must be {want}, got {type(labels).__name__}") from None
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise LabelError(f"cond must be {want}, got dtype {labels.dtype}")
-    if labels.ndim != 1 or labels.shape[0] == 0:
-        raise LabelError(f"cond must be {want}, one label per sample, got shape {tuple(labels.shape)}")
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        bad = low if low < 0 else high
-        raise LabelError(f"cond holds label {bad}, outside [0, {num_classes}) of teacher {_name(teacher)} "
-                         f"({num_classes} classes)")
-    return labels.long()
+def check_labels(teacher: Any, labels: Any) -> torch.Tensor | None:
+    """The user's class labels (`cond`) for `teacher` as a LongTensor [B] in [0, num_classes) (None only for
+    no labels on an unconditional teacher); LabelError otherwise (`dsno.inputs.check_class_labels`)."""
+    return check_class_labels(labels, getattr(teacher, "num_classes", None), name="cond",
+                              owner=f"teacher {_name(teacher)}", error=LabelError)
 
 
 def require_unconditional(teacher: Any) -> None:
@@ -83,6 +69,16 @@ def require_unconditional(teacher: Any) -> None:
     if num_classes is not None and not getattr(teacher, "supports_guidance", False):
         raise LabelError(f"teacher {_name(teacher)} is class-conditional ({num_classes} classes) without an "
                          f"unconditional branch: pass cond=labels (a LongTensor [B] in [0, {num_classes}))")
+
+
+def teacher_class_weights(teacher: Any) -> list[float]:
+    """A conditional teacher's own label weights (`class_weights`, e.g. a mixture's P(y)), else uniform;
+    [] for an unconditional teacher."""
+    num_classes = getattr(teacher, "num_classes", None)
+    if num_classes is None:
+        return []
+    own = getattr(teacher, "class_weights", None)
+    return [1.0] * num_classes if own is None else [float(w) for w in own]
 
 
 def row_labels(teacher: Any, labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

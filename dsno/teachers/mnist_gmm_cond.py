@@ -92,7 +92,7 @@ class MnistGMMCondConfig(TeacherConfig):
         return build_schedule(self.schedule)
 
 
-@register_teacher("mnist_gmm_cond", MnistGMMCondConfig)
+@register_teacher("mnist_gmm_cond", MnistGMMCondConfig, digits=True)
 def load_config(c: MnistGMMCondConfig) -> ConditionalGaussianMixture:
     return load_mnist_gmm_cond(c.size, c.per_class, schedule=build_schedule(c.schedule), path=c.path,
                                guidance=c.guidance)

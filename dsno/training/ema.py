@@ -61,3 +61,11 @@ class EMA(WeightAveraging):
         if self._average_model is None:
             raise RuntimeError("the EMA callback has no average before trainer.fit sets it up")
         return self._average_model.module
+
+
+def ema_model(trainer: L.Trainer) -> torch.nn.Module:
+    """The EMA copy of the trained model (the LightningModule's `model`) of `trainer`'s `EMA` callback."""
+    ema = next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)
+    if ema is None:
+        raise RuntimeError("the trainer has no dsno.training.ema.EMA callback")
+    return ema.averaged().model

@@ -35,24 +35,28 @@ def non_finite_loss_message(loss: float, step: int, last_ckpt: Path | None) -> s
 class DSNOModule(L.LightningModule):
     """Regression of the M trajectory states from x_T, with linear warm-up.
 
-    Batches are (x_T: [B, C, H, W], states: [B, M, C, H, W]); a model that emits c < C channels (an
-    augmented student: the data part of each state) is scored on the states' first c. The EMA of the weights is the
-    `dsno.training.ema.EMA` callback's: during validation `model` holds the EMA weights, so
-    validation scores (and `val_samples` shows) the EMA model. Resuming needs a checkpoint
-    written with that callback (the EMA is part of an exact resume).
+    Batches are (x_T: [B, C, H, W], states: [B, M, C, H, W]); a model emitting c < C channels (an
+    augmented student: the data part of each state) is scored on the states' first c. The EMA of the
+    weights is the `dsno.training.ema.EMA` callback's; `dsno.training.validation.HeldOutValidation` scores
+    it on held-out trajectories. Resuming needs a checkpoint written with that callback (the EMA is
+    part of an exact resume).
     temporal_impl: how the temporal layers run while fitting ("auto" | "fft" | "matmul", see
     `dsno.nn.set_temporal_impl`); the weights and checkpoints are the same for each.
+    weight_decay: 0 trains with Adam; > 0 with AdamW's decoupled decay of every trained weight.
+    A DSNO of M = 1 output time (plain distillation) has no time axis to mix: its temporal layers are
+    frozen at their zero start, the identity, and only the backbone trains.
     """
 
     def __init__(self, model: torch.nn.Module, loss: TrajectoryLoss, lr: float = 2e-4,
-                 warmup_steps: int = 100, temporal_impl: str = "auto", num_val_samples: int = 8):
+                 warmup_steps: int = 100, temporal_impl: str = "auto", weight_decay: float = 0.0):
         super().__init__()
         self.model = model
         self.loss = loss
-        self.lr, self.warmup_steps = lr, warmup_steps
+        self.lr, self.warmup_steps, self.weight_decay = lr, warmup_steps, weight_decay
         self.temporal_impl = temporal_impl
-        self.num_val_samples = num_val_samples
-        self.val_samples: torch.Tensor | None = None   # [n, C, H, W]: the last validation's final samples
+        if getattr(model, "num_times", None) == 1:
+            for p in model.temporal_parameters():
+                p.requires_grad_(False)
 
     def on_fit_start(self) -> None:
         from dsno.nn.temporal import set_temporal_impl
@@ -81,24 +85,10 @@ class DSNOModule(L.LightningModule):
             self.log(f"train/err_t{m}", v)
         return loss
 
-    def validation_step(self, batch, batch_idx):
-        x_T, states, labels = unpack(batch)
-        pred = self.model(x_T, labels)
-        states = states[:, :, :pred.shape[2]]
-        if batch_idx == 0:
-            self.val_samples = pred[:self.num_val_samples, -1].detach().float().cpu()
-        loss, per_time = self.loss(pred, states)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        rmse = (pred[:, -1].float() - states[:, -1].float()).square().mean().sqrt()
-        self.log("val/rmse_final", rmse, sync_dist=True)
-
-    def on_validation_epoch_end(self) -> None:
-        if self.val_samples is not None and self.trainer.is_global_zero:
-            from dsno.loggers import log_image_grid
-            log_image_grid(self.logger, "val/ema_samples", self.val_samples, step=self.global_step)
-
     def configure_optimizers(self):
-        opt = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = (torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay) if self.weight_decay > 0
+               else torch.optim.Adam(params, lr=self.lr))
         warm = max(1, self.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -20,14 +20,18 @@ entry point reaches (STAGES); the entry points run both before anything is writt
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import netrc
 import os
 import tempfile
 from dataclasses import MISSING as MISSING_FACTORY, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+from urllib.parse import urlparse
 
+import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -42,6 +46,7 @@ from dsno.solvers.registry import OptionError, with_option
 from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule  # noqa: F401  (public here)
 from dsno.teachers.registry import teacher_kinds
 from dsno.training.losses import KINDS
+from dsno.training.perceptual import vgg_weights_path
 
 
 # ----------------------------------------------------------------------------------------- choices
@@ -280,7 +285,7 @@ class TrainConfig:
     weight_decay: float = doc_field(0.0, "AdamW's decoupled weight decay (0: plain Adam)")
 
     def __post_init__(self) -> None:
-        from dsno.training.validation import SELECT
+        from dsno.training.validation import SELECT  # deferred: loads Lightning only when used
         count("train.batch_size", self.batch_size, 65536, "larger batches only exhaust memory")
         in_range("train.lr", self.lr, 0.0, 1.0, lo_open=True)
         count("train.warmup_steps", self.warmup_steps, 10**9, "past any trainer.max_steps", lo=0)
@@ -535,7 +540,6 @@ def check_trainer_hardware(c: RunConfig) -> None:
     """Before training: trainer.accelerator / devices / strategy / precision name hardware and a setup
     this machine has and Lightning accepts, data.num_workers fits its cores, and the data set gives every
     rank at least one batch. ConfigError (one line) otherwise."""
-    import torch
     t = c.trainer
     cores = os.cpu_count() or 1
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -587,14 +591,13 @@ def check_trainer_hardware(c: RunConfig) -> None:
 def _check_strategy_and_precision(t: TrainerConfig, on_gpu: bool) -> None:
     """trainer.strategy is one Lightning has, bf16 runs on this GPU, and Lightning accepts the whole
     accelerator / devices / strategy / precision combination (its own check, run now, not at fit)."""
-    import torch
-    from lightning.pytorch.strategies import StrategyRegistry
+    from lightning.pytorch.strategies import StrategyRegistry  # deferred: loads Lightning only when used
     strategies = ("auto", *StrategyRegistry.available_strategies())
     choice("trainer.strategy", t.strategy, strategies)
     if on_gpu and t.precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
         fail("trainer.precision", t.precision, f"{torch.cuda.get_device_name()} has no bfloat16; use 16-mixed "
               "or 32-true")
-    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector  # deferred: loads Lightning only when used
     try:
         _AcceleratorConnector(accelerator=str(t.accelerator), devices=t.devices, num_nodes=t.num_nodes,
                               strategy=t.strategy, precision=t.precision)
@@ -620,13 +623,11 @@ def check_run(c: RunConfig, stage: str) -> None:
     if "train" in reached:
         check_trainer_hardware(c)
         if c.train.loss == "lpips":
-            from dsno.training.perceptual import vgg_weights_path
             try:
                 vgg_weights_path(c.train.perceptual_weights)
             except UserError as e:
                 fail("train.loss", c.train.loss, str(e))
     if "export" in reached:
-        import importlib.util
         if "onnx" in c.export.forms and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
             fail("export.forms", list(c.export.forms), "onnx needs the packages onnx and onnxscript (pip install "
                   "onnx onnxscript); or drop onnx")
@@ -642,14 +643,11 @@ def check_run(c: RunConfig, stage: str) -> None:
 def _check_logger(lc: LoggerConfig) -> None:
     """logger=wandb needs the wandb package; mode=online an API key (WANDB_API_KEY or `wandb login`'s
     ~/.netrc entry), which W&B would otherwise ask for only after the data stage."""
-    import importlib.util
     if lc.kind != "wandb" or lc.mode == "disabled":
         return
     if importlib.util.find_spec("wandb") is None:
         fail("logger.kind", str(lc.kind), "the wandb package is not installed (pip install wandb); or use logger=csv")
     if lc.mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        import netrc
-        from urllib.parse import urlparse
         host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
         try:
             entry = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
@@ -730,7 +728,7 @@ def _open_options(node: DictConfig) -> DictConfig:
 
 def register_configs() -> None:
     """Store the schema and the registry-made group options in Hydra's ConfigStore (idempotent)."""
-    from hydra.core.config_store import ConfigStore
+    from hydra.core.config_store import ConfigStore  # deferred: loads Hydra only when used
 
     cs = ConfigStore.instance()
     for name, cls in (("run", RunConfig), ("search", SearchRunConfig)):
@@ -755,7 +753,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 def compose(*overrides: str, config_dir: str | os.PathLike | None = None) -> DictConfig:
     """The root config of conf/ (this checkout's, or config_dir) composed with `overrides`, as the
     entry points get it (the ConfigStore is filled first). Not validated: see `validate`."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose, initialize_config_dir  # deferred: loads Hydra only when used
     register_configs()
     with initialize_config_dir(config_dir=str(Path(config_dir or CONF_DIR).resolve()), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))

@@ -93,7 +93,7 @@ def to_pixels(images: torch.Tensor, data_range: Sequence[float]) -> np.ndarray:
 
 def png_bytes(image: np.ndarray) -> bytes:
     """uint8 [H, W, C] with C = 1 or 3 -> PNG file bytes."""
-    from PIL import Image
+    from PIL import Image  # deferred: loads Pillow only when used
     buffer = io.BytesIO()
     Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buffer, format="PNG")
     return buffer.getvalue()

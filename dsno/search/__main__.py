@@ -15,11 +15,11 @@ from omegaconf import DictConfig
 
 from dsno.cli import prepare_cli
 from dsno.errors import report_errors
+from dsno.search.cli import run
 
 
 @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from dsno.search.cli import run
     with report_errors("the candidates scored so far are kept (<name>.scored.json beside the schedule); the "
                        "same command resumes from them"):
         run(cfg)

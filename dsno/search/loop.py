@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from dsno.atomic import atomic_save_safetensors, atomic_write_text
 from dsno.progress import progress_bar
@@ -73,7 +74,6 @@ def reference(teacher, x: torch.Tensor, t_end: float, steps: int, cache: Path | 
     """The teacher's reference solution from x at T to t_end (eval's: dsno.solvers.reference, `steps`
     logSNR steps), cached as safetensors under `cache` when given."""
     if cache is not None and cache.is_file():
-        from safetensors.torch import load_file
         return load_file(str(cache))["x"]
     with torch.no_grad():
         ref = reference_solve(teacher, x, t_end, steps)

@@ -22,6 +22,7 @@ from dsno.schedules import VPSchedule
 from dsno.teachers.gmm import GaussianMixture
 from dsno.atomic import atomic_save_safetensors
 from dsno.checks import count, existing_path
+from dsno.digits import load_digits
 from dsno.schema import doc_field
 from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule
 from dsno.errors import UserFileNotFoundError
@@ -67,7 +68,6 @@ def fit_diagonal_gmm(x: torch.Tensor, k: int, iters: int = 100, var_floor: float
 
 def fit_mnist_gmm(size: int = 16, components: int = 64, seed: int = 0, iters: int = 100,
                   var_floor: float = 1e-2) -> dict[str, torch.Tensor]:
-    from dsno.digits import load_digits
     images, _ = load_digits(size)
     means, variances, weights = fit_diagonal_gmm(images.reshape(len(images), -1), components, iters, var_floor, seed)
     shape = (components, 1, size, size)

@@ -18,6 +18,7 @@ from typing import ClassVar, Optional
 import torch
 
 from dsno.checks import count, existing_path, fail
+from dsno.digits import load_digits
 from dsno.schema import doc_field
 from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule
 from dsno.schedules import Schedule, VPSchedule
@@ -36,7 +37,6 @@ def fit_mnist_gmm_cond(size: int = 16, per_class: int = 8, seed: int = 0, iters:
                        var_floor: float = 1e-2) -> dict[str, torch.Tensor]:
     """means, variances [10 per_class, 1, size, size], weights [10 per_class] (class share x EM weight)
     and labels [10 per_class] (the digit of each component), components grouped by class."""
-    from dsno.digits import load_digits
     images, digit_labels = load_digits(size)
     flat = images.reshape(len(images), -1)
     parts = []

@@ -25,7 +25,7 @@ from dsno.processes.psld import PSLD
 from dsno.schedules import ProcessError
 from dsno.teachers.base import batch_times
 from dsno.teachers.gmm import register_mixture
-from dsno.teachers.mnist_gmm import DigitMixtureConfig
+from dsno.teachers.mnist_gmm import DigitMixtureConfig, load_mnist_gmm
 from dsno.teachers.psld_teacher import PSLDTeacher
 from dsno.teachers.registry import register_teacher
 
@@ -196,7 +196,6 @@ class PSLDMnistGMMConfig(DigitMixtureConfig):
 
 @register_teacher("psld_mnist_gmm", PSLDMnistGMMConfig, digits=True)
 def load_config(c: PSLDMnistGMMConfig) -> PSLDGaussianMixture:
-    from dsno.teachers.mnist_gmm import load_mnist_gmm
     mix = load_mnist_gmm(c.size, c.components, path=c.path)
     return PSLDGaussianMixture(mix.means.reshape(-1, *mix.shape), mix.variances.reshape(-1, *mix.shape),
                                mix.log_weights.exp(), process=c.psld(), name=f"psld_{mix.name}")

@@ -36,8 +36,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dsno.checks import SEED_MAX, ConfigError, choice, count, fail, in_range
-from dsno.sampler import FORM_FILES
 from dsno.errors import UserError
+from dsno.sampler import FORM_FILES
 from dsno.schema import doc_field
 from dsno.search.config import SearchConfig, check_search  # noqa: F401  (search.* of a run; public here)
 from dsno.solvers import SPACINGS, available

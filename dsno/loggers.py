@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from dsno.atomic import atomic_write_text, refuse_link
-from dsno.jsonfile import read_bookkeeping
 from dsno.config import RunConfig
+from dsno.jsonfile import read_bookkeeping
 
 STAGES = ("data", "train", "eval")
 RUNS_FILE = Path("wandb") / "runs.json"

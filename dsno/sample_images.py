@@ -44,9 +44,9 @@ from dsno.atomic import (atomic_path, atomic_write_bytes, claim_output_folder, m
 from dsno.errors import UserError, report_errors
 from dsno.export import parse_options
 from dsno.inputs import InputError, check_class_labels
+from dsno.jsonfile import read_json_file
 from dsno.metrics.image_io import to_uint8
 from dsno.progress import counter
-from dsno.jsonfile import read_json_file
 from dsno.sampler import CONFIG_FILE, FORM_FILES, MAX_SAMPLES, Sampler, load_sampler
 from dsno.seeding import CHUNK, index_seed
 

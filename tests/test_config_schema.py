@@ -111,7 +111,11 @@ CHANGES = {
     "unet": {"size": 8, "path": str(GMM_ASSET), "prediction": "x0", "schedule.kind": "cosine",
              "schedule.beta_min": 0.2, "schedule.beta_max": 15.0, "schedule.s": 0.01, "schedule.num_steps": 500,
              "schedule.beta_start": 2e-4, "schedule.beta_end": 0.03},
-    "diffusers": {"path": "/nonexistent-diffusers-folder", "prediction": "v"},
+    "mnist_unet_cond": {"size": 8, "path": str(UNET_ASSET), "prediction": "x0", "guidance": 1.5,
+                        "schedule.kind": "cosine", "schedule.beta_min": 0.2, "schedule.beta_max": 15.0,
+                        "schedule.s": 0.01, "schedule.num_steps": 500, "schedule.beta_start": 2e-4,
+                        "schedule.beta_end": 0.03},
+    "diffusers": {"path": "/nonexistent-diffusers-folder", "prediction": "v", "null_label": 9, "guidance": 1.0},
     "psld_mnist_gmm": {"size": 8, "components": 32, "path": str(UNET_ASSET), "beta_min": 4.0, "beta_max": 12.0,
                        "nu": 3.0, "gamma": 0.5, "m_inv": 2.0, "kappa": 0.1},
     "psld_unet": {"size": 8, "path": str(UNET_ASSET)},       # no shipped 8x8 one; a VP teacher's file
@@ -136,7 +140,8 @@ def test_every_key_of_every_teacher_kind_is_tested():
         assert keys == set(CHANGES[name]), f"teacher kind {name}: keys {sorted(keys)} vs tested {sorted(CHANGES[name])}"
 
 
-@pytest.mark.parametrize("kind", ["mnist_gmm", "mnist_gmm_cond", "gmm_file", "unet", "psld_mnist_gmm", "psld_unet"])
+@pytest.mark.parametrize("kind", ["mnist_gmm", "mnist_gmm_cond", "gmm_file", "unet", "mnist_unet_cond", "psld_mnist_gmm",
+                                  "psld_unet"])
 def test_every_teacher_key_changes_what_is_loaded_or_is_refused(kind):
     base = BASE.get(kind, {})
     reference = _outcome(kind, **_nested(base))

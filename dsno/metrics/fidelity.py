@@ -29,10 +29,10 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from dsno.digits import load_digits
-from dsno.metrics.image_io import to_uint8
 from dsno.errors import UnsafeFileError
 from dsno.hub_weights import hub_weights_path
 from dsno.metrics.digit_classifier import asset_path, load_digit_classifier
+from dsno.metrics.image_io import to_uint8
 
 DIGIT_EXTRACTOR_PREFIX = "dsno-digits"
 DIGIT_SIZE = 16  # the shipped classifier's image size

@@ -41,8 +41,8 @@ from dsno.search.predictor import Predictor, kendall_tau
 from dsno.search.records import Scored, SearchError, SearchState
 from dsno.search.space import BASE_OPTIONS, Space, _build, _tidy, crossover, encode, mutate, random_schedule
 from dsno.solvers import usf
-from dsno.solvers.reference import REFERENCE_LABEL, reference_solve, rmse
 from dsno.solvers.grids import SPACINGS, timesteps
+from dsno.solvers.reference import REFERENCE_LABEL, reference_solve, rmse
 
 log = logging.getLogger("dsno")
 SEEDED = tuple((name, order, BASE_OPTIONS.get(name, {})) for name, order in (

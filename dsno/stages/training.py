@@ -22,13 +22,13 @@ from dsno.builders import build_student, build_teacher, sample_shape
 from dsno.config import RunConfig, check_trainer_hardware
 from dsno.errors import UserError
 from dsno.loggers import quiet_lightning
+from dsno.run_files import (CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, TRAIN_TIME_FILE, VALIDATION_FILE,
+                            WEIGHTS_FILE)
 from dsno.stages import trajectories
 from dsno.training.checkpoint_io import AtomicCheckpointIO
 from dsno.training.data import StepTrajectoryData
 from dsno.training.ema import EMA
 from dsno.training.losses import build_loss, time_weights
-from dsno.run_files import (CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, TRAIN_TIME_FILE, VALIDATION_FILE,
-                            WEIGHTS_FILE)
 from dsno.training.module import DSNOModule
 from dsno.training.perceptual import vgg_weights_path
 from dsno.training.validation import HeldOutValidation

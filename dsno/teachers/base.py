@@ -11,12 +11,17 @@ VP schedules only) and "flow_velocity" (a flow-matching model's u = dx/dt = eps 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import warnings
 from typing import Any, Callable
 
 import torch
 
 from dsno.errors import UserError
 from dsno.schedules import FlowSchedule, Schedule, VPSchedule
+from dsno.teachers.labels import (GuidanceError, LabelError, check_guidance, check_labels, require_unconditional,
+                                  row_labels, teacher_name)
 
 
 class TeacherLoadError(UserError):
@@ -161,7 +166,6 @@ class Teacher(torch.nn.Module):
         """This teacher with class labels [B] (long, in [0, num_classes)) bound and guidance scale w
         (None: `self.guidance`): a Teacher whose eps / x0 / v are the (guided) conditional ones.
         labels None: the unconditional teacher itself. One-line LabelError / GuidanceError on misfits."""
-        from dsno.teachers.conditional import bind
         return bind(self, labels, guidance)
 
     def predict(self, x: torch.Tensor, t: Any, kind: str) -> torch.Tensor:
@@ -202,8 +206,6 @@ class Teacher(torch.nn.Module):
 def _schedule_summary(s: VPSchedule) -> dict[str, Any]:
     d = s.to_dict()
     if s.kind == "discrete":
-        import hashlib
-        import json
         betas = d.pop("betas")
         d["num_steps"] = len(betas)
         d["betas_sha256"] = hashlib.sha256(json.dumps(betas).encode()).hexdigest()[:16]
@@ -220,7 +222,8 @@ RESPONSE_RATIO = 0.25           # the probed convention counts as wrong when it 
 
 
 class WrappedTeacher(Teacher):
-    """Any callable fn(x, t_model) -> prediction, with its schedule and parameterization.
+    """Any callable fn(x, t_model) -> prediction (fn(x, t_model, labels) when num_classes is set: see `wrap`),
+    with its schedule and parameterization.
 
     time_input: "continuous" passes schedule time t in [0, 1]; "discrete" passes the
     DDPM step index t * N - 1 (float) of a discrete schedule with N steps; or a callable
@@ -228,11 +231,15 @@ class WrappedTeacher(Teacher):
     the first call checks that the network responds to t in [0, 1] (`check_time_input`).
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: VPSchedule,
+    def __init__(self, fn: Callable[..., torch.Tensor], schedule: VPSchedule,
                  prediction: str = "eps", time_input: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 name: str | None = None):
+                 name: str | None = None, num_classes: int | None = None, supports_guidance: bool = False,
+                 guidance: float = 0.0):
         super().__init__()
         check_prediction(schedule, prediction)
+        check_class_count(num_classes, supports_guidance)
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.supports_guidance = bool(supports_guidance)
         if time_input == "discrete" and schedule.kind != "discrete":
             raise ValueError("time_input='discrete' needs a discrete schedule (VPSchedule.discrete(betas))")
         if not (time_input is None or callable(time_input) or time_input in ("continuous", "discrete")):
@@ -248,6 +255,7 @@ class WrappedTeacher(Teacher):
         self.time_input = "continuous" if time_input is None else time_input
         self.time_input_checked = callable(time_input) or getattr(schedule, "T", None) != 1.0
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self.guidance = check_guidance(self, guidance)
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         if callable(self.time_input):
@@ -256,16 +264,33 @@ class WrappedTeacher(Teacher):
             return t * self.schedule.num_steps - 1.0
         return t
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if not self.time_input_checked and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
             self.time_input_checked = True
             self.check_time_input(x)
         tm = self.model_time(t)
-        return self._call(x, tm)
+        return self._call(x, tm, self.row_labels(labels, x))
 
-    def _call(self, x: torch.Tensor, tm: torch.Tensor) -> torch.Tensor:
+    def row_labels(self, labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        """The labels [B] long (null label num_classes) the network takes for the rows of x; None for an
+        unconditional teacher, which refuses labels (LabelError)."""
+        if self.num_classes is None:
+            if labels is not None:
+                check_labels(self, labels)          # refuses any labels of an unconditional teacher
+            return None
+        return row_labels(self, labels, x)
+
+    def _call(self, x: torch.Tensor, tm: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         fn = self.model if self.model is not None else self._fn
-        return fn(x, tm.to(x.dtype if x.is_floating_point() else torch.float32))
+        tm = tm.to(x.dtype if x.is_floating_point() else torch.float32)
+        return fn(x, tm) if labels is None else fn(x, tm, labels)
+
+    def probe_labels(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The labels of the time-convention probe: null (or class 0 without a null label); None unconditional."""
+        if self.num_classes is None:
+            return None
+        fill = self.num_classes if self.supports_guidance else 0
+        return torch.full((x.shape[0],), fill, dtype=torch.long, device=x.device)
 
     def time_response(self, x: torch.Tensor, convention: str) -> float | None:
         """How much the network's output on x moves between the schedule times PROBE_TIMES fed in
@@ -278,7 +303,7 @@ class WrappedTeacher(Teacher):
                             device=x.device)
             try:
                 with torch.no_grad():
-                    outs.append(self._call(x, tm).double())
+                    outs.append(self._call(x, tm, self.probe_labels(x)).double())
             except (ValueError, RuntimeError, IndexError, TypeError):   # a network that refuses such inputs
                 return None
         scale = float(outs[0].norm() + outs[1].norm())
@@ -307,21 +332,107 @@ class WrappedTeacher(Teacher):
                f"({r_other:.3g}): {fix}")
         if not self.time_input_stated:
             raise TimeInputError(f"{msg}; or state time_input={mine!r} to keep it")
-        import warnings
         warnings.warn(f"time_input={mine!r} looks wrong: {msg}", UserWarning, stacklevel=4)
 
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
         fp["name"] = self.name
+        if self.num_classes is not None:        # an unconditional teacher's fingerprint stays as it was
+            fp.update(num_classes=self.num_classes, supports_guidance=self.supports_guidance, guidance=self.guidance)
         return fp
 
 
-def wrap(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: VPSchedule,
-         prediction: str = "eps", time_input: str | Callable | None = None, name: str | None = None
-         ) -> WrappedTeacher:
+def check_class_count(num_classes: Any, supports_guidance: Any) -> None:
+    """num_classes None or an int >= 1; supports_guidance a bool, and False without classes (ValueError)."""
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be None (unconditional) or an int >= 1, got {num_classes!r}")
+    if not isinstance(supports_guidance, bool):
+        raise ValueError(f"supports_guidance must be True or False, got {supports_guidance!r}")
+    if supports_guidance and num_classes is None:
+        raise ValueError("supports_guidance=True needs num_classes: guidance mixes a class-conditional model with "
+                         "its unconditional (null-label) branch")
+
+
+def wrap(fn: Callable[..., torch.Tensor], schedule: VPSchedule,
+         prediction: str = "eps", time_input: str | Callable | None = None, name: str | None = None,
+         num_classes: int | None = None, supports_guidance: bool = False, guidance: float = 0.0) -> WrappedTeacher:
     """Turn any callable fn(x, t) predicting eps, x0, v (VP) or flow_velocity (flow) into a Teacher.
 
     time_input: how fn takes time: "continuous" (t in [0, 1]), "discrete" (a discrete schedule's step
     index t N - 1, as diffusers UNets take it) or a callable t -> fn's input. Not stated, the first call
-    probes fn at two times and refuses, in one line, a network that responds to 0-999 but not to [0, 1]."""
-    return WrappedTeacher(fn, schedule, prediction, time_input, name)
+    probes fn at two times and refuses, in one line, a network that responds to 0-999 but not to [0, 1].
+
+    Class-conditional (num_classes K): fn(x, t, labels) with labels [B] long in [0, K], K the null label
+    (always passed; a teacher without a null branch only ever gets [0, K)). supports_guidance: fn has that
+    unconditional branch (trained with label dropout), so `bind` / `dsno.sample(..., cond=)` may guide it
+    with scale w = guidance: (1 + w) fn(x, t, y) - w fn(x, t, K)."""
+    return WrappedTeacher(fn, schedule, prediction, time_input, name, num_classes, supports_guidance, guidance)
+
+
+class ConditionedTeacher(Teacher):
+    """`teacher` with class labels [B] and guidance scale w bound: what the solvers call.
+
+    forward(x, t) is teacher(x, t, labels) for w = 0, and otherwise (1 + w) f_y - w f_null from one
+    call of the teacher on 2B rows (x and t repeated, labels then null labels). Everything else
+    (schedule, prediction, shape, exact, network) is the teacher's."""
+
+    def __init__(self, teacher: Teacher, labels: torch.Tensor, guidance: float):
+        super().__init__()
+        self.base = teacher
+        self.labels = labels
+        self.guidance = guidance
+        self.num_classes = teacher.num_classes
+        self.supports_guidance = teacher.supports_guidance
+        self.schedule = teacher.schedule
+        self.prediction = teacher.prediction
+        self.shape = teacher.shape
+        self.backbone_config = teacher.backbone_config
+        self.time_input_spec = teacher.time_input_spec
+        self.exact = teacher.exact
+        self.name = teacher_name(teacher)
+
+    @property
+    def network(self) -> torch.nn.Module | None:
+        return self.base.network
+
+    @property
+    def data_mean(self) -> torch.Tensor | None:
+        return self.base.data_mean
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        labels = row_labels(self.base, self.labels, x)
+        if self.guidance == 0:
+            return self.base(x, t, labels=labels)
+        null = torch.full_like(labels, self.num_classes)
+        both = self.base(torch.cat([x, x]), torch.cat([t, t]), labels=torch.cat([labels, null]))
+        if both.shape[0] != 2 * x.shape[0]:
+            raise ValueError(f"teacher returned {both.shape[0]} rows for the {2 * x.shape[0]} of a guided call")
+        conditional, unconditional = both.chunk(2)
+        w = self.guidance
+        return (1.0 + w) * conditional - w * unconditional
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**self.base.fingerprint(), "guidance": self.guidance}
+
+
+def bind(teacher: Any, labels: Any, guidance: Any = None) -> Any:
+    """`teacher` as the solvers should call it for class labels `labels` ([B] long, or None) and
+    guidance scale w (None: `teacher.guidance`, 0 when it has none).
+
+    No labels: the teacher itself (its unconditional model), unchanged; LabelError when it is
+    conditional without an unconditional branch, GuidanceError when w != 0 (guidance needs labels).
+    Labels: a `ConditionedTeacher`; LabelError when they do not fit the teacher."""
+    if isinstance(teacher, ConditionedTeacher):
+        if labels is not None or guidance is not None:
+            raise LabelError("this teacher already has labels bound (teacher.conditioned(...)): pass cond and "
+                             "guidance to the unbound teacher")
+        return teacher
+    w = check_guidance(teacher, getattr(teacher, "guidance", 0.0) if guidance is None else guidance)
+    if labels is None:
+        require_unconditional(teacher)
+        if w != 0:
+            raise GuidanceError(f"guidance {w:g} needs class labels: pass cond=labels, or set guidance 0 for "
+                                f"unconditional samples")
+        return teacher
+    return ConditionedTeacher(teacher, check_labels(teacher, labels), w)

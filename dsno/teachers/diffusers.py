@@ -18,7 +18,10 @@ The scheduler config's `_class_name` decides the process (`scheduler_process`):
   sampling grid (dsno's grids come from `dsno.timesteps`); the model input stays t * N (diffusers'
   multistep solvers round that down to an integer, FlowMatchEulerDiscreteScheduler does not; dsno
   does not round).
-Any other class is refused by name. Only `time_embedding_type="positional"` UNets load: it is the one
+Any other class is refused by name. A UNet with class embeddings (`num_class_embeds`, called with
+`class_labels=`) is a class-conditional teacher; whether its last embedding is a null label (trained with
+label dropout: guidance possible) is not in the folder, so `teacher.null_label` states it (`class_labels`).
+Only `time_embedding_type="positional"` UNets load: it is the one
 embedding that takes step indices, 0.25 log sigma (negative below sigma = 1) and fractional t * N alike.
 Nothing is downloaded: the folder must exist, weights load from safetensors or from a .bin only through
 torch.load(weights_only=True).
@@ -27,6 +30,7 @@ torch.load(weights_only=True).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -34,18 +38,18 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from dsno.checks import existing_path, fail
+from dsno.errors import UserFileNotFoundError
 from dsno.jsonfile import read_json_file
 from dsno.nn.config import (MAX_TRAIN_TIMESTEPS, ConfigError, check_diffusers_unet_config, check_int, check_list,
                              check_number)
 from dsno.nn.dsno import DiffusersUNet, diffusers_backbone_spec
 from dsno.schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
-from dsno.teachers.base import WrappedTeacher
-from dsno.teachers.unet import weights_sha256
-from dsno.checks import existing_path, fail
 from dsno.schema import doc_field
+from dsno.teachers.base import WrappedTeacher
 from dsno.teachers.config import TeacherConfig, check_prediction_key
-from dsno.errors import UserFileNotFoundError
 from dsno.teachers.registry import register_teacher
+from dsno.teachers.unet import check_guidance_key, weights_sha256
 from dsno.trust.tensor_file import check_float_dtypes, tensor_layout
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -142,9 +146,8 @@ def scheduler_betas(config: dict[str, Any]) -> np.ndarray:
     squaredcos_cap_v2; an explicit `trained_betas` list is taken as given. Configs a VP schedule
     cannot represent are refused with the reason.
     """
-    import warnings
 
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # deferred: loads diffusers only when used
     cfg = {**SCHEDULER_DEFAULTS, **config}
     if cfg.get("rescale_betas_zero_snr"):
         raise ValueError("rescale_betas_zero_snr=True gives alpha_bar = 0 at the last step (infinite noise), "
@@ -269,8 +272,10 @@ def _check_unet_config(config: dict[str, Any], path: Path) -> None:
                          "the UNet with DDPM step indices (VP), 0.25 log sigma (EDM, negative below sigma = 1) or "
                          "t * N (flow, fractional), which only 'positional' embeds ('fourier' takes log(timestep) "
                          "and divides the output by it, 'learned' looks integer steps up in a table)")
-    if config.get("num_class_embeds") is not None or config.get("class_embed_type") is not None:
-        raise ValueError(f"{path}: a class-conditional UNet2DModel is not supported (teachers are unconditional)")
+    if config.get("class_embed_type") is not None:
+        raise ValueError(f"{path}: class_embed_type={config['class_embed_type']!r} is not supported; a "
+                         "class-conditional teacher needs the default class embedding (num_class_embeds, a table of "
+                         "labels)")
     check_diffusers_unet_config(config, str(path))
     c_in, c_out = config.get("in_channels", 3), config.get("out_channels", 3)
     if c_in != c_out:
@@ -284,14 +289,49 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def class_labels(num_class_embeds: Optional[int], null_label: Optional[int], guidance: float, where: str
+                 ) -> tuple[Optional[int], bool]:
+    """(num_classes, supports_guidance) of a UNet2DModel with `num_class_embeds` class embeddings.
+
+    The convention: the UNet says nothing about a null label, so the user states it. null_label None:
+    every embedding is a class (num_classes = num_class_embeds), no unconditional branch, so no guidance.
+    null_label = num_class_embeds - 1 (a UNet trained with label dropout to its last embedding): classes
+    [0, num_class_embeds - 1) and that null label, so it can be guided. Anything else is refused (ValueError,
+    one line): a null label on an unconditional UNet, one that is not the last embedding, guidance without one."""
+    if num_class_embeds is None:
+        if null_label is not None:
+            raise ValueError(f"{where}: the UNet2DModel is unconditional (no num_class_embeds), so it has no null "
+                             f"label: remove teacher.null_label={null_label}")
+        return None, False
+    last = num_class_embeds - 1
+    if null_label is None:
+        if guidance:
+            raise ValueError(f"{where}: guidance {guidance:g} needs the UNet's unconditional branch, and which of its "
+                             f"{num_class_embeds} class embeddings is the null label is not stated: set "
+                             f"teacher.null_label={last} if it was trained with label dropout to its last one, else "
+                             f"guidance 0")
+        return num_class_embeds, False
+    if isinstance(null_label, bool) or not isinstance(null_label, int) or null_label != last or last < 1:
+        raise ValueError(f"{where}: teacher.null_label={null_label!r}, but dsno takes the null label to be the last "
+                         f"of the UNet's num_class_embeds={num_class_embeds} embeddings ({last}), with at least one "
+                         f"class before it: set teacher.null_label={last}, or null for a UNet without one")
+    return last, True
+
+
 class _UNet2DTeacher(WrappedTeacher):
     """What every diffusers UNet2DModel teacher shares: the network, its shape, its fingerprint.
 
     `network` is the UNet2DModel; inputs are cast to its dtype, so solvers may call in float64.
+    A UNet with class embeddings (num_class_embeds) is class-conditional: see `class_labels` for
+    null_label, and `dsno.teachers.conditional` for labels and guidance.
     """
 
-    def __init__(self, unet: torch.nn.Module, schedule: Schedule, prediction: str, time_input: str, name: str):
-        super().__init__(DiffusersUNet(unet), schedule, prediction, time_input, name)
+    def __init__(self, unet: torch.nn.Module, schedule: Schedule, prediction: str, time_input: str, name: str,
+                 null_label: Optional[int] = None, guidance: float = 0.0):
+        num_classes, guided = class_labels(getattr(unet.config, "num_class_embeds", None), null_label, guidance,
+                                           f"diffusers teacher {name}")
+        super().__init__(DiffusersUNet(unet), schedule, prediction, time_input, name, num_classes, guided, guidance)
+        self.null_label = null_label
         self.architecture = diffusers_backbone_spec(unet)
         size = unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
@@ -301,8 +341,8 @@ class _UNet2DTeacher(WrappedTeacher):
     def network(self) -> torch.nn.Module:
         return self.model.unet
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.network(x.to(self.network.dtype), self.model_time(t).to(torch.float32)).sample
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x.to(self.network.dtype), self.model_time(t).to(torch.float32), self.row_labels(labels, x))
 
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
@@ -315,10 +355,10 @@ class DiffusersTeacher(_UNet2DTeacher):
     """A diffusers `UNet2DModel` on a discrete VP schedule, called with the step index t * N - 1."""
 
     def __init__(self, unet: torch.nn.Module, schedule: VPSchedule, prediction: str = "eps",
-                 name: str = "diffusers_unet2d"):
+                 name: str = "diffusers_unet2d", null_label: Optional[int] = None, guidance: float = 0.0):
         if not isinstance(schedule, VPSchedule) or schedule.kind != "discrete":
             raise ValueError(f"a diffusers teacher needs a discrete schedule (VPSchedule.discrete), got {schedule!r}")
-        super().__init__(unet, schedule, prediction, "discrete", name)
+        super().__init__(unet, schedule, prediction, "discrete", name, null_label, guidance)
         self.time_input_spec = {"discrete": schedule.num_steps}
         self.backbone_config = self.architecture
 
@@ -332,16 +372,17 @@ class DiffusersEDMTeacher(_UNet2DTeacher):
     """
 
     def __init__(self, unet: torch.nn.Module, schedule: VESchedule, preconditioning: EDMPreconditioning,
-                 name: str = "diffusers_unet2d_edm"):
+                 name: str = "diffusers_unet2d_edm", null_label: Optional[int] = None, guidance: float = 0.0):
         if not isinstance(schedule, VESchedule):
             raise ValueError(f"an EDM diffusers teacher needs a VESchedule, got {schedule!r}")
-        super().__init__(unet, schedule, "x0", "continuous", name)
+        super().__init__(unet, schedule, "x0", "continuous", name, null_label, guidance)
         self.preconditioning = preconditioning
         self.time_input_spec = {"edm": preconditioning.to_dict()}
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         c_in, c_noise, c_skip, c_out = self.preconditioning.coefficients(t)
-        f = self.network((_bcast(c_in, x) * x).to(self.network.dtype), c_noise.to(torch.float32)).sample
+        f = self.model((_bcast(c_in, x) * x).to(self.network.dtype), c_noise.to(torch.float32),
+                       self.row_labels(labels, x))
         return _bcast(c_skip, x) * x + _bcast(c_out, x) * f.to(x.dtype)
 
 
@@ -353,11 +394,12 @@ class DiffusersFlowTeacher(_UNet2DTeacher):
     """
 
     def __init__(self, unet: torch.nn.Module, num_train_timesteps: int = 1000, prediction: str = "flow_velocity",
-                 schedule: FlowSchedule | None = None, name: str = "diffusers_unet2d_flow"):
+                 schedule: FlowSchedule | None = None, name: str = "diffusers_unet2d_flow",
+                 null_label: Optional[int] = None, guidance: float = 0.0):
         schedule = FlowSchedule() if schedule is None else schedule
         if not isinstance(schedule, FlowSchedule):
             raise ValueError(f"a flow-matching diffusers teacher needs a FlowSchedule, got {schedule!r}")
-        super().__init__(unet, schedule, prediction, "continuous", name)
+        super().__init__(unet, schedule, prediction, "continuous", name, null_label, guidance)
         self.num_train_timesteps = int(num_train_timesteps)
         self.time_input_spec = {"flow": self.num_train_timesteps}
 
@@ -391,21 +433,29 @@ def scheduler_spec(config: dict[str, Any]) -> SchedulerSpec:
     return SchedulerSpec("vp", VPSchedule.discrete(scheduler_betas(config)), scheduler_prediction(config))
 
 
-def make_teacher(unet: torch.nn.Module, spec: SchedulerSpec, name: str) -> _UNet2DTeacher:
-    """The teacher of `unet` under the process of `spec`."""
+def make_teacher(unet: torch.nn.Module, spec: SchedulerSpec, name: str, null_label: Optional[int] = None,
+                 guidance: float = 0.0) -> _UNet2DTeacher:
+    """The teacher of `unet` under the process of `spec` (a class-conditional UNet: see `class_labels`)."""
+    cond = {"null_label": null_label, "guidance": guidance}
     if spec.process == "edm":
-        return DiffusersEDMTeacher(unet, spec.schedule, spec.preconditioning, name=name)
+        return DiffusersEDMTeacher(unet, spec.schedule, spec.preconditioning, name=name, **cond)
     if spec.process == "flow":
-        return DiffusersFlowTeacher(unet, spec.num_train_timesteps, spec.prediction, spec.schedule, name=name)
-    return DiffusersTeacher(unet, spec.schedule, spec.prediction, name=name)
+        return DiffusersFlowTeacher(unet, spec.num_train_timesteps, spec.prediction, spec.schedule, name=name, **cond)
+    return DiffusersTeacher(unet, spec.schedule, spec.prediction, name=name, **cond)
 
 
-def load_diffusers_teacher(path: str | Path) -> _UNet2DTeacher:
+def load_diffusers_teacher(path: str | Path, null_label: Optional[int] = None, guidance: float = 0.0
+                           ) -> _UNet2DTeacher:
     """Load a UNet2DModel and its scheduler config from a local folder (offline) as a teacher, in eval mode:
-    a `DiffusersTeacher` (VP), `DiffusersEDMTeacher` or `DiffusersFlowTeacher`, by the scheduler class."""
+    a `DiffusersTeacher` (VP), `DiffusersEDMTeacher` or `DiffusersFlowTeacher`, by the scheduler class.
+
+    A UNet with class embeddings (num_class_embeds) loads as a class-conditional teacher; null_label (None,
+    or its last embedding num_class_embeds - 1) and guidance w as `class_labels` says, checked before the
+    weights load (ValueError, one line)."""
     files = locate_files(path)
     unet_config = _read_json(files.unet_dir / "config.json")
     _check_unet_config(unet_config, files.unet_dir / "config.json")
+    class_labels(unet_config.get("num_class_embeds"), null_label, guidance, str(files.unet_dir / "config.json"))
     scheduler_config = _read_json(files.scheduler_config)
     try:
         spec = scheduler_spec(scheduler_config)
@@ -416,8 +466,8 @@ def load_diffusers_teacher(path: str | Path) -> _UNet2DTeacher:
         hint = "the weights must be floating-point tensors"
         check_float_dtypes(files.weights, tensor_layout(files.weights, ConfigError, hint), None,
                            ConfigError, hint)
-    from diffusers import UNet2DModel
-    from diffusers.utils import is_accelerate_available
+    from diffusers import UNet2DModel  # deferred: loads diffusers only when used
+    from diffusers.utils import is_accelerate_available  # deferred: loads diffusers only when used
     try:     # low_cpu_mem_usage needs accelerate; asked for without it, diffusers warns on every load
         unet, info = UNet2DModel.from_pretrained(
             str(files.unet_dir), local_files_only=True, output_loading_info=True,
@@ -430,7 +480,7 @@ def load_diffusers_teacher(path: str | Path) -> _UNet2DTeacher:
     if bad:
         found = "; ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {', '.join(map(str, v[:3]))})" for k, v in bad.items())
         raise ValueError(f"{files.weights} does not fit {files.unet_dir / 'config.json'}: {found}")
-    return make_teacher(unet, spec, Path(path).resolve().name).eval()
+    return make_teacher(unet, spec, Path(path).resolve().name, null_label, guidance).eval()
 
 
 @dataclass
@@ -445,14 +495,20 @@ class DiffusersTeacherConfig(TeacherConfig):
     path: Optional[str] = doc_field(None, "the diffusers folder (required); nothing is downloaded")
     prediction: Optional[str] = doc_field(None, "when given, must equal the folder's prediction (eps, x0, v, "
                                           "flow_velocity)")
+    null_label: Optional[int] = doc_field(None, "a class-conditional UNet (num_class_embeds N) trained with label "
+                                                "dropout: its null label, which must be N - 1 (classes 0..N-2); "
+                                                "null: all N embeddings are classes, no guidance")
+    guidance: float = doc_field(0.0, "classifier-free guidance scale w >= 0 of (1 + w) f(x, t, y) - w f(x, t, null) "
+                                     "(needs teacher.null_label)")
 
     def __post_init__(self) -> None:
         if self.path is None:
             fail("teacher.path", None, "teacher=diffusers needs teacher.path=DIR (a local diffusers folder)")
         existing_path("teacher.path", self.path, "the teacher's diffusers folder")
         check_prediction_key("teacher", self.prediction)
+        check_guidance_key(self.guidance)
 
 
 @register_teacher("diffusers", DiffusersTeacherConfig)
 def load_config(c: DiffusersTeacherConfig) -> WrappedTeacher:
-    return load_diffusers_teacher(c.path)
+    return load_diffusers_teacher(c.path, c.null_label, c.guidance)

@@ -16,14 +16,14 @@ from typing import Any, Optional
 
 import torch
 
-from dsno.nn.config import ConfigError
-from dsno.trust.tensor_file import load_float_tensors
-from dsno.schedules import Schedule, VPSchedule
 from dsno.checks import existing_path, fail
+from dsno.nn.config import ConfigError
+from dsno.schedules import Schedule, VPSchedule
 from dsno.schema import doc_field
-from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule
 from dsno.teachers.base import Teacher, batch_times
+from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule
 from dsno.teachers.registry import register_teacher
+from dsno.trust.tensor_file import load_float_tensors
 
 
 def register_mixture(module: torch.nn.Module, means: torch.Tensor, variances: torch.Tensor,

@@ -16,17 +16,17 @@ from typing import Callable, Optional
 
 import torch
 
-from dsno.nn.config import ConfigError
-from dsno.trust.tensor_file import load_float_tensors
-from dsno.schedules import VPSchedule
-from dsno.teachers.gmm import GaussianMixture
 from dsno.atomic import atomic_save_safetensors
 from dsno.checks import count, existing_path
 from dsno.digits import load_digits
+from dsno.errors import UserFileNotFoundError
+from dsno.nn.config import ConfigError
+from dsno.schedules import VPSchedule
 from dsno.schema import doc_field
 from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule
-from dsno.errors import UserFileNotFoundError
+from dsno.teachers.gmm import GaussianMixture
 from dsno.teachers.registry import register_teacher
+from dsno.trust.tensor_file import load_float_tensors
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 

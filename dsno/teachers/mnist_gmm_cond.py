@@ -19,9 +19,9 @@ import torch
 
 from dsno.checks import count, existing_path, fail
 from dsno.digits import load_digits
+from dsno.schedules import Schedule, VPSchedule
 from dsno.schema import doc_field
 from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule
-from dsno.schedules import Schedule, VPSchedule
 from dsno.teachers.gmm_cond import ConditionalGaussianMixture
 from dsno.teachers.mnist_gmm import ASSETS, fit_command, fit_diagonal_gmm, read_fit
 from dsno.teachers.registry import register_teacher

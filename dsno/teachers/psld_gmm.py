@@ -20,9 +20,9 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from dsno.checks import fail, finite
-from dsno.schema import doc_field
 from dsno.processes.psld import PSLD
 from dsno.schedules import ProcessError
+from dsno.schema import doc_field
 from dsno.teachers.base import batch_times
 from dsno.teachers.gmm import register_mixture
 from dsno.teachers.mnist_gmm import DigitMixtureConfig, load_mnist_gmm

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import time
 from pathlib import Path
 from statistics import median
 from dataclasses import dataclass, field
@@ -20,7 +21,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.benchmark import timer
 
 from dsno import loggers
 from dsno.builders import build_teacher, data_shape, prior_state, sample_shape, solver_grid
@@ -41,10 +41,18 @@ from dsno.teachers.registry import teacher_kinds
 log = logging.getLogger("dsno")
 
 
+def timer() -> float:
+    """Seconds on the performance counter once the accelerator's queued work is done (what
+    torch.utils.benchmark's timer does, without importing it: its import probes for a CUDA toolkit)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def seconds_per_sample(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, repeats: int = 5,
                        unit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
     """Wall-clock seconds per sample of fn on one representative batch, timed `repeats` times with
-    torch.utils.benchmark's timer (which synchronises an accelerator first); call it after a pass over
+    `timer` (which waits for an accelerator's queued work first); call it after a pass over
     the data has warmed fn up. {"median", "min", "max"} over the repeats: one timed call can move
     several-fold between runs on a shared machine, so a verdict reads the median and shows the spread.
     unit: a second call (one teacher evaluation) timed right after fn in every repeat, so both see the

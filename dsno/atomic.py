@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
+from safetensors.torch import save
+
 from dsno.errors import DiskFullError, UserError
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -179,7 +181,6 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: di
     """Write `tensors` (name -> contiguous tensor) as a .safetensors file atomically. The file is
     serialised in memory first: safetensors' own file writer reports a full disk as a SafetensorError
     traceback, this one as DiskFullError."""
-    from safetensors.torch import save
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 

@@ -5,18 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from dsno.config import ConfigError, RunConfig, SolverConfig, TeacherConfig
+from dsno.nn import build_dsno
 from dsno.nn.config import SamplerConfig
+from dsno.nn.dsno import load_backbone_weights
+from dsno.nn.parameterization import coefficients
+from dsno.solvers import get as get_solver, timesteps
 from dsno.teachers.base import Teacher, TeacherLoadError
+from dsno.teachers.registry import get_teacher_kind
 
 
 def build_teacher(tc: TeacherConfig) -> Teacher:
     """The teacher a teacher config describes, loaded by its kind (dsno.teachers.registry). A file
     that is missing, unreadable or of another kind is a TeacherLoadError naming it; so is a config
     value that differs from what the weights record (prediction, size, schedule), showing both."""
-    from safetensors import SafetensorError
-    from dsno.teachers.registry import get_teacher_kind
     path = getattr(tc, "path", None)
     where = f" from {path}" if path else ""
     try:
@@ -47,7 +51,6 @@ def solver_grid(teacher: Teacher, sc: SolverConfig, times: list[float]) -> torch
     proportion to their log-SNR length (at least one each), each segment spaced by sc.spacing,
     so the output times are grid points without creating the tiny steps that merging two grids
     would (multistep methods lose accuracy on abrupt step-size ratios)."""
-    from dsno.solvers import get as get_solver, timesteps
     spec = get_solver(sc.name)
     if spec.grid is not None:                # a solver with its own grid (usf: its schedule's, checked to pass
         return torch.tensor(spec.grid(sc.solve_options()), dtype=torch.float64)    # through `times`)
@@ -92,7 +95,6 @@ def output_parameterization(rc: RunConfig, teacher: Teacher) -> dict[str, Any]:
 
     A student copied from the teacher reads its output as the teacher does (teacher.prediction);
     a fresh backbone predicts x0 ("denoised") or the state ("state")."""
-    from dsno.nn.parameterization import coefficients
     kind = rc.model.parameterization
     if teacher.augmented:        # no scalar schedule to read a skip from: the network emits the whole state
         m = len(rc.data.times)
@@ -143,10 +145,8 @@ def teacher_backbone_config(teacher: Teacher) -> dict[str, Any]:
 def build_student(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]):
     """(DSNO module, its build config as the JSON dict dsno_config.json holds). With backbone.type=teacher
     the student starts from the teacher's weights (every non-temporal layer copied)."""
-    from dsno.nn import build_dsno
     config = student_config(rc, teacher, shape)
     model = build_dsno(config)
     if rc.model.backbone.type == "teacher":
-        from dsno.nn.dsno import load_backbone_weights
         load_backbone_weights(model, teacher.network)
     return model, config.to_dict()

@@ -7,18 +7,24 @@ corrupt data set) ends the run with one line `error: ...` on stderr and exit sta
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from dsno.atomic import prove_writable
-from dsno.config import check_run, compose, register_configs, validate
+from dsno.config import check_run, compose, key_help, register_configs, validate
 from dsno.errors import UserError, debug_requested, one_line, report_errors
+from dsno.stages import evaluation
+from dsno.stages.pipeline import make_data, run
+from dsno.teachers.registry import teacher_kinds
 
 log = logging.getLogger("dsno")
 
@@ -40,8 +46,6 @@ def prepare_cli(config_dir: str | os.PathLike, stage: str) -> None:
         sys.exit(0)
     if any(a.startswith("-") for a in overrides):
         return
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
     try:
         compose(*overrides, config_dir=config_dir)
     except (HydraException, OmegaConfBaseException) as e:
@@ -54,14 +58,10 @@ def prepare_cli(config_dir: str | os.PathLike, stage: str) -> None:
 def print_help(config_dir: str | os.PathLike, overrides: list[str]) -> None:
     """`--help`: every key of the config these overrides compose, with its value and its one-line help
     (`dsno.config.key_help`); Hydra's own flags stay under --hydra-help."""
-    from dsno.config import key_help
-    from dsno.teachers.registry import teacher_kinds
     script = Path(sys.argv[0]).resolve()
     root = Path(config_dir).resolve().parent
     prog = (f"-m {'.'.join(script.parent.relative_to(root).parts)}" if script.name == "__main__.py"
             and script.is_relative_to(root) else script.name)
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
     try:
         cfg = compose(*overrides, config_dir=config_dir)
     except (HydraException, OmegaConfBaseException) as e:
@@ -87,7 +87,6 @@ def print_help(config_dir: str | os.PathLike, overrides: list[str]) -> None:
 
 def _shown(value: Any, limit: int = 40) -> str:
     """A config value as one short command-line token (lists and dicts as compact JSON, cut at `limit`)."""
-    import json
     if OmegaConf.is_config(value):
         value = OmegaConf.to_container(value, resolve=False, enum_to_str=True)
     text = json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict, bool)) or value is None \
@@ -175,15 +174,12 @@ def run_stage(stage: str, cfg: DictConfig) -> None:
         rc = validate(cfg)
         check_run(rc, stage)
         if stage == "data":
-            from dsno.stages.pipeline import make_data
             make_data(rc, config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
             log.info("trajectories ready in %s", rc.data.dir)
         elif stage == "train":          # data (when missing) -> train -> export -> eval
-            from dsno.stages.pipeline import run
             run(rc, config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         elif stage == "eval":
-            from dsno.stages.evaluation import run
-            result = run(rc)
+            result = evaluation.run(rc)
             log.info("wrote %s/eval/report.md (%d rows)", rc.run_dir, len(result["rows"]))
         else:
             raise ValueError(f"unknown stage {stage!r}")

@@ -20,76 +20,36 @@ entry point reaches (STAGES); the entry points run both before anything is writt
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import netrc
 import os
 import tempfile
 from dataclasses import MISSING as MISSING_FACTORY, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Optional
+from typing import Any, Dict, List, Optional
+from urllib.parse import urlparse
 
+import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dsno.checks import SEED_MAX, ConfigError, choice, count, fail, in_range
 from dsno.errors import UserError
-
-
-class ConfigError(UserError):
-    """A configuration value is wrong. The message names the key, the value and what is allowed."""
-
-
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"config error: {key}={value!r}: {allowed}")
-
-
-def _choice(key: str, value: Any, options: tuple | list) -> None:
-    if value not in options:
-        _fail(key, value, f"must be one of {', '.join(map(str, options))}")
-
-
-def _count(key: str, value: Any, hi: int, why: str, lo: int = 1) -> None:
-    """An integer in [lo, hi]; `why` says where the upper bound comes from."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        _fail(key, value, "must be a positive integer" if lo == 1 else f"must be an integer >= {lo}")
-    if value > hi:
-        _fail(key, value, f"must be at most {hi:,}: {why}")
-
-
-def _finite(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(key, value, "must be a finite number")
-
-
-def _in_range(key: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
-    _finite(key, value)
-    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        _fail(key, value, f"must lie in {lb}{lo:g}, {hi:g}{rb}")
-
-
-def _existing_path(key: str, value: Optional[str], what: str) -> None:
-    if value is not None and not os.path.exists(value):
-        _fail(key, value, f"does not exist; give {what}")
-
-
-SEED_MAX = 2**63 - 1
-
-
-def doc_field(default: Any = MISSING, doc: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
-    """A schema field with its one-line help, which `python train.py --help` prints beside the key."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": doc})
-    return field(default=default, metadata={"help": doc})
+from dsno.sampler import FORM_FILES
+from dsno.schema import doc_field
+from dsno.search.config import SearchConfig, check_search  # noqa: F401  (search.* of a run; public here)
+from dsno.solvers import SPACINGS, available
+from dsno.solvers import get as get_solver
+from dsno.solvers.registry import OptionError, with_option
+from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule  # noqa: F401  (public here)
+from dsno.teachers.registry import teacher_kinds
+from dsno.training.losses import KINDS
+from dsno.training.perceptual import vgg_weights_path
 
 
 # ----------------------------------------------------------------------------------------- choices
-class ScheduleKind(StrEnum):
-    linear = "linear"               # VPSchedule.linear(beta_min, beta_max)
-    cosine = "cosine"               # VPSchedule.cosine(s)
-    ddpm_linear = "ddpm_linear"     # VPSchedule.ddpm_linear(num_steps, beta_start, beta_end): discrete
-
-
 class VerifyMode(StrEnum):
     none = "none"
     quick = "quick"
@@ -140,78 +100,6 @@ class LoggerMode(StrEnum):
 TRAINER_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 
 
-# ----------------------------------------------------------------------------------------- teacher
-@dataclass
-class ScheduleConfig:
-    """A VP noise schedule; only the keys of its `kind` are read (the others are refused)."""
-
-    kind: ScheduleKind = doc_field(ScheduleKind.linear, "the noise schedule: linear (VP-SDE), cosine or ddpm_linear "
-                                   "(discrete DDPM betas)")
-    beta_min: float = doc_field(0.1, "kind=linear: beta(t) at t = 0")
-    beta_max: float = doc_field(20.0, "kind=linear: beta(t) at t = 1")
-    s: float = doc_field(0.008, "kind=cosine: the offset s of alpha_bar = cos((t + s) / (1 + s) pi / 2)^2")
-    num_steps: int = doc_field(1000, "kind=ddpm_linear: the number N of discrete steps")
-    beta_start: float = doc_field(1e-4, "kind=ddpm_linear: the first step's beta")
-    beta_end: float = doc_field(0.02, "kind=ddpm_linear: the last step's beta")
-
-    KEYS: ClassVar[dict] = {"linear": ("beta_min", "beta_max"), "cosine": ("s",),
-                            "ddpm_linear": ("num_steps", "beta_start", "beta_end")}
-
-    def check(self, at: str) -> None:
-        unread = [k for ks in (v for kind, v in self.KEYS.items() if kind != self.kind) for k in ks
-                  if getattr(self, k) != ScheduleConfig.__dataclass_fields__[k].default]
-        if unread:
-            owner = next(kind for kind, ks in self.KEYS.items() if unread[0] in ks)
-            _fail(f"{at}.{unread[0]}", getattr(self, unread[0]), f"is read by {at}.kind={owner} only, and this "
-                  f"schedule is kind={self.kind}; remove it or set {at}.kind={owner}")
-        if self.kind == "linear":
-            _in_range(f"{at}.beta_min", self.beta_min, 0.0, 1e4, lo_open=True)
-            _in_range(f"{at}.beta_max", self.beta_max, 0.0, 1e4, lo_open=True)
-            if not self.beta_min < self.beta_max:
-                _fail(f"{at}.beta_max", self.beta_max, f"must exceed {at}.beta_min ({self.beta_min})")
-        elif self.kind == "cosine":
-            _in_range(f"{at}.s", self.s, 0.0, 1.0, lo_open=True, hi_open=True)
-        else:
-            _count(f"{at}.num_steps", self.num_steps, 100_000, "a DDPM schedule of more steps is continuous "
-                   "in all but name; use kind=linear")
-            _in_range(f"{at}.beta_start", self.beta_start, 0.0, 1.0, lo_open=True, hi_open=True)
-            _in_range(f"{at}.beta_end", self.beta_end, 0.0, 1.0, lo_open=True, hi_open=True)
-            if not self.beta_start < self.beta_end:
-                _fail(f"{at}.beta_end", self.beta_end, f"must exceed {at}.beta_start ({self.beta_start})")
-
-
-def build_schedule(sc: ScheduleConfig):
-    """The VPSchedule a ScheduleConfig describes."""
-    from dsno.schedules import VPSchedule
-    if sc.kind == "linear":
-        return VPSchedule.linear(sc.beta_min, sc.beta_max)
-    if sc.kind == "cosine":
-        return VPSchedule.cosine(sc.s)
-    return VPSchedule.ddpm_linear(sc.num_steps, sc.beta_start, sc.beta_end)
-
-
-@dataclass
-class TeacherConfig:
-    """The keys every teacher kind has. A kind's own dataclass (in its module, registered with
-    `dsno.teachers.registry.register_teacher`) adds the keys that change what it loads and
-    range-checks them in `__post_init__`. `fixed_schedule()` is the noise schedule the config fixes
-    before loading, or None when the weights alone decide it (data.times is then checked at load)."""
-
-    kind: str = doc_field(MISSING, "the teacher kind (teacher=KIND picks it and its keys)")
-    process: ClassVar[str] = "scalar"     # the solver registry's process the kind's teacher needs
-    conditional: ClassVar[bool] = False   # its teacher takes class labels (num_classes is not None)
-
-    def fixed_schedule(self):
-        return None
-
-
-def check_prediction_key(at: str, value: Optional[str]) -> None:
-    """teacher.prediction, when given, is one of the predictions a Teacher knows."""
-    from dsno.teachers.base import PREDICTIONS
-    if value is not None:
-        _choice(f"{at}.prediction", value, PREDICTIONS)
-
-
 # ----------------------------------------------------------------------------------------- solver
 @dataclass
 class SolverChoice:
@@ -225,13 +113,11 @@ class SolverChoice:
                                         factory=dict)
 
     def check(self, at: str) -> None:
-        from dsno.solvers import available
-        from dsno.solvers import get as get_solver
-        _choice(f"{at}.name", self.name, tuple(available(None)))
+        choice(f"{at}.name", self.name, tuple(available(None)))
         try:
             get_solver(self.name).resolve(self.order, dict(self.options))
         except ValueError as e:
-            _fail(at, self.label(), str(e))
+            fail(at, self.label(), str(e))
 
     def label(self) -> str:
         """'name-order key=value ...' (order omitted when it is the solver's default and not given)."""
@@ -255,30 +141,26 @@ class SolverConfig(SolverChoice):
                                         "grid)")
 
     def __post_init__(self) -> None:
-        from dsno.solvers import SPACINGS, available
-        from dsno.solvers import get as get_solver
-        from dsno.solvers.registry import with_option
         if self.name in available(None) and get_solver(self.name).stochastic:
-            _fail("solver.name", self.name, "the teacher solve must be deterministic (a probability-flow ODE "
+            fail("solver.name", self.name, "the teacher solve must be deterministic (a probability-flow ODE "
                   "solver): DSNO learns the map from noise to the ODE's trajectory")
         self.check("solver")
         self.order = get_solver(self.name).resolve(self.order, {})[0]
         if self.options.get("method") == "fast":
-            _fail("solver.options.method", "fast", "the fast order mix returns no trajectory; use multistep or "
+            fail("solver.options.method", "fast", "the fast order mix returns no trajectory; use multistep or "
                   "singlestep")
-        _count("solver.steps", self.steps, 10_000, "the teacher solve needs no more; the float64 reference "
+        count("solver.steps", self.steps, 10_000, "the teacher solve needs no more; the float64 reference "
                "of eval uses eval.reference_steps")
-        _choice("solver.spacing", self.spacing, tuple(SPACINGS))
-        _in_range("solver.t_end", self.t_end, 0.0, 1.0, lo_open=True, hi_open=True)
+        choice("solver.spacing", self.spacing, tuple(SPACINGS))
+        in_range("solver.t_end", self.t_end, 0.0, 1.0, lo_open=True, hi_open=True)
         takers = with_option("schedule")
         if self.schedule is not None and self.name not in takers:
-            _fail("solver.schedule", self.schedule, f"applies to solver={'/'.join(takers)} only, not "
+            fail("solver.schedule", self.schedule, f"applies to solver={'/'.join(takers)} only, not "
                   f"solver={self.name}")
 
     def solve_options(self) -> dict[str, Any]:
         """Every option of the teacher solve, defaults filled in: solver.options, and solver.schedule when
         given (what `dsno.sample` and the solver's registry hooks get)."""
-        from dsno.solvers import get as get_solver
         given = {**self.options, **({} if self.schedule is None else {"schedule": self.schedule})}
         return get_solver(self.name).resolve(self.order, given)[1]
 
@@ -316,22 +198,22 @@ class DataConfig:
         if self.class_weights is not None:
             w = list(self.class_weights)
             if not w or any(not math.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
-                _fail("data.class_weights", w, "must be finite numbers >= 0, one per class, not all 0")
-        _count("data.num_trajectories", self.num_trajectories, 10**12, "past any disk")
-        _count("data.shard_size", self.shard_size, 10**7, "a shard is written and verified whole; keep each "
+                fail("data.class_weights", w, "must be finite numbers >= 0, one per class, not all 0")
+        count("data.num_trajectories", self.num_trajectories, 10**12, "past any disk")
+        count("data.shard_size", self.shard_size, 10**7, "a shard is written and verified whole; keep each "
                "well under memory")
-        _count("data.batch_size", self.batch_size, 65536, "larger solver batches only exhaust memory")
-        _in_range("data.val_fraction", self.val_fraction, 0.0, 0.5, hi_open=True)
-        _count("data.num_workers", self.num_workers, 256, "more loader processes than any machine has cores", lo=0)
+        count("data.batch_size", self.batch_size, 65536, "larger solver batches only exhaust memory")
+        in_range("data.val_fraction", self.val_fraction, 0.0, 0.5, hi_open=True)
+        count("data.num_workers", self.num_workers, 256, "more loader processes than any machine has cores", lo=0)
         times = list(self.times)
         if len(times) < 1:
-            _fail("data.times", times, "needs at least 1 output time (M >= 1; M = 1 is plain distillation)")
+            fail("data.times", times, "needs at least 1 output time (M >= 1; M = 1 is plain distillation)")
         if len(times) > 256:
-            _fail("data.times", f"[{len(times)} times]", "at most 256 output times (each is one backbone branch)")
+            fail("data.times", f"[{len(times)} times]", "at most 256 output times (each is one backbone branch)")
         if any(not math.isfinite(t) for t in times):
-            _fail("data.times", times, "must be finite numbers")
+            fail("data.times", times, "must be finite numbers")
         if any(a <= b for a, b in zip(times, times[1:])):
-            _fail("data.times", times, "must be numbers in strictly decreasing order (t_1 > ... > t_M)")
+            fail("data.times", times, "must be numbers in strictly decreasing order (t_1 > ... > t_M)")
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -347,15 +229,15 @@ class BackboneConfig:
     dropout: float = doc_field(0.0, "dropout probability in the residual blocks")
 
     def __post_init__(self) -> None:
-        _count("model.backbone.base_channels", self.base_channels, 4096, "wider than any image UNet")
-        _count("model.backbone.num_res_blocks", self.num_res_blocks, 32, "deeper than any image UNet")
+        count("model.backbone.base_channels", self.base_channels, 4096, "wider than any image UNet")
+        count("model.backbone.num_res_blocks", self.num_res_blocks, 32, "deeper than any image UNet")
         mult = list(self.channel_mult)
         if not mult or len(mult) > 8 or any(not 1 <= v <= 64 for v in mult):
-            _fail("model.backbone.channel_mult", mult, "must be a list of 1 to 8 integers in [1, 64]")
+            fail("model.backbone.channel_mult", mult, "must be a list of 1 to 8 integers in [1, 64]")
         if any(not 1 <= v <= 4096 for v in self.attn_resolutions):
-            _fail("model.backbone.attn_resolutions", list(self.attn_resolutions),
+            fail("model.backbone.attn_resolutions", list(self.attn_resolutions),
                   "must be a list of feature-map sizes (integers in [1, 4096])")
-        _in_range("model.backbone.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        in_range("model.backbone.dropout", self.dropout, 0.0, 1.0, hi_open=True)
 
 
 @dataclass
@@ -374,10 +256,10 @@ class ModelConfig:
     denoise_time: float = doc_field(0.5, "tau_0: branch m's network runs at time tau_0 + t_m (T - tau_0)")
 
     def __post_init__(self) -> None:
-        _count("model.modes", self.modes, 129, "M <= 256 output times keep at most 129 modes")
-        _in_range("model.sigma_data", self.sigma_data, 0.0, 1e3, lo_open=True)
+        count("model.modes", self.modes, 129, "M <= 256 output times keep at most 129 modes")
+        in_range("model.sigma_data", self.sigma_data, 0.0, 1e3, lo_open=True)
         if self.parameterization == "state" and self.backbone.type == "teacher":
-            _fail("model.parameterization", "state", "a student copied from the teacher keeps the teacher's output "
+            fail("model.parameterization", "state", "a student copied from the teacher keeps the teacher's output "
                   "head (eps / x0 / v), not a state: use model.parameterization=denoised")
 
 
@@ -403,21 +285,20 @@ class TrainConfig:
     weight_decay: float = doc_field(0.0, "AdamW's decoupled weight decay (0: plain Adam)")
 
     def __post_init__(self) -> None:
-        from dsno.training.losses import KINDS
-        from dsno.training.validation import SELECT
-        _count("train.batch_size", self.batch_size, 65536, "larger batches only exhaust memory")
-        _in_range("train.lr", self.lr, 0.0, 1.0, lo_open=True)
-        _count("train.warmup_steps", self.warmup_steps, 10**9, "past any trainer.max_steps", lo=0)
-        _in_range("train.ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True)
-        _choice("train.loss", self.loss, KINDS)
+        from dsno.training.validation import SELECT  # deferred: loads Lightning only when used
+        count("train.batch_size", self.batch_size, 65536, "larger batches only exhaust memory")
+        in_range("train.lr", self.lr, 0.0, 1.0, lo_open=True)
+        count("train.warmup_steps", self.warmup_steps, 10**9, "past any trainer.max_steps", lo=0)
+        in_range("train.ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True)
+        choice("train.loss", self.loss, KINDS)
         if self.perceptual_weights is not None and not os.path.isfile(self.perceptual_weights):
-            _fail("train.perceptual_weights", self.perceptual_weights, "does not exist; give a local VGG-16 weights file")
-        _in_range("train.weight_max", self.weight_max, 0.0, 1e12, lo_open=True)
-        _in_range("train.weight_min", self.weight_min, 0.0, self.weight_max, lo_open=True)
-        _count("train.checkpoint_every", self.checkpoint_every, 10**9, "past any trainer.max_steps")
-        _in_range("train.grad_clip", self.grad_clip, 0.0, 1e12)
-        _choice("train.select", self.select, SELECT)
-        _in_range("train.weight_decay", self.weight_decay, 0.0, 1e3)
+            fail("train.perceptual_weights", self.perceptual_weights, "does not exist; give a local VGG-16 weights file")
+        in_range("train.weight_max", self.weight_max, 0.0, 1e12, lo_open=True)
+        in_range("train.weight_min", self.weight_min, 0.0, self.weight_max, lo_open=True)
+        count("train.checkpoint_every", self.checkpoint_every, 10**9, "past any trainer.max_steps")
+        in_range("train.grad_clip", self.grad_clip, 0.0, 1e12)
+        choice("train.select", self.select, SELECT)
+        in_range("train.weight_decay", self.weight_decay, 0.0, 1e3)
 
 
 @dataclass
@@ -434,11 +315,11 @@ class TrainerConfig:
     val_check_interval: int = doc_field(250, "steps between validations (val loss, EMA sample grid)")
 
     def __post_init__(self) -> None:
-        _count("trainer.max_steps", self.max_steps, 10**9, "a billion optimizer steps is past any schedule")
-        _count("trainer.num_nodes", self.num_nodes, 4096, "more nodes than any cluster job")
-        _count("trainer.log_every_n_steps", self.log_every_n_steps, 10**9, "past any trainer.max_steps")
-        _count("trainer.val_check_interval", self.val_check_interval, 10**9, "past any trainer.max_steps")
-        _choice("trainer.precision", self.precision, TRAINER_PRECISIONS)
+        count("trainer.max_steps", self.max_steps, 10**9, "a billion optimizer steps is past any schedule")
+        count("trainer.num_nodes", self.num_nodes, 4096, "more nodes than any cluster job")
+        count("trainer.log_every_n_steps", self.log_every_n_steps, 10**9, "past any trainer.max_steps")
+        count("trainer.val_check_interval", self.val_check_interval, 10**9, "past any trainer.max_steps")
+        choice("trainer.precision", self.precision, TRAINER_PRECISIONS)
 
 
 @dataclass
@@ -483,28 +364,27 @@ class EvalConfig:
     timing_repeats: int = doc_field(3, "timed calls per method on one batch: the report reads their median and spread")
 
     def __post_init__(self) -> None:
-        from dsno.solvers import SPACINGS
-        _count("eval.num_samples", self.num_samples, 10**7, "ten million samples is past any FID protocol")
-        _count("eval.batch_size", self.batch_size, 65536, "larger batches only exhaust memory")
-        _count("eval.grid_samples", self.grid_samples, 1024, "a grid of more images is unreadable", lo=0)
-        _count("eval.seed", self.seed, SEED_MAX, "seeds are 64-bit signed integers", lo=0)
+        count("eval.num_samples", self.num_samples, 10**7, "ten million samples is past any FID protocol")
+        count("eval.batch_size", self.batch_size, 65536, "larger batches only exhaust memory")
+        count("eval.grid_samples", self.grid_samples, 1024, "a grid of more images is unreadable", lo=0)
+        count("eval.seed", self.seed, SEED_MAX, "seeds are 64-bit signed integers", lo=0)
         if not self.nfe or any(n < 1 for n in self.nfe):
-            _fail("eval.nfe", list(self.nfe), "must be a non-empty list of positive integers")
+            fail("eval.nfe", list(self.nfe), "must be a non-empty list of positive integers")
         if max(self.nfe) > 1000:
-            _fail("eval.nfe", list(self.nfe), "each budget must be at most 1,000 model evaluations: beyond that a "
+            fail("eval.nfe", list(self.nfe), "each budget must be at most 1,000 model evaluations: beyond that a "
                   "solve is a reference, not a fast baseline (eval.reference_steps sets the reference)")
         for i, s in enumerate(self.solvers):
             s.check(f"eval.solvers[{i}]")
-        _choice("eval.spacing", self.spacing, tuple(SPACINGS))
+        choice("eval.spacing", self.spacing, tuple(SPACINGS))
         for key in ("fidelity_reference", "inception_weights"):
             path = getattr(self, key)
             if path is not None and not os.path.isfile(path):
-                _fail(f"eval.{key}", path, "does not exist; give a local file")
+                fail(f"eval.{key}", path, "does not exist; give a local file")
         if self.reference_steps is not None:
-            _count("eval.reference_steps", self.reference_steps, 10_000, "a float64 3rd-order solve converges long "
+            count("eval.reference_steps", self.reference_steps, 10_000, "a float64 3rd-order solve converges long "
                    "before that")
-        _in_range("eval.reference_rtol", self.reference_rtol, 0.0, 1e-3, lo_open=True)
-        _count("eval.timing_repeats", self.timing_repeats, 1000, "the median settles long before that")
+        in_range("eval.reference_rtol", self.reference_rtol, 0.0, 1e-3, lo_open=True)
+        count("eval.timing_repeats", self.timing_repeats, 1000, "the median settles long before that")
 
 
 @dataclass
@@ -513,86 +393,8 @@ class ExportConfig:
                                  factory=lambda: ["safetensors", "pt2", "onnx"])
 
     def __post_init__(self) -> None:
-        from dsno.sampler import FORM_FILES
         for f in self.forms:
-            _choice("export.forms", f, tuple(FORM_FILES))
-
-
-@dataclass
-class SearchConfig:
-    """`python -m dsno.search` (dsno.search.loop): its sizes are an experiment's to set (a network teacher
-    on a CPU needs a smaller search than the mixture). Its own ranges are checked here, for every entry
-    point; the budget and the pinned times against the teacher's time range by `check_search`."""
-
-    mode: str = doc_field("full", "full | timesteps (GITS / LD3-style: the grid of `base` only)")
-    base: str = doc_field("unipc", "timesteps mode: the fixed solver (unipc | dpm_solver_pp | deis | ipndm | ddim)")
-    base_order: int = doc_field(3, "timesteps mode: the fixed solver's order")
-    afs: list = doc_field(doc="analytic first step choices searched: none, zero, mean",
-                          factory=lambda: ["none", "zero", "mean"])
-    batch: int = doc_field(256, "noise samples of the cheap metric")
-    verify_batch: int = doc_field(512, "other noise samples of the full metric")
-    reference_steps: int = doc_field(500, "float64 reference: DPM-Solver++ 3M, logSNR grid")
-    initial: int = doc_field(300, "random candidates scored before the first round")
-    rounds: int = doc_field(12, "rounds of predictor-guided evolution")
-    proposals: int = doc_field(1500, "children ranked by the predictor per round")
-    scored_per_round: int = doc_field(40, "candidates scored with the cheap metric per round")
-    refine: int = doc_field(3, "sweeps of coordinate descent on the best candidate's times (0: none)")
-    explore: float = doc_field(0.25, "share of a round's scores drawn at random (held out for tau)")
-    parents: int = doc_field(15, "best candidates the next round's children are drawn from")
-    verify_top: int = doc_field(10, "best candidates re-scored with the full metric at the end")
-    pin_times: list = doc_field(doc="times every searched grid passes through (e.g. data.times)", factory=list)
-    seed: int = doc_field(0, "seed of the search's draws and noise")
-    resume: bool = doc_field(True, "continue from <name>.scored.json when it exists")
-    out: Optional[str] = doc_field(None, "the folder of the schedules; default: <run_dir>/schedules")
-    threads: int = doc_field(1, "torch CPU threads (0: torch's default); small batches run best on one")
-
-    def __post_init__(self) -> None:
-        from dsno.search.loop import BASES, MODES, NOISE_SEED_STRIDE
-        from dsno.solvers import get as get_solver
-        from dsno.solvers.usf import AFS
-        _choice("search.mode", self.mode, MODES)
-        _choice("search.base", self.base, BASES)
-        top = max(get_solver(self.base).orders)
-        _count("search.base_order", self.base_order, top, f"the orders of {self.base} are 1..{top}")
-        afs = list(self.afs)
-        if not afs or any(a not in AFS for a in afs):
-            _fail("search.afs", afs, f"must be a non-empty list of {', '.join(AFS)}")
-        for key in ("batch", "verify_batch"):
-            _count(f"search.{key}", getattr(self, key), 65536, "larger batches only exhaust memory")
-        _count("search.reference_steps", self.reference_steps, 10_000, "a float64 3rd-order solve converges "
-               "long before that")
-        _count("search.initial", self.initial, 10**6, "a million random candidates is past any search")
-        _count("search.proposals", self.proposals, 10**6, "the predictor ranks at most a million children a round")
-        _count("search.scored_per_round", self.scored_per_round, 10**5, "each one is a teacher solve")
-        _count("search.parents", self.parents, 10**5, "more parents than any search scores")
-        _count("search.verify_top", self.verify_top, 10**4, "each one is a solve on search.verify_batch")
-        _count("search.rounds", self.rounds, 10**4, "each round is search.scored_per_round solves", lo=0)
-        _count("search.refine", self.refine, 50, "sweep k moves a time by 0.2 / 2^k, below float64 resolution "
-               "after 50", lo=0)
-        _count("search.threads", self.threads, 256, "more threads than any machine has cores (0: torch's "
-               "default)", lo=0)
-        _in_range("search.explore", self.explore, 0.0, 1.0, hi_open=True)
-        _count("search.seed", self.seed, (SEED_MAX - 2) // NOISE_SEED_STRIDE, f"the noise seeds "
-               f"{NOISE_SEED_STRIDE:,} * seed + 1 and + 2 are 64-bit signed integers", lo=0)
-        pins = list(self.pin_times)
-        if any(isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) for t in pins):
-            _fail("search.pin_times", pins, "must be a list of finite times")
-        if len(set(pins)) != len(pins):
-            _fail("search.pin_times", pins, "must be distinct times")
-
-
-def check_search(sc: SearchConfig, nfe: Optional[int], t_start: float, t_end: float) -> None:
-    """The search's keys against its budget `nfe` (None: a run that does not search) and the time range
-    (t_end, t_start) of the teacher's ODE (t_start inf: known only once the teacher is loaded; the search
-    checks again then). ConfigError, one line."""
-    if nfe is not None and (isinstance(nfe, bool) or not isinstance(nfe, int) or not 1 <= nfe <= 50):
-        _fail("nfe", nfe, "must be an integer in 1..50 (python -m dsno.search nfe=5)")
-    pins = list(sc.pin_times)
-    if any(not t_end < t < t_start for t in pins):
-        _fail("search.pin_times", pins, f"must be distinct times strictly between t_end={t_end:g} and "
-              f"T={t_start:g} (drop the end points)")
-    if nfe is not None and len(pins) > nfe - 1:
-        _fail("search.pin_times", pins, f"{len(pins)} pinned times need nfe >= {len(pins) + 1}")
+            choice("export.forms", f, tuple(FORM_FILES))
 
 
 # ----------------------------------------------------------------------------------------- the run
@@ -617,52 +419,49 @@ class RunConfig:
 
     def check(self) -> None:
         """The rules between sections (each section checked its own values when it was built)."""
-        _count("seed", self.seed, SEED_MAX, "seeds are 64-bit signed integers", lo=0)
+        count("seed", self.seed, SEED_MAX, "seeds are 64-bit signed integers", lo=0)
         times = list(self.data.times)
         sched = self.teacher.fixed_schedule()
         if sched is not None and (times[0] > sched.T or times[-1] < sched.t_min):
-            _fail("data.times", times, f"must lie inside the schedule's time range [{sched.t_min:g}, {sched.T:g}]")
+            fail("data.times", times, f"must lie inside the schedule's time range [{sched.t_min:g}, {sched.T:g}]")
         if abs(times[-1] - self.solver.t_end) > 1e-12:
-            _fail("data.times", times, f"the last output time must equal solver.t_end ({self.solver.t_end:g})")
+            fail("data.times", times, f"the last output time must equal solver.t_end ({self.solver.t_end:g})")
         t_max = sched.T if sched is not None else 1.0
         segments = len(times) if times[0] < t_max else len(times) - 1
         if self.solver.steps < segments:
-            _fail("solver.steps", self.solver.steps, f"must be at least {segments}: one step per segment between "
+            fail("solver.steps", self.solver.steps, f"must be at least {segments}: one step per segment between "
                   f"the {len(times)} output times (data.times) and the start time {t_max:g}")
         self._check_processes()
         self._check_solver_options(times)
         if self.train.select == "best_val" and self.data.val_fraction == 0:
-            _fail("train.select", self.train.select, "needs held-out trajectories: set data.val_fraction > 0, "
+            fail("train.select", self.train.select, "needs held-out trajectories: set data.val_fraction > 0, "
                   "or train.select=last")
         m = len(times)
         if self.model.modes > m // 2 + 1:
-            _fail("model.modes", self.model.modes, f"must be <= M // 2 + 1 = {m // 2 + 1} for M = {m} output times")
-        _in_range("model.denoise_time", self.model.denoise_time, 0.0, t_max, lo_open=True)
+            fail("model.modes", self.model.modes, f"must be <= M // 2 + 1 = {m // 2 + 1} for M = {m} output times")
+        in_range("model.denoise_time", self.model.denoise_time, 0.0, t_max, lo_open=True)
         check_search(self.search, None, sched.T if sched is not None else math.inf, self.solver.t_end)
 
     def _check_processes(self) -> None:
         """Every solver (the teacher solve, eval's baselines) integrates the teacher's kind of process;
         an augmented process (PSLD) has no log-SNR, so its grids are spaced in time."""
-        from dsno.solvers import available
         process = type(self.teacher).process
         own = available(process)
-        for key, choice in (("solver", self.solver), *((f"eval.solvers[{i}]", s) for i, s in enumerate(self.eval.solvers))):
-            if choice.name not in own:
-                _fail(f"{key}.name", choice.name, f"integrates another kind of process than teacher kind "
+        for key, solver in (("solver", self.solver), *((f"eval.solvers[{i}]", s) for i, s in enumerate(self.eval.solvers))):
+            if solver.name not in own:
+                fail(f"{key}.name", solver.name, f"integrates another kind of process than teacher kind "
                       f"{self.teacher.kind} ({process}); its solvers are: {', '.join(own)}")
         if process == "augmented":
             for key, spacing in (("solver.spacing", self.solver.spacing), ("eval.spacing", self.eval.spacing)):
                 if spacing not in ("time_uniform", "time_quadratic"):
-                    _fail(key, spacing, f"teacher kind {self.teacher.kind} is an augmented process: use "
+                    fail(key, spacing, f"teacher kind {self.teacher.kind} is an augmented process: use "
                           "time_uniform or time_quadratic")
             if self.model.parameterization != "state":
-                _fail("model.parameterization", str(self.model.parameterization), f"teacher kind "
+                fail("model.parameterization", str(self.model.parameterization), f"teacher kind "
                       f"{self.teacher.kind} has no scalar schedule to read a denoised output with: use state")
 
     def _check_solver_options(self, times: list) -> None:
         """The teacher solver's own checks of its options against this run (e.g. usf: its schedule)."""
-        from dsno.solvers import get as get_solver
-        from dsno.solvers.registry import OptionError
         check = get_solver(self.solver.name).check
         if check is None:
             return
@@ -671,7 +470,7 @@ class RunConfig:
         except OptionError as e:
             if e.value is OptionError.NO_VALUE:
                 raise ConfigError(f"config error: solver.{e.option}: {e}") from None
-            _fail(f"solver.{e.option}", e.value, str(e))
+            fail(f"solver.{e.option}", e.value, str(e))
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -682,7 +481,6 @@ def _omegaconf_error(e: OmegaConfBaseException, prefix: str = "") -> ConfigError
 
 def teacher_config(raw: Any) -> TeacherConfig:
     """The `teacher` block as its kind's dataclass (checked); ConfigError naming a key it lacks."""
-    from dsno.teachers.registry import teacher_kinds
     kinds = teacher_kinds()
     node = None
     if isinstance(raw, DictConfig):
@@ -693,7 +491,7 @@ def teacher_config(raw: Any) -> TeacherConfig:
         raise ConfigError(f"config error: teacher: no teacher kind given; choose one with teacher=KIND "
                           f"({', '.join(kinds)})")
     kind = node.kind
-    _choice("teacher.kind", kind, tuple(kinds))
+    choice("teacher.kind", kind, tuple(kinds))
     schema = kinds[kind].config
     own = {f.name for f in fields(schema)}
     extra = [k for k in node if k not in own]
@@ -742,15 +540,14 @@ def check_trainer_hardware(c: RunConfig) -> None:
     """Before training: trainer.accelerator / devices / strategy / precision name hardware and a setup
     this machine has and Lightning accepts, data.num_workers fits its cores, and the data set gives every
     rank at least one batch. ConfigError (one line) otherwise."""
-    import torch
     t = c.trainer
     cores = os.cpu_count() or 1
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if t.accelerator in ("gpu", "cuda") and gpus == 0:
-        _fail("trainer.accelerator", str(t.accelerator), "this machine has no CUDA GPU; train on the CPU with "
+        fail("trainer.accelerator", str(t.accelerator), "this machine has no CUDA GPU; train on the CPU with "
               "trainer.accelerator=cpu (or auto), or trainer=default for the whole CPU trainer")
     if t.accelerator == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        _fail("trainer.accelerator", str(t.accelerator), "this machine has no MPS device; use auto or cpu")
+        fail("trainer.accelerator", str(t.accelerator), "this machine has no MPS device; use auto or cpu")
     on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and gpus > 0)
     available = gpus if on_gpu else cores
     where = f"{gpus} GPU(s)" if on_gpu else f"{available} CPU core(s)"
@@ -758,7 +555,7 @@ def check_trainer_hardware(c: RunConfig) -> None:
     if on_gpu and devices in (-1, "-1"):
         count = available
     elif devices in (-1, "-1") or isinstance(devices, (list, tuple)) and not on_gpu:
-        _fail("trainer.devices", devices, f"names GPUs, but this run trains on the CPU ({where}): give "
+        fail("trainer.devices", devices, f"names GPUs, but this run trains on the CPU ({where}): give "
               f"trainer.devices=auto or a count of CPU processes (1..{available})")
     elif devices == "auto":
         count = available if on_gpu else 1
@@ -769,24 +566,24 @@ def check_trainer_hardware(c: RunConfig) -> None:
     elif isinstance(devices, (list, tuple)) and devices and all(isinstance(d, int) and d >= 0 for d in devices):
         count = len(devices)
         if max(devices) >= available:
-            _fail("trainer.devices", devices, f"names device index {max(devices)}, but this machine has {where}")
+            fail("trainer.devices", devices, f"names device index {max(devices)}, but this machine has {where}")
     else:
-        _fail("trainer.devices", devices, "must be auto, -1, a positive integer or a list of device indices")
+        fail("trainer.devices", devices, "must be auto, -1, a positive integer or a list of device indices")
     if count > available:
-        _fail("trainer.devices", devices, f"asks for {count} devices, but this machine has {where}")
+        fail("trainer.devices", devices, f"asks for {count} devices, but this machine has {where}")
     _check_strategy_and_precision(t, on_gpu)
     if c.data.num_workers > cores:
-        _fail("data.num_workers", c.data.num_workers, f"this machine has {cores} CPU core(s); use at most {cores}")
+        fail("data.num_workers", c.data.num_workers, f"this machine has {cores} CPU core(s); use at most {cores}")
     world = count * t.num_nodes
     n = c.data.num_trajectories
     train_size = n - (0 if c.data.val_fraction == 0 else max(1, round(n * c.data.val_fraction)))
     batches = train_size // c.train.batch_size
     if batches == 0:
-        _fail("train.batch_size", c.train.batch_size, f"exceeds the {train_size} training trajectories of "
+        fail("train.batch_size", c.train.batch_size, f"exceeds the {train_size} training trajectories of "
               f"data.num_trajectories={n} (data.val_fraction={c.data.val_fraction:g} held out); use at most "
               f"{train_size} or make more trajectories")
     if batches < world:
-        _fail("trainer.devices", devices, f"{world} ranks need at least {world} training batches, but "
+        fail("trainer.devices", devices, f"{world} ranks need at least {world} training batches, but "
               f"data.num_trajectories={c.data.num_trajectories} gives {batches} of train.batch_size="
               f"{c.train.batch_size}; make more trajectories or use fewer devices")
 
@@ -794,20 +591,19 @@ def check_trainer_hardware(c: RunConfig) -> None:
 def _check_strategy_and_precision(t: TrainerConfig, on_gpu: bool) -> None:
     """trainer.strategy is one Lightning has, bf16 runs on this GPU, and Lightning accepts the whole
     accelerator / devices / strategy / precision combination (its own check, run now, not at fit)."""
-    import torch
-    from lightning.pytorch.strategies import StrategyRegistry
+    from lightning.pytorch.strategies import StrategyRegistry  # deferred: loads Lightning only when used
     strategies = ("auto", *StrategyRegistry.available_strategies())
-    _choice("trainer.strategy", t.strategy, strategies)
+    choice("trainer.strategy", t.strategy, strategies)
     if on_gpu and t.precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
-        _fail("trainer.precision", t.precision, f"{torch.cuda.get_device_name()} has no bfloat16; use 16-mixed "
+        fail("trainer.precision", t.precision, f"{torch.cuda.get_device_name()} has no bfloat16; use 16-mixed "
               "or 32-true")
-    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector  # deferred: loads Lightning only when used
     try:
         _AcceleratorConnector(accelerator=str(t.accelerator), devices=t.devices, num_nodes=t.num_nodes,
                               strategy=t.strategy, precision=t.precision)
     except Exception as e:      # noqa: BLE001 - Lightning raises several types; each is a refused setup
         reason = " ".join(str(e).split()) or type(e).__name__
-        _fail("trainer", {k: getattr(t, k) for k in ("accelerator", "devices", "num_nodes", "strategy", "precision")},
+        fail("trainer", {k: getattr(t, k) for k in ("accelerator", "devices", "num_nodes", "strategy", "precision")},
               f"Lightning refuses this setup: {reason}")
 
 
@@ -827,20 +623,18 @@ def check_run(c: RunConfig, stage: str) -> None:
     if "train" in reached:
         check_trainer_hardware(c)
         if c.train.loss == "lpips":
-            from dsno.training.perceptual import vgg_weights_path
             try:
                 vgg_weights_path(c.train.perceptual_weights)
             except UserError as e:
-                _fail("train.loss", c.train.loss, str(e))
+                fail("train.loss", c.train.loss, str(e))
     if "export" in reached:
-        import importlib.util
         if "onnx" in c.export.forms and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
-            _fail("export.forms", list(c.export.forms), "onnx needs the packages onnx and onnxscript (pip install "
+            fail("export.forms", list(c.export.forms), "onnx needs the packages onnx and onnxscript (pip install "
                   "onnx onnxscript); or drop onnx")
     if "eval" in reached and c.eval.fidelity:
         from dsno.metrics.fidelity import MIN_IMAGES      # torch-fidelity's import: eval's own, moved here
         if c.eval.num_samples < MIN_IMAGES:
-            _fail("eval.num_samples", c.eval.num_samples, f"FID / KID / IS need at least {MIN_IMAGES} samples; "
+            fail("eval.num_samples", c.eval.num_samples, f"FID / KID / IS need at least {MIN_IMAGES} samples; "
                   f"use eval.num_samples>={MIN_IMAGES} or eval.fidelity=false")
     if "search" in reached and c.search.out is not None:
         _check_creatable("search.out", c.search.out, c.run_dir)
@@ -849,21 +643,18 @@ def check_run(c: RunConfig, stage: str) -> None:
 def _check_logger(lc: LoggerConfig) -> None:
     """logger=wandb needs the wandb package; mode=online an API key (WANDB_API_KEY or `wandb login`'s
     ~/.netrc entry), which W&B would otherwise ask for only after the data stage."""
-    import importlib.util
     if lc.kind != "wandb" or lc.mode == "disabled":
         return
     if importlib.util.find_spec("wandb") is None:
-        _fail("logger.kind", str(lc.kind), "the wandb package is not installed (pip install wandb); or use logger=csv")
+        fail("logger.kind", str(lc.kind), "the wandb package is not installed (pip install wandb); or use logger=csv")
     if lc.mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        import netrc
-        from urllib.parse import urlparse
         host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
         try:
             entry = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
         except (OSError, netrc.NetrcParseError):
             entry = None
         if not entry or not entry[2]:
-            _fail("logger.mode", str(lc.mode), f"W&B has no API key for {host}: run `wandb login` or set "
+            fail("logger.mode", str(lc.mode), f"W&B has no API key for {host}: run `wandb login` or set "
                   "WANDB_API_KEY; or log offline (logger.mode=offline, `wandb sync` uploads later)")
 
 
@@ -874,15 +665,15 @@ def _check_creatable(key: str, path: str, run_dir: str) -> None:
     if p.is_relative_to(os.path.abspath(run_dir)):
         return
     if p.exists() and not p.is_dir():
-        _fail(key, path, "is a file, not a folder; point it at a folder")
+        fail(key, path, "is a file, not a folder; point it at a folder")
     while not p.exists():
         p = p.parent
     if not p.is_dir():
-        _fail(key, path, f"cannot be made: {p} is a file, not a folder")
+        fail(key, path, f"cannot be made: {p} is a file, not a folder")
     try:            # a folder made and removed at once proves it (os.access passes anything for root)
         os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=p))
     except OSError as e:
-        _fail(key, path, f"cannot be written: {p} is not writable ({e.strerror or e}); point it at a folder you "
+        fail(key, path, f"cannot be written: {p} is not writable ({e.strerror or e}); point it at a folder you "
               "can write to")
 
 
@@ -898,7 +689,6 @@ def key_help(cfg: DictConfig | dict) -> dict[str, str]:
     """Every key of a composed config (dotted, in schema order) -> its one-line help (`doc_field`);
     "" for a key without one. The schema is RunConfig (SearchRunConfig when the config has `nfe`), the
     `teacher` block its kind's dataclass."""
-    from dsno.teachers.registry import teacher_kinds
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     kind = OmegaConf.select(node, "teacher.kind")
     teacher = teacher_kinds()[kind].config if kind in teacher_kinds() else TeacherConfig
@@ -938,10 +728,7 @@ def _open_options(node: DictConfig) -> DictConfig:
 
 def register_configs() -> None:
     """Store the schema and the registry-made group options in Hydra's ConfigStore (idempotent)."""
-    from hydra.core.config_store import ConfigStore
-    from dsno.solvers import available
-    from dsno.solvers import get as get_solver
-    from dsno.teachers.registry import teacher_kinds
+    from hydra.core.config_store import ConfigStore  # deferred: loads Hydra only when used
 
     cs = ConfigStore.instance()
     for name, cls in (("run", RunConfig), ("search", SearchRunConfig)):
@@ -966,7 +753,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 def compose(*overrides: str, config_dir: str | os.PathLike | None = None) -> DictConfig:
     """The root config of conf/ (this checkout's, or config_dir) composed with `overrides`, as the
     entry points get it (the ConfigStore is filled first). Not validated: see `validate`."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose, initialize_config_dir  # deferred: loads Hydra only when used
     register_configs()
     with initialize_config_dir(config_dir=str(Path(config_dir or CONF_DIR).resolve()), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))

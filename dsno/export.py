@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors.torch import save
 
 from dsno.atomic import (check_room, claim_output_folder, disk_full_error, is_disk_full, refuse_link,
                          write_bytes_no_follow)
@@ -127,7 +130,6 @@ def remove_stale_temp_folders(out_dir: Path) -> list[Path]:
 
 
 def save_safetensors(model: DSNO, path: Path) -> None:
-    from safetensors.torch import save  # to bytes: safetensors' own file writer reports a full disk as SafetensorError
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": "pt", "dsno_format_version": str(CONFIG_FORMAT_VERSION)}
     write_bytes_no_follow(path, save(state, metadata=metadata))
@@ -176,7 +178,7 @@ def save_onnx(program: torch.export.ExportedProgram, example: torch.Tensor, path
               labels: torch.Tensor | None = None) -> None:
     """ONNX (opset 18) from the exported program: inputs "x_T" (and "labels" [batch] int64 for a
     class-conditional program), output "trajectory" [batch, ...]."""
-    import onnx_ir as ir
+    import onnx_ir as ir  # deferred: loads onnx only when used
     weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict.values())
     args, names = ((example,), [ONNX_INPUT]) if labels is None else ((example, labels), [ONNX_INPUT, ONNX_LABELS])
     onnx_program = torch.onnx.export(program, args, None, dynamo=True, opset_version=ONNX_OPSET,
@@ -256,8 +258,6 @@ class ExportOptions:
 def parse_options(schema: type, argv: Sequence[str], usage: str) -> Any:
     """Parse `key=value` arguments (OmegaConf dotlist syntax) into the dataclass `schema`;
     a wrong key, a wrong type or a missing value is a UserError naming it."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
     if any(a in ("-h", "--help") for a in argv):
         raise SystemExit(usage)
     argv = [a for a in argv if a != "--debug"]

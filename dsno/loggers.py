@@ -12,21 +12,22 @@ import json
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dsno.atomic import refuse_link
-from dsno.jsonfile import read_bookkeeping
+from dsno.atomic import atomic_write_text, refuse_link
 from dsno.config import RunConfig
+from dsno.jsonfile import read_bookkeeping
 
 STAGES = ("data", "train", "eval")
 RUNS_FILE = Path("wandb") / "runs.json"
 
 
 def _wandb_logger_type():
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers import WandbLogger  # deferred: loads Lightning only when used
     return WandbLogger
 
 
@@ -66,7 +67,6 @@ def quiet_lightning() -> None:
     console handler of its own besides the root's (Hydra's), which printed each line twice. Its tips
     (install litlogger / litmodels) are dropped, and so is its deprecation warning about torch's pytree
     API (Lightning's own call, nothing a user can change)."""
-    import warnings
 
     import lightning  # noqa: F401  (installs the handler this removes)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
@@ -83,7 +83,7 @@ def training_logger(rc: RunConfig, config: dict[str, Any] | None = None):
     """The train stage's logger: its W&B run, or a CSVLogger writing <run_dir>/logs/ (logger=csv)."""
     lg = stage_logger(rc, "train", config)
     if lg is None:
-        from lightning.pytorch.loggers import CSVLogger
+        from lightning.pytorch.loggers import CSVLogger  # deferred: loads Lightning only when used
         refuse_link(Path(rc.run_dir) / "logs")
         lg = CSVLogger(str(rc.run_dir), name="logs")
     return lg
@@ -99,7 +99,6 @@ def record_run(run_dir: str | os.PathLike, stage: str, logger: Any) -> None:
     """Note `logger`'s W&B run id as `stage`'s in <run_dir>/wandb/runs.json (no-op for other loggers)."""
     if not is_wandb(logger) or not getattr(logger.experiment, "id", None):
         return
-    from dsno.atomic import atomic_write_text
     path = Path(run_dir) / RUNS_FILE
     runs = _read_runs(path)
     runs[stage] = logger.experiment.id
@@ -131,7 +130,7 @@ def log_artifact(logger: Any, name: str, kind: str, path: str | os.PathLike) -> 
     of the files does not change what `wandb sync` uploads); no-op for other loggers."""
     if not is_wandb(logger):
         return
-    import wandb
+    import wandb  # deferred: loads wandb only when used
     path = Path(path)
     art = wandb.Artifact(name, type=kind)
     if path.is_dir():
@@ -144,8 +143,8 @@ def log_artifact(logger: Any, name: str, kind: str, path: str | os.PathLike) -> 
 def image_grid(images: torch.Tensor, data_range=(-1.0, 1.0), nrow: int = 8, scale: int = 4):
     """[N, C, H, W] floats in data_range -> uint8 numpy [H', W', C] grid, each pixel scale x scale
     (a 16x16 digit becomes visible)."""
-    import torchvision
-    from dsno.metrics.image_io import to_uint8
+    import torchvision  # deferred: loads torchvision only when used
+    from dsno.metrics.image_io import to_uint8  # deferred: loads torch-fidelity only when used
     grid = torchvision.utils.make_grid(images.float().cpu(), nrow=nrow, padding=1, pad_value=data_range[0])
     grid = grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     return to_uint8(grid, data_range).permute(1, 2, 0).numpy()
@@ -175,7 +174,7 @@ def log_eval(logger: Any, result: dict[str, Any], out: Path) -> None:
     """Eval's table of rows and its pictures under `out` (comparison.png, grids/*.png, plots)."""
     if not is_wandb(logger):
         return
-    import wandb
+    import wandb  # deferred: loads wandb only when used
     columns = eval_columns(result["rows"])
     table = [[r.get(c) for c in columns] for r in result["rows"] if "skipped" not in r]
     logger.log_table("eval/metrics", columns=columns, data=table)

@@ -44,9 +44,9 @@ from dsno.atomic import (atomic_path, atomic_write_bytes, claim_output_folder, m
 from dsno.errors import UserError, report_errors
 from dsno.export import parse_options
 from dsno.inputs import InputError, check_class_labels
+from dsno.jsonfile import read_json_file
 from dsno.metrics.image_io import to_uint8
 from dsno.progress import counter
-from dsno.jsonfile import read_json_file
 from dsno.sampler import CONFIG_FILE, FORM_FILES, MAX_SAMPLES, Sampler, load_sampler
 from dsno.seeding import CHUNK, index_seed
 
@@ -93,7 +93,7 @@ def to_pixels(images: torch.Tensor, data_range: Sequence[float]) -> np.ndarray:
 
 def png_bytes(image: np.ndarray) -> bytes:
     """uint8 [H, W, C] with C = 1 or 3 -> PNG file bytes."""
-    from PIL import Image
+    from PIL import Image  # deferred: loads Pillow only when used
     buffer = io.BytesIO()
     Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from torch.export.passes import move_to_device_pass
 
 from dsno.errors import UnsafeFileError, UserError, UserFileNotFoundError
 from dsno.inputs import InputError, check_noise, sample_labels
@@ -120,7 +122,6 @@ def load_dsno(config: SamplerConfig | dict[str, Any], weights: str | os.PathLike
     except ValueError as e:     # an inconsistency the field bounds do not see (group counts, heads, levels)
         raise SamplerFileError(f"the config of {weights} does not build a DSNO ({e}); {hint}") from None
     check_layout(weights, found, expected, "its config.json", SamplerFileError, hint)
-    from safetensors.torch import load_file
     model = build_dsno(config)
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval()
@@ -128,7 +129,7 @@ def load_dsno(config: SamplerConfig | dict[str, Any], weights: str | os.PathLike
 
 def load_onnx_session(path: str | os.PathLike, device: str = "cpu"):
     """An onnxruntime InferenceSession (CUDA provider when device is cuda and it is available)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # deferred: loads onnxruntime only when used
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
@@ -270,7 +271,6 @@ class ExportedProgramSampler(ProgramSampler):
         super().__init__(config, path, device)
         program = load_pt2_program(path / FORM_FILES[self.form])
         if self.device.type != "cpu":
-            from torch.export.passes import move_to_device_pass
             program = move_to_device_pass(program, self.device)
         self.check_input_count(len(program.graph_signature.user_inputs))
         self.module = program.module()

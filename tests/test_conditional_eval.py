@@ -37,9 +37,8 @@ def _config(root, *extra):
 def conditional_run(tmp_path_factory):
     """One tiny guided run through export, then its eval with every solve's and DSNO's labels recorded and
     the final samples kept: (rc, result, finals, seen labels per caller)."""
-    import dsno.solvers
-    import dsno.stages.report
     from dsno.sampler import Sampler
+    from dsno.solvers import reference
     from dsno.teachers.mnist_gmm_cond import main
     root = tmp_path_factory.mktemp("cond")
     main(["--size", "8", "--per-class", "2", "--iters", "5", "--out", str(root / "fit.safetensors")])
@@ -49,7 +48,7 @@ def conditional_run(tmp_path_factory):
     seen: dict[str, list[list[int]]] = {"solver": [], "reference": [], "dsno": []}
     captured = {}
     mp = pytest.MonkeyPatch()
-    sample, call, write = dsno.solvers.sample, Sampler.__call__, dsno.stages.report.write_report
+    sample, call, write = evaluation.sample, Sampler.__call__, evaluation.write_report
 
     def recording_sample(teacher, x, *args, cond=None, **kw):
         if cond is not None:
@@ -66,9 +65,10 @@ def conditional_run(tmp_path_factory):
         captured.update(finals=finals)
         return write(result, finals, *args, **kw)
 
-    mp.setattr(dsno.solvers, "sample", recording_sample)
+    mp.setattr(evaluation, "sample", recording_sample)            # where eval and the reference look it up
+    mp.setattr(reference, "sample", recording_sample)
     mp.setattr(Sampler, "__call__", recording_call)
-    mp.setattr(dsno.stages.report, "write_report", capturing_write)
+    mp.setattr(evaluation, "write_report", capturing_write)
     try:
         result = evaluation.run(rc)
     finally:

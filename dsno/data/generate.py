@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from dsno.atomic import is_disk_full, refuse_link
+from dsno.data.lock import generation_lock
 from dsno.data.manifest import (
     ALL_ROLES,
     LABELS,
@@ -48,7 +49,6 @@ from dsno.data.manifest import (
     utc_now,
     write_json_atomic,
 )
-from dsno.data.lock import generation_lock
 from dsno.data.shards import (TEMP_SUFFIX, find_bad_shards, npy_file_size, remove_stray_temp, role_dtype,
                               write_shard)
 from dsno.data.verify import CACHE_NAME, ShardVerifier

@@ -5,6 +5,7 @@ The classifier names (DigitClassifier, load_digit_classifier, train_digit_classi
 so that `python -m dsno.metrics.digit_classifier` runs its module only once.
 """
 
+from dsno.metrics import digit_classifier
 from dsno.metrics.fidelity import (
     DIGIT_EXTRACTOR,
     EXTRACTORS,
@@ -23,7 +24,6 @@ _CLASSIFIER_NAMES = ("DigitClassifier", "load_digit_classifier", "train_digit_cl
 
 def __getattr__(name: str):
     if name in _CLASSIFIER_NAMES:
-        from dsno.metrics import digit_classifier
 
         return getattr(digit_classifier, name)
     raise AttributeError(f"module 'dsno.metrics' has no attribute {name!r}")

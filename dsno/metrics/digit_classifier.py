@@ -21,7 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 from dsno.atomic import atomic_save_safetensors, atomic_write_text
+from dsno.digits import load_digits
 from dsno.errors import UserFileNotFoundError
 
 NUM_CLASSES = 10
@@ -107,7 +110,6 @@ def train_digit_classifier(size: int = 16, epochs: int = 20, seed: int = 0, batc
 
     AdamW with a one-cycle learning-rate schedule; augmentation: random shifts of up to size // 8 pixels.
     """
-    from dsno.digits import load_digits
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -159,8 +161,6 @@ def save_digit_classifier(model: DigitClassifier, path: str | Path, command: str
 
 def load_digit_classifier(size: int = 16, path: str | Path | None = None) -> DigitClassifier:
     """The trained classifier (eval mode, no gradients). Default: the shipped weights for `size`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = Path(path) if path is not None else asset_path(size)
     if not path.is_file():

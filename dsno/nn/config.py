@@ -35,6 +35,7 @@ from typing import Any, Optional, Union
 
 from dsno.errors import UserError
 from dsno.jsonfile import excerpt as show
+from dsno.nn.unet import UNet
 
 CONFIG_FORMAT_VERSION = 1
 
@@ -118,7 +119,6 @@ def check_format_version(version: Any) -> int:
 # backbones
 
 def _unet_defaults() -> dict[str, Any]:
-    from dsno.nn.unet import UNet
     return {k: p.default for k, p in inspect.signature(UNet).parameters.items()}
 
 

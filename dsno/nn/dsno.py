@@ -258,7 +258,7 @@ def build_backbone(spec: dict[str, Any]) -> nn.Module:
     """The bare backbone network of a config's "backbone" entry (no temporal layers)."""
     if spec["type"] == "unet":
         return UNet(**spec.get("kwargs", {}))
-    from diffusers import UNet2DModel
+    from diffusers import UNet2DModel  # deferred: loads diffusers only when used
     return DiffusersUNet(UNet2DModel.from_config(spec["config"]))
 
 

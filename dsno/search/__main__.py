@@ -1,6 +1,6 @@
 """Search a USF solver schedule: `python -m dsno.search experiment=mnist_gmm nfe=5`.
 
-Keys: nfe, and search.* (dsno.config.SearchConfig, which an experiment may size): search.mode=timesteps for the timestep-only
+Keys: nfe, and search.* (dsno.search.config.SearchConfig, which an experiment may size): search.mode=timesteps for the timestep-only
 (GITS / LD3-style) baseline, search.pin_times=[...] for grids that must pass through given times
 (e.g. data.times, to make DSNO's training data with solver=usf). A class-conditional teacher
 (teacher=mnist_gmm_cond teacher.guidance=W) is searched on labels drawn with data.class_weights under
@@ -15,11 +15,11 @@ from omegaconf import DictConfig
 
 from dsno.cli import prepare_cli
 from dsno.errors import report_errors
+from dsno.search.cli import run
 
 
 @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from dsno.search.cli import run
     with report_errors("the candidates scored so far are kept (<name>.scored.json beside the schedule); the "
                        "same command resumes from them"):
         run(cfg)

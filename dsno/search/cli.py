@@ -7,9 +7,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dsno.builders import build_teacher, sample_shape
 from dsno.cli import Preflight
+from dsno.config import check_run, check_search, validate
+from dsno.search.loop import search
+from dsno.stages.trajectories import class_weights
 
 log = logging.getLogger("dsno")
 
@@ -17,7 +22,6 @@ log = logging.getLogger("dsno")
 def split(cfg: DictConfig) -> tuple[Any, Any, Any]:
     """(validated RunConfig, nfe, SearchConfig) of a composed config; ConfigError on mistakes.
     search.* is typed as the run's `search` section (an experiment may size it)."""
-    from dsno.config import validate
 
     d = OmegaConf.to_container(cfg, resolve=False)
     d.pop("hydra", None)
@@ -28,10 +32,9 @@ def split(cfg: DictConfig) -> tuple[Any, Any, Any]:
 
 class SearchPreflight(Preflight):
     """dsno.cli.Preflight of `python -m dsno.search`: the run config, and nfe and search.* against the
-    budget and the teacher's time range (dsno.config.check_search), before Hydra writes anything."""
+    budget and the teacher's time range (dsno.search.config.check_search), before Hydra writes anything."""
 
     def validated(self, config: DictConfig):
-        from dsno.config import check_search
         rc, nfe, sc = split(config)
         sched = rc.teacher.fixed_schedule()
         check_search(sc, nfe, sched.T if sched is not None else math.inf, rc.solver.t_end)
@@ -43,22 +46,17 @@ def label_weights(rc: Any, teacher: Any) -> list[float] | None:
     else the teacher's own, else uniform); None for an unconditional teacher."""
     if getattr(teacher, "num_classes", None) is None:
         return None
-    from dsno.stages.trajectories import class_weights
     return class_weights(rc, teacher)
 
 
 def run(cfg: DictConfig) -> dict:
     """Build the teacher and search (a class-conditional one on labels drawn with `label_weights`, under
     teacher.guidance); prints the one-line summary, returns it."""
-    from dsno.builders import build_teacher, sample_shape
-    from dsno.search.loop import search
 
-    from dsno.config import check_run
     logging.getLogger("dsno").setLevel(logging.INFO)
     rc, nfe, sc = split(cfg)
     check_run(rc, "search")
     if sc.threads:
-        import torch
         torch.set_num_threads(sc.threads)
     teacher = build_teacher(rc.teacher)
     out = Path(sc.out) if sc.out else Path(rc.run_dir) / "schedules"

@@ -14,7 +14,10 @@ from typing import Any, Sequence
 
 import torch
 
+from dsno.data.generate import label_rule, trajectory_labels
+from dsno.data.manifest import LABELS
 from dsno.search.records import SearchError
+from dsno.teachers.conditional import bind, check_guidance, teacher_class_weights
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,6 @@ class Conditioning:
         else labels drawn with `class_weights` (None: the teacher's own `class_weights`, else uniform) and
         the teacher's guidance scale `teacher.guidance` (0 when it has none). SearchError (one line) when the
         weights do not fit the teacher, GuidanceError when its guidance is not usable."""
-        from dsno.data.generate import label_rule
-        from dsno.teachers.conditional import check_guidance, teacher_class_weights
         num_classes = getattr(teacher, "num_classes", None)
         name = getattr(teacher, "name", None) or type(teacher).__name__
         if num_classes is None:
@@ -56,21 +57,16 @@ class Conditioning:
     def fingerprint(self) -> dict[str, Any]:
         """The search fingerprint's entries of the conditioning: the label rule with its normalised
         weights (the data set's `labels` entry) and the guidance scale."""
-        from dsno.data.generate import label_rule
-        from dsno.data.manifest import LABELS
         return {LABELS: label_rule(self.class_weights), "guidance": self.guidance}
 
     def describe(self) -> dict[str, Any]:
         """The record of a searched schedule's `info.search`: the guidance scale and the normalised weights."""
-        from dsno.data.generate import label_rule
         return {"guidance": self.guidance, "class_weights": label_rule(self.class_weights)["class_weights"]}
 
     def labels(self, seed: int, size: int) -> torch.Tensor:
         """The labels [size] long of the batch of noise seed `seed`."""
-        from dsno.data.generate import trajectory_labels
         return torch.from_numpy(trajectory_labels(seed, 0, size, self.class_weights))
 
     def bind(self, teacher: Any, labels: torch.Tensor) -> Any:
         """`teacher` with `labels` [B] and the guidance bound: what the batch's solves call."""
-        from dsno.teachers.conditional import bind
         return bind(teacher, labels, self.guidance)

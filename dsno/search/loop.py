@@ -31,25 +31,23 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from dsno.atomic import atomic_save_safetensors, atomic_write_text
-from dsno.config import SearchConfig, check_search
 from dsno.progress import progress_bar
 from dsno.search.conditioning import Conditioning
+from dsno.search.config import BASES, MODES, NOISE_SEED_STRIDE, SearchConfig, check_search  # noqa: F401
 from dsno.search.predictor import Predictor, kendall_tau
 from dsno.search.records import Scored, SearchError, SearchState
 from dsno.search.space import BASE_OPTIONS, Space, _build, _tidy, crossover, encode, mutate, random_schedule
 from dsno.solvers import usf
-from dsno.solvers.reference import REFERENCE_LABEL, reference_solve, rmse
 from dsno.solvers.grids import SPACINGS, timesteps
+from dsno.solvers.reference import REFERENCE_LABEL, reference_solve, rmse
 
 log = logging.getLogger("dsno")
-MODES = ("full", "timesteps")
-BASES = ("unipc", "dpm_solver_pp", "deis", "ipndm", "ddim")
 SEEDED = tuple((name, order, BASE_OPTIONS.get(name, {})) for name, order in (
     ("unipc", 3), ("dpm_solver_pp", 3), ("dpm_solver_pp", 2), ("deis", 3), ("ipndm", 3), ("ipndm", 4)))
 MAX_RMSE = 1e3
-NOISE_SEED_STRIDE = 1_000_003     # search.seed s draws its noise with the seeds STRIDE * s + 1 and + 2
 RUN_ONLY = ("rounds", "refine", "verify_top", "resume", "out", "threads")   # search.* keys a resume may change
 SAVE_EVERY = 25                   # initial candidates scored between saves of the scored file
 
@@ -76,7 +74,6 @@ def reference(teacher, x: torch.Tensor, t_end: float, steps: int, cache: Path | 
     """The teacher's reference solution from x at T to t_end (eval's: dsno.solvers.reference, `steps`
     logSNR steps), cached as safetensors under `cache` when given."""
     if cache is not None and cache.is_file():
-        from safetensors.torch import load_file
         return load_file(str(cache))["x"]
     with torch.no_grad():
         ref = reference_solve(teacher, x, t_end, steps)

@@ -9,7 +9,7 @@ import torch
 
 def kendall_tau(a, b) -> float:
     """Kendall's tau-b between two score lists (1: same order, 0: chance)."""
-    from scipy.stats import kendalltau
+    from scipy.stats import kendalltau  # deferred: loads scipy only when used
     tau = kendalltau(np.asarray(a), np.asarray(b)).statistic
     return float(tau) if np.isfinite(tau) else 0.0
 

@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+from dsno.solvers import sample, timesteps
+from dsno.solvers.psld import apply
+
 
 REFERENCE_SOLVER = ("dpm_solver_pp", 3)          # scalar teachers: the solver and order of the reference
 REFERENCE_LABEL = f"{REFERENCE_SOLVER[0]}-{REFERENCE_SOLVER[1]}"
@@ -40,7 +43,6 @@ def reference_solve(teacher: Any, x: torch.Tensor, t_end: float, steps: int = 50
                     stats: dict | None = None) -> torch.Tensor:
     """The final state at t_end of the ODE from the start state x [B, ...] at the grid's T: float64.
     stats: a dict that gets "calls", the teacher evaluations the solve made."""
-    from dsno.solvers import sample, timesteps
     x = x.to(torch.float64)
     stats = {} if stats is None else stats
     if not getattr(teacher, "augmented", False):
@@ -51,8 +53,7 @@ def reference_solve(teacher: Any, x: torch.Tensor, t_end: float, steps: int = 50
 
 
 def _dop853(teacher: Any, z: torch.Tensor, t_end: float, rtol: float, stats: dict) -> torch.Tensor:
-    from scipy.integrate import solve_ivp
-    from dsno.solvers.psld import apply
+    from scipy.integrate import solve_ivp  # deferred: loads scipy only when used
     proc, k, shape, device = teacher.process, int(teacher.process.k), z.shape, z.device
     stats["calls"] = 0
 

@@ -40,6 +40,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+import yaml
 
 from dsno.atomic import atomic_write_text
 from dsno.errors import UserError
@@ -224,7 +225,6 @@ def load(src: "str | os.PathLike | Schedule | Mapping") -> Schedule:
     if not isinstance(src, (str, os.PathLike)):
         raise ScheduleError(f"schedule must be a YAML path, a mapping or a dsno.solvers.usf.Schedule, got "
                             f"{type(src).__name__}")
-    import yaml
     p = Path(src)
     if not p.is_file():
         raise ScheduleError(f"schedule file {p} does not exist; give the YAML that python -m dsno.search wrote "
@@ -238,7 +238,6 @@ def load(src: "str | os.PathLike | Schedule | Mapping") -> Schedule:
 
 def save(s: Schedule, path: "str | os.PathLike") -> Path:
     """Write `s` as YAML atomically (`dsno.atomic`); returns the path."""
-    import yaml
     validate(s)
     p = Path(path)
     atomic_write_text(p, yaml.safe_dump(to_dict(s), sort_keys=False, default_flow_style=None, width=120))

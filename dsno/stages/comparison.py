@@ -153,7 +153,7 @@ class Figure:
 
 
 def _font(size: int = 12):
-    from PIL import ImageFont
+    from PIL import ImageFont  # deferred: loads Pillow only when used
     return ImageFont.load_default(size=size)
 
 
@@ -178,7 +178,7 @@ def _wrap(text: str, font, width: int) -> list[str]:
 def save_comparison(figure: Figure, path: Path, per_cell: int = PER_CELL) -> Layout:
     """Draw `figure` (pixels, row labels, NFE headers, RMSE captions) and write it to `path` as PNG,
     atomically. Returns its layout."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # deferred: loads Pillow only when used
     layout = figure.layout(per_cell)
     cells = figure.cells()
     image = Image.fromarray(compose(layout, {k: v[0] for k, v in cells.items()}))

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dsno.atomic import atomic_write_text
 from dsno.config import RunConfig
 from dsno.jsonfile import read_bookkeeping
 from dsno.run_files import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS
@@ -62,7 +63,6 @@ def is_complete(rc: RunConfig, stage: str) -> bool:
 
 def mark_complete(rc: RunConfig, stage: str) -> None:
     """Record that `stage` finished with rc's config (and forget the later stages' records)."""
-    from dsno.atomic import atomic_write_text
     run_dir = Path(rc.run_dir)
     done = {s: v for s, v in _recorded(run_dir).items() if s in STAGES[:STAGES.index(stage)]}
     done[stage] = stamp(rc, stage)

@@ -11,31 +11,53 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
+import time
 from pathlib import Path
 from statistics import median
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
+from dsno import loggers
 from dsno.builders import build_teacher, data_shape, prior_state, sample_shape, solver_grid
 from dsno.config import RunConfig
+from dsno.data.generate import trajectory_labels
+from dsno.data.manifest import load_manifest
 from dsno.errors import UserError, UserFileNotFoundError
 from dsno.progress import counter
+from dsno.run_files import CHECKPOINT_DIR, TRAIN_TIME_FILE
+from dsno.sampler import load_sampler
+from dsno.solvers import get, nfe as nfe_of, sample, steps_for_nfe, timesteps
+from dsno.solvers.reference import calls_per_batch, describe, reference_solve, rmse
+from dsno.solvers.usf import NAME, ScheduleError, load
+from dsno.stages.report import write_report
+from dsno.teachers.conditional import bind, teacher_class_weights
+from dsno.teachers.registry import teacher_kinds
 
 log = logging.getLogger("dsno")
+
+
+def timer() -> float:
+    """Seconds on the performance counter once the accelerator's queued work is done (what
+    torch.utils.benchmark's timer does, without importing it: its import probes for a CUDA toolkit)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def seconds_per_sample(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, repeats: int = 5,
                        unit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
     """Wall-clock seconds per sample of fn on one representative batch, timed `repeats` times with
-    torch.utils.benchmark's timer (which synchronises an accelerator first); call it after a pass over
+    `timer` (which waits for an accelerator's queued work first); call it after a pass over
     the data has warmed fn up. {"median", "min", "max"} over the repeats: one timed call can move
     several-fold between runs on a shared machine, so a verdict reads the median and shows the spread.
     unit: a second call (one teacher evaluation) timed right after fn in every repeat, so both see the
     same load; adds "per_unit", {"median", "min", "max"} over repeats of fn's time / unit's (a ratio a load
     change between repeats leaves alone), and "unit", unit's own timing."""
-    from torch.utils.benchmark import timer
 
     def timed(f: Callable[[torch.Tensor], torch.Tensor]) -> float:
         start = timer()
@@ -73,8 +95,6 @@ def in_batches(fn: Method, x: torch.Tensor, labels: torch.Tensor | None, batch_s
 def eval_labels(rc: RunConfig, teacher, n: int) -> torch.Tensor | None:
     """The class label of each of the n eval samples, long [n]: drawn from (eval.seed, i) with the teacher's
     own class weights by the data stage's rule (`trajectory_labels`); None for an unconditional teacher."""
-    from dsno.data.generate import trajectory_labels
-    from dsno.teachers.conditional import teacher_class_weights
     weights = teacher_class_weights(teacher)
     return torch.from_numpy(trajectory_labels(rc.eval.seed, 0, n, weights)) if weights else None
 
@@ -82,8 +102,7 @@ def eval_labels(rc: RunConfig, teacher, n: int) -> torch.Tensor | None:
 def scores_labels(rc: RunConfig, teacher, shape: tuple[int, ...]) -> bool:
     """Whether eval scores label accuracy: a conditional teacher of the 10 digits whose kind declares
     digit data (registered with digits=True) and makes 1-channel images, for the project's digit classifier."""
-    from dsno.metrics.digit_classifier import NUM_CLASSES
-    from dsno.teachers.registry import teacher_kinds
+    from dsno.metrics.digit_classifier import NUM_CLASSES  # deferred: loads torch-fidelity only when used
     kind = teacher_kinds().get(rc.teacher.kind)
     return (kind is not None and kind.digits and shape[0] == 1
             and getattr(teacher, "num_classes", None) == NUM_CLASSES)
@@ -141,7 +160,6 @@ class MethodRun:
 def solver_runs(rc: RunConfig) -> list[Planned]:
     """One entry per (eval solver, NFE budget): its label, solver, options, grid steps and NFE, or the reason
     it can't meet that budget."""
-    from dsno.solvers import get, nfe as nfe_of, steps_for_nfe
     runs = []
     for spec in rc.eval.solvers:
         name, label, kwargs = spec.name, spec.label(), spec.kwargs()
@@ -162,7 +180,6 @@ def solver_runs(rc: RunConfig) -> list[Planned]:
 def schedule_runs(rc: RunConfig) -> list[Planned]:
     """One entry per USF schedule in <run_dir>/schedules/*.yaml (python -m dsno.search): method
     "usf <file stem>", the schedule, its NFE; or, for one that can't run here, why."""
-    from dsno.solvers.usf import NAME, ScheduleError, load
     runs = []
     for path in sorted((Path(rc.run_dir) / "schedules").glob("*.yaml")):
         method = f"{NAME} {path.stem}"
@@ -186,7 +203,6 @@ def dsno_run(sampler) -> Planned:
 
 def teacher_run(rc: RunConfig, grid: torch.Tensor) -> Planned:
     """The solver that made DSNO's training trajectories, on their grid."""
-    from dsno.solvers import nfe as nfe_of
     options = rc.solver.solve_options()
     return Planned(f"teacher ({rc.solver.name}-{rc.solver.order})",
                    nfe_of(rc.solver.name, len(grid) - 1, order=rc.solver.order, **options), solver=rc.solver.name,
@@ -234,7 +250,6 @@ def fidelity_plan(rc: RunConfig, shape: tuple[int, ...]) -> dict[str, Any]:
     if path is not None:
         return {"computed": True, "reference": f"the real images of eval.fidelity_reference={path}", "path": path,
                 "extractor": "inception", "features": "Inception-v3 (torch-fidelity's inception-v3-compat)"}
-    from dsno.teachers.registry import teacher_kinds
     kind = teacher_kinds().get(rc.teacher.kind)
     if kind is not None and kind.digits and shape[0] == 1:
         return {"computed": True, "reference": "the 5,000 shipped MNIST digits (the teacher's training data)",
@@ -324,7 +339,6 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
 def load_setup(rc: RunConfig, sampler_path: str | Path | None) -> Setup:
     """The sampler and the teacher, checked against each other and rc before any work (FID's files too);
     creates the eval folder."""
-    from dsno.sampler import load_sampler
     run_dir = Path(rc.run_dir)
     sampler_path = Path(sampler_path) if sampler_path else run_dir / "sampler"
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -353,7 +367,6 @@ def eval_inputs(setup: Setup) -> Inputs:
 
 def cost_unit(setup: Setup, inputs: Inputs) -> CostUnit:
     """One teacher evaluation on the timed batch, warmed up and timed alone."""
-    from dsno.teachers.conditional import bind
     teacher, dtype = setup.teacher, setup.teacher.solve_dtype
     x, labels = inputs.timed
     t_mid = float(setup.grid[len(setup.grid) // 2])
@@ -370,8 +383,6 @@ def cost_unit(setup: Setup, inputs: Inputs) -> CostUnit:
 def solve_reference(setup: Setup, inputs: Inputs, unit: CostUnit) -> Reference:
     """The float64 reference solve of every noise draw (a conditional teacher bound to its labels, under its
     guidance), with a progress bar and an up-front estimate of its time."""
-    from dsno.solvers.reference import calls_per_batch, describe, reference_solve
-    from dsno.teachers.conditional import bind
     rc, teacher, c = setup.rc, setup.teacher, setup.image_shape[0]
     n, bs = len(inputs.x_T), inputs.batch_size
     steps = reference_steps(rc, teacher.network is not None)
@@ -398,7 +409,6 @@ def method_call(setup: Setup, p: Planned) -> Method:
     sampler, or p's solver on its grid under the teacher's guidance (a stochastic one with a generator of
     fixed seed for the pass over all the noise; the timed batches after it draw on from it, which changes no
     result)."""
-    from dsno.solvers import sample, timesteps
     rc, teacher, c = setup.rc, setup.teacher, setup.image_shape[0]
     if p.solver is None:
         return lambda z, y: setup.sampler(z, y)[:, -1, :c]
@@ -439,7 +449,6 @@ def run_method(setup: Setup, inputs: Inputs, reference: Reference, unit: CostUni
     """Run p over all the noise, time it `eval.timing_repeats` times on the timed batch, each time with one
     teacher evaluation right after it (its cost in teacher evaluations), score it against the reference and,
     when `labelled`, for label accuracy."""
-    from dsno.solvers.reference import rmse
     if p.skipped is not None:
         return MethodRun(p.method, p.nfe, skipped=p.skipped)
     fn, repeats = method_call(setup, p), setup.rc.eval.timing_repeats
@@ -448,7 +457,7 @@ def run_method(setup: Setup, inputs: Inputs, reference: Reference, unit: CostUni
     timing = seconds_per_sample(lambda z: fn(z, labels), batch, repeats, unit.call)
     accuracy = None
     if labelled:
-        from dsno.metrics.fidelity import label_accuracy
+        from dsno.metrics.fidelity import label_accuracy  # deferred: loads torch-fidelity only when used
         accuracy = label_accuracy(x, inputs.labels)
     return MethodRun(p.method, p.nfe, repeats, samples=x, rmse=rmse(x, reference.samples), timing=timing,
                      label_accuracy=accuracy, extra=dict(p.extra))
@@ -458,7 +467,6 @@ def eval_result(setup: Setup, inputs: Inputs, reference: Reference, unit: CostUn
                 rows: list[dict[str, Any]], finals: dict[str, torch.Tensor]) -> dict[str, Any]:
     """metrics.json's content: the rows, the reference, the teacher evaluation timed beside DSNO (the first run),
     FID's reference, what distillation cost; for a conditional run the labels and guidance every method got."""
-    from dsno.teachers.conditional import teacher_class_weights
     rc, teacher = setup.rc, setup.teacher
     first = next(r for r in runs if r.timing is not None)
     result = {"experiment": rc.experiment, "num_samples": len(inputs.x_T), "reference": reference.description,
@@ -471,7 +479,7 @@ def eval_result(setup: Setup, inputs: Inputs, reference: Reference, unit: CostUn
                                 "class_weights": teacher_class_weights(teacher), "seed": rc.eval.seed,
                                 "labels": inputs.labels.tolist()}
         if any(r.label_accuracy is not None for r in runs):
-            from dsno.metrics.fidelity import label_accuracy
+            from dsno.metrics.fidelity import label_accuracy  # deferred: loads torch-fidelity only when used
             result["conditions"]["reference_label_accuracy"] = label_accuracy(finals["reference"], inputs.labels)
     return result
 
@@ -480,8 +488,6 @@ def publish(setup: Setup, result: dict[str, Any], finals: dict[str, torch.Tensor
             logger=None) -> None:
     """Write the report (metrics.json, report.md, figures) and log it to W&B: to `logger`, else to an eval run of
     its own linked to the training run."""
-    from dsno import loggers
-    from dsno.stages.report import write_report
     rc = setup.rc
     write_report(result, finals, setup.out, rc.eval.grid_samples, labels)
     own_logger = logger is None
@@ -497,7 +503,7 @@ def check_prerequisites(rc: RunConfig, shape: tuple[int, ...]) -> None:
     Inception weights), or FID would have no reference of what the teacher models."""
     plan = fidelity_plan(rc, shape)
     if plan["computed"] and plan["extractor"] == "inception":
-        from dsno.metrics.fidelity import inception_weights_path
+        from dsno.metrics.fidelity import inception_weights_path  # deferred: loads torch-fidelity only when used
         inception_weights_path(rc.eval.inception_weights)
         read_reference_images(plan["path"], shape)
 
@@ -505,7 +511,6 @@ def check_prerequisites(rc: RunConfig, shape: tuple[int, ...]) -> None:
 def read_reference_images(path: str | Path, shape: tuple[int, ...]) -> torch.Tensor:
     """Real images for FID from an .npz (first array, uint8 [N, H, W, C]) -> uint8 [N, C, H, W].
     UserError naming the file when it is unreadable, pickled, or of another shape than `shape`."""
-    import numpy as np
     try:
         with np.load(path, allow_pickle=False) as z:
             images = z[z.files[0]] if z.files else None
@@ -522,7 +527,7 @@ def read_reference_images(path: str | Path, shape: tuple[int, ...]) -> torch.Ten
 def _add_fidelity(rows: list[dict[str, Any]], finals: dict[str, torch.Tensor], shape, rc: RunConfig,
                   plan: dict[str, Any]) -> None:
     """FID / KID / IS / precision-recall of every run against the real images of `plan` (fidelity_plan)."""
-    from dsno.metrics.fidelity import compute_fidelity, reference_digits
+    from dsno.metrics.fidelity import compute_fidelity, reference_digits  # deferred: loads torch-fidelity only when used
     if plan["extractor"] == "digits":
         reference, name = reference_digits(shape[-1]), f"mnist{shape[-1]}"
     else:
@@ -540,9 +545,6 @@ def _add_fidelity(rows: list[dict[str, Any]], finals: dict[str, torch.Tensor], s
 def distillation_cost(run_dir: Path, data_dir: Path) -> dict[str, Any]:
     """What distillation cost, from what its stages record: data generation's wall time (the trajectory
     manifest's created -> updated, when complete) and training's (TRAIN_TIME_FILE); a missing record is left out."""
-    from datetime import datetime
-    from dsno.data.manifest import load_manifest
-    from dsno.run_files import CHECKPOINT_DIR, TRAIN_TIME_FILE
     cost: dict[str, Any] = {}
     try:
         m = load_manifest(data_dir)
@@ -559,7 +561,6 @@ def distillation_cost(run_dir: Path, data_dir: Path) -> dict[str, Any]:
 
 
 def _device_name() -> str:
-    import platform
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"

@@ -8,8 +8,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dsno import loggers
 from dsno.builders import build_teacher, data_shape, sample_shape, teacher_backbone_config
 from dsno.config import ConfigError, RunConfig
+from dsno.data import DatasetError, load_manifest
+from dsno.export import export_run
 from dsno.stages import completion, trajectories
 
 log = logging.getLogger("dsno")
@@ -18,7 +21,6 @@ STEPS = ("data", "train", "export", "eval")
 
 
 def dataset_complete(data_dir: Path) -> bool:
-    from dsno.data import DatasetError, load_manifest
     try:
         return load_manifest(data_dir).complete
     except DatasetError:      # missing or unreadable: the teacher stage (re)makes or reports it
@@ -28,7 +30,6 @@ def dataset_complete(data_dir: Path) -> bool:
 def make_data(rc: RunConfig, teacher=None, config: dict[str, Any] | None = None) -> Path:
     """The teacher stage: (re)make or resume rc's trajectories, log the manifest as a W&B artifact
     of a `data` run; return the data folder."""
-    from dsno import loggers
     teacher = teacher if teacher is not None else build_teacher(rc.teacher)
     trajectories.generate(rc, teacher, sample_shape(teacher))
     data_dir = Path(rc.data.dir)
@@ -57,8 +58,7 @@ def run(rc: RunConfig, config: dict[str, Any] | None = None, through: str = "eva
     The trajectories are made first when missing or incomplete (or with data.repair=true). Stages
     already complete for this config are not run again (force=true: export and eval are).
     config: the composed config, recorded in each stage's W&B run."""
-    from dsno import loggers
-    from dsno.stages import evaluation, training
+    from dsno.stages import evaluation, training  # deferred: loads Lightning only when used
     if through not in STEPS[1:]:
         raise ValueError(f"through must be one of {STEPS[1:]}, got {through!r}")
     run_dir = Path(rc.run_dir)
@@ -91,7 +91,6 @@ def run(rc: RunConfig, config: dict[str, Any] | None = None, through: str = "eva
         if through == "train":
             return run_dir
         if "export" not in done:
-            from dsno.export import export_run
             log.info("export: the sampler (%s) to %s", ", ".join(rc.export.forms), run_dir / "sampler")
             sampler = export_run(run_dir, forms=tuple(rc.export.forms))
             completion.mark_complete(rc, "export")

@@ -163,8 +163,8 @@ def grid_file(key: str) -> str:
 
 def save_grid(x: torch.Tensor, path: Path, nrow: int = 8, upscale: int = 1) -> None:
     """x: [N, C, H, W] in [-1, 1] -> PNG grid (1 px black lines; each pixel upscale x upscale)."""
-    import torchvision
-    from PIL import Image
+    import torchvision  # deferred: loads torchvision only when used
+    from PIL import Image  # deferred: loads Pillow only when used
     grid = torchvision.utils.make_grid(to_uint8(x.detach().cpu()), nrow=nrow, padding=1)     # [3, H', W']
     grid = grid.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)
     with atomic_path(path) as tmp:
@@ -237,9 +237,9 @@ def plot_x(r: dict[str, Any], xkey: str) -> float:
 
 
 def save_plots(rows: list[dict[str, Any]], out: Path, fid_label: str = "FID") -> list[Path]:
-    import matplotlib
+    import matplotlib  # deferred: loads matplotlib only when used
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: loads matplotlib only when used
     done = [r for r in rows if "skipped" not in r]
     methods = sorted({r["method"] for r in done})
     paths = []

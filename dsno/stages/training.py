@@ -14,19 +14,23 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
 
 from dsno.atomic import atomic_save_safetensors, atomic_write_text, refuse_link
 from dsno.builders import build_student, build_teacher, sample_shape
 from dsno.config import RunConfig, check_trainer_hardware
 from dsno.errors import UserError
+from dsno.loggers import quiet_lightning
+from dsno.run_files import (CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, TRAIN_TIME_FILE, VALIDATION_FILE,
+                            WEIGHTS_FILE)
 from dsno.stages import trajectories
 from dsno.training.checkpoint_io import AtomicCheckpointIO
 from dsno.training.data import StepTrajectoryData
 from dsno.training.ema import EMA
 from dsno.training.losses import build_loss, time_weights
-from dsno.run_files import (CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, TRAIN_TIME_FILE, VALIDATION_FILE,
-                            WEIGHTS_FILE)
 from dsno.training.module import DSNOModule
+from dsno.training.perceptual import vgg_weights_path
 from dsno.training.validation import HeldOutValidation
 
 log = logging.getLogger("dsno")
@@ -72,14 +76,11 @@ class ProgressLog(L.Callback):
 def progress_callback(rc: RunConfig, tty: bool | None = None) -> L.Callback:
     """Lightning's RichProgressBar on a terminal; else `ProgressLog` about 20 times a run."""
     if sys.stderr.isatty() if tty is None else tty:
-        from lightning.pytorch.callbacks import RichProgressBar
         return RichProgressBar()
     return ProgressLog(rc.trainer.max_steps // 20)
 
 
 def make_trainer(rc: RunConfig, run_dir: Path, logger, extra_callbacks=()) -> L.Trainer:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from dsno.loggers import quiet_lightning
     refuse_link(run_dir / CHECKPOINT_DIR)   # dsno names it: a link there would put last.ckpt elsewhere
     quiet_lightning()
     ckpt = ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), save_last=True, save_top_k=0,
@@ -115,7 +116,6 @@ def run(rc: RunConfig, logger=None, teacher=None) -> Path | None:
     teacher = teacher if teacher is not None else build_teacher(rc.teacher)
     shape = sample_shape(teacher)
     if rc.train.loss == "lpips":            # the VGG weights file is checked before any work
-        from dsno.training.perceptual import vgg_weights_path
         vgg_weights_path(rc.train.perceptual_weights)
     expected = trajectories.expected_fingerprint(rc, teacher, shape)
 
@@ -127,7 +127,6 @@ def run(rc: RunConfig, logger=None, teacher=None) -> Path | None:
                               val_fraction=rc.data.val_fraction, seed=rc.seed, expected_fingerprint=expected,
                               verify=rc.data.verify)
     if logger is None:
-        from lightning.pytorch.loggers import CSVLogger
         logger = CSVLogger(str(run_dir), name="logs")
     validation = HeldOutValidation(rc.trainer.val_check_interval, rc.train.select,
                                    run_dir / CHECKPOINT_DIR / VALIDATION_FILE)

@@ -9,7 +9,11 @@ from typing import Any, Callable
 import torch
 
 from dsno.builders import output_indices, prior_state, solver_grid
+from dsno.checks import fail
 from dsno.config import RunConfig, SolverConfig
+from dsno.data import generate_dataset
+from dsno.data.generate import LABELS, label_rule
+from dsno.solvers import get as get_solver, sample
 from dsno.teachers.base import Teacher
 from dsno.teachers.conditional import teacher_class_weights
 
@@ -17,7 +21,6 @@ from dsno.teachers.conditional import teacher_class_weights
 def solver_spec(sc: SolverConfig) -> dict[str, Any]:
     """The teacher solve's part of the data set's fingerprint, with the solver's own entries (usf: its
     schedule's hash)."""
-    from dsno.solvers import get as get_solver
     spec = {"name": sc.name, "order": sc.order, "steps": sc.steps, "spacing": sc.spacing,
             "t_end": sc.t_end, "options": dict(sc.options)}
     solver = get_solver(sc.name)
@@ -35,7 +38,6 @@ def make_solve(teacher: Teacher, sc: SolverConfig, grid: torch.Tensor, times: li
     For a neural teacher (one with a `.network`), precision="bf16" runs the network under bf16
     autocast (the solver's arithmetic stays float32), channels_last and compile (torch.compile,
     default mode) speed it up on a GPU."""
-    from dsno.solvers import sample
     idx = output_indices(grid, times)
     dtype = teacher.solve_dtype
     net = teacher.network
@@ -66,7 +68,6 @@ def fingerprint(rc: RunConfig, teacher: Teacher, grid: torch.Tensor, shape: tupl
           "sample_shape": list(shape), "dtype": "float32"}
     weights = class_weights(rc, teacher)
     if weights:
-        from dsno.data.generate import LABELS, label_rule
         fp[LABELS] = label_rule(weights)
     return fp
 
@@ -75,26 +76,24 @@ def class_weights(rc: RunConfig, teacher: Teacher) -> list[float]:
     """The weights the trajectories' labels are drawn with: data.class_weights, else the teacher's own
     (`class_weights`), else uniform; [] for an unconditional teacher. ConfigError when
     data.class_weights does not fit the teacher."""
-    from dsno.config import _fail
     name = getattr(teacher, "name", None) or type(teacher).__name__
     given = rc.data.class_weights
     num_classes = getattr(teacher, "num_classes", None)      # PSLD teachers have none
     if num_classes is None:
         if given is not None:
-            _fail("data.class_weights", given, f"is for a class-conditional teacher; teacher {name} is "
+            fail("data.class_weights", given, f"is for a class-conditional teacher; teacher {name} is "
                   f"unconditional: remove it")
         return []
     if given is None:
         return teacher_class_weights(teacher)
     if len(given) != num_classes:
-        _fail("data.class_weights", given, f"needs one weight per class of teacher {name} ({num_classes} classes)")
+        fail("data.class_weights", given, f"needs one weight per class of teacher {name} ({num_classes} classes)")
     return list(given)
 
 
 def generate(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...], progress: bool = True):
     """Write (or resume, or repair) the trajectory data set of `rc` into rc.data.dir; a NaN/inf
     state stops it before its shard is written (`NonFiniteStatesError` names the trajectories)."""
-    from dsno.data import generate_dataset
     times = [float(t) for t in rc.data.times]
     grid = solver_grid(teacher, rc.solver, times)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"

@@ -11,12 +11,17 @@ VP schedules only) and "flow_velocity" (a flow-matching model's u = dx/dt = eps 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import warnings
 from typing import Any, Callable
 
 import torch
 
 from dsno.errors import UserError
 from dsno.schedules import FlowSchedule, Schedule, VPSchedule
+from dsno.teachers.labels import (GuidanceError, LabelError, check_guidance, check_labels, require_unconditional,
+                                  row_labels, teacher_name)
 
 
 class TeacherLoadError(UserError):
@@ -161,7 +166,6 @@ class Teacher(torch.nn.Module):
         """This teacher with class labels [B] (long, in [0, num_classes)) bound and guidance scale w
         (None: `self.guidance`): a Teacher whose eps / x0 / v are the (guided) conditional ones.
         labels None: the unconditional teacher itself. One-line LabelError / GuidanceError on misfits."""
-        from dsno.teachers.conditional import bind
         return bind(self, labels, guidance)
 
     def predict(self, x: torch.Tensor, t: Any, kind: str) -> torch.Tensor:
@@ -202,8 +206,6 @@ class Teacher(torch.nn.Module):
 def _schedule_summary(s: VPSchedule) -> dict[str, Any]:
     d = s.to_dict()
     if s.kind == "discrete":
-        import hashlib
-        import json
         betas = d.pop("betas")
         d["num_steps"] = len(betas)
         d["betas_sha256"] = hashlib.sha256(json.dumps(betas).encode()).hexdigest()[:16]
@@ -253,7 +255,6 @@ class WrappedTeacher(Teacher):
         self.time_input = "continuous" if time_input is None else time_input
         self.time_input_checked = callable(time_input) or getattr(schedule, "T", None) != 1.0
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
-        from dsno.teachers.conditional import check_guidance
         self.guidance = check_guidance(self, guidance)
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
@@ -273,7 +274,6 @@ class WrappedTeacher(Teacher):
     def row_labels(self, labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
         """The labels [B] long (null label num_classes) the network takes for the rows of x; None for an
         unconditional teacher, which refuses labels (LabelError)."""
-        from dsno.teachers.conditional import check_labels, row_labels
         if self.num_classes is None:
             if labels is not None:
                 check_labels(self, labels)          # refuses any labels of an unconditional teacher
@@ -332,7 +332,6 @@ class WrappedTeacher(Teacher):
                f"({r_other:.3g}): {fix}")
         if not self.time_input_stated:
             raise TimeInputError(f"{msg}; or state time_input={mine!r} to keep it")
-        import warnings
         warnings.warn(f"time_input={mine!r} looks wrong: {msg}", UserWarning, stacklevel=4)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -369,3 +368,71 @@ def wrap(fn: Callable[..., torch.Tensor], schedule: VPSchedule,
     unconditional branch (trained with label dropout), so `bind` / `dsno.sample(..., cond=)` may guide it
     with scale w = guidance: (1 + w) fn(x, t, y) - w fn(x, t, K)."""
     return WrappedTeacher(fn, schedule, prediction, time_input, name, num_classes, supports_guidance, guidance)
+
+
+class ConditionedTeacher(Teacher):
+    """`teacher` with class labels [B] and guidance scale w bound: what the solvers call.
+
+    forward(x, t) is teacher(x, t, labels) for w = 0, and otherwise (1 + w) f_y - w f_null from one
+    call of the teacher on 2B rows (x and t repeated, labels then null labels). Everything else
+    (schedule, prediction, shape, exact, network) is the teacher's."""
+
+    def __init__(self, teacher: Teacher, labels: torch.Tensor, guidance: float):
+        super().__init__()
+        self.base = teacher
+        self.labels = labels
+        self.guidance = guidance
+        self.num_classes = teacher.num_classes
+        self.supports_guidance = teacher.supports_guidance
+        self.schedule = teacher.schedule
+        self.prediction = teacher.prediction
+        self.shape = teacher.shape
+        self.backbone_config = teacher.backbone_config
+        self.time_input_spec = teacher.time_input_spec
+        self.exact = teacher.exact
+        self.name = teacher_name(teacher)
+
+    @property
+    def network(self) -> torch.nn.Module | None:
+        return self.base.network
+
+    @property
+    def data_mean(self) -> torch.Tensor | None:
+        return self.base.data_mean
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        labels = row_labels(self.base, self.labels, x)
+        if self.guidance == 0:
+            return self.base(x, t, labels=labels)
+        null = torch.full_like(labels, self.num_classes)
+        both = self.base(torch.cat([x, x]), torch.cat([t, t]), labels=torch.cat([labels, null]))
+        if both.shape[0] != 2 * x.shape[0]:
+            raise ValueError(f"teacher returned {both.shape[0]} rows for the {2 * x.shape[0]} of a guided call")
+        conditional, unconditional = both.chunk(2)
+        w = self.guidance
+        return (1.0 + w) * conditional - w * unconditional
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**self.base.fingerprint(), "guidance": self.guidance}
+
+
+def bind(teacher: Any, labels: Any, guidance: Any = None) -> Any:
+    """`teacher` as the solvers should call it for class labels `labels` ([B] long, or None) and
+    guidance scale w (None: `teacher.guidance`, 0 when it has none).
+
+    No labels: the teacher itself (its unconditional model), unchanged; LabelError when it is
+    conditional without an unconditional branch, GuidanceError when w != 0 (guidance needs labels).
+    Labels: a `ConditionedTeacher`; LabelError when they do not fit the teacher."""
+    if isinstance(teacher, ConditionedTeacher):
+        if labels is not None or guidance is not None:
+            raise LabelError("this teacher already has labels bound (teacher.conditioned(...)): pass cond and "
+                             "guidance to the unbound teacher")
+        return teacher
+    w = check_guidance(teacher, getattr(teacher, "guidance", 0.0) if guidance is None else guidance)
+    if labels is None:
+        require_unconditional(teacher)
+        if w != 0:
+            raise GuidanceError(f"guidance {w:g} needs class labels: pass cond=labels, or set guidance 0 for "
+                                f"unconditional samples")
+        return teacher
+    return ConditionedTeacher(teacher, check_labels(teacher, labels), w)

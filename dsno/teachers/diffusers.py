@@ -30,6 +30,7 @@ torch.load(weights_only=True).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -37,16 +38,18 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from dsno.checks import existing_path, fail
+from dsno.errors import UserFileNotFoundError
 from dsno.jsonfile import read_json_file
 from dsno.nn.config import (MAX_TRAIN_TIMESTEPS, ConfigError, check_diffusers_unet_config, check_int, check_list,
                              check_number)
 from dsno.nn.dsno import DiffusersUNet, diffusers_backbone_spec
 from dsno.schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
+from dsno.schema import doc_field
 from dsno.teachers.base import WrappedTeacher
-from dsno.teachers.unet import check_guidance_key, weights_sha256
-from dsno.config import TeacherConfig, _existing_path, _fail, check_prediction_key, doc_field
-from dsno.errors import UserFileNotFoundError
+from dsno.teachers.config import TeacherConfig, check_prediction_key
 from dsno.teachers.registry import register_teacher
+from dsno.teachers.unet import check_guidance_key, weights_sha256
 from dsno.trust.tensor_file import check_float_dtypes, tensor_layout
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -143,9 +146,8 @@ def scheduler_betas(config: dict[str, Any]) -> np.ndarray:
     squaredcos_cap_v2; an explicit `trained_betas` list is taken as given. Configs a VP schedule
     cannot represent are refused with the reason.
     """
-    import warnings
 
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # deferred: loads diffusers only when used
     cfg = {**SCHEDULER_DEFAULTS, **config}
     if cfg.get("rescale_betas_zero_snr"):
         raise ValueError("rescale_betas_zero_snr=True gives alpha_bar = 0 at the last step (infinite noise), "
@@ -464,8 +466,8 @@ def load_diffusers_teacher(path: str | Path, null_label: Optional[int] = None, g
         hint = "the weights must be floating-point tensors"
         check_float_dtypes(files.weights, tensor_layout(files.weights, ConfigError, hint), None,
                            ConfigError, hint)
-    from diffusers import UNet2DModel
-    from diffusers.utils import is_accelerate_available
+    from diffusers import UNet2DModel  # deferred: loads diffusers only when used
+    from diffusers.utils import is_accelerate_available  # deferred: loads diffusers only when used
     try:     # low_cpu_mem_usage needs accelerate; asked for without it, diffusers warns on every load
         unet, info = UNet2DModel.from_pretrained(
             str(files.unet_dir), local_files_only=True, output_loading_info=True,
@@ -501,8 +503,8 @@ class DiffusersTeacherConfig(TeacherConfig):
 
     def __post_init__(self) -> None:
         if self.path is None:
-            _fail("teacher.path", None, "teacher=diffusers needs teacher.path=DIR (a local diffusers folder)")
-        _existing_path("teacher.path", self.path, "the teacher's diffusers folder")
+            fail("teacher.path", None, "teacher=diffusers needs teacher.path=DIR (a local diffusers folder)")
+        existing_path("teacher.path", self.path, "the teacher's diffusers folder")
         check_prediction_key("teacher", self.prediction)
         check_guidance_key(self.guidance)
 

@@ -8,6 +8,7 @@ Computed in float64 whatever the input dtype.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +16,14 @@ from typing import Any, Optional
 
 import torch
 
+from dsno.checks import existing_path, fail
 from dsno.nn.config import ConfigError
-from dsno.trust.tensor_file import load_float_tensors
 from dsno.schedules import Schedule, VPSchedule
-from dsno.config import ScheduleConfig, TeacherConfig, _existing_path, _fail, build_schedule, doc_field
-from dsno.teachers.base import Teacher
+from dsno.schema import doc_field
+from dsno.teachers.base import Teacher, batch_times
+from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule
 from dsno.teachers.registry import register_teacher
+from dsno.trust.tensor_file import load_float_tensors
 
 
 def register_mixture(module: torch.nn.Module, means: torch.Tensor, variances: torch.Tensor,
@@ -106,14 +109,12 @@ class GaussianMixture(Teacher):
 
     def score(self, x: torch.Tensor, t: Any) -> torch.Tensor:
         """grad log p_t(x) = -eps / sigma."""
-        from dsno.teachers.base import batch_times
         tb = batch_times(t, x)
         s = self.schedule.sigma(tb).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         return -self.eps(x, tb) / s
 
     def log_prob(self, x: torch.Tensor, t: Any) -> torch.Tensor:
         """log p_t(x) of the noised mixture, [B] float64 (for autograd checks)."""
-        from dsno.teachers.base import batch_times
         tb = batch_times(t, x)
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
         alpha = self.schedule.alpha(tb)[:, None, None]
@@ -145,7 +146,6 @@ class GaussianMixture(Teacher):
         return out.reshape(x_s.shape).to(x_s.dtype)
 
     def fingerprint(self) -> dict[str, Any]:
-        import hashlib
         fp = super().fingerprint()
         h = hashlib.sha256()
         for b in (self.means, self.variances, self.log_weights):
@@ -166,8 +166,8 @@ class GMMFileConfig(TeacherConfig):
 
     def __post_init__(self) -> None:
         if self.path is None:
-            _fail("teacher.path", None, "teacher=gmm_file needs teacher.path=FILE")
-        _existing_path("teacher.path", self.path, "the mixture's safetensors file")
+            fail("teacher.path", None, "teacher=gmm_file needs teacher.path=FILE")
+        existing_path("teacher.path", self.path, "the mixture's safetensors file")
         self.schedule.check("teacher.schedule")
 
     def fixed_schedule(self):

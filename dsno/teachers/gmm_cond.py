@@ -9,6 +9,7 @@ other classes' components left out, so guided and unguided solves have float64 r
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -75,7 +76,6 @@ class ConditionalGaussianMixture(GaussianMixture):
         return self.denoise(x, t, log_weights)
 
     def fingerprint(self) -> dict[str, Any]:
-        import hashlib
         fp = super().fingerprint()
         h = hashlib.sha256(fp["params_sha256"].encode())
         h.update(self.component_labels.cpu().numpy().tobytes())

@@ -16,14 +16,17 @@ from typing import Callable, Optional
 
 import torch
 
-from dsno.nn.config import ConfigError
-from dsno.trust.tensor_file import load_float_tensors
-from dsno.schedules import VPSchedule
-from dsno.teachers.gmm import GaussianMixture
 from dsno.atomic import atomic_save_safetensors
-from dsno.config import ScheduleConfig, TeacherConfig, _count, _existing_path, build_schedule, doc_field
+from dsno.checks import count, existing_path
+from dsno.digits import load_digits
 from dsno.errors import UserFileNotFoundError
+from dsno.nn.config import ConfigError
+from dsno.schedules import VPSchedule
+from dsno.schema import doc_field
+from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule
+from dsno.teachers.gmm import GaussianMixture
 from dsno.teachers.registry import register_teacher
+from dsno.trust.tensor_file import load_float_tensors
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -65,7 +68,6 @@ def fit_diagonal_gmm(x: torch.Tensor, k: int, iters: int = 100, var_floor: float
 
 def fit_mnist_gmm(size: int = 16, components: int = 64, seed: int = 0, iters: int = 100,
                   var_floor: float = 1e-2) -> dict[str, torch.Tensor]:
-    from dsno.digits import load_digits
     images, _ = load_digits(size)
     means, variances, weights = fit_diagonal_gmm(images.reshape(len(images), -1), components, iters, var_floor, seed)
     shape = (components, 1, size, size)
@@ -111,9 +113,9 @@ class DigitMixtureConfig(TeacherConfig):
     path: Optional[str] = doc_field(None, "another fit (python -m dsno.teachers.mnist_gmm --out); null: the shipped one")
 
     def check_mixture_keys(self) -> None:
-        _count("teacher.size", self.size, 64, "the mixture is fitted to digits resized to at most 64x64", lo=4)
-        _count("teacher.components", self.components, 5000, "one component per shipped digit at most")
-        _existing_path("teacher.path", self.path, "a mixture file of python -m dsno.teachers.mnist_gmm")
+        count("teacher.size", self.size, 64, "the mixture is fitted to digits resized to at most 64x64", lo=4)
+        count("teacher.components", self.components, 5000, "one component per shipped digit at most")
+        existing_path("teacher.path", self.path, "a mixture file of python -m dsno.teachers.mnist_gmm")
 
 
 @dataclass

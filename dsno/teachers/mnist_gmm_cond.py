@@ -17,8 +17,11 @@ from typing import ClassVar, Optional
 
 import torch
 
-from dsno.config import ScheduleConfig, TeacherConfig, _count, _existing_path, _fail, build_schedule, doc_field
+from dsno.checks import count, existing_path, fail
+from dsno.digits import load_digits
 from dsno.schedules import Schedule, VPSchedule
+from dsno.schema import doc_field
+from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule
 from dsno.teachers.gmm_cond import ConditionalGaussianMixture
 from dsno.teachers.mnist_gmm import ASSETS, fit_command, fit_diagonal_gmm, read_fit
 from dsno.teachers.registry import register_teacher
@@ -34,7 +37,6 @@ def fit_mnist_gmm_cond(size: int = 16, per_class: int = 8, seed: int = 0, iters:
                        var_floor: float = 1e-2) -> dict[str, torch.Tensor]:
     """means, variances [10 per_class, 1, size, size], weights [10 per_class] (class share x EM weight)
     and labels [10 per_class] (the digit of each component), components grouped by class."""
-    from dsno.digits import load_digits
     images, digit_labels = load_digits(size)
     flat = images.reshape(len(images), -1)
     parts = []
@@ -78,11 +80,11 @@ class MnistGMMCondConfig(TeacherConfig):
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
-        _count("teacher.size", self.size, 64, "the mixture is fitted to digits resized to at most 64x64", lo=4)
-        _count("teacher.per_class", self.per_class, 500, "one component per shipped digit of a class at most")
-        _existing_path("teacher.path", self.path, "a mixture file of python -m dsno.teachers.mnist_gmm_cond")
+        count("teacher.size", self.size, 64, "the mixture is fitted to digits resized to at most 64x64", lo=4)
+        count("teacher.per_class", self.per_class, 500, "one component per shipped digit of a class at most")
+        existing_path("teacher.path", self.path, "a mixture file of python -m dsno.teachers.mnist_gmm_cond")
         if isinstance(self.guidance, bool) or not math.isfinite(self.guidance) or self.guidance < 0:
-            _fail("teacher.guidance", self.guidance, "must be a finite number >= 0 (w of (1 + w) f(x, t, y) - "
+            fail("teacher.guidance", self.guidance, "must be a finite number >= 0 (w of (1 + w) f(x, t, y) - "
                   "w f(x, t, null); 0: the conditional model)")
         self.schedule.check("teacher.schedule")
 

@@ -19,12 +19,13 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from dsno.config import _fail, _finite, doc_field
+from dsno.checks import fail, finite
 from dsno.processes.psld import PSLD
 from dsno.schedules import ProcessError
+from dsno.schema import doc_field
 from dsno.teachers.base import batch_times
 from dsno.teachers.gmm import register_mixture
-from dsno.teachers.mnist_gmm import DigitMixtureConfig
+from dsno.teachers.mnist_gmm import DigitMixtureConfig, load_mnist_gmm
 from dsno.teachers.psld_teacher import PSLDTeacher
 from dsno.teachers.registry import register_teacher
 
@@ -178,13 +179,13 @@ class PSLDMnistGMMConfig(DigitMixtureConfig):
     def __post_init__(self) -> None:
         self.check_mixture_keys()
         for key in ("beta_min", "beta_max", "nu", "gamma", "kappa", *(("m_inv",) if self.m_inv is not None else ())):
-            _finite(f"teacher.{key}", getattr(self, key))
+            finite(f"teacher.{key}", getattr(self, key))
         try:
             self.psld()
         except ProcessError as e:        # name the first parameter the process's message mentions
             keys = ("beta_min", "beta_max", "m_inv", "gamma", "kappa", "nu")
             key = next((k for k in keys if re.search(rf"\b{k}\b", str(e))), "beta_min")
-            _fail(f"teacher.{key}", getattr(self, key), str(e))
+            fail(f"teacher.{key}", getattr(self, key), str(e))
 
     def psld(self) -> PSLD:
         return PSLD(self.beta_min, self.beta_max, self.nu, self.gamma, m_inv=self.m_inv, kappa=self.kappa)
@@ -195,7 +196,6 @@ class PSLDMnistGMMConfig(DigitMixtureConfig):
 
 @register_teacher("psld_mnist_gmm", PSLDMnistGMMConfig, digits=True)
 def load_config(c: PSLDMnistGMMConfig) -> PSLDGaussianMixture:
-    from dsno.teachers.mnist_gmm import load_mnist_gmm
     mix = load_mnist_gmm(c.size, c.components, path=c.path)
     return PSLDGaussianMixture(mix.means.reshape(-1, *mix.shape), mix.variances.reshape(-1, *mix.shape),
                                mix.log_weights.exp(), process=c.psld(), name=f"psld_{mix.name}")

@@ -15,11 +15,12 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from dsno.config import TeacherConfig, doc_field
 from dsno.nn.unet import UNet
 from dsno.processes.psld import PSLD
 from dsno.schedules import ProcessError
+from dsno.schema import doc_field
 from dsno.teachers.base import batch_times
+from dsno.teachers.config import TeacherConfig
 from dsno.teachers.psld_teacher import PSLDTeacher
 from dsno.teachers.registry import register_teacher
 from dsno.teachers.unet import (check_weights_file_keys, load_weights, open_weights_file, unet_kwargs,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from dsno.teachers.base import TeacherLoadError
+
 BUILTIN_MODULES = ("dsno.teachers.mnist_gmm", "dsno.teachers.mnist_gmm_cond", "dsno.teachers.gmm",
                    "dsno.teachers.unet", "dsno.teachers.diffusers", "dsno.teachers.psld_gmm", "dsno.teachers.psld_unet")
 _KINDS: dict[str, "TeacherKind"] = {}
@@ -56,7 +58,6 @@ def refuse_diffusers_folder(kind: str, path: str | Path | None) -> None:
     """A diffusers folder given to another teacher kind: one line naming `teacher=diffusers`, instead of
     that kind's "weights not found"."""
     if kind != "diffusers" and is_diffusers_folder(path):
-        from dsno.teachers.base import TeacherLoadError
         raise TeacherLoadError(f"teacher.path={path} is a diffusers model folder, which teacher.kind={kind} does "
                                f"not read: add teacher=diffusers to the command (teacher=diffusers teacher.path={path})")
 

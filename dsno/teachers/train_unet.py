@@ -41,11 +41,13 @@ from typing import Any, Callable
 import torch
 
 from dsno.atomic import atomic_save_safetensors, atomic_write_text
+from dsno.digits import load_digits
 from dsno.nn.unet import UNet
 from dsno.processes.psld import PSLD
 from dsno.schedules import VPSchedule
 from dsno.teachers.unet import (PSLD_RECORD_FORMAT, RECORD_FORMAT, RECORD_KEY, RECORD_VERSION, asset_path,
                                 unet_kwargs)
+from dsno.teachers.unet import load_weights, read_record
 from dsno.training.ema import averaged_model
 
 
@@ -181,7 +183,6 @@ def initial_network(settings: TrainSettings) -> UNet:
     network = UNet(**settings.network_kwargs())
     if settings.init is None:
         return network
-    from dsno.teachers.unet import load_weights, read_record
     init = Path(settings.init)
     if not init.is_file():
         raise ValueError(f"--init {init}: no such file (give an unconditional teacher's .safetensors)")
@@ -393,7 +394,6 @@ def without_out(args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     settings, out, device, log_every = parse_settings(args)
-    from dsno.digits import load_digits
     images, digit_labels = load_digits(settings.size)
     labels = None
     if settings.num_classes is not None:

@@ -18,15 +18,18 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
+from dsno.checks import count, existing_path, fail
+from dsno.errors import UserFileNotFoundError
 from dsno.jsonfile import parse_json
 from dsno.nn.config import ConfigError, check_unet_kwargs
 from dsno.nn.unet import UNet
 from dsno.schedules import VPSchedule
-from dsno.teachers.base import WrappedTeacher
-from dsno.config import (ScheduleConfig, TeacherConfig, _count, _existing_path, _fail, build_schedule,
-                         check_prediction_key, doc_field)
-from dsno.errors import UserFileNotFoundError
+from dsno.schema import doc_field
+from dsno.teachers.base import TeacherLoadError, WrappedTeacher
+from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule, check_prediction_key
 from dsno.teachers.registry import register_teacher
 from dsno.trust.tensor_file import check_float_dtypes, model_layout, tensor_layout
 
@@ -116,7 +119,6 @@ KIND_OF_FORMAT = {RECORD_FORMAT: "unet", PSLD_RECORD_FORMAT: "psld_unet"}
 def read_record(path: str | Path, expected: str = RECORD_FORMAT) -> dict[str, Any]:
     """The teacher record stored in a weights file's safetensors metadata; its format must be `expected`
     (a VP teacher's, or PSLD_RECORD_FORMAT), else the error names the teacher kind that reads it."""
-    from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     psld = expected == PSLD_RECORD_FORMAT
@@ -164,7 +166,6 @@ def open_weights_file(path: str | Path | None, size: int, psld: bool = False, co
 
 def load_weights(network: torch.nn.Module, path: Path, kwargs: dict[str, Any]) -> None:
     """The file's weights into `network` (a UNet(**kwargs)); ValueError naming the file when they do not fit."""
-    from safetensors.torch import load_file
     hint = "remake the weights file with dsno.teachers.train_unet"
     check_float_dtypes(path, tensor_layout(path, ConfigError, hint), model_layout(network), ConfigError, hint)
     try:
@@ -197,7 +198,6 @@ def load_unet_teacher(path: str | Path | None = None, schedule: VPSchedule | Non
     kwargs = record["backbone"]["kwargs"]
     num_classes = kwargs.get("num_classes")
     if (num_classes is not None) != conditional:
-        from dsno.teachers.base import TeacherLoadError
         held = f"a class-conditional teacher ({num_classes} classes)" if num_classes else "an unconditional teacher"
         raise TeacherLoadError(f"{p} holds {held}: load it with teacher.kind="
                                f"{'mnist_unet_cond' if num_classes else 'unet'}")
@@ -213,8 +213,8 @@ def load_unet_teacher(path: str | Path | None = None, schedule: VPSchedule | Non
 
 def check_weights_file_keys(c: Any) -> None:
     """teacher.size and teacher.path of a kind that loads a `train_unet` weights file."""
-    _count("teacher.size", c.size, 64, "the UNet teachers are trained on digits of at most 64x64", lo=4)
-    _existing_path("teacher.path", c.path, "the teacher's weights file")
+    count("teacher.size", c.size, 64, "the UNet teachers are trained on digits of at most 64x64", lo=4)
+    existing_path("teacher.path", c.path, "the teacher's weights file")
 
 
 @dataclass
@@ -246,7 +246,7 @@ def load_config(c: UNetTeacherConfig) -> UNetTeacher:
 def check_guidance_key(value: Any) -> None:
     """teacher.guidance: a finite number >= 0 (ConfigError, one line)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        _fail("teacher.guidance", value, "must be a finite number >= 0 (w of (1 + w) f(x, t, y) - w f(x, t, null); "
+        fail("teacher.guidance", value, "must be a finite number >= 0 (w of (1 + w) f(x, t, y) - w f(x, t, null); "
               "0: the conditional model)")
 
 

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from dsno.schedules import VPSchedule
+from dsno.training.perceptual import PerceptualDistance
 
 
 def time_weights(schedule: VPSchedule, times: Sequence[float], w_min: float = 1.0, w_max: float = 1e4) -> torch.Tensor:
@@ -55,6 +56,5 @@ def build_loss(weights: torch.Tensor, kind: str = "l2", perceptual_weights: str 
     """The TrajectoryLoss of a run; lpips loads the VGG-16 weights from a local file (never downloads)."""
     perceptual = None
     if kind == "lpips":
-        from dsno.training.perceptual import PerceptualDistance
         perceptual = PerceptualDistance(perceptual_weights)
     return TrajectoryLoss(weights, kind, perceptual)

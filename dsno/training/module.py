@@ -8,6 +8,8 @@ from typing import Sequence
 import lightning as L
 import torch
 
+from dsno.errors import UserError
+from dsno.nn.temporal import set_temporal_impl
 from dsno.run_files import LAST_CHECKPOINT
 from dsno.training.losses import TrajectoryLoss
 
@@ -59,12 +61,10 @@ class DSNOModule(L.LightningModule):
                 p.requires_grad_(False)
 
     def on_fit_start(self) -> None:
-        from dsno.nn.temporal import set_temporal_impl
         set_temporal_impl(self.model, self.temporal_impl)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "averaging_state" not in checkpoint:    # before Lightning loads a state dict of another layout
-            from dsno.errors import UserError
             raise UserError(f"{self.trainer.ckpt_path} holds no EMA of this dsno's checkpoint layout (written before "
                             "the EMA became Lightning's callback, or by another program); use another run_dir or "
                             "train.resume=false to start over")

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -46,7 +47,6 @@ def vgg_weights_path(path: str | os.PathLike | None = None) -> Path:
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         return load_file(str(path))
     return torch.load(str(path), map_location="cpu", weights_only=True)
 

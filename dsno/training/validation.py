@@ -20,6 +20,7 @@ import torch
 
 from dsno.atomic import atomic_write_text
 from dsno.errors import UserError
+from dsno.loggers import log_image_grid
 from dsno.training.ema import ema_model
 from dsno.training.module import unpack
 
@@ -112,7 +113,6 @@ class HeldOutValidation(L.Callback):
             self.best_step = step
             self.best_weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
         if trainer.is_global_zero:
-            from dsno.loggers import log_image_grid
             for logger in trainer.loggers:
                 logger.log_metrics(row, step=step)
             log_image_grid(trainer.logger, "val/ema_samples", scores["val"][1], step=step)

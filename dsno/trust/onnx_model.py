@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
+from google.protobuf.message import DecodeError
+
 from dsno.errors import UnsafeFileError
 
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
@@ -22,8 +24,7 @@ _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 def check_onnx_model(path: str | os.PathLike) -> list[str]:
     """Raise UnsafeFileError on an unsafe model; return the external data file names it uses."""
-    import onnx
-    from google.protobuf.message import DecodeError
+    import onnx  # deferred: loads onnx only when used
     path = Path(path)
     try:
         model = onnx.load(str(path), load_external_data=False)

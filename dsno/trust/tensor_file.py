@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 Layout = dict[str, tuple[tuple[int, ...], str]]
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
@@ -27,7 +29,6 @@ _SAFETENSORS_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float3
 def tensor_layout(path: str | os.PathLike, error: type[Exception], hint: str) -> Layout:
     """{name: (shape, safetensors dtype)} of a safetensors file, from its header only; `error`
     naming the file when it is not a readable safetensors file."""
-    from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
@@ -78,6 +79,5 @@ def load_float_tensors(path: str | os.PathLike, floats: Iterable[str], error: ty
                        hint: str) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, once its header shows the tensors named `floats` (a
     mixture's means, variances, weights) floating; nothing is loaded before."""
-    from safetensors.torch import load_file
     check_float_dtypes(path, tensor_layout(path, error, hint), {k: ((), "F64") for k in floats}, error, hint)
     return load_file(str(path))

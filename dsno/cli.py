@@ -22,7 +22,6 @@ from omegaconf.errors import OmegaConfBaseException
 from dsno.atomic import prove_writable
 from dsno.config import check_run, compose, key_help, register_configs, validate
 from dsno.errors import UserError, debug_requested, one_line, report_errors
-from dsno.stages import evaluation
 from dsno.stages.pipeline import make_data, run
 from dsno.teachers.registry import teacher_kinds
 
@@ -179,6 +178,7 @@ def run_stage(stage: str, cfg: DictConfig) -> None:
         elif stage == "train":          # data (when missing) -> train -> export -> eval
             run(rc, config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         elif stage == "eval":
+            from dsno.stages import evaluation  # deferred: loads torch-fidelity only when used
             result = evaluation.run(rc)
             log.info("wrote %s/eval/report.md (%d rows)", rc.run_dir, len(result["rows"]))
         else:

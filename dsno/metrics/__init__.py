@@ -5,7 +5,6 @@ The classifier names (DigitClassifier, load_digit_classifier, train_digit_classi
 so that `python -m dsno.metrics.digit_classifier` runs its module only once.
 """
 
-from dsno.metrics import digit_classifier
 from dsno.metrics.fidelity import (
     DIGIT_EXTRACTOR,
     EXTRACTORS,
@@ -24,7 +23,7 @@ _CLASSIFIER_NAMES = ("DigitClassifier", "load_digit_classifier", "train_digit_cl
 
 def __getattr__(name: str):
     if name in _CLASSIFIER_NAMES:
-
+        from dsno.metrics import digit_classifier  # deferred: `python -m dsno.metrics.digit_classifier` runs it once
         return getattr(digit_classifier, name)
     raise AttributeError(f"module 'dsno.metrics' has no attribute {name!r}")
 

@@ -110,7 +110,6 @@ def train_digit_classifier(size: int = 16, epochs: int = 20, seed: int = 0, batc
 
     AdamW with a one-cycle learning-rate schedule; augmentation: random shifts of up to size // 8 pixels.
     """
-
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     torch.manual_seed(seed)
@@ -161,7 +160,6 @@ def save_digit_classifier(model: DigitClassifier, path: str | Path, command: str
 
 def load_digit_classifier(size: int = 16, path: str | Path | None = None) -> DigitClassifier:
     """The trained classifier (eval mode, no gradients). Default: the shipped weights for `size`."""
-
     path = Path(path) if path is not None else asset_path(size)
     if not path.is_file():
         raise UserFileNotFoundError(

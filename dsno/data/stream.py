@@ -67,10 +67,10 @@ class FreshStream:
     def inputs(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x_T float32 [f, C, H, W] on the CPU, labels int64 [f] or None) of (step, rank, world_size)."""
         g = self.indices(step, rank, world_size)
-        return input_of(self.seed, g, self.sample_shape, self.class_weights)
+        return trajectory_inputs(self.seed, g, self.sample_shape, self.class_weights)
 
 
-def input_of(seed: int, indices: range, sample_shape: Sequence[int],
+def trajectory_inputs(seed: int, indices: range, sample_shape: Sequence[int],
              class_weights: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x_T, labels or None) of the trajectories `indices` (a contiguous range) of data set `seed`: the
     teacher stage's `trajectory_noise` and, given class_weights, `trajectory_labels`."""

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from dsno.data.generate import NOISE_DESCRIPTION, trajectory_labels, trajectory_noise
-from dsno.data.manifest import LABELS, DatasetError, Manifest
+from dsno.data.manifest import GENERATE_HINT, LABELS, DatasetError, Manifest
 
 
 def fresh_indices(num_stored: int, per_step: int, step: int, rank: int = 0, world_size: int = 1) -> range:
@@ -55,7 +55,7 @@ class FreshStream:
         if manifest.noise != NOISE_DESCRIPTION:
             raise DatasetError(f"{where} records another noise rule ({manifest.noise!r}) than dsno's "
                                f"trajectory_noise, so fresh trajectories cannot continue it: regenerate it "
-                               f"(python -m data_gen) or set train.fresh_per_step=0")
+                               f"(`{GENERATE_HINT}`) or set train.fresh_per_step=0")
         rule = manifest.fingerprint.get(LABELS)
         weights = None if rule is None else tuple(float(w) for w in rule["class_weights"])
         return cls(manifest.seed, manifest.num_trajectories, per_step, tuple(manifest.sample_shape), weights)
@@ -71,7 +71,7 @@ class FreshStream:
 
 
 def trajectory_inputs(seed: int, indices: range, sample_shape: Sequence[int],
-             class_weights: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      class_weights: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x_T, labels or None) of the trajectories `indices` (a contiguous range) of data set `seed`: the
     teacher stage's `trajectory_noise` and, given class_weights, `trajectory_labels`."""
     x_T = trajectory_noise(seed, indices.start, indices.stop, sample_shape)

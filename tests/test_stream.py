@@ -192,3 +192,10 @@ def test_a_data_set_of_another_noise_rule_is_refused_in_one_line(tmp_path):
                                            r"trajectories cannot continue it: .* or set train.fresh_per_step=0"):
         _data(rc, None, 2)
     assert _data(rc, None, 0).fresh is None        # stored trajectories only: the rule is not needed
+
+
+def test_fresh_trajectories_change_what_training_makes_and_a_run_without_them_stays_complete(tiny_run, tmp_path):
+    from dsno.stages.completion import stamp
+    base = tiny_run()
+    assert stamp(base, "train") == "ca77a3b59943b247"     # the stamp before the key existed (test_conditional_data)
+    assert stamp(tiny_run("train.fresh_per_step=2"), "train") != stamp(base, "train")

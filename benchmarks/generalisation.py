@@ -58,6 +58,7 @@ VARIANTS: dict[str, dict] = {
     "n8k": {"n": 8192, "stop": "steps"},
     "n32k": {"n": 32768, "stop": "steps"},
     "n2k_x3": {"n": 2048, "stop": "steps", "steps_factor": 3},
+    "n8k_x3": {"n": 8192, "stop": "steps", "steps_factor": 3},
     "n32k_x3": {"n": 32768, "stop": "steps", "steps_factor": 3},
     "stream": {"n": 0, "stop": "time", "fresh": 32},
     "stream_8": {"n": 2048, "stop": "time", "fresh": 8},

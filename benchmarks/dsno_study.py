@@ -105,7 +105,7 @@ def fresh_batches(rc, teacher, shape, times, count: int, seed: int) -> tuple[tor
 
 def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed: int,
                   extra: list[str], timing_steps: int = 3, steps: int | None = None, fid: bool = False) -> dict:
-    from dsno.builders import build_student, build_teacher, sample_shape
+    from dsno.builders import build_student, build_teacher, state_shape
     from dsno.nn.temporal import set_temporal_impl
     from dsno.training.ema import averaged_model
     from dsno.training.losses import build_loss, time_weights
@@ -119,7 +119,7 @@ def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed
     rc = compose(experiment, [*overrides, f"data.times=[{','.join(repr(t) for t in run_times)}]",
                               f"model.modes={min(2, len(times) // 2 + 1)}", *extra])
     teacher = build_teacher(rc.teacher)
-    shape = sample_shape(teacher)
+    shape = state_shape(teacher)
     torch.manual_seed(seed)
     if len(times) > 1:
         model, _ = build_student(rc, teacher, shape)
@@ -250,10 +250,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from dsno.builders import build_teacher, sample_shape
+    from dsno.builders import build_teacher, state_shape
     rc = compose(args.experiment, args.override)
     teacher = build_teacher(rc.teacher)
-    shape = sample_shape(teacher)
+    shape = state_shape(teacher)
     data = load_trajectories(args.data)
     if args.holdout:
         x_T, states, times = data

@@ -189,7 +189,7 @@ def main() -> None:
                          fingerprint={"teacher": {"name": "benchmark"}, "solver": {"name": "copy of x_T"}, "grid": TIMES,
                                       "times": TIMES},
                          num_trajectories=n,
-                         shard_size=n // 4, sample_shape=shape, seed=0, batch_size=1024, progress=False)
+                         shard_size=n // 4, state_shape=shape, seed=0, batch_size=1024, progress=False)
         ds = TrajectoryDataset(Path(tmp) / "d")
         loader = torch.utils.data.DataLoader(ds, batch_size=a.train_batch, shuffle=True,
                                              num_workers=0 if a.smoke else 8, pin_memory=dev.type == "cuda",

@@ -70,11 +70,11 @@ def ensure_schedule(nfe: int, mode: str, run_dir: str) -> Path:
 
 
 def load_teacher():
-    from dsno.builders import build_teacher, sample_shape
+    from dsno.builders import build_teacher, state_shape
     from dsno.config import compose, validate
     rc = validate(compose(f"experiment={EXPERIMENT}", "logger=csv"))
     teacher = build_teacher(rc.teacher)
-    return teacher, tuple(sample_shape(teacher)), float(rc.solver.t_end)
+    return teacher, tuple(state_shape(teacher)), float(rc.solver.t_end)
 
 
 class HeldOut:

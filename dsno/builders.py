@@ -37,10 +37,11 @@ def build_teacher(tc: TeacherConfig) -> Teacher:
     return teacher
 
 
-def sample_shape(teacher: Teacher) -> tuple[int, ...]:
+def state_shape(teacher: Teacher) -> tuple[int, ...]:
     """[C, H, W] of one solver state of this teacher: an image, or (augmented) data and momentum."""
     if teacher.state_shape is None:
-        raise ValueError(f"{type(teacher).__name__} does not declare the shape of its samples (Teacher.shape)")
+        raise ValueError(f"{type(teacher).__name__} does not declare the shape of its solver state "
+                         "(Teacher.state_shape)")
     return tuple(int(s) for s in teacher.state_shape)
 
 
@@ -86,7 +87,7 @@ def prior_state(teacher: Teacher, noise: torch.Tensor) -> torch.Tensor:
 
 def data_shape(teacher: Teacher) -> tuple[int, ...]:
     """[c, H, W] of one data sample: a state's first `data_channels` channels."""
-    shape = sample_shape(teacher)
+    shape = state_shape(teacher)
     return (int(teacher.data_channels), *shape[1:])
 
 

@@ -85,7 +85,7 @@ def test_neural_psld_experiment_distils_the_score_network(tmp_path):
     assert isinstance(build_teacher(rc.teacher), PSLDUNetTeacher)
     manifest = json.loads((Path(rc.data.dir) / "manifest.json").read_text())
     assert manifest["fingerprint"]["teacher"]["class"] == "PSLDUNetTeacher"
-    assert manifest["fingerprint"]["sample_shape"] == [2, 16, 16]
+    assert manifest["fingerprint"]["state_shape"] == [2, 16, 16]
     sampler = load_sampler(tmp_path / "run" / "sampler")
     assert sampler.output_channels == 1 and sampler.image_shape == (2, 16, 16)
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())

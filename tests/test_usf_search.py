@@ -256,14 +256,14 @@ def test_data_set_fingerprints_are_pinned(tiny_run, tmp_path):
     solver's and usf's, whose entries its registry hook supplies)."""
     import hashlib
     import json
-    from dsno.builders import build_teacher, sample_shape
+    from dsno.builders import build_teacher, state_shape
     from dsno.stages.trajectories import expected_fingerprint
     path, _, _ = _pinned_schedule(tmp_path, [0.5625, 0.25, 0.0625, 0.001])
     digests = {}
     for name, extra in (("default", ()), ("usf", ("solver=usf", f"solver.schedule={path}"))):
         rc = tiny_run(*extra)
         teacher = build_teacher(rc.teacher)
-        fp = expected_fingerprint(rc, teacher, sample_shape(teacher))
+        fp = expected_fingerprint(rc, teacher, state_shape(teacher))
         digests[name] = hashlib.sha256(json.dumps(fp).encode()).hexdigest()
     assert fp["solver"]["schedule_sha256"] == "b501184099895c44"
     assert digests == {"default": "4005cdeb4627aee9ecd0f92ecbcdfc8a3865e62efec15bc59347046a8ab5e15e",

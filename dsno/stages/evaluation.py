@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dsno import loggers
-from dsno.builders import build_teacher, data_shape, prior_state, sample_shape, solver_grid
+from dsno.builders import build_teacher, data_shape, prior_state, state_shape, solver_grid
 from dsno.config import RunConfig
 from dsno.data.generate import trajectory_labels
 from dsno.data.manifest import load_manifest
@@ -344,7 +344,7 @@ def load_setup(rc: RunConfig, sampler_path: str | Path | None) -> Setup:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sampler = load_sampler(sampler_path, device=device, trust_program=rc.eval.trust_program)
     teacher = build_teacher(rc.teacher).to(device)
-    shape, image_shape = sample_shape(teacher), data_shape(teacher)     # a solver state; the data part of it
+    shape, image_shape = state_shape(teacher), data_shape(teacher)     # a solver state; the data part of it
     check_prerequisites(rc, image_shape)
     fidelity = fidelity_plan(rc, image_shape)
     if list(sampler.config.get("image_shape", shape)) != list(shape):

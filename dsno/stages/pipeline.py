@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dsno import loggers
-from dsno.builders import build_teacher, data_shape, sample_shape, teacher_backbone_config
+from dsno.builders import build_teacher, data_shape, state_shape, teacher_backbone_config
 from dsno.config import ConfigError, RunConfig
 from dsno.data import DatasetError, load_manifest
 from dsno.export import export_run
@@ -31,7 +31,7 @@ def make_data(rc: RunConfig, teacher=None, config: dict[str, Any] | None = None)
     """The teacher stage: (re)make or resume rc's trajectories, log the manifest as a W&B artifact
     of a `data` run; return the data folder."""
     teacher = teacher if teacher is not None else build_teacher(rc.teacher)
-    trajectories.generate(rc, teacher, sample_shape(teacher))
+    trajectories.generate(rc, teacher, state_shape(teacher))
     data_dir = Path(rc.data.dir)
     if int(os.environ.get("RANK", "0")) == 0:
         logger = loggers.stage_logger(rc, "data", config)

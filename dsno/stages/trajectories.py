@@ -65,7 +65,7 @@ def fingerprint(rc: RunConfig, teacher: Teacher, grid: torch.Tensor, shape: tupl
               else "float64"}
     fp = {"teacher": teacher.fingerprint(), "solver": solver,
           "grid": [float(t) for t in grid], "times": [float(t) for t in rc.data.times],
-          "sample_shape": list(shape), "dtype": "float32"}
+          "state_shape": list(shape), "dtype": "float32"}
     weights = class_weights(rc, teacher)
     if weights:
         fp[LABELS] = label_rule(weights)
@@ -103,7 +103,7 @@ def generate(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...], progress: 
     return generate_dataset(
         Path(rc.data.dir), solve=solve,
         fingerprint=fingerprint(rc, teacher, grid, shape), num_trajectories=rc.data.num_trajectories,
-        shard_size=rc.data.shard_size, sample_shape=shape, seed=rc.seed, batch_size=rc.data.batch_size,
+        shard_size=rc.data.shard_size, state_shape=shape, seed=rc.seed, batch_size=rc.data.batch_size,
         repair=rc.data.repair, progress=progress, verify=rc.data.verify)
 
 

@@ -79,7 +79,7 @@ def load_trajectories(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor, list[
 
 def reference(rc, teacher, shape, n: int, steps: int, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(eval noise x_T [n, ...], float64 reference final samples [n, ...]), cached in `cache`."""
-    from dsno.solvers import sample, timesteps
+    from dsno.solvers import solve, timesteps
     x_T = torch.randn(n, *shape, generator=torch.Generator().manual_seed(rc.eval.seed))
     if cache.is_file():
         ref = torch.load(cache, weights_only=True)
@@ -87,7 +87,7 @@ def reference(rc, teacher, shape, n: int, steps: int, cache: Path) -> tuple[torc
             return x_T, ref
     grid = timesteps(teacher.schedule, steps=steps, spacing="logsnr", t_end=rc.solver.t_end)
     with torch.no_grad():   # a float64 solve; a network teacher stays in float32, as in eval
-        ref = torch.cat([sample(teacher, x_T[i:i + 128].double(), grid, solver="dpm_solver_pp", order=3).float()
+        ref = torch.cat([solve(teacher, x_T[i:i + 128].double(), grid, solver="dpm_solver_pp", order=3).float()
                          for i in range(0, n, 128)])
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ref, cache)

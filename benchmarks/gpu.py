@@ -112,14 +112,14 @@ def main() -> None:
         t_peer = median_time(lambda: diffusers_loop(unet, xp, 10), warm, iters)
         peer_ips = a.peer_batch / t_peer
         x = torch.randn(a.gen_batch, *shape, device=dev)
-        ref32 = dsno.sample(teacher, x[:64], ts, solver="dpm_solver_pp", order=2)
+        ref32 = dsno.solve(teacher, x[:64], ts, solver="dpm_solver_pp", order=2)
         unet.to(memory_format=torch.channels_last)
         fast_forward = torch.compile(unet.forward) if not a.smoke else unet.forward
         unet.forward = fast_forward
 
         def ours():
             with torch.autocast(**autocast):
-                return dsno.sample(teacher, x, ts, solver="dpm_solver_pp", order=2)
+                return dsno.solve(teacher, x, ts, solver="dpm_solver_pp", order=2)
 
         t_ours = median_time(ours, warm + (2 if not a.smoke else 0), iters)
         ours_ips = a.gen_batch / t_ours
@@ -216,7 +216,7 @@ def main() -> None:
 def _solve1(teacher, x, ts, autocast):
     import dsno
     with torch.autocast(**autocast):
-        return dsno.sample(teacher, x, ts, solver="dpm_solver_pp", order=2)
+        return dsno.solve(teacher, x, ts, solver="dpm_solver_pp", order=2)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from results_md import write_section
-from dsno.solvers import sample, steps_for_nfe, timesteps, usf
+from dsno.solvers import solve, steps_for_nfe, timesteps, usf
 from dsno.solvers.grids import SPACINGS
 from dsno.teachers.mnist_gmm import load_mnist_gmm
 
@@ -111,7 +111,7 @@ def main() -> int:
     x = torch.randn(args.samples, *teacher.shape, generator=torch.Generator().manual_seed(HELD_OUT_SEED),
                     dtype=torch.float64)
     with torch.no_grad():
-        ref = sample(teacher, x, timesteps(sched, steps=args.reference_steps, spacing="logsnr", t_end=T_END),
+        ref = solve(teacher, x, timesteps(sched, steps=args.reference_steps, spacing="logsnr", t_end=T_END),
                      solver="dpm_solver_pp", order=3)
         rows = []
         for n in args.nfe:
@@ -123,14 +123,14 @@ def main() -> int:
                     except ValueError:
                         continue
                     g = timesteps(sched, steps=steps, spacing=spacing, t_end=T_END)
-                    hand.append((rmse(sample(teacher, x, g, solver=name, order=order, **opts), ref),
+                    hand.append((rmse(solve(teacher, x, g, solver=name, order=order, **opts), ref),
                                  f"{label} ({spacing})"))
             best_hand = min(hand)
             found = {}
             for mode in ("full", "timesteps"):
                 path = ensure_schedule(n, mode, args.run_dir)
                 s = usf.load(path)
-                found[mode] = (rmse(sample(teacher, x, solver="usf", schedule=s), ref), s, path)
+                found[mode] = (rmse(solve(teacher, x, solver="usf", schedule=s), ref), s, path)
             rows.append((n, best_hand, found))
     lines, ok = search_table([(n, h, hname, found) for n, (h, hname), found in rows])
     detail = ["", "The searched schedules (afs; per step: prediction, Taylor order, estimation order, corrector):", ""]

@@ -30,7 +30,7 @@ import torch
 
 import usf as gmm_bench
 from results_md import write_section
-from dsno.solvers import sample, steps_for_nfe, timesteps
+from dsno.solvers import solve, steps_for_nfe, timesteps
 from dsno.solvers import usf as schedules
 from dsno.solvers.grids import SPACINGS
 
@@ -122,7 +122,7 @@ def hand_designed(h: HeldOut, nfe: int) -> list[tuple[float, str]]:
                 continue
             g = timesteps(sched, steps=steps, spacing=spacing, t_end=h.t_end)
             out.append((h.score(f"{label} ({spacing}) nfe{nfe}",
-                                lambda x: sample(h.teacher, x, g, solver=name, order=order, **opts)),
+                                lambda x: solve(h.teacher, x, g, solver=name, order=order, **opts)),
                         f"{label} ({spacing})"))
     return sorted(out)
 
@@ -182,7 +182,7 @@ def main() -> int:
             path = ensure_schedule(n, mode, args.run_dir)
             s = schedules.load(path)
             found[mode] = (h.score(f"usf {path.stem} {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}",
-                                   lambda x: sample(teacher, x, solver="usf", schedule=s)), s, path)
+                                   lambda x: solve(teacher, x, solver="usf", schedule=s)), s, path)
         rows.append((n, hand, found))
     if args.hand_only:
         return 0

@@ -125,7 +125,7 @@ class SolverChoice:
         return head + "".join(f" {k}={v}" for k, v in self.options.items())
 
     def kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `dsno.sample` for this choice (order included when given)."""
+        """The keyword arguments of `dsno.solve` for this choice (order included when given)."""
         return {**({} if self.order is None else {"order": self.order}), **self.options}
 
 
@@ -160,7 +160,7 @@ class SolverConfig(SolverChoice):
 
     def solve_options(self) -> dict[str, Any]:
         """Every option of the teacher solve, defaults filled in: solver.options, and solver.schedule when
-        given (what `dsno.sample` and the solver's registry hooks get)."""
+        given (what `dsno.solve` and the solver's registry hooks get)."""
         given = {**self.options, **({} if self.schedule is None else {"schedule": self.schedule})}
         return get_solver(self.name).resolve(self.order, given)[1]
 

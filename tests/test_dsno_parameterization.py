@@ -9,7 +9,7 @@ from dsno.errors import UserFileNotFoundError
 from dsno.nn import DSNO, TemporalConv, build_dsno, set_temporal_impl, validate_config
 from dsno.nn.parameterization import coefficients
 from dsno.schedules import VPSchedule
-from dsno.solvers import sample, timesteps
+from dsno.solvers import solve, timesteps
 from dsno.teachers.base import convert
 
 TIMES = [0.5625, 0.25, 0.0625, 0.001]
@@ -122,7 +122,7 @@ def test_denoised_coefficients_are_the_ddim_map_of_the_teachers_reading(predicti
 def _solve(teacher, x_T, steps):
     grid = timesteps(teacher.schedule, steps=steps, spacing="logsnr", t_end=TIMES[-1])
     with torch.no_grad():
-        return sample(teacher, x_T, grid, solver="dpm_solver_pp", order=3).float()
+        return solve(teacher, x_T, grid, solver="dpm_solver_pp", order=3).float()
 
 
 class ExactNet(torch.nn.Module):

@@ -237,8 +237,8 @@ def test_sample_checks_x_T_against_the_teacher(x_T, message):
     teacher = _shaped_teacher()
     ts = dsno.timesteps(teacher.schedule, steps=2)
     with pytest.raises(InputError, match=message):
-        dsno.sample(teacher, x_T, ts, solver="ddim")
-    good = dsno.sample(teacher, torch.randn(2, 1, 16, 16), ts, solver="ddim")
+        dsno.solve(teacher, x_T, ts, solver="ddim")
+    good = dsno.solve(teacher, torch.randn(2, 1, 16, 16), ts, solver="ddim")
     assert good.shape == (2, 1, 16, 16) and bool(torch.isfinite(good).all())
 
 

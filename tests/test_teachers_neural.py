@@ -226,14 +226,14 @@ def test_shipped_teacher_matches_its_record():
 def test_float64_solve_of_a_float32_network_matches_the_all_float64_solve():
     """Eval's reference solves a network teacher in float64 with the network left in float32: its
     rounding must stay far below the reference's own step error (60 against 240 steps: about 7e-3)."""
-    from dsno.solvers import sample, timesteps
+    from dsno.solvers import solve, timesteps
     teacher = load_unet_teacher()
     x_T = torch.randn(4, *teacher.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     grid = timesteps(teacher.schedule, steps=20, spacing="logsnr", t_end=1e-3)
     with torch.no_grad():
-        mixed = sample(teacher, x_T, grid, solver="dpm_solver_pp", order=3)
+        mixed = solve(teacher, x_T, grid, solver="dpm_solver_pp", order=3)
         teacher.double()
-        full = sample(teacher, x_T, grid, solver="dpm_solver_pp", order=3)
+        full = solve(teacher, x_T, grid, solver="dpm_solver_pp", order=3)
     assert mixed.dtype == full.dtype == torch.float64
     gap = float((mixed - full).square().mean().sqrt())
     assert 0 < gap < 1e-5

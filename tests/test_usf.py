@@ -54,11 +54,11 @@ def test_schedule_equals_named_solver(teacher_fn, steps, name, order, opts):
     teacher = teacher_fn()
     x = torch.randn(6, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ts = timesteps(teacher.schedule, steps=steps, spacing="time_quadratic")
-    want = dsno.sample(teacher, x, ts, solver=name, order=order, **opts)
+    want = dsno.solve(teacher, x, ts, solver=name, order=order, **opts)
     sched = usf.from_solver(name, ts, order, **dict(opts))
-    got = dsno.sample(teacher, x, solver="usf", schedule=sched)
+    got = dsno.solve(teacher, x, solver="usf", schedule=sched)
     assert float((got - want).abs().max()) < 1e-10
-    traj = dsno.sample(teacher, x, solver="usf", schedule=sched, return_trajectory=True)
+    traj = dsno.solve(teacher, x, solver="usf", schedule=sched, return_trajectory=True)
     assert traj.shape == (steps + 1, *x.shape) and torch.equal(traj[-1], got)
     assert nfe("usf", steps, schedule=sched) == nfe(name, steps, order=order, **opts) == sched.nfe
 
@@ -91,7 +91,7 @@ def test_adams_corrector_raises_the_order_on_a_single_gaussian():
             sched = Schedule(ts=base.ts, steps=tuple(replace(st, corrector=corr if i < steps - 1 else "none")
                                                      for i, st in enumerate(base.steps))).declared()
             assert sched.cost == steps
-            errs[corr, steps] = float((dsno.sample(teacher, x, solver="usf", schedule=sched) - exact).abs().max())
+            errs[corr, steps] = float((dsno.solve(teacher, x, solver="usf", schedule=sched) - exact).abs().max())
     assert all(errs["pseudo", n] < errs["none", n] for n in (8, 16, 32))
     order = {c: math.log2(errs[c, 16] / errs[c, 32]) for c in ("none", "pseudo")}
     assert 1.6 < order["none"] < 2.1 and order["pseudo"] > order["none"] + 0.7, order
@@ -108,8 +108,8 @@ def test_yaml_round_trip(tmp_path):
     assert yaml.safe_load(p.read_text())["nfe"] == 4
     assert usf.load(usf.to_dict(back)) == s
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
-    assert torch.equal(dsno.sample(mixture(), x, solver="usf", schedule=str(p)),
-                       dsno.sample(mixture(), x, solver="usf", schedule=s))
+    assert torch.equal(dsno.solve(mixture(), x, solver="usf", schedule=str(p)),
+                       dsno.solve(mixture(), x, solver="usf", schedule=s))
     assert steps_for_nfe("usf", 4, schedule=s) == 5
 
 
@@ -123,7 +123,7 @@ def test_afs_saves_one_evaluation_and_uses_the_mean():
     for afs, cost in (("none", 6), ("zero", 5), ("mean", 5)):
         calls.clear()
         s = Schedule(ts=base.ts, steps=base.steps, afs=afs).declared()
-        dsno.sample(teacher, torch.randn(4, 1, 4, 4, dtype=torch.float64), solver="usf", schedule=s)
+        dsno.solve(teacher, torch.randn(4, 1, 4, 4, dtype=torch.float64), solver="usf", schedule=s)
         assert len(calls) == cost == s.nfe
     mean = usf.data_mean(teacher)
     w = teacher.log_weights.exp()
@@ -139,7 +139,7 @@ def test_schedule_converges_on_single_gaussian():
         ts = timesteps(teacher.schedule, steps=n, spacing="logsnr")
         exact = teacher.ode_solution(x, float(ts[0]), float(ts[-1]))
         s = usf.from_solver("unipc", ts, 3)
-        errs.append(float((dsno.sample(teacher, x, solver="usf", schedule=s) - exact).abs().max()))
+        errs.append(float((dsno.solve(teacher, x, solver="usf", schedule=s) - exact).abs().max()))
     assert math.log2(errs[0] / errs[1]) > 2.5
 
 
@@ -191,16 +191,16 @@ def test_bad_use_one_line(tmp_path):
     teacher = mixture()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
     with pytest.raises(ScheduleError, match=r"schedule file .*missing\.yaml does not exist"):
-        dsno.sample(teacher, x, solver="usf", schedule=str(tmp_path / "missing.yaml"))
+        dsno.solve(teacher, x, solver="usf", schedule=str(tmp_path / "missing.yaml"))
     with pytest.raises(ScheduleError, match="solver 'usf' needs schedule=PATH"):
-        dsno.sample(teacher, x, solver="usf")
+        dsno.solve(teacher, x, solver="usf")
     s = usf.from_solver("unipc", timesteps(teacher.schedule, steps=5), 3)
     with pytest.raises(ScheduleError, match="differs from the schedule's timesteps"):
-        dsno.sample(teacher, x, timesteps(teacher.schedule, steps=6), solver="usf", schedule=s)
+        dsno.solve(teacher, x, timesteps(teacher.schedule, steps=6), solver="usf", schedule=s)
     with pytest.raises(ScheduleError, match="uses Taylor order 3, above order=2"):
-        dsno.sample(teacher, x, solver="usf", order=2, schedule=s)
+        dsno.solve(teacher, x, solver="usf", order=2, schedule=s)
     (tmp_path / "junk.yaml").write_text("nfe: [1\n")
     with pytest.raises(ScheduleError, match="not valid YAML"):
         usf.load(tmp_path / "junk.yaml")
     with pytest.raises(ValueError, match="needs a grid ts"):
-        dsno.sample(teacher, x, solver="ddim")
+        dsno.solve(teacher, x, solver="ddim")

@@ -79,8 +79,8 @@ def test_reference_of_a_network_teacher_keeps_its_float32_network_and_a_float64_
     assert ref.dtype == torch.float64 and next(teacher.parameters()).dtype == torch.float32
     grid = timesteps(teacher.schedule, steps=20, spacing="logsnr", t_end=1e-3)
     with torch.no_grad():
-        assert torch.equal(ref, dsno.sample(teacher, x.double(), grid, solver="dpm_solver_pp", order=3))
-        all64 = dsno.sample(teacher.double(), x.double(), grid, solver="dpm_solver_pp", order=3)
+        assert torch.equal(ref, dsno.solve(teacher, x.double(), grid, solver="dpm_solver_pp", order=3))
+        all64 = dsno.solve(teacher.double(), x.double(), grid, solver="dpm_solver_pp", order=3)
     gap = float((ref - all64).abs().max())
     assert 0.0 < gap < 1e-4, gap
     assert torch.equal(loop.reference(teacher, x, 1e-3, 20, cache), ref)
@@ -225,7 +225,7 @@ def test_data_gen_makes_trajectories_with_a_schedule(tiny_run, tmp_path):
     solve = trajectories.make_solve(teacher, rc.solver, grid, times)
     x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     states = solve(x)
-    direct = dsno.sample(teacher, x.double(), solver="usf", schedule=s, return_trajectory=True)
+    direct = dsno.solve(teacher, x.double(), solver="usf", schedule=s, return_trajectory=True)
     idx = [s.ts.index(t) for t in times]
     assert states.shape == (3, 4, 1, 16, 16)
     assert torch.allclose(states, direct[idx].transpose(0, 1).float())
@@ -282,7 +282,7 @@ def own_grid_solver():
             raise OptionError("options.scale", options["scale"], "must be 1.0 for this run")
 
     def own_grid(teacher, x, ts, *, order=1, return_trajectory=False, scale=1.0):
-        return dsno.sample(teacher, x * scale, ts, solver="euler", return_trajectory=return_trajectory)
+        return dsno.solve(teacher, x * scale, ts, solver="euler", return_trajectory=return_trajectory)
 
     register("own_grid", orders=(1,), cost=lambda steps, order, options: steps, cost_rule="1 per step",
              grid=lambda options: ts, fingerprint=lambda options: {"grid_id": f"six-{options['scale']}"},
@@ -304,7 +304,7 @@ def test_the_stages_use_a_solvers_own_grid_fingerprint_and_checks(tiny_run, own_
     assert solver_spec(rc.solver) == {"name": "own_grid", "order": 1, "steps": 12, "spacing": "logsnr",
                                       "t_end": 0.001, "options": {}, "grid_id": "six-1.0"}
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    direct = dsno.sample(teacher, x.double(), torch.tensor(own_grid_solver, dtype=torch.float64), solver="euler",
+    direct = dsno.solve(teacher, x.double(), torch.tensor(own_grid_solver, dtype=torch.float64), solver="euler",
                          return_trajectory=True)
     idx = [own_grid_solver.index(t) for t in times]
     assert torch.allclose(make_solve(teacher, rc.solver, grid, times)(x), direct[idx].transpose(0, 1).float())

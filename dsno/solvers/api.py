@@ -1,4 +1,4 @@
-"""`sample`: run any registered solver on a teacher from noise x_T along a grid."""
+"""`solve`: run any registered solver on a teacher from noise x_T along a grid."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from dsno.solvers.registry import get
 from dsno.teachers.conditional import bind
 
 
-def sample(teacher, x_T: torch.Tensor, ts: Any = None, solver: str = "dpm_solver_pp", order: int | None = None,
-           return_trajectory: bool | Sequence[int] = False, cond: Any = None, **options: Any) -> torch.Tensor:
+def solve(teacher, x_T: torch.Tensor, ts: Any = None, solver: str = "dpm_solver_pp", order: int | None = None,
+          return_trajectory: bool | Sequence[int] = False, cond: Any = None, **options: Any) -> torch.Tensor:
     """Solve the teacher's probability-flow ODE (or reverse SDE) from x_T at ts[0] along ts.
 
     teacher: a dsno Teacher (eps / x0 / v prediction, continuous or discrete time).

@@ -248,7 +248,7 @@ def save(s: Schedule, path: "str | os.PathLike") -> Path:
 
 def from_solver(name: str, ts: Sequence[float], order: int = 3, **options: Any) -> Schedule:
     """The schedule of a fixed multistep solver on grid ts (the same result as
-    `sample(..., solver=name, order=order, **options)`): ddim; dpm_solver_pp (multistep,
+    `solve(..., solver=name, order=order, **options)`): ddim; dpm_solver_pp (multistep,
     solver_type midpoint / heun, lower_order_final); unipc (variant, use_corrector, predict_x0,
     lower_order_final); deis (variant="logrho", lower_order_final); ipndm (lower_order_final)."""
     ts = tuple(float(t) for t in (ts.tolist() if isinstance(ts, torch.Tensor) else ts))

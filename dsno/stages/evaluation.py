@@ -31,7 +31,7 @@ from dsno.errors import UserError, UserFileNotFoundError
 from dsno.progress import counter
 from dsno.run_files import CHECKPOINT_DIR, TRAIN_TIME_FILE
 from dsno.sampler import load_sampler
-from dsno.solvers import get, nfe as nfe_of, sample, steps_for_nfe, timesteps
+from dsno.solvers import get, nfe as nfe_of, solve, steps_for_nfe, timesteps
 from dsno.solvers.reference import calls_per_batch, describe, reference_solve, rmse
 from dsno.solvers.usf import NAME, ScheduleError, load
 from dsno.stages.report import write_report
@@ -422,7 +422,7 @@ def method_call(setup: Setup, p: Planned) -> Method:
     if p.stochastic:
         options["generator"] = torch.Generator(setup.device).manual_seed(rc.eval.seed + 1)
     dtype = teacher.solve_dtype
-    return lambda x, y: sample(teacher, prior_state(teacher, x.to(dtype)), grid, solver=p.solver, cond=y,
+    return lambda x, y: solve(teacher, prior_state(teacher, x.to(dtype)), grid, solver=p.solver, cond=y,
                                **options)[:, :c].float()
 
 

@@ -13,7 +13,7 @@ from dsno.checks import fail
 from dsno.config import RunConfig, SolverConfig
 from dsno.data import generate_dataset
 from dsno.data.generate import LABELS, label_rule
-from dsno.solvers import get as get_solver, sample
+from dsno.solvers import get as get_solver, solve
 from dsno.teachers.base import Teacher
 from dsno.teachers.conditional import teacher_class_weights
 
@@ -49,14 +49,14 @@ def make_solve(teacher: Teacher, sc: SolverConfig, grid: torch.Tensor, times: li
     autocast = dtype == torch.float32 and precision == "bf16"
 
     @torch.no_grad()
-    def solve(x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def solve_batch(x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = prior_state(teacher, x_T.to(device=device, dtype=dtype))
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-            traj = sample(teacher, x, grid, solver=sc.name, order=sc.order, return_trajectory=idx, cond=labels,
+            traj = solve(teacher, x, grid, solver=sc.name, order=sc.order, return_trajectory=idx, cond=labels,
                           **sc.solve_options())
         return traj.transpose(0, 1).to(torch.float32).cpu()
 
-    return solve
+    return solve_batch
 
 
 def fingerprint(rc: RunConfig, teacher: Teacher, grid: torch.Tensor, shape: tuple[int, ...]) -> dict[str, Any]:

@@ -131,8 +131,8 @@ def main() -> None:
               f"batch {a.gen_batch}; {ours_ips / peer_ips:.2f}x diffusers; max |bf16 - fp32| / max |fp32| = {agree:.2e}")]
 
     # 2. one-pass DSNO sampler on that backbone
-    config = {"format_version": 1, "backbone": diffusers_backbone_spec(unet), "time_input": {"discrete": 1000},
-              "times": TIMES, "modes": 2, "skip": [0.0] * 4, "image_shape": list(shape), "data_range": [-1, 1],
+    config = {"format_version": 2, "backbone": diffusers_backbone_spec(unet), "time_input": {"discrete": 1000},
+              "times": TIMES, "modes": 2, "skip": [0.0] * 4, "state_shape": list(shape), "data_range": [-1, 1],
               "schedule": schedule.to_dict()}
     student = build_dsno(config).to(dev).eval().to(memory_format=torch.channels_last)
     with torch.no_grad():

@@ -129,7 +129,7 @@ def student_config(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> S
     records = ({"process": teacher.process.to_dict(), "data_channels": teacher.data_channels} if teacher.augmented
                else {"schedule": teacher.schedule.to_dict()})
     return SamplerConfig(backbone=backbone, time_input=time_input, times=tuple(float(t) for t in rc.data.times),
-                         modes=rc.model.modes, **output_parameterization(rc, teacher), image_shape=tuple(shape),
+                         modes=rc.model.modes, **output_parameterization(rc, teacher), state_shape=tuple(shape),
                          experiment=rc.experiment, num_classes=num_classes, **records)
 
 

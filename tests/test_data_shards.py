@@ -151,7 +151,7 @@ def test_a_format_version_1_manifest_reads_its_sample_shape_as_state_shape(tmp_p
     old = Manifest.from_dict({**d, "format_version": 1, "fingerprint": fp})
     assert old.state_shape == m.state_shape == (2, 3, 3) and old.fingerprint == m.fingerprint
     assert old.to_dict()["format_version"] == 2 and "sample_shape" not in old.to_dict()["fingerprint"]
-    with pytest.raises(DatasetError, match=r"^manifest: the fingerprint key 'sample_shape' is named 'state_shape' "
+    with pytest.raises(DatasetError, match=r"^manifest fingerprint: key 'sample_shape' is named 'state_shape' "
                                            r"since format_version 2; rename it 'state_shape'$"):
         Manifest.from_dict({**d, "fingerprint": fp})
 

@@ -53,10 +53,10 @@ def test_set_temporal_impl_keeps_the_state_dict_and_rejects_unknown():
 # ------------------------------------------------------------------ build config
 
 def _config(**overrides):
-    base = {"format_version": 1, "backbone": {"type": "unet", "kwargs": {
+    base = {"format_version": 2, "backbone": {"type": "unet", "kwargs": {
         "in_channels": 1, "out_channels": 1, "image_size": 8, "base_channels": 8, "attn_resolutions": []}},
         "time_input": "continuous", "times": TIMES, "modes": 2, "skip": [0.1, 0.2, 0.3, 0.4],
-        "image_shape": [1, 8, 8]}
+        "state_shape": [1, 8, 8]}
     base.update(overrides)
     return base
 

@@ -467,8 +467,8 @@ def test_build_dsno_from_the_teachers_config_and_weights_starts_equal_to_it(tmp_
         write_folder(tmp_path)
         teacher = load_diffusers_teacher(tmp_path)
     times = [1.0, 0.5, 0.25, 0.025]
-    config = {"format_version": 1, "backbone": teacher.backbone_config, "time_input": teacher.time_input_spec,
-              "times": times, "modes": 2, "image_shape": list(teacher.shape), "schedule": teacher.schedule.to_dict()}
+    config = {"format_version": 2, "backbone": teacher.backbone_config, "time_input": teacher.time_input_spec,
+              "times": times, "modes": 2, "state_shape": list(teacher.shape), "schedule": teacher.schedule.to_dict()}
     model = build_dsno(json.loads(json.dumps(config))).eval()
     load_backbone_weights(model, teacher.network)
     x_T = torch.randn(2, *teacher.shape)

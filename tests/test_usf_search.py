@@ -257,6 +257,7 @@ def test_data_set_fingerprints_are_pinned(tiny_run, tmp_path):
     import hashlib
     import json
     from dsno.builders import build_teacher, state_shape
+    from dsno.data.manifest import Manifest, check_fingerprint
     from dsno.stages.trajectories import expected_fingerprint
     path, _, _ = _pinned_schedule(tmp_path, [0.5625, 0.25, 0.0625, 0.001])
     digests = {}
@@ -264,7 +265,10 @@ def test_data_set_fingerprints_are_pinned(tiny_run, tmp_path):
         rc = tiny_run(*extra)
         teacher = build_teacher(rc.teacher)
         fp = expected_fingerprint(rc, teacher, state_shape(teacher))
-        digests[name] = hashlib.sha256(json.dumps(fp).encode()).hexdigest()
+        v1 = {("sample_shape" if k == "state_shape" else k): v for k, v in fp.items()}    # format_version 1's names
+        digests[name] = hashlib.sha256(json.dumps(v1).encode()).hexdigest()
+        old = {"format_version": 1, "fingerprint": v1, "seed": 0, "num_trajectories": 1, "shard_size": 1, "shards": []}
+        check_fingerprint(Manifest.from_dict(old), fp)          # such a data set's manifest reads as this one
     assert fp["solver"]["schedule_sha256"] == "b501184099895c44"
     assert digests == {"default": "4005cdeb4627aee9ecd0f92ecbcdfc8a3865e62efec15bc59347046a8ab5e15e",
                        "usf": "adf9243fe8282426f0583eaa1fe37034559534458a0b71e89f21251ffcc2bf29"}

@@ -28,9 +28,10 @@ from typing import Any, Iterable, Mapping, Sequence
 from dsno.atomic import atomic_write_text
 from dsno.errors import UserError
 from dsno.jsonfile import excerpt, read_json_file
+from dsno.renamed import read_renamed_keys
 
 FORMAT_VERSION = 2
-RENAMED_FINGERPRINT_KEYS = {1: {"sample_shape": "state_shape"}}    # format_version -> {old key: new key}
+RENAMED_FINGERPRINT_KEYS = {"sample_shape": ("state_shape", 2)}    # old key -> (new key, the version that renamed it)
 MANIFEST_NAME = "manifest.json"
 ROLES = ("x_T", "states")
 LABELS = "labels"            # the class label of each trajectory: a role only of a conditional data set
@@ -217,13 +218,15 @@ class Manifest:
         if not isinstance(d, Mapping):
             raise DatasetError(f"{source}: expected a JSON object, got {type(d).__name__}")
         version = d.get("format_version")
-        if version not in (*RENAMED_FINGERPRINT_KEYS, FORMAT_VERSION):
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
             raise DatasetError(f"{source}: unsupported format_version {version!r}; "
                                f"this dsno reads format_version {FORMAT_VERSION} (and older)")
         for key in ("fingerprint", "seed", "num_trajectories", "shard_size", "shards"):
             if key not in d:
                 raise DatasetError(f"{source}: missing key {key!r}")
-        d = {**d, "fingerprint": _current_fingerprint_keys(d["fingerprint"], version, source)}
+        if isinstance(d["fingerprint"], Mapping):
+            d = {**d, "fingerprint": read_renamed_keys(d["fingerprint"], version, RENAMED_FINGERPRINT_KEYS,
+                                                       f"{source} fingerprint", DatasetError)}
         if not isinstance(d["shards"], list):
             raise DatasetError(f"{source}: 'shards' must be a list of shard records, not a JSON "
                                f"{type(d['shards']).__name__}")
@@ -245,20 +248,6 @@ class Manifest:
             raise DatasetError(f"{source}: marked complete but lists {len(m.shards)} of "
                                f"{m.num_shards} shards")
         return m
-
-
-def _current_fingerprint_keys(fingerprint: Any, version: int, source: str) -> Any:
-    """The fingerprint with the keys a manifest of `version` names by an older name read under their
-    current names; an older name in a current manifest is refused, naming the new one."""
-    if not isinstance(fingerprint, Mapping):
-        return fingerprint
-    renamed = RENAMED_FINGERPRINT_KEYS.get(version, {})
-    for versions in RENAMED_FINGERPRINT_KEYS.values():
-        for old, new in versions.items():
-            if old in fingerprint and old not in renamed:
-                raise DatasetError(f"{source}: the fingerprint key {old!r} is named {new!r} since "
-                                   f"format_version {max(RENAMED_FINGERPRINT_KEYS) + 1}; rename it {new!r}")
-    return {renamed.get(k, k): v for k, v in fingerprint.items()}
 
 
 def _parse_shard(s: Any, m: Manifest, source: str) -> ShardRecord:

@@ -268,8 +268,8 @@ class Setup:
     rc: RunConfig
     sampler: Any
     teacher: Any
-    shape: tuple[int, ...]
-    image_shape: tuple[int, ...]
+    state_shape: tuple[int, ...]       # a solver state (and a sampler's x_T): PSLD's [2C, H, W]
+    image_shape: tuple[int, ...]       # the data part of a state, the image FID and the grids see: [C, H, W]
     fidelity: dict[str, Any]
     device: str
     grid: torch.Tensor
@@ -347,8 +347,8 @@ def load_setup(rc: RunConfig, sampler_path: str | Path | None) -> Setup:
     shape, image_shape = state_shape(teacher), data_shape(teacher)     # a solver state; the data part of it
     check_prerequisites(rc, image_shape)
     fidelity = fidelity_plan(rc, image_shape)
-    if list(sampler.config.get("image_shape", shape)) != list(shape):
-        raise UserError(f"sampler at {sampler_path} makes images of shape {sampler.config['image_shape']}, "
+    if list(sampler.state_shape) != list(shape):
+        raise UserError(f"sampler at {sampler_path} makes images of shape {list(sampler.state_shape)}, "
                         f"the teacher of experiment {rc.experiment} {list(shape)}")
     if abs(sampler.times[-1] - rc.solver.t_end) > 1e-12:
         raise UserError(f"sampler's last time {sampler.times[-1]} differs from solver.t_end {rc.solver.t_end}")
@@ -361,7 +361,7 @@ def eval_inputs(setup: Setup) -> Inputs:
     """eval.num_samples noise draws from eval.seed, and for a conditional teacher their labels (`eval_labels`)."""
     rc = setup.rc
     n = rc.eval.num_samples
-    x_T = torch.randn(n, *setup.shape, generator=torch.Generator().manual_seed(rc.eval.seed))
+    x_T = torch.randn(n, *setup.state_shape, generator=torch.Generator().manual_seed(rc.eval.seed))
     return Inputs(x_T, eval_labels(rc, setup.teacher, n), rc.eval.batch_size, setup.device)
 
 

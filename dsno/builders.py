@@ -53,7 +53,7 @@ def solver_grid(teacher: Teacher, sc: SolverConfig, times: list[float]) -> torch
     so the output times are grid points without creating the tiny steps that merging two grids
     would (multistep methods lose accuracy on abrupt step-size ratios)."""
     spec = get_solver(sc.name)
-    if spec.grid is not None:                # a solver with its own grid (usf: its schedule's, checked to pass
+    if spec.grid is not None:                # a solver with its own grid (usf: its solver schedule's, checked to pass
         return torch.tensor(spec.grid(sc.solve_options()), dtype=torch.float64)    # through `times`)
     sched = teacher.grid_schedule
     if not sched.t_min - 1e-12 <= min(times) <= max(times) <= sched.T + 1e-12:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from dsno.atomic import prove_writable
-from dsno.config import check_run, compose, key_help, register_configs, validate
+from dsno.config import check_run, compose, key_help, register_configs, renamed_key_error, validate
 from dsno.errors import UserError, debug_requested, one_line, report_errors
 from dsno.stages.pipeline import make_data, run
 from dsno.teachers.registry import teacher_kinds
@@ -47,7 +47,7 @@ def prepare_cli(config_dir: str | os.PathLike, stage: str) -> None:
         return
     try:
         compose(*overrides, config_dir=config_dir)
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException, UserError) as e:
         if debug_requested():
             raise
         print(f"error: {composition_message(e)}", file=sys.stderr)
@@ -63,7 +63,7 @@ def print_help(config_dir: str | os.PathLike, overrides: list[str]) -> None:
             and script.is_relative_to(root) else script.name)
     try:
         cfg = compose(*overrides, config_dir=config_dir)
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException, UserError) as e:
         print(f"error: {composition_message(e)}", file=sys.stderr)
         sys.exit(2)
     experiments = sorted(p.stem for p in (Path(config_dir) / "experiment").glob("*.yaml"))
@@ -95,8 +95,15 @@ def _shown(value: Any, limit: int = 40) -> str:
 
 def composition_message(e: BaseException) -> str:
     """One line for a Hydra / OmegaConf composition error: what failed (the override) and why (the
-    schema's reason: a wrong type, a value outside an Enum's choices, an unknown key)."""
+    schema's reason: a wrong type, a value outside an Enum's choices, an unknown key); a renamed key
+    (dsno.config.RENAMED_KEYS), in an override or a config file, names its new name."""
+    if isinstance(e, UserError):
+        return one_line(e)
     cause = e.__cause__ or e.__context__
+    for error in (e, cause):
+        renamed = renamed_key_error(str(getattr(error, "full_key", "")))
+        if renamed is not None:
+            return one_line(renamed)
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
     head = lines[0].rstrip(".")
     if lines[1:] and lines[1].startswith("Available options in"):      # a group option that does not exist

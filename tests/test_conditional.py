@@ -114,9 +114,9 @@ def test_without_labels_a_teacher_is_solved_unchanged():
 
 def solve_with(name, teacher, x, **kw):
     spec = get(name)
-    if spec.grid is not None:                     # usf: a schedule of its own
+    if spec.grid is not None:                     # usf: a solver schedule of its own
         ts = timesteps(teacher.schedule, 6, spacing="time_quadratic")
-        return solve(teacher, x, solver=name, schedule=usf.from_solver("dpm_solver_pp", ts, 2), **kw)
+        return solve(teacher, x, solver=name, solver_schedule=usf.from_solver("dpm_solver_pp", ts, 2), **kw)
     opts = {"generator": torch.Generator().manual_seed(5)} if "generator" in spec.options else {}
     return solve(teacher, x, timesteps(teacher.schedule, 6), solver=name, **opts, **kw)
 

@@ -144,7 +144,7 @@ def test_untrusted_manifest_cannot_point_outside(tmp_path):
         load_manifest(tmp_path)
 
 
-def test_a_format_version_1_manifest_reads_its_sample_shape_as_state_shape(tmp_path):
+def test_a_format_version_1_manifest_reads_its_old_key_names_as_the_new_ones(tmp_path):
     m, _, _ = write_toy_dataset(tmp_path)
     d = m.to_dict()
     fp = {("sample_shape" if k == "state_shape" else k): v for k, v in d["fingerprint"].items()}
@@ -154,6 +154,13 @@ def test_a_format_version_1_manifest_reads_its_sample_shape_as_state_shape(tmp_p
     with pytest.raises(DatasetError, match=r"^manifest fingerprint: key 'sample_shape' is named 'state_shape' "
                                            r"since format_version 2; rename it 'state_shape'$"):
         Manifest.from_dict({**d, "fingerprint": fp})
+    solver = {**d["fingerprint"]["solver"], "schedule_sha256": "b501184099895c44"}     # a usf data set's entry
+    old = Manifest.from_dict({**d, "format_version": 1, "fingerprint": {**fp, "solver": solver}})
+    assert old.fingerprint["solver"]["solver_schedule_sha256"] == "b501184099895c44"
+    assert "schedule_sha256" not in old.fingerprint["solver"]
+    with pytest.raises(DatasetError, match=r"^manifest fingerprint.solver: key 'schedule_sha256' is named "
+                                           r"'solver_schedule_sha256' since format_version 2; rename it"):
+        Manifest.from_dict({**d, "fingerprint": {**d["fingerprint"], "solver": solver}})
 
 
 def test_missing_dataset_says_how_to_make_it(tmp_path):

@@ -137,8 +137,8 @@ def test_search_keys_and_budget_are_checked_by_the_search_entry_before_writing(t
               "config error: search.pin_times=[0.5, 0.3, 0.2]: 3 pinned times need nfe >= 4"),
              (["search.seed=-5"], "config error: search.seed=-5: must be an integer >= 0"),
              (["search.batch=100000000000"], "config error: search.batch=100000000000: must be at most 65,536"),
-             ([f"search.out={tmp_path}/a-file/schedules"],
-              f"config error: search.out='{tmp_path}/a-file/schedules': cannot be made: {tmp_path}/a-file is a file")]
+             ([f"search.out={tmp_path}/a-file/solver_schedules"],
+              f"config error: search.out='{tmp_path}/a-file/solver_schedules': cannot be made: {tmp_path}/a-file is a file")]
     (tmp_path / "a-file").write_text("")
     for overrides, message in cases:
         line = preflight_error("search", run, *overrides, capsys=capsys, preflight=SearchPreflight,

@@ -179,7 +179,7 @@ MIXTURE = [
 
 
 def test_mixture_cases_cover_every_ode_solver():
-    # usf carries its own grid (a schedule per step); tests/test_usf.py checks it against these solvers
+    # usf carries its own grid (a solver schedule); tests/test_usf.py checks it against these solvers
     assert {c[0] for c in MIXTURE} == {n for n in available() if not get(n).stochastic and get(n).grid is None}
 
 

@@ -1,8 +1,8 @@
 """The manifest of a trajectory data set: what was generated (fingerprint) and which shards are whole.
 
 A data set is a folder holding `manifest.json` and shard files (see `dsno.data.shards`).
-The manifest is JSON, `format_version` 2 (version 1 named the fingerprint's `state_shape` `sample_shape`;
-such a manifest still reads, its key read as `state_shape`):
+The manifest is JSON, `format_version` 2 (version 1 named the fingerprint's `state_shape` `sample_shape`
+and its solver's `solver_schedule_sha256` `schedule_sha256`; such a manifest still reads, under the new names):
 
     fingerprint   {teacher, solver, grid, times, state_shape, dtype, ...}: what the data means
     seed, num_trajectories, shard_size: which trajectories (noise of trajectory g depends on (seed, g))
@@ -32,6 +32,7 @@ from dsno.renamed import read_renamed_keys
 
 FORMAT_VERSION = 2
 RENAMED_FINGERPRINT_KEYS = {"sample_shape": ("state_shape", 2)}    # old key -> (new key, the version that renamed it)
+RENAMED_SOLVER_KEYS = {"schedule_sha256": ("solver_schedule_sha256", 2)}    # the same, in fingerprint.solver (usf)
 MANIFEST_NAME = "manifest.json"
 ROLES = ("x_T", "states")
 LABELS = "labels"            # the class label of each trajectory: a role only of a conditional data set
@@ -225,8 +226,12 @@ class Manifest:
             if key not in d:
                 raise DatasetError(f"{source}: missing key {key!r}")
         if isinstance(d["fingerprint"], Mapping):
-            d = {**d, "fingerprint": read_renamed_keys(d["fingerprint"], version, RENAMED_FINGERPRINT_KEYS,
-                                                       f"{source} fingerprint", DatasetError)}
+            fingerprint = read_renamed_keys(d["fingerprint"], version, RENAMED_FINGERPRINT_KEYS, f"{source} fingerprint",
+                                            DatasetError)
+            if isinstance(fingerprint.get("solver"), Mapping):
+                fingerprint["solver"] = read_renamed_keys(fingerprint["solver"], version, RENAMED_SOLVER_KEYS,
+                                                          f"{source} fingerprint.solver", DatasetError)
+            d = {**d, "fingerprint": fingerprint}
         if not isinstance(d["shards"], list):
             raise DatasetError(f"{source}: 'shards' must be a list of shard records, not a JSON "
                                f"{type(d['shards']).__name__}")

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from dsno.builders import build_teacher, state_shape
 from dsno.cli import Preflight
 from dsno.config import check_run, check_search, validate
+from dsno.run_files import solver_schedules_dir
 from dsno.search.loop import search
 from dsno.stages.trajectories import class_weights
 
@@ -57,7 +58,7 @@ def run(cfg: DictConfig) -> dict:
     if sc.threads:
         torch.set_num_threads(sc.threads)
     teacher = build_teacher(rc.teacher)
-    out = Path(sc.out) if sc.out else Path(rc.run_dir) / "schedules"
+    out = Path(sc.out) if sc.out else solver_schedules_dir(rc.run_dir)
     result = search(teacher, nfe, sc, out, rc.solver.t_end, teacher.solve_dtype,
                     shape=state_shape(teacher), class_weights=label_weights(rc, teacher))
     c = result["cost"]

@@ -5,7 +5,7 @@
     nfe("heun", 10) == 20; steps_for_nfe("dpm_solver", 9, order=3) == 3
 
 Solvers (`available()`): ddim, deis (tab / logrho / rhoab / rhork), ipndm, dpm_solver,
-dpm_solver_pp, unipc (bh1 / bh2), euler, heun, usf (per-step schedules, `dsno.solvers.usf`), and the
+dpm_solver_pp, unipc (bh1 / bh2), euler, heun, usf (per-step solver schedules, `dsno.solvers.usf`), and the
 stochastic ddpm, sde_dpm_solver_pp. For augmented processes (PSLD; `available("augmented")`,
 `dsno.solvers.psld`, `dsno.solvers.psld_splitting`): augmented_euler, augmented_euler_maruyama, lambda_ddim
 (variant I / II), sscs, nvv, rvv, noba, roba, csps_d, sps_s, csps_s.

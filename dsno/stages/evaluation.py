@@ -3,7 +3,7 @@ teacher, the same labels under its guidance), scored against a float64 reference
 teacher's ODE, with torch-fidelity and, for digits, the digit classifier's label accuracy; a report out.
 
 `run` is a straight line of named steps: load_setup -> eval_inputs -> cost_unit -> solve_reference ->
-the Planned runs (dsno_run, teacher_run, solver_runs, schedule_runs) -> run_methods (a MethodRun each,
+the Planned runs (dsno_run, teacher_run, solver_runs, solver_schedule_runs) -> run_methods (a MethodRun each,
 whose row() is its line of metrics.json) -> FID -> eval_result -> publish."""
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from dsno.data.generate import trajectory_labels
 from dsno.data.manifest import load_manifest
 from dsno.errors import UserError, UserFileNotFoundError
 from dsno.progress import counter
-from dsno.run_files import CHECKPOINT_DIR, TRAIN_TIME_FILE
+from dsno.run_files import CHECKPOINT_DIR, TRAIN_TIME_FILE, solver_schedules_dir
 from dsno.sampler import load_sampler
 from dsno.solvers import get, nfe as nfe_of, solve, steps_for_nfe, timesteps
 from dsno.solvers.reference import calls_per_batch, describe, reference_solve, rmse
-from dsno.solvers.usf import NAME, ScheduleError, load
+from dsno.solvers.usf import NAME, OPTION as SOLVER_SCHEDULE, SolverScheduleError, load
 from dsno.stages.report import write_report
 from dsno.teachers.conditional import bind, teacher_class_weights
 from dsno.teachers.registry import teacher_kinds
@@ -177,22 +177,22 @@ def solver_runs(rc: RunConfig) -> list[Planned]:
     return runs
 
 
-def schedule_runs(rc: RunConfig) -> list[Planned]:
-    """One entry per USF schedule in <run_dir>/schedules/*.yaml (python -m dsno.search): method
-    "usf <file stem>", the schedule, its NFE; or, for one that can't run here, why."""
+def solver_schedule_runs(rc: RunConfig) -> list[Planned]:
+    """One entry per USF solver schedule in <run_dir>/solver_schedules/*.yaml (python -m dsno.search): method
+    "usf <file stem>", the solver schedule, its NFE; or, for one that can't run here, why."""
     runs = []
-    for path in sorted((Path(rc.run_dir) / "schedules").glob("*.yaml")):
+    for path in sorted(solver_schedules_dir(rc.run_dir).glob("*.yaml")):
         method = f"{NAME} {path.stem}"
         try:
             s = load(path)
-        except ScheduleError as e:
+        except SolverScheduleError as e:
             runs.append(Planned(method, None, skipped=str(e)))
             continue
         if abs(s.ts[-1] - rc.solver.t_end) > 1e-12:
             runs.append(Planned(method, s.cost, skipped=f"ends at t={s.ts[-1]:g}, not solver.t_end={rc.solver.t_end:g}"))
             continue
-        runs.append(Planned(method, s.cost, solver=NAME, options={"schedule": s},
-                            grid=torch.tensor(s.ts, dtype=torch.float64), extra={"note": f"searched schedule {path}"}))
+        runs.append(Planned(method, s.cost, solver=NAME, options={SOLVER_SCHEDULE: s},
+                            grid=torch.tensor(s.ts, dtype=torch.float64), extra={"note": f"searched solver schedule {path}"}))
     return runs
 
 
@@ -325,7 +325,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     inputs = eval_inputs(setup)
     unit = cost_unit(setup, inputs)
     reference = solve_reference(setup, inputs, unit)
-    plans = [dsno_run(setup.sampler), teacher_run(rc, setup.grid), *solver_runs(rc), *schedule_runs(rc)]
+    plans = [dsno_run(setup.sampler), teacher_run(rc, setup.grid), *solver_runs(rc), *solver_schedule_runs(rc)]
     runs = run_methods(setup, inputs, reference, unit, plans)
     rows = [r.row() for r in runs]
     finals = {"reference": reference.samples, **{r.key: r.samples for r in runs if r.samples is not None}}

@@ -20,7 +20,7 @@ from dsno.teachers.conditional import teacher_class_weights
 
 def solver_spec(sc: SolverConfig) -> dict[str, Any]:
     """The teacher solve's part of the data set's fingerprint, with the solver's own entries (usf: its
-    schedule's hash)."""
+    solver schedule's hash)."""
     spec = {"name": sc.name, "order": sc.order, "steps": sc.steps, "spacing": sc.spacing,
             "t_end": sc.t_end, "options": dict(sc.options)}
     solver = get_solver(sc.name)

@@ -636,14 +636,29 @@ def _check_strategy_and_precision(t: TrainerConfig, on_gpu: bool) -> None:
               f"Lightning refuses this setup: {reason}")
 
 
-# The stages each entry point reaches: train.py makes the data when missing, trains, exports, evaluates.
-STAGES = {"data": ("data",), "train": ("data", "train", "export", "eval"), "eval": ("eval",),
+# The stages each entry point reaches: train.py runs the pipeline (makes the data when missing, trains, exports,
+# evaluates).
+STAGES = {"data": ("data",), "pipeline": ("data", "train", "export", "eval"), "eval": ("eval",),
           "search": ("search",)}
+
+
+RENAMED_STAGES = {"train": "pipeline"}     # an entry point's old stage name -> its new one
+
+
+def check_stage(stage: str) -> None:
+    """`stage` names an entry point's stage (a key of STAGES); else ValueError, naming the new name of a
+    renamed one ("train" meant train.py's whole pipeline; the training stage proper is one step of it)."""
+    if stage in RENAMED_STAGES:
+        raise ValueError(f"stage {stage!r} was renamed: use {RENAMED_STAGES[stage]!r} (train.py's whole run: "
+                         f"{', '.join(STAGES[RENAMED_STAGES[stage]])})")
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}")
 
 
 def check_run(c: RunConfig, stage: str) -> None:
     """Before `stage` (a key of STAGES) writes anything: the values of every stage it reaches that this
     machine and its files decide (hardware, weights files, writable folders). ConfigError (one line)."""
+    check_stage(stage)
     reached = STAGES[stage]
     if set(reached) & {"data", "train", "eval"}:       # each of them is a W&B run (or CSV log)
         _check_logger(c.logger)

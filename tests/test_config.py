@@ -72,7 +72,7 @@ def test_a_renamed_key_is_refused_in_one_line_naming_the_new_one(tmp_path, monke
         assert composition_message(e.value) == line
         monkeypatch.setattr(sys, "argv", ["train.py", f"{old}=x.yaml"])
         with pytest.raises(SystemExit) as exit_:
-            prepare_cli(CONF, "train")
+            prepare_cli(CONF, "pipeline")
         assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {line}\n"
 
 

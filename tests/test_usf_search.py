@@ -261,7 +261,7 @@ def test_a_run_folder_with_the_old_schedules_folder_is_refused_before_eval_or_se
     usf.save(usf.from_solver("ddim", timesteps(mixture().schedule, steps=3), 1), old / "nfe3.yaml")
     line = (rf"^{old} is the old name of the folder of solver schedules: rename it "
             rf"\(mv {old} {Path(rc.run_dir) / 'solver_schedules'}\)$")
-    for check in (lambda: check_run(rc, "eval"), lambda: check_run(rc, "train"), lambda: check_run(rc, "search"),
+    for check in (lambda: check_run(rc, "eval"), lambda: check_run(rc, "pipeline"), lambda: check_run(rc, "search"),
                   lambda: solver_schedule_runs(rc)):
         with pytest.raises(UserError, match=line):
             check()

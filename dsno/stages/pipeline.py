@@ -1,5 +1,6 @@
-"""The stages composed: data (made when missing) -> train -> export -> eval, each stage its own
-W&B run of the experiment's group. `python train.py` runs all four."""
+"""The pipeline: the stages composed, data (made when missing) -> train -> export -> eval, each stage
+its own W&B run of the experiment's group. `python train.py` runs the pipeline; "train" is its
+training stage only."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def check_student_source(rc: RunConfig, teacher) -> None:
 
 
 def run(rc: RunConfig, config: dict[str, Any] | None = None, through: str = "eval") -> Path:
-    """Run the stages up to and including `through` (train | export | eval); returns the run dir.
+    """Run the pipeline's stages up to and including `through` (train | export | eval); returns the run dir.
     The trajectories are made first when missing or incomplete (or with data.repair=true). Stages
     already complete for this config are not run again (force=true: export and eval are).
     config: the composed config, recorded in each stage's W&B run."""

@@ -284,6 +284,9 @@ class TrainConfig:
     select: str = doc_field("best_val", "the EMA weights kept for export: best_val (those of the validation with the "
                             "lowest val/rmse_final on held-out trajectories) or last (those of the last step)")
     weight_decay: float = doc_field(0.0, "AdamW's decoupled weight decay (0: plain Adam)")
+    fresh_per_step: int = doc_field(0, "of each step's train.batch_size trajectories, how many are fresh teacher "
+                                    "solves on the training device (trajectories past data.num_trajectories, never "
+                                    "stored nor held out; 0: stored ones only)")
 
     def __post_init__(self) -> None:
         from dsno.training.validation import SELECT  # deferred: loads Lightning only when used
@@ -300,6 +303,8 @@ class TrainConfig:
         in_range("train.grad_clip", self.grad_clip, 0.0, 1e12)
         choice("train.select", self.select, SELECT)
         in_range("train.weight_decay", self.weight_decay, 0.0, 1e3)
+        count("train.fresh_per_step", self.fresh_per_step, self.batch_size, f"the fresh trajectories are part of "
+              f"each step's train.batch_size={self.batch_size}", lo=0)
 
 
 @dataclass
@@ -606,15 +611,21 @@ def check_trainer_hardware(c: RunConfig) -> None:
     world = count * t.num_nodes
     n = c.data.num_trajectories
     train_size = n - (0 if c.data.val_fraction == 0 else max(1, round(n * c.data.val_fraction)))
-    batches = train_size // c.train.batch_size
+    fresh = c.train.fresh_per_step
+    stored = c.train.batch_size - fresh         # stored trajectories a step; 0: the train split is not read
+    if stored == 0:
+        return
+    batches = train_size // stored
+    less = f" less train.fresh_per_step={fresh}" if fresh else ""
     if batches == 0:
-        fail("train.batch_size", c.train.batch_size, f"exceeds the {train_size} training trajectories of "
-              f"data.num_trajectories={n} (data.val_fraction={c.data.val_fraction:g} held out); use at most "
-              f"{train_size} or make more trajectories")
+        what = f"less train.fresh_per_step={fresh} leaves {stored} stored trajectories a step, which" if fresh else ""
+        fail("train.batch_size", c.train.batch_size, f"{what}{' ' if fresh else ''}exceeds the {train_size} training "
+              f"trajectories of data.num_trajectories={n} (data.val_fraction={c.data.val_fraction:g} held out); use "
+              f"at most {train_size + fresh} or make more trajectories")
     if batches < world:
         fail("trainer.devices", devices, f"{world} ranks need at least {world} training batches, but "
               f"data.num_trajectories={c.data.num_trajectories} gives {batches} of train.batch_size="
-              f"{c.train.batch_size}; make more trajectories or use fewer devices")
+              f"{c.train.batch_size}{less}; make more trajectories or use fewer devices")
 
 
 def _check_strategy_and_precision(t: TrainerConfig, on_gpu: bool) -> None:

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from dsno.stages.report import verdict_lines, write_report
+from dsno.stages.report import teacher_lines, teacher_ratio, verdict_lines, write_report
 
 
 def row(method, nfe, rmse, fid, ms, cost=None, spread=0.1, **extra):
@@ -61,6 +61,18 @@ def test_verdict_falls_back_to_wall_clock_when_no_cost_was_measured_and_without_
     assert verdict_lines([row("ddim-1", 1, 0.3, None, 2.0)]) == []
 
 
+def test_dsno_fid_against_its_teacher_solve_on_held_out_noise():
+    ratio = teacher_ratio(rows())
+    assert ratio["fid_ratio"] == 4.0 and not ratio["met"] and ratio["teacher"] == "teacher (dpm_solver_pp-3)"
+    assert teacher_lines(rows()) == [
+        "- **Teacher gap**: DSNO's FID 20.00 is 4.00x the teacher solve's 5.00 (teacher (dpm_solver_pp-3) at "
+        "20 NFE) on the same eval noise, which no training trajectory used: the 1.2x target is missed."]
+    near = [row("dsno", 1, 0.1, 5.5, 3.0), row("teacher (ddim-1)", 20, 0.0, 5.0, 20.0)]
+    assert teacher_ratio(near)["met"] and teacher_lines(near)[0].endswith("the 1.2x target is met.")
+    assert teacher_ratio([row("dsno", 1, 0.1, None, 3.0), row("teacher (ddim-1)", 20, 0.0, 5.0, 20.0)]) is None
+    assert teacher_lines([row("dsno", 1, 0.1, 5.5, 3.0)]) == []
+
+
 def _write(tmp_path, fidelity):
     g = torch.Generator().manual_seed(0)
     rs = rows()
@@ -84,6 +96,7 @@ def test_report_opens_with_the_verdict_names_the_fid_reference_and_the_cost(tmp_
                            "path": "/d/real.npz", "features": "Inception-v3 (torch-fidelity's inception-v3-compat)"})
     head = md.split("## Samples")[0]
     assert "## Verdict" in head and "Where DSNO loses in FID**: to 2 of 4 solver runs" in head
+    assert "- **Teacher gap**: DSNO's FID 20.00 is 4.00x the teacher solve's 5.00" in head
     assert ("FID against the real images of eval.fidelity_reference=/d/real.npz, on Inception-v3 (torch-fidelity's "
             "inception-v3-compat) features.") in head
     assert "real digits" not in md

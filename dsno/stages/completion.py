@@ -30,7 +30,8 @@ OUTPUTS = {"train": (CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG),
 NOT_OUTPUT_SHAPING = {("train", "resume"), ("data", "dir"), ("data", "repair"), ("data", "verify"),
                       ("data", "num_workers")}
 # keys added after runs were first stamped: left out while at their default, so those runs stay complete
-LATER_KEYS = {("data", "class_weights"): None, ("train", "select"): "best_val", ("train", "weight_decay"): 0.0}
+LATER_KEYS = {("data", "class_weights"): None, ("train", "select"): "best_val", ("train", "weight_decay"): 0.0,
+              ("train", "fresh_per_step"): 0}
 
 
 def stamp(rc: RunConfig, stage: str) -> str:

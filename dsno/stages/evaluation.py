@@ -34,7 +34,7 @@ from dsno.sampler import load_sampler
 from dsno.solvers import get, nfe as nfe_of, solve, steps_for_nfe, timesteps
 from dsno.solvers.reference import calls_per_batch, describe, reference_solve, rmse
 from dsno.solvers.usf import NAME, OPTION as SOLVER_SCHEDULE, SolverScheduleError, load
-from dsno.stages.report import write_report
+from dsno.stages.report import teacher_ratio, write_report
 from dsno.teachers.conditional import bind, teacher_class_weights
 from dsno.teachers.registry import teacher_kinds
 
@@ -466,14 +466,15 @@ def run_method(setup: Setup, inputs: Inputs, reference: Reference, unit: CostUni
 def eval_result(setup: Setup, inputs: Inputs, reference: Reference, unit: CostUnit, runs: list[MethodRun],
                 rows: list[dict[str, Any]], finals: dict[str, torch.Tensor]) -> dict[str, Any]:
     """metrics.json's content: the rows, the reference, the teacher evaluation timed beside DSNO (the first run),
-    FID's reference, what distillation cost; for a conditional run the labels and guidance every method got."""
+    FID's reference, what distillation cost, DSNO's FID against the teacher solve's (`teacher_ratio`); for a conditional run the labels and guidance every method got."""
     rc, teacher = setup.rc, setup.teacher
     first = next(r for r in runs if r.timing is not None)
     result = {"experiment": rc.experiment, "num_samples": len(inputs.x_T), "reference": reference.description,
               "device": _device_name(),
               "teacher_eval": {**timing_fields(first.timing["unit"], first.repeats), "t": unit.t},
               "fidelity": {k: v for k, v in setup.fidelity.items() if k != "extractor"},
-              "distillation": distillation_cost(Path(rc.run_dir), Path(rc.data.dir)), "rows": rows}
+              "distillation": distillation_cost(Path(rc.run_dir), Path(rc.data.dir)), "rows": rows,
+              "dsno_vs_teacher": teacher_ratio(rows)}
     if inputs.labels is not None:        # a conditional run: what every method was asked for
         result["conditions"] = {"guidance": float(getattr(teacher, "guidance", 0.0)),
                                 "class_weights": teacher_class_weights(teacher), "seed": rc.eval.seed,

@@ -155,6 +155,33 @@ def verdict_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+TEACHER_FID_TARGET = 1.2     # DSNO's FID within this factor of its teacher solve's: the paper's claim, reached
+
+
+def teacher_ratio(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """DSNO's FID and RMSE beside the teacher solve's on the same eval noise (which no training trajectory
+    uses: eval.seed draws it, the data stage draws from (seed, index)): {"dsno_fid", "teacher_fid",
+    "fid_ratio", "target", "met", "teacher", "teacher_nfe"}; None without both rows' FIDs."""
+    done = [r for r in rows if "skipped" not in r]
+    dsno = next((r for r in done if r["method"] == "dsno"), None)
+    teacher = next((r for r in done if r["method"].startswith("teacher")), None)
+    if dsno is None or teacher is None or dsno.get("fid") is None or not teacher.get("fid"):
+        return None
+    ratio = dsno["fid"] / teacher["fid"]
+    return {"dsno_fid": dsno["fid"], "teacher_fid": teacher["fid"], "fid_ratio": ratio, "target": TEACHER_FID_TARGET,
+            "met": ratio <= TEACHER_FID_TARGET, "teacher": teacher["method"], "teacher_nfe": teacher["nfe"]}
+
+
+def teacher_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The report's line on DSNO against the teacher it distils (FID on held-out noise); [] without one."""
+    r = teacher_ratio(rows)
+    if r is None:
+        return []
+    return [f"- **Teacher gap**: DSNO's FID {r['dsno_fid']:.2f} is {r['fid_ratio']:.2f}x the teacher solve's "
+            f"{r['teacher_fid']:.2f} ({r['teacher']} at {r['teacher_nfe']} NFE) on the same eval noise, which no "
+            f"training trajectory used: the {r['target']:g}x target is {'met' if r['met'] else 'missed'}."]
+
+
 def grid_file(key: str) -> str:
     """'deis-3@5' -> 'grid_deis-3_nfe5.png' (no spaces or brackets)."""
     name = key.replace("@", "_nfe").replace(" ", "_").replace("(", "").replace(")", "")
@@ -336,7 +363,7 @@ def write_report(result: dict[str, Any], finals: dict[str, torch.Tensor], out: P
             f"Equal cost is equal median wall-clock per sample on {result['device']}.")
     md = [f"# Evaluation: {result['experiment']}", "",
           "## Verdict: is DSNO better, and at what cost?", "",
-          *(verdict_lines(result["rows"]) or ["No DSNO run in this result."]), "",
+          *(verdict_lines(result["rows"]) or ["No DSNO run in this result."]), *teacher_lines(result["rows"]), "",
           unit, "",
           "## What distillation cost", "", *distillation_lines(result), "",
           f"{result['num_samples']} samples from the same noise for every method; reference: "

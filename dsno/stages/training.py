@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from dsno.stages import trajectories
 from dsno.training.checkpoint_io import AtomicCheckpointIO
 from dsno.training.data import StepTrajectoryData
 from dsno.training.ema import EMA
+from dsno.training.fresh import FreshSolveTime
 from dsno.training.losses import build_loss, time_weights
 from dsno.training.module import DSNOModule
 from dsno.training.perceptual import vgg_weights_path
@@ -125,12 +127,18 @@ def run(rc: RunConfig, logger=None, teacher=None) -> Path | None:
                         rc.train.warmup_steps, rc.train.temporal_impl, rc.train.weight_decay)
     data = StepTrajectoryData(rc.data.dir, rc.train.batch_size, num_workers=rc.data.num_workers,
                               val_fraction=rc.data.val_fraction, seed=rc.seed, expected_fingerprint=expected,
-                              verify=rc.data.verify)
+                              verify=rc.data.verify, fresh_per_step=rc.train.fresh_per_step,
+                              fresh_solve=partial(trajectories.teacher_solve, rc, teacher))
+    if data.fresh is not None:
+        log.info("train: %d of the %d trajectories of each step are fresh teacher solves on the training device "
+                 "(trajectories %d onward of seed %d)", data.fresh.per_step, rc.train.batch_size,
+                 data.fresh.stream.num_stored, data.fresh.stream.seed)
     if logger is None:
         logger = CSVLogger(str(run_dir), name="logs")
     validation = HeldOutValidation(rc.trainer.val_check_interval, rc.train.select,
                                    run_dir / CHECKPOINT_DIR / VALIDATION_FILE)
-    trainer = make_trainer(rc, run_dir, logger, [TrainTime(run_dir / CHECKPOINT_DIR / TRAIN_TIME_FILE), validation])
+    callbacks = [TrainTime(run_dir / CHECKPOINT_DIR / TRAIN_TIME_FILE), validation]
+    trainer = make_trainer(rc, run_dir, logger, callbacks + ([FreshSolveTime()] if data.fresh is not None else []))
     last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     ckpt_path = str(last) if rc.train.resume and last.is_file() else None
     if ckpt_path:

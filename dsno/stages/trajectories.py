@@ -53,7 +53,7 @@ def make_solve(teacher: Teacher, sc: SolverConfig, grid: torch.Tensor, times: li
         x = prior_state(teacher, x_T.to(device=device, dtype=dtype))
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
             traj = solve(teacher, x, grid, solver=sc.name, order=sc.order, return_trajectory=idx, cond=labels,
-                          **sc.solve_options())
+                         **sc.solve_options())
         return traj.transpose(0, 1).to(torch.float32).cpu()
 
     return solve_batch
@@ -91,19 +91,25 @@ def class_weights(rc: RunConfig, teacher: Teacher) -> list[float]:
     return list(given)
 
 
+def teacher_solve(rc: RunConfig, teacher: Teacher, device: torch.device | str) -> Callable[..., torch.Tensor]:
+    """The teacher stage's solve of `rc` (`make_solve` on rc's solver grid, with data.precision, compile and
+    channels_last) with the teacher moved to `device`; training's fresh trajectories use it too."""
+    times = [float(t) for t in rc.data.times]
+    grid = solver_grid(teacher, rc.solver, times)      # before the move: the grid the fingerprint records
+    teacher.to(device)
+    return make_solve(teacher, rc.solver, grid, times, device, rc.data.precision, rc.data.compile,
+                      rc.data.channels_last)
+
+
 def generate(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...], progress: bool = True):
     """Write (or resume, or repair) the trajectory data set of `rc` into rc.data.dir; a NaN/inf
     state stops it before its shard is written (`NonFiniteStatesError` names the trajectories)."""
-    times = [float(t) for t in rc.data.times]
-    grid = solver_grid(teacher, rc.solver, times)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    teacher.to(device)
-    solve = make_solve(teacher, rc.solver, grid, times, device, rc.data.precision, rc.data.compile,
-                       rc.data.channels_last)
+    fp = expected_fingerprint(rc, teacher, shape)
     return generate_dataset(
-        Path(rc.data.dir), solve=solve,
-        fingerprint=fingerprint(rc, teacher, grid, shape), num_trajectories=rc.data.num_trajectories,
-        shard_size=rc.data.shard_size, state_shape=shape, seed=rc.seed, batch_size=rc.data.batch_size,
+        Path(rc.data.dir), solve=teacher_solve(rc, teacher, device), fingerprint=fp,
+        num_trajectories=rc.data.num_trajectories, shard_size=rc.data.shard_size, state_shape=shape, seed=rc.seed,
+        batch_size=rc.data.batch_size,
         repair=rc.data.repair, progress=progress, verify=rc.data.verify)
 
 

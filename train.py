@@ -1,4 +1,4 @@
-"""Train DSNO: `python train.py [experiment=mnist_gmm] [key=value ...]`.
+"""Train DSNO: `python train.py [experiment=mnist_gmm] [key=value ...]` runs the pipeline.
 
 The stages of dsno.stages.pipeline: makes the teacher trajectories first if they are missing,
 then trains, exports the one-pass sampler to runs/<experiment>/sampler and evaluates it
@@ -14,9 +14,9 @@ from dsno.cli import prepare_cli, run_stage
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_stage("train", cfg)
+    run_stage("pipeline", cfg)
 
 
 if __name__ == "__main__":
-    prepare_cli(Path(__file__).resolve().parent / "conf", "train")
+    prepare_cli(Path(__file__).resolve().parent / "conf", "pipeline")
     main()

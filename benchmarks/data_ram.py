@@ -41,10 +41,10 @@ def generate_worker(args: argparse.Namespace) -> dict:
     times = [1.0 - k / max(args.times - 1, 1) for k in range(args.times)]
     scale = torch.tensor(times).view(1, -1, *([1] * len(args.shape)))
     fp = make_fingerprint(teacher={"class": "benchmark"}, solver={"name": "elementwise"}, grid=times,
-                          times=times, sample_shape=tuple(args.shape))
+                          times=times, state_shape=tuple(args.shape))
     start = time.perf_counter()
     generate_dataset(args.out, solve=lambda x: x[:, None] * scale, fingerprint=fp,
-                     num_trajectories=args.count, shard_size=args.shard_size, sample_shape=tuple(args.shape),
+                     num_trajectories=args.count, shard_size=args.shard_size, state_shape=tuple(args.shape),
                      seed=0, batch_size=args.batch_size, progress=False)
     return {"seconds": time.perf_counter() - start, "rss_anon_end_mib": _rss_anon_kib() / 1024}
 

@@ -79,7 +79,7 @@ def load_trajectories(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor, list[
 
 def reference(rc, teacher, shape, n: int, steps: int, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(eval noise x_T [n, ...], float64 reference final samples [n, ...]), cached in `cache`."""
-    from dsno.solvers import sample, timesteps
+    from dsno.solvers import solve, timesteps
     x_T = torch.randn(n, *shape, generator=torch.Generator().manual_seed(rc.eval.seed))
     if cache.is_file():
         ref = torch.load(cache, weights_only=True)
@@ -87,7 +87,7 @@ def reference(rc, teacher, shape, n: int, steps: int, cache: Path) -> tuple[torc
             return x_T, ref
     grid = timesteps(teacher.schedule, steps=steps, spacing="logsnr", t_end=rc.solver.t_end)
     with torch.no_grad():   # a float64 solve; a network teacher stays in float32, as in eval
-        ref = torch.cat([sample(teacher, x_T[i:i + 128].double(), grid, solver="dpm_solver_pp", order=3).float()
+        ref = torch.cat([solve(teacher, x_T[i:i + 128].double(), grid, solver="dpm_solver_pp", order=3).float()
                          for i in range(0, n, 128)])
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ref, cache)
@@ -105,7 +105,7 @@ def fresh_batches(rc, teacher, shape, times, count: int, seed: int) -> tuple[tor
 
 def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed: int,
                   extra: list[str], timing_steps: int = 3, steps: int | None = None, fid: bool = False) -> dict:
-    from dsno.builders import build_student, build_teacher, sample_shape
+    from dsno.builders import build_student, build_teacher, state_shape
     from dsno.nn.temporal import set_temporal_impl
     from dsno.training.ema import averaged_model
     from dsno.training.losses import build_loss, time_weights
@@ -119,7 +119,7 @@ def train_variant(name: str, experiment: str, data, ref_set, budget: float, seed
     rc = compose(experiment, [*overrides, f"data.times=[{','.join(repr(t) for t in run_times)}]",
                               f"model.modes={min(2, len(times) // 2 + 1)}", *extra])
     teacher = build_teacher(rc.teacher)
-    shape = sample_shape(teacher)
+    shape = state_shape(teacher)
     torch.manual_seed(seed)
     if len(times) > 1:
         model, _ = build_student(rc, teacher, shape)
@@ -250,10 +250,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from dsno.builders import build_teacher, sample_shape
+    from dsno.builders import build_teacher, state_shape
     rc = compose(args.experiment, args.override)
     teacher = build_teacher(rc.teacher)
-    shape = sample_shape(teacher)
+    shape = state_shape(teacher)
     data = load_trajectories(args.data)
     if args.holdout:
         x_T, states, times = data

@@ -47,9 +47,9 @@ def layer_case(channels: int, size: int, batch: int, m: int, impl: str, repeats:
 
 def model_case(impl: str, repeats: int, base_channels: int) -> float:
     from dsno.nn import build_dsno, set_temporal_impl
-    config = {"format_version": 1, "backbone": {"type": "unet", "kwargs": {
+    config = {"format_version": 2, "backbone": {"type": "unet", "kwargs": {
         "in_channels": 1, "out_channels": 1, "image_size": 16, "base_channels": base_channels}},
-        "times": [0.5625, 0.25, 0.0625, 0.001], "modes": 2, "image_shape": [1, 16, 16]}
+        "times": [0.5625, 0.25, 0.0625, 0.001], "modes": 2, "state_shape": [1, 16, 16]}
     model = build_dsno(config)
     set_temporal_impl(model, impl)
     x, y = torch.randn(32, 1, 16, 16), torch.randn(32, 4, 1, 16, 16)

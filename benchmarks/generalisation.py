@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dsno.builders import build_student, build_teacher, sample_shape  # noqa: E402
+from dsno.builders import build_student, build_teacher, state_shape  # noqa: E402
 from dsno.data.stream import FreshStream  # noqa: E402
 from dsno.nn.temporal import set_temporal_impl  # noqa: E402
 from dsno.stages.trajectories import teacher_solve  # noqa: E402
@@ -96,7 +96,7 @@ def run_variant(name: str, args, sets: dict, budget: float | None) -> dict:
                                    f"model.modes={min(2, len(times) // 2 + 1)}", *opts.get("overrides", []),
                                    *args.override])
     teacher = build_teacher(rc.teacher)
-    shape = sample_shape(teacher)
+    shape = state_shape(teacher)
     torch.manual_seed(args.seed)
     model = student(rc, teacher, shape, opts)
     loss_fn = build_loss(time_weights(teacher.schedule, times, rc.train.weight_min, rc.train.weight_max),
@@ -218,7 +218,7 @@ def main() -> None:
     solve = teacher_solve(rc, teacher, "cpu")
     c0 = time.process_time()
     with torch.no_grad():       # one teacher-stage batch (data.batch_size), which also checks the stored states
-        check = solve(FreshStream(rc.seed, 0, rc.data.batch_size, tuple(sample_shape(teacher))).inputs(0)[0])
+        check = solve(FreshStream(rc.seed, 0, rc.data.batch_size, tuple(state_shape(teacher))).inputs(0)[0])
     args.teacher_cpu_per_traj = (time.process_time() - c0) / rc.data.batch_size
     solve_error = float((check[:, -1] - s_all[:len(check), -1]).abs().max())
     teacher_fid = {"held_out": digit_fid(final_held), "train": digit_fid(s_all[:args.probe, -1])}

@@ -112,14 +112,14 @@ def main() -> None:
         t_peer = median_time(lambda: diffusers_loop(unet, xp, 10), warm, iters)
         peer_ips = a.peer_batch / t_peer
         x = torch.randn(a.gen_batch, *shape, device=dev)
-        ref32 = dsno.sample(teacher, x[:64], ts, solver="dpm_solver_pp", order=2)
+        ref32 = dsno.solve(teacher, x[:64], ts, solver="dpm_solver_pp", order=2)
         unet.to(memory_format=torch.channels_last)
         fast_forward = torch.compile(unet.forward) if not a.smoke else unet.forward
         unet.forward = fast_forward
 
         def ours():
             with torch.autocast(**autocast):
-                return dsno.sample(teacher, x, ts, solver="dpm_solver_pp", order=2)
+                return dsno.solve(teacher, x, ts, solver="dpm_solver_pp", order=2)
 
         t_ours = median_time(ours, warm + (2 if not a.smoke else 0), iters)
         ours_ips = a.gen_batch / t_ours
@@ -131,8 +131,8 @@ def main() -> None:
               f"batch {a.gen_batch}; {ours_ips / peer_ips:.2f}x diffusers; max |bf16 - fp32| / max |fp32| = {agree:.2e}")]
 
     # 2. one-pass DSNO sampler on that backbone
-    config = {"format_version": 1, "backbone": diffusers_backbone_spec(unet), "time_input": {"discrete": 1000},
-              "times": TIMES, "modes": 2, "skip": [0.0] * 4, "image_shape": list(shape), "data_range": [-1, 1],
+    config = {"format_version": 2, "backbone": diffusers_backbone_spec(unet), "time_input": {"discrete": 1000},
+              "times": TIMES, "modes": 2, "skip": [0.0] * 4, "state_shape": list(shape), "data_range": [-1, 1],
               "schedule": schedule.to_dict()}
     student = build_dsno(config).to(dev).eval().to(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -189,7 +189,7 @@ def main() -> None:
                          fingerprint={"teacher": {"name": "benchmark"}, "solver": {"name": "copy of x_T"}, "grid": TIMES,
                                       "times": TIMES},
                          num_trajectories=n,
-                         shard_size=n // 4, sample_shape=shape, seed=0, batch_size=1024, progress=False)
+                         shard_size=n // 4, state_shape=shape, seed=0, batch_size=1024, progress=False)
         ds = TrajectoryDataset(Path(tmp) / "d")
         loader = torch.utils.data.DataLoader(ds, batch_size=a.train_batch, shuffle=True,
                                              num_workers=0 if a.smoke else 8, pin_memory=dev.type == "cuda",
@@ -216,7 +216,7 @@ def main() -> None:
 def _solve1(teacher, x, ts, autocast):
     import dsno
     with torch.autocast(**autocast):
-        return dsno.sample(teacher, x, ts, solver="dpm_solver_pp", order=2)
+        return dsno.solve(teacher, x, ts, solver="dpm_solver_pp", order=2)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 
 from dsno.metrics.digit_classifier import accuracy, load_digit_classifier
 from dsno.metrics.fidelity import compute_fidelity, reference_digits
-from dsno.solvers import sample, timesteps
+from dsno.solvers import solve, timesteps
 from dsno.teachers.unet import load_unet_teacher
 
 NOISE_SEED = 2026
@@ -33,7 +33,7 @@ def guided_samples(teacher, labels: torch.Tensor, guidance: float, steps: int, b
     g = torch.Generator().manual_seed(NOISE_SEED)
     x = torch.randn(len(labels), *teacher.shape, generator=g)
     ts = timesteps(teacher.schedule, steps)
-    out = [sample(teacher.conditioned(y, guidance=guidance), xb, ts, solver="dpm_solver_pp", order=3)
+    out = [solve(teacher.conditioned(y, guidance=guidance), xb, ts, solver="dpm_solver_pp", order=3)
            for xb, y in zip(x.split(batch), labels.split(batch))]
     return torch.cat(out).clamp(-1, 1)
 

@@ -30,7 +30,7 @@ from results_md import write_section
 from dsno import VPSchedule
 from dsno.processes import PSLD
 from dsno.solvers import nfe as nfe_of
-from dsno.solvers import sample, steps_for_nfe, timesteps
+from dsno.solvers import solve, steps_for_nfe, timesteps
 from dsno.solvers.reference import reference_solve
 from dsno.teachers import PSLDGaussianMixture
 from dsno.teachers.mnist_gmm import load_mnist_gmm
@@ -97,7 +97,7 @@ def run_psld(teacher, solver, opts, n, z, **extra):
     """(spacing, NFE spent, output) on each grid of SPACINGS."""
     steps, spent = budget(solver, n, opts)
     for spacing in SPACINGS:
-        yield spacing, spent, sample(teacher, z, timesteps(PSLD_GRID, steps, spacing, t_end=T_END), solver=solver,
+        yield spacing, spent, solve(teacher, z, timesteps(PSLD_GRID, steps, spacing, t_end=T_END), solver=solver,
                                      **opts, **extra)
 
 
@@ -162,7 +162,7 @@ def main() -> int:
                 if tuned:
                     scores = []
                     for cand in LAMS:
-                        errs = [rmse(sample(teacher, z_tune, timesteps(PSLD_GRID, budget(solver, n, opts)[0], sp,
+                        errs = [rmse(solve(teacher, z_tune, timesteps(PSLD_GRID, budget(solver, n, opts)[0], sp,
                                                                       t_end=T_END), solver=solver, lam=cand,
                                             **opts)[:, :1], ref_tune[:, :1]) for sp in SPACINGS]
                         scores.append((min(errs), cand))
@@ -192,7 +192,7 @@ def main() -> int:
                 print(label, n, best, lam, flush=True)
             rows.append(("PSLD SDE: MMD^2", label, cells))
         vp_x = torch.randn(args.samples, *shape, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
-        vp_ref = sample(vp, vp_x, timesteps(vp.schedule, 1000, "logsnr", t_end=T_END), solver="dpm_solver_pp", order=3)
+        vp_ref = solve(vp, vp_x, timesteps(vp.schedule, 1000, "logsnr", t_end=T_END), solver="dpm_solver_pp", order=3)
         vp_draw = torch.randn(args.draws, *shape, generator=torch.Generator().manual_seed(4321), dtype=torch.float64)
         vp_target, vp_floor_draws = vp_exact(vp, args.draws, g), vp_exact(vp, args.draws, g)
         vp_bw = float(torch.cdist(vp_target, vp_target).median())
@@ -203,8 +203,8 @@ def main() -> int:
             for n in args.nfe:
                 steps = steps_for_nfe(solver, n, order=order, **opts)
                 grid = timesteps(vp.schedule, steps, "logsnr", t_end=T_END)
-                err = rmse(sample(vp, vp_x, grid, solver=solver, order=order, **opts), vp_ref)
-                dist = mmd2(sample(vp, vp_draw, grid, solver=solver, order=order, **opts).reshape(args.draws, -1),
+                err = rmse(solve(vp, vp_x, grid, solver=solver, order=order, **opts), vp_ref)
+                dist = mmd2(solve(vp, vp_draw, grid, solver=solver, order=order, **opts).reshape(args.draws, -1),
                             vp_target, vp_bw)
                 cells[n] = (err, dist)
             vp_rows.append((label, cells))

@@ -28,7 +28,7 @@ def worker(steps: int, keep: str, batch: int) -> dict:
     import torch
 
     from dsno.config import SolverConfig
-    from dsno.solvers import sample
+    from dsno.solvers import solve
     from dsno.builders import output_indices, solver_grid
     from dsno.stages.trajectories import make_solve
     from dsno.teachers.mnist_gmm import load_mnist_gmm
@@ -42,7 +42,7 @@ def worker(steps: int, keep: str, batch: int) -> dict:
         states = make_solve(teacher, sc, grid, TIMES)(x_T)
     else:
         with torch.no_grad():
-            full = sample(teacher, x_T.double(), grid, solver=sc.name, order=sc.order, return_trajectory=True)
+            full = solve(teacher, x_T.double(), grid, solver=sc.name, order=sc.order, return_trajectory=True)
         states = full[output_indices(grid, TIMES)].transpose(0, 1).float()
     return {"seconds": time.perf_counter() - start, "shape": list(states.shape), "grid": len(grid) - 1,
             "checksum": float(states.double().sum())}

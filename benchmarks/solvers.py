@@ -34,7 +34,7 @@ import torch
 
 from dsno.schedules import VPSchedule
 from results_md import write_section
-from dsno.solvers import nfe as nfe_of, sample, steps_for_nfe, timesteps
+from dsno.solvers import nfe as nfe_of, solve, steps_for_nfe, timesteps
 from dsno.teachers import GaussianMixture, wrap
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,9 +127,9 @@ def accuracy(teacher: GaussianMixture, x_T: torch.Tensor, log) -> dict:
         return teacher.eps(x.double(), t).to(x.dtype)
 
     log("reference: DPM-Solver++ 3M, 1000 and 2000 logSNR steps, float64")
-    ref = sample(teacher, x_T, timesteps(sched, 1000, t_end=T_END), solver="dpm_solver_pp", order=3,
+    ref = solve(teacher, x_T, timesteps(sched, 1000, t_end=T_END), solver="dpm_solver_pp", order=3,
                  denoise_to_zero=True)
-    ref2 = sample(teacher, x_T, timesteps(sched, 2000, t_end=T_END), solver="dpm_solver_pp", order=3,
+    ref2 = solve(teacher, x_T, timesteps(sched, 2000, t_end=T_END), solver="dpm_solver_pp", order=3,
                   denoise_to_zero=True)
     rows: dict[str, dict] = {}
     spaced: dict[str, dict] = {sp: {} for sp in SPACINGS}        # spacing -> NFE -> (rmse, label)
@@ -143,7 +143,7 @@ def accuracy(teacher: GaussianMixture, x_T: torch.Tensor, log) -> dict:
             assert nfe_of(solver, steps, order=order, denoise_to_zero=True, **opts) == n
             for sp in SPACINGS:
                 grid = timesteps(sched, steps, sp, t_end=T_END)
-                x = sample(teacher, x_T, grid, solver=solver, order=order, denoise_to_zero=True, **opts)
+                x = solve(teacher, x_T, grid, solver=solver, order=order, denoise_to_zero=True, **opts)
                 err = rmse(x, ref)
                 if sp == "logsnr":
                     rows[label][n] = (err, median_rmse(x, ref))
@@ -155,7 +155,7 @@ def accuracy(teacher: GaussianMixture, x_T: torch.Tensor, log) -> dict:
     crossover = {}
     for sp in ("logsnr", "time_quadratic"):
         for shipped in (False, True):
-            crossover[(sp, shipped)] = [rmse(sample(teacher, x_T, timesteps(sched, n - 1, sp, t_end=T_END),
+            crossover[(sp, shipped)] = [rmse(solve(teacher, x_T, timesteps(sched, n - 1, sp, t_end=T_END),
                                                     solver="dpm_solver_pp", order=3, shipped_3m=shipped,
                                                     denoise_to_zero=True), ref) for n in CROSSOVER_NFES]
 
@@ -185,7 +185,7 @@ def accuracy(teacher: GaussianMixture, x_T: torch.Tensor, log) -> dict:
             d_steps = next(s for s in range(1, n + 1) if _num_calls(makers[cp](), s) == n)
             best_o = best_d = math.inf
             for _ in range(3):
-                best_o = min(best_o, timed(lambda: sample(teacher, x_T, grid, solver=solver, order=order,
+                best_o = min(best_o, timed(lambda: solve(teacher, x_T, grid, solver=solver, order=order,
                                                           denoise_to_zero=True, **opts))[1])
                 best_d = min(best_d, timed(lambda: _diffusers_sample(makers[cp](), d_steps, x_T, eps_model))[1])
             t_ours, t_diff = t_ours + best_o, t_diff + best_d
@@ -244,7 +244,7 @@ def overhead(log, batch: int, steps: int) -> tuple[str, list[tuple[str, float, f
             best = None
             for _ in range(2):
                 model_time[0] = 0.0
-                _, total = timed(lambda: sample(teacher, x_T, grid, solver=solver, order=order, **opts))
+                _, total = timed(lambda: solve(teacher, x_T, grid, solver=solver, order=order, **opts))
                 frac = (total - model_time[0]) / model_time[0]
                 if best is None or frac < best[2]:
                     best = (total, model_time[0], frac)
@@ -274,7 +274,7 @@ def orders(log) -> list[tuple[str, list[float], float]]:
     exact = teacher.ode_solution(x_T, 1.0, T_END)
     out = []
     for solver, order, opts in ORDER_CASES:
-        errs = [float((sample(teacher, x_T, timesteps(teacher.schedule, n, t_end=T_END), solver=solver, order=order,
+        errs = [float((solve(teacher, x_T, timesteps(teacher.schedule, n, t_end=T_END), solver=solver, order=order,
                               **opts) - exact).abs().max()) for n in (20, 40, 80, 160)]
         label = f"{solver}-{order}" + "".join(f" {k}={v}" for k, v in opts.items())
         out.append((label, errs, math.log2(errs[-2] / errs[-1])))
@@ -298,7 +298,7 @@ def one_step(log) -> tuple[float, float, list[tuple[str, float]]]:
     exact = float((teacher.ode_solution(x_T, 1.0, T_END) * x_T).sum() / (x_T * x_T).sum())
     out = []
     for solver, order, opts in ONE_STEP_CASES:
-        y = sample(teacher, x_T, timesteps(sched, 1, t_end=T_END), solver=solver, order=order, **opts)
+        y = solve(teacher, x_T, timesteps(sched, 1, t_end=T_END), solver=solver, order=order, **opts)
         label = f"{solver}-{order}" + "".join(f" {k}={v}" for k, v in opts.items())
         out.append((label, float((y * x_T).sum() / (x_T * x_T).sum())))
         log(f"  {label:40s} gain {out[-1][1]:.4f} (exact {exact:.4f})")

@@ -1,12 +1,12 @@
 """Benchmark of searched USF schedules on the default mixture teacher: on noise never used by the
-search, the searched schedule's final-sample RMSE next to every hand-designed ODE solver of the
+search, the searched solver schedule's final-sample RMSE next to every hand-designed ODE solver of the
 library (each on every library spacing) and the timestep-only search of the same budget.
 
     python benchmarks/usf.py                     # searches what is missing, checks, writes RESULTS.md
     python benchmarks/usf.py --nfe 5 --no-write
 
 Searches: `python -m dsno.search experiment=mnist_gmm nfe=N [search.mode=timesteps] run_dir=RUN`
-(default config), their schedules read from RUN/schedules/. Checks, per NFE: USF RMSE <= 0.7 x
+(default config), their solver schedules read from RUN/solver_schedules/. Checks, per NFE: USF RMSE <= 0.7 x
 the best hand-designed solver's, and < the timestep-only search's. Exit status 1 when one fails.
 """
 
@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from results_md import write_section
-from dsno.solvers import sample, steps_for_nfe, timesteps, usf
+from dsno.run_files import SOLVER_SCHEDULES_DIR
+from dsno.solvers import solve, steps_for_nfe, timesteps, usf
 from dsno.solvers.grids import SPACINGS
 from dsno.teachers.mnist_gmm import load_mnist_gmm
 
@@ -58,7 +59,7 @@ def _cpu(cost: dict) -> str:
 def search_table(rows: list[tuple], timesteps_scored: bool = False) -> tuple[list[str], bool]:
     """Markdown lines of the search table and whether every row passes (<= 0.7x the best hand-designed
     solver and below the timestep-only search). rows: (nfe, best hand RMSE, its name, found) with
-    found["full"] / found["timesteps"] = (held-out RMSE, schedule, path)."""
+    found["full"] / found["timesteps"] = (held-out RMSE, solver schedule, path)."""
     lines = ["| NFE | best hand-designed (spacing) | RMSE | timestep-only search (unipc bh2-3 grid) | USF search | "
              "USF / best hand | <= 0.7x | < timestep-only | USF search: wall s (CPU s), teacher calls (sample evals), "
              "scored, rounds, predictor tau | timestep-only search: wall s (CPU s), teacher calls"
@@ -87,8 +88,8 @@ def search_command(nfe: int, mode: str, run_dir: str) -> list[str]:
     return cmd + (["search.mode=timesteps"] if mode == "timesteps" else [])
 
 
-def ensure_schedule(nfe: int, mode: str, run_dir: str) -> Path:
-    path = ROOT / run_dir / "schedules" / (f"nfe{nfe}" + ("_timesteps" if mode == "timesteps" else "") + ".yaml")
+def ensure_solver_schedule(nfe: int, mode: str, run_dir: str) -> Path:
+    path = ROOT / run_dir / SOLVER_SCHEDULES_DIR / (f"nfe{nfe}" + ("_timesteps" if mode == "timesteps" else "") + ".yaml")
     if not path.is_file():
         cmd = search_command(nfe, mode, run_dir)
         print("running:", " ".join(cmd[1:]), flush=True)
@@ -111,7 +112,7 @@ def main() -> int:
     x = torch.randn(args.samples, *teacher.shape, generator=torch.Generator().manual_seed(HELD_OUT_SEED),
                     dtype=torch.float64)
     with torch.no_grad():
-        ref = sample(teacher, x, timesteps(sched, steps=args.reference_steps, spacing="logsnr", t_end=T_END),
+        ref = solve(teacher, x, timesteps(sched, steps=args.reference_steps, spacing="logsnr", t_end=T_END),
                      solver="dpm_solver_pp", order=3)
         rows = []
         for n in args.nfe:
@@ -123,17 +124,17 @@ def main() -> int:
                     except ValueError:
                         continue
                     g = timesteps(sched, steps=steps, spacing=spacing, t_end=T_END)
-                    hand.append((rmse(sample(teacher, x, g, solver=name, order=order, **opts), ref),
+                    hand.append((rmse(solve(teacher, x, g, solver=name, order=order, **opts), ref),
                                  f"{label} ({spacing})"))
             best_hand = min(hand)
             found = {}
             for mode in ("full", "timesteps"):
-                path = ensure_schedule(n, mode, args.run_dir)
+                path = ensure_solver_schedule(n, mode, args.run_dir)
                 s = usf.load(path)
-                found[mode] = (rmse(sample(teacher, x, solver="usf", schedule=s), ref), s, path)
+                found[mode] = (rmse(solve(teacher, x, solver="usf", solver_schedule=s), ref), s, path)
             rows.append((n, best_hand, found))
     lines, ok = search_table([(n, h, hname, found) for n, (h, hname), found in rows])
-    detail = ["", "The searched schedules (afs; per step: prediction, Taylor order, estimation order, corrector):", ""]
+    detail = ["", "The searched solver schedules (afs; per step: prediction, Taylor order, estimation order, corrector):", ""]
     for n, _, found in rows:
         s = found["full"][1]
         steps = ", ".join(f"{st.prediction[0]}{st.order}/{st.est_order}{'+c' if st.corrector == 'pseudo' else ''}"
@@ -176,7 +177,7 @@ def main() -> int:
         *detail,
     ])
     if not args.no_write:
-        write_section("usf", "USF schedules and their search (`benchmarks/usf.py`)", body)
+        write_section("usf", "USF solver schedules and their search (`benchmarks/usf.py`)", body)
     print("all checks passed" if ok else "some checks FAILED")
     return 0 if ok else 1
 

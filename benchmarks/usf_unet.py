@@ -1,5 +1,5 @@
-"""Benchmark of searched USF schedules on the neural UNet teacher (experiment mnist_unet_cpu): on
-noise never used by the search, the searched schedule's final-sample RMSE next to every
+"""Benchmark of searched USF solver schedules on the neural UNet teacher (experiment mnist_unet_cpu): on
+noise never used by the search, the searched solver schedule's final-sample RMSE next to every
 hand-designed ODE solver of the library (each on every library spacing) and the timestep-only
 search of the same budget, against the teacher's long solve (state float64, network float32);
 then, from eval's metrics.json of the trained run, the usf rows' RMSE and FID beside the solvers'.
@@ -7,8 +7,8 @@ then, from eval's metrics.json of the trained run, the usf rows' RMSE and FID be
     python benchmarks/usf_unet.py                  # searches what is missing, checks, writes RESULTS.md
     python benchmarks/usf_unet.py --nfe 5 --no-write
 
-Searches: SEARCH_COMMON + SEARCH_FULL (or SEARCH_TS) below, their schedules read from
-RUN/schedules/. Per-solver RMSEs are kept in RUN/heldout.json (resumable; keyed by the teacher's
+Searches: SEARCH_COMMON + SEARCH_FULL (or SEARCH_TS) below, their solver schedules read from
+RUN/solver_schedules/. Per-solver RMSEs are kept in RUN/heldout.json (resumable; keyed by the teacher's
 fingerprint, the noise and the reference). Checks, per NFE: USF RMSE <= 0.7 x the best hand-designed
 solver's, and < the timestep-only search's. Exit status 1 when one fails.
 """
@@ -30,8 +30,9 @@ import torch
 
 import usf as gmm_bench
 from results_md import write_section
-from dsno.solvers import sample, steps_for_nfe, timesteps
-from dsno.solvers import usf as schedules
+from dsno.solvers import solve, steps_for_nfe, timesteps
+from dsno.run_files import SOLVER_SCHEDULES_DIR
+from dsno.solvers import usf
 from dsno.solvers.grids import SPACINGS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +61,8 @@ def search_command(nfe: int, mode: str, run_dir: str) -> list[str]:
             *(SEARCH_TS if mode == "timesteps" else SEARCH_FULL + SEARCH_MORE.get(nfe, []))]
 
 
-def ensure_schedule(nfe: int, mode: str, run_dir: str) -> Path:
-    path = ROOT / run_dir / "schedules" / (f"nfe{nfe}" + ("_timesteps" if mode == "timesteps" else "") + ".yaml")
+def ensure_solver_schedule(nfe: int, mode: str, run_dir: str) -> Path:
+    path = ROOT / run_dir / SOLVER_SCHEDULES_DIR / (f"nfe{nfe}" + ("_timesteps" if mode == "timesteps" else "") + ".yaml")
     if not path.is_file():
         cmd = search_command(nfe, mode, run_dir)
         print("running:", " ".join(cmd[1:]), flush=True)
@@ -70,11 +71,11 @@ def ensure_schedule(nfe: int, mode: str, run_dir: str) -> Path:
 
 
 def load_teacher():
-    from dsno.builders import build_teacher, sample_shape
+    from dsno.builders import build_teacher, state_shape
     from dsno.config import compose, validate
     rc = validate(compose(f"experiment={EXPERIMENT}", "logger=csv"))
     teacher = build_teacher(rc.teacher)
-    return teacher, tuple(sample_shape(teacher)), float(rc.solver.t_end)
+    return teacher, tuple(state_shape(teacher)), float(rc.solver.t_end)
 
 
 class HeldOut:
@@ -122,7 +123,7 @@ def hand_designed(h: HeldOut, nfe: int) -> list[tuple[float, str]]:
                 continue
             g = timesteps(sched, steps=steps, spacing=spacing, t_end=h.t_end)
             out.append((h.score(f"{label} ({spacing}) nfe{nfe}",
-                                lambda x: sample(h.teacher, x, g, solver=name, order=order, **opts)),
+                                lambda x: solve(h.teacher, x, g, solver=name, order=order, **opts)),
                         f"{label} ({spacing})"))
     return sorted(out)
 
@@ -179,10 +180,10 @@ def main() -> int:
             continue
         found = {}
         for mode in ("full", "timesteps"):
-            path = ensure_schedule(n, mode, args.run_dir)
-            s = schedules.load(path)
+            path = ensure_solver_schedule(n, mode, args.run_dir)
+            s = usf.load(path)
             found[mode] = (h.score(f"usf {path.stem} {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}",
-                                   lambda x: sample(teacher, x, solver="usf", schedule=s)), s, path)
+                                   lambda x: solve(teacher, x, solver="usf", solver_schedule=s)), s, path)
         rows.append((n, hand, found))
     if args.hand_only:
         return 0
@@ -191,7 +192,7 @@ def main() -> int:
     detail = ["", "Next best hand-designed solvers on the held-out noise:", ""]
     for n, hand, _ in rows:
         detail.append(f"- NFE {n}: " + "; ".join(f"{name} {r:.4f}" for r, name in hand[1:6]))
-    detail += ["", "The searched schedules (afs; per step: prediction, Taylor order, estimation order, corrector):", ""]
+    detail += ["", "The searched solver schedules (afs; per step: prediction, Taylor order, estimation order, corrector):", ""]
     for n, _, found in rows:
         s = found["full"][1]
         steps = ", ".join(f"{st.prediction[0]}{st.order}/{st.est_order}{'+c' if st.corrector == 'pseudo' else ''}"
@@ -211,11 +212,11 @@ def main() -> int:
     wall = time.perf_counter() - t0
     body = "\n".join([
         "Searches (NFE 5 and 10 side by side, one torch thread each): " + "; ".join(commands) + "; then `python "
-        "benchmarks/usf_unet.py` (it runs the searches that are missing). FID: the two full-search schedules "
-        f"copied into `{EVAL_RUN}/schedules/` of the default run (`python train.py`, experiment "
+        "benchmarks/usf_unet.py` (it runs the searches that are missing). FID: the two full-search solver schedules "
+        f"copied into `{EVAL_RUN}/{SOLVER_SCHEDULES_DIR}/` of the default run (`python train.py`, experiment "
         f"mnist_unet_quick: the same teacher and t_end), then `{EVAL_COMMAND}` (eval's own noise, reference and "
         "solvers, here on the time-quadratic grid, the best library spacing for this teacher in the held-out table; "
-        "eval lists each schedule as its `usf <stem>` row).",
+        "eval lists each solver schedule as its `usf <stem>` row).",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, no other jobs but "
         f"this work; torch {torch.__version__}. Date: "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; this script {wall:.0f} s (its "
@@ -243,7 +244,7 @@ def main() -> int:
         *fid,
     ])
     if not args.no_write:
-        write_section("usf_unet", "USF schedules on the UNet teacher (`benchmarks/usf_unet.py`)", body)
+        write_section("usf_unet", "USF solver schedules on the UNet teacher (`benchmarks/usf_unet.py`)", body)
     print("all checks passed" if ok else "some checks FAILED")
     return 0 if ok else 1
 

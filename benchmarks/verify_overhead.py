@@ -48,10 +48,10 @@ def generate_worker(args: argparse.Namespace) -> dict:
     from dsno.data import generate_dataset, make_fingerprint
     scale = torch.tensor(TIMES).view(1, -1, 1, 1, 1)
     fp = make_fingerprint(teacher={"class": "benchmark"}, solver={"name": "elementwise"}, grid=[1.0, *TIMES],
-                          times=TIMES, sample_shape=(1, 16, 16))
+                          times=TIMES, state_shape=(1, 16, 16))
     start = time.perf_counter()
     generate_dataset(args.out, solve=lambda x: x[:, None] * scale, fingerprint=fp, num_trajectories=args.count,
-                     shard_size=1024, sample_shape=(1, 16, 16), seed=0, batch_size=512, progress=False)
+                     shard_size=1024, state_shape=(1, 16, 16), seed=0, batch_size=512, progress=False)
     return {"seconds": time.perf_counter() - start}
 
 
@@ -78,7 +78,7 @@ def train_worker(args: argparse.Namespace) -> dict:
     import lightning as L
     import torch
 
-    from dsno.builders import build_student, build_teacher, sample_shape
+    from dsno.builders import build_student, build_teacher, state_shape
     from dsno.config import compose, validate
     from dsno.training.data import StepTrajectoryData
     from dsno.training.losses import TrajectoryLoss, time_weights
@@ -87,7 +87,7 @@ def train_worker(args: argparse.Namespace) -> dict:
 
     rc = validate(compose("experiment=mnist_gmm", f"run_dir={args.out}/run", "logger=csv"))
     teacher = build_teacher(rc.teacher)
-    shape = sample_shape(teacher)
+    shape = state_shape(teacher)
     model, _ = build_student(rc, teacher, shape)
     weights = time_weights(teacher.schedule, rc.data.times, rc.train.weight_min, rc.train.weight_max)
     module = DSNOModule(model, TrajectoryLoss(weights, rc.train.loss), rc.train.lr, rc.train.warmup_steps)

@@ -37,10 +37,11 @@ def build_teacher(tc: TeacherConfig) -> Teacher:
     return teacher
 
 
-def sample_shape(teacher: Teacher) -> tuple[int, ...]:
+def state_shape(teacher: Teacher) -> tuple[int, ...]:
     """[C, H, W] of one solver state of this teacher: an image, or (augmented) data and momentum."""
     if teacher.state_shape is None:
-        raise ValueError(f"{type(teacher).__name__} does not declare the shape of its samples (Teacher.shape)")
+        raise ValueError(f"{type(teacher).__name__} does not declare the shape of its solver state "
+                         "(Teacher.state_shape)")
     return tuple(int(s) for s in teacher.state_shape)
 
 
@@ -52,7 +53,7 @@ def solver_grid(teacher: Teacher, sc: SolverConfig, times: list[float]) -> torch
     so the output times are grid points without creating the tiny steps that merging two grids
     would (multistep methods lose accuracy on abrupt step-size ratios)."""
     spec = get_solver(sc.name)
-    if spec.grid is not None:                # a solver with its own grid (usf: its schedule's, checked to pass
+    if spec.grid is not None:                # a solver with its own grid (usf: its solver schedule's, checked to pass
         return torch.tensor(spec.grid(sc.solve_options()), dtype=torch.float64)    # through `times`)
     sched = teacher.grid_schedule
     if not sched.t_min - 1e-12 <= min(times) <= max(times) <= sched.T + 1e-12:
@@ -86,7 +87,7 @@ def prior_state(teacher: Teacher, noise: torch.Tensor) -> torch.Tensor:
 
 def data_shape(teacher: Teacher) -> tuple[int, ...]:
     """[c, H, W] of one data sample: a state's first `data_channels` channels."""
-    shape = sample_shape(teacher)
+    shape = state_shape(teacher)
     return (int(teacher.data_channels), *shape[1:])
 
 
@@ -128,7 +129,7 @@ def student_config(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...]) -> S
     records = ({"process": teacher.process.to_dict(), "data_channels": teacher.data_channels} if teacher.augmented
                else {"schedule": teacher.schedule.to_dict()})
     return SamplerConfig(backbone=backbone, time_input=time_input, times=tuple(float(t) for t in rc.data.times),
-                         modes=rc.model.modes, **output_parameterization(rc, teacher), image_shape=tuple(shape),
+                         modes=rc.model.modes, **output_parameterization(rc, teacher), state_shape=tuple(shape),
                          experiment=rc.experiment, num_classes=num_classes, **records)
 
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from dsno.atomic import prove_writable
-from dsno.config import check_run, compose, key_help, register_configs, validate
+from dsno.config import check_run, check_stage, compose, key_help, register_configs, renamed_key_error, validate
 from dsno.errors import UserError, debug_requested, one_line, report_errors
 from dsno.stages.pipeline import make_data, run
 from dsno.teachers.registry import teacher_kinds
@@ -47,7 +47,7 @@ def prepare_cli(config_dir: str | os.PathLike, stage: str) -> None:
         return
     try:
         compose(*overrides, config_dir=config_dir)
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException, UserError) as e:
         if debug_requested():
             raise
         print(f"error: {composition_message(e)}", file=sys.stderr)
@@ -63,7 +63,7 @@ def print_help(config_dir: str | os.PathLike, overrides: list[str]) -> None:
             and script.is_relative_to(root) else script.name)
     try:
         cfg = compose(*overrides, config_dir=config_dir)
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException, UserError) as e:
         print(f"error: {composition_message(e)}", file=sys.stderr)
         sys.exit(2)
     experiments = sorted(p.stem for p in (Path(config_dir) / "experiment").glob("*.yaml"))
@@ -95,8 +95,15 @@ def _shown(value: Any, limit: int = 40) -> str:
 
 def composition_message(e: BaseException) -> str:
     """One line for a Hydra / OmegaConf composition error: what failed (the override) and why (the
-    schema's reason: a wrong type, a value outside an Enum's choices, an unknown key)."""
+    schema's reason: a wrong type, a value outside an Enum's choices, an unknown key); a renamed key
+    (dsno.config.RENAMED_KEYS), in an override or a config file, names its new name."""
+    if isinstance(e, UserError):
+        return one_line(e)
     cause = e.__cause__ or e.__context__
+    for error in (e, cause):
+        renamed = renamed_key_error(str(getattr(error, "full_key", "")))
+        if renamed is not None:
+            return one_line(renamed)
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
     head = lines[0].rstrip(".")
     if lines[1:] and lines[1].startswith("Available options in"):      # a group option that does not exist
@@ -123,7 +130,7 @@ class Preflight(Callback):
     the stages `stage` reaches against this machine and its files (dsno.config.check_run), and prove
     run_dir writable, so a mistake is one line and leaves nothing on disk."""
 
-    entry_stage = "train"        # the running entry point's stage, set by prepare_cli
+    entry_stage = "pipeline"     # the running entry point's stage, set by prepare_cli
 
     def __init__(self, stage: str | None = None):
         self.stage = stage or Preflight.entry_stage
@@ -153,14 +160,15 @@ class Preflight(Callback):
 
 ON_INTERRUPT = {      # what Ctrl-C leaves behind, by stage: the line after `interrupted: `
     "data": "the trajectory shards written so far are kept; the same command resumes from them",
-    "train": "the work so far is kept (trajectory shards, checkpoints/last.ckpt saved every train.checkpoint_every "
+    "pipeline": "the work so far is kept (trajectory shards, checkpoints/last.ckpt saved every train.checkpoint_every "
              "steps, the exported sampler); the same command resumes from it",
     "eval": "the trained run and its sampler are kept; the same command runs eval again",
 }
 
 
 def run_stage(stage: str, cfg: DictConfig) -> None:
-    """Validate `cfg`, then run `stage` (data | train | eval). User errors exit with status 2
+    """Validate `cfg`, then run `stage` (data | pipeline | eval; pipeline: train.py's whole run of data, train,
+    export and eval). User errors exit with status 2
     and one line on stderr; config errors do so before any work starts; Ctrl-C exits with status 130
     and one line saying what is kept."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -169,17 +177,18 @@ def run_stage(stage: str, cfg: DictConfig) -> None:
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)   # "No CUDA runtime": any CPU machine
+    check_stage(stage)
     with report_errors(ON_INTERRUPT[stage]):
         rc = validate(cfg)
         check_run(rc, stage)
         if stage == "data":
             make_data(rc, config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
             log.info("trajectories ready in %s", rc.data.dir)
-        elif stage == "train":          # data (when missing) -> train -> export -> eval
+        elif stage == "pipeline":       # data (when missing) -> train -> export -> eval
             run(rc, config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         elif stage == "eval":
             from dsno.stages import evaluation  # deferred: loads torch-fidelity only when used
             result = evaluation.run(rc)
             log.info("wrote %s/eval/report.md (%d rows)", rc.run_dir, len(result["rows"]))
         else:
-            raise ValueError(f"unknown stage {stage!r}")
+            raise ValueError(f"stage {stage!r} has no entry point here; run_stage runs data, pipeline or eval")

@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import MISSING as MISSING_FACTORY, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -37,6 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dsno.checks import SEED_MAX, ConfigError, choice, count, fail, in_range
 from dsno.errors import UserError
+from dsno.run_files import solver_schedules_dir
 from dsno.sampler import FORM_FILES
 from dsno.schema import doc_field
 from dsno.search.config import SearchConfig, check_search  # noqa: F401  (search.* of a run; public here)
@@ -125,7 +126,7 @@ class SolverChoice:
         return head + "".join(f" {k}={v}" for k, v in self.options.items())
 
     def kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `dsno.sample` for this choice (order included when given)."""
+        """The keyword arguments of `dsno.solve` for this choice (order included when given)."""
         return {**({} if self.order is None else {"order": self.order}), **self.options}
 
 
@@ -137,8 +138,8 @@ class SolverConfig(SolverChoice):
     steps: int = doc_field(60, "grid steps of the teacher solve; data.times are inserted into the grid")
     spacing: str = doc_field("logsnr", "how the solve's grid is spaced (one of dsno.solvers.SPACINGS)")
     t_end: float = doc_field(1e-3, "the time the solve ends at (the last of data.times)")
-    schedule: Optional[str] = doc_field(None, "solver=usf: the schedule YAML of python -m dsno.search (it fixes the "
-                                        "grid)")
+    solver_schedule: Optional[str] = doc_field(None, "solver=usf: the solver schedule YAML of python -m dsno.search "
+                                               "(it fixes the grid)")
 
     def __post_init__(self) -> None:
         if self.name in available(None) and get_solver(self.name).stochastic:
@@ -153,15 +154,15 @@ class SolverConfig(SolverChoice):
                "of eval uses eval.reference_steps")
         choice("solver.spacing", self.spacing, tuple(SPACINGS))
         in_range("solver.t_end", self.t_end, 0.0, 1.0, lo_open=True, hi_open=True)
-        takers = with_option("schedule")
-        if self.schedule is not None and self.name not in takers:
-            fail("solver.schedule", self.schedule, f"applies to solver={'/'.join(takers)} only, not "
+        takers = with_option("solver_schedule")
+        if self.solver_schedule is not None and self.name not in takers:
+            fail("solver.solver_schedule", self.solver_schedule, f"applies to solver={'/'.join(takers)} only, not "
                   f"solver={self.name}")
 
     def solve_options(self) -> dict[str, Any]:
-        """Every option of the teacher solve, defaults filled in: solver.options, and solver.schedule when
-        given (what `dsno.sample` and the solver's registry hooks get)."""
-        given = {**self.options, **({} if self.schedule is None else {"schedule": self.schedule})}
+        """Every option of the teacher solve, defaults filled in: solver.options, and solver.solver_schedule
+        when given (what `dsno.solve` and the solver's registry hooks get)."""
+        given = {**self.options, **({} if self.solver_schedule is None else {"solver_schedule": self.solver_schedule})}
         return get_solver(self.name).resolve(self.order, given)[1]
 
 
@@ -466,7 +467,7 @@ class RunConfig:
                       f"{self.teacher.kind} has no scalar schedule to read a denoised output with: use state")
 
     def _check_solver_options(self, times: list) -> None:
-        """The teacher solver's own checks of its options against this run (e.g. usf: its schedule)."""
+        """The teacher solver's own checks of its options against this run (e.g. usf: its solver schedule)."""
         check = get_solver(self.solver.name).check
         if check is None:
             return
@@ -509,9 +510,37 @@ def teacher_config(raw: Any) -> TeacherConfig:
         raise _omegaconf_error(e, "teacher.") from None
 
 
+RENAMED_KEYS = {"solver.schedule": "solver.solver_schedule"}      # old config key -> its new name
+
+
+def renamed_key_error(key: str) -> ConfigError | None:
+    """The one-line error of a config key that was renamed (RENAMED_KEYS), naming the new one; else None."""
+    return ConfigError(f"config error: {key} was renamed: use {RENAMED_KEYS[key]}") if key in RENAMED_KEYS else None
+
+
+def refuse_renamed_keys(keys: Iterable[str]) -> None:
+    """Raise the ConfigError of the first of `keys` that was renamed (RENAMED_KEYS)."""
+    for key in keys:
+        error = renamed_key_error(key)
+        if error is not None:
+            raise error
+
+
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The dotted keys of command-line overrides (key=value, +key=value, ++key=value, ~key)."""
+    return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+
+
+def present_keys(node: DictConfig, keys: Iterable[str]) -> list[str]:
+    """Those of the dotted `keys` that `node` holds (a null value counts)."""
+    absent = object()
+    return [k for k in keys if OmegaConf.select(node, k, default=absent) is not absent]
+
+
 def validate(cfg: DictConfig | dict) -> RunConfig:
     """Type-check `cfg` against the schema and range-check it. Raises ConfigError (one line)."""
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    refuse_renamed_keys(present_keys(node, RENAMED_KEYS))
     try:
         teacher = node.get("teacher")
         rest = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.masked_copy(node, [
@@ -618,14 +647,29 @@ def _check_strategy_and_precision(t: TrainerConfig, on_gpu: bool) -> None:
               f"Lightning refuses this setup: {reason}")
 
 
-# The stages each entry point reaches: train.py makes the data when missing, trains, exports, evaluates.
-STAGES = {"data": ("data",), "train": ("data", "train", "export", "eval"), "eval": ("eval",),
+# The stages each entry point reaches: train.py runs the pipeline (makes the data when missing, trains, exports,
+# evaluates).
+STAGES = {"data": ("data",), "pipeline": ("data", "train", "export", "eval"), "eval": ("eval",),
           "search": ("search",)}
+
+
+RENAMED_STAGES = {"train": "pipeline"}     # an entry point's old stage name -> its new one
+
+
+def check_stage(stage: str) -> None:
+    """`stage` names an entry point's stage (a key of STAGES); else ValueError, naming the new name of a
+    renamed one ("train" meant train.py's whole pipeline; the training stage proper is one step of it)."""
+    if stage in RENAMED_STAGES:
+        raise ValueError(f"stage {stage!r} was renamed: use {RENAMED_STAGES[stage]!r} (train.py's whole run: "
+                         f"{', '.join(STAGES[RENAMED_STAGES[stage]])})")
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}")
 
 
 def check_run(c: RunConfig, stage: str) -> None:
     """Before `stage` (a key of STAGES) writes anything: the values of every stage it reaches that this
     machine and its files decide (hardware, weights files, writable folders). ConfigError (one line)."""
+    check_stage(stage)
     reached = STAGES[stage]
     if set(reached) & {"data", "train", "eval"}:       # each of them is a W&B run (or CSV log)
         _check_logger(c.logger)
@@ -649,6 +693,8 @@ def check_run(c: RunConfig, stage: str) -> None:
                   f"use eval.num_samples>={MIN_IMAGES} or eval.fidelity=false")
     if "search" in reached and c.search.out is not None:
         _check_creatable("search.out", c.search.out, c.run_dir)
+    if "eval" in reached or "search" in reached and c.search.out is None:
+        solver_schedules_dir(c.run_dir)      # the run folder does not hold them under their old folder name
 
 
 def _check_logger(lc: LoggerConfig) -> None:
@@ -692,7 +738,7 @@ def _check_creatable(key: str, path: str, run_dir: str) -> None:
 class SearchRunConfig(RunConfig):
     """The schema of `python -m dsno.search` (schema=search): a run plus the budget `nfe`."""
 
-    nfe: int = doc_field(5, "the budget (model evaluations) of the searched schedule")
+    nfe: int = doc_field(5, "the budget (model evaluations) of the searched solver schedule")
 
 
 # ----------------------------------------------------------------------------------------- help
@@ -766,5 +812,6 @@ def compose(*overrides: str, config_dir: str | os.PathLike | None = None) -> Dic
     entry points get it (the ConfigStore is filled first). Not validated: see `validate`."""
     from hydra import compose as hydra_compose, initialize_config_dir  # deferred: loads Hydra only when used
     register_configs()
+    refuse_renamed_keys(override_keys(overrides))
     with initialize_config_dir(config_dir=str(Path(config_dir or CONF_DIR).resolve()), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))

@@ -139,7 +139,7 @@ def example_inputs(config: SamplerConfig, batch: int, seed: int) -> tuple[torch.
     """(x_T [batch, C, H, W] float32,) and, for a class-conditional config, labels [batch] int64 in
     [0, num_classes), drawn from torch.Generator().manual_seed(seed): what the programs take."""
     g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn(batch, *config.image_shape, generator=g)
+    x_T = torch.randn(batch, *config.state_shape, generator=g)
     if config.num_classes is None:
         return (x_T,)
     return x_T, torch.randint(0, config.num_classes, (batch,), generator=g)

@@ -1,4 +1,4 @@
-"""Checks of the tensors users hand to the public API (`dsno.sample`, a loaded sampler).
+"""Checks of the tensors users hand to the public API (`dsno.solve`, a loaded sampler).
 
     check_noise(x_T, shape=(1, 16, 16))     # a floating-point tensor [B, *shape], finite; else InputError
     check_class_labels(labels, 10, batch=B)  # a LongTensor [B] in [0, 10) (None for num_classes None)
@@ -38,7 +38,7 @@ def check_class_labels(labels: Any, num_classes: int | None, batch: int | None =
                        owner: str = "this sampler", error: type[UserError] = InputError) -> torch.Tensor | None:
     """labels as a LongTensor [B] in [0, num_classes) (B = batch when given; B >= 1 unless batch is 0), or
     None when num_classes is None (unconditional: labels must be None); else one `error` naming `name`
-    and `owner`. The one check of class labels: samplers, `dsno.sample(cond=)` and the CLIs use it."""
+    and `owner`. The one check of class labels: samplers, `dsno.solve(cond=)` and the CLIs use it."""
     if num_classes is None:
         if labels is not None:
             raise error(f"{owner} is unconditional and takes no class labels: drop {name}")

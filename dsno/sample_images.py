@@ -175,7 +175,7 @@ def write_samples(sampler_path: str | os.PathLike, n: int, out: str | os.PathLik
                             "images, chunk_size at a million, batch_size at 65,536, seed below 2**63)")
     sampler = load_sampler(sampler_path, form, trust_program=trust_program)
     cycle = label_cycle(labels, sampler.num_classes, sampler_path)
-    channels, (height, width) = sampler.data_channels, sampler.image_shape[1:]
+    channels, (height, width) = sampler.data_channels, sampler.state_shape[1:]
     if channels not in (1, 3):
         raise UserError(f"PNG output needs 1 (grayscale) or 3 (RGB) channels, the sampler makes {channels}")
     out = claim_output_folder(out, "out", not_image_folder_files, create=True)

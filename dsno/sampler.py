@@ -160,9 +160,9 @@ class Sampler(abc.ABC):
         self.path = path
         self.device = torch.device(device)
         self.times: list[float] = list(config.times)
-        self.image_shape: tuple[int, int, int] = config.image_shape
+        self.state_shape: tuple[int, int, int] = config.state_shape
         self.data_range: tuple[float, float] = config.data_range
-        self.data_channels: int = config.data_channels or self.image_shape[0]
+        self.data_channels: int = config.data_channels or self.state_shape[0]
         self.output_channels: int = config.output_channels     # C, or data_channels: the data part only
         self.num_classes: int | None = config.num_classes       # class-conditional: labels in [0, num_classes)
 
@@ -175,7 +175,7 @@ class Sampler(abc.ABC):
         """x_T [B, C, H, W] (float), labels [B] long in [0, num_classes) (or one int for every row) for a
         class-conditional sampler (None for an unconditional one) -> the M trajectory points [B, M, c, H, W]
         (float32, x_T's device): whole states (c = C), or an augmented student's data part (c = data_channels)."""
-        check_noise(x_T, self.image_shape)
+        check_noise(x_T, self.state_shape)
         labels = sample_labels(labels, self.num_classes, x_T.shape[0])
         with torch.inference_mode():
             return self._run(x_T.float(), labels).to(x_T.device)
@@ -188,7 +188,7 @@ class Sampler(abc.ABC):
         labels (a class-conditional sampler's, required; None for an unconditional one): an int (every
         image that class) or n labels in [0, num_classes) (a sequence or LongTensor [n]).
         """
-        per_image = math.prod(self.image_shape)
+        per_image = math.prod(self.state_shape)
         most = min(MAX_SAMPLES, MAX_SAMPLE_ELEMENTS // per_image)
         if not (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= most
                 and isinstance(batch_size, int) and batch_size >= 1):
@@ -196,7 +196,7 @@ class Sampler(abc.ABC):
                              f"`python -m dsno.sample_images`) and batch_size >= 1, got n={n!r}, "
                              f"batch_size={batch_size!r}")
         labels = sample_labels(labels, self.num_classes, n)
-        noise = torch.randn(n, *self.image_shape, generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(n, *self.state_shape, generator=torch.Generator().manual_seed(seed))
         c = self.data_channels
         out = []
         for i in range(0, n, batch_size):
@@ -228,7 +228,7 @@ class ProgramSampler(Sampler):
 
     def input_description(self) -> str:
         """The inputs config.json declares: x_T [B, C, H, W], and labels [B] for a class-conditional sampler."""
-        x_T = f"x_T [B, {', '.join(map(str, self.image_shape))}]"
+        x_T = f"x_T [B, {', '.join(map(str, self.state_shape))}]"
         return x_T if self.num_classes is None else f"{x_T} and labels [B] int64 ({self.num_classes} classes)"
 
     def check_input_count(self, found: int) -> None:
@@ -244,18 +244,18 @@ class ProgramSampler(Sampler):
         """Run a batch of 2 zero images (with labels 0 for a class-conditional sampler); the output must
         be finite [2, M, C, H, W] (else refused)."""
         file = self.path / FORM_FILES[self.form]
-        expected = (2, len(self.times), self.output_channels, *self.image_shape[1:])
+        expected = (2, len(self.times), self.output_channels, *self.state_shape[1:])
         labels = None if self.num_classes is None else torch.zeros(2, dtype=torch.long)
         try:
             with torch.inference_mode():
-                out = self._run(torch.zeros(2, *self.image_shape), labels)
+                out = self._run(torch.zeros(2, *self.state_shape), labels)
         except Exception as e:   # a foreign program may fail in any way; say which file and why
             raise SamplerFileError(f"{file} does not run on a batch of 2 of {self.input_description()} as "
                                    f"config.json declares ({type(e).__name__}); export the sampler again") \
                 from None
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise SamplerFileError(f"{file} maps [2, {', '.join(map(str, self.image_shape))}] to {got}, but "
+            raise SamplerFileError(f"{file} maps [2, {', '.join(map(str, self.state_shape))}] to {got}, but "
                                    f"config.json declares [B, M={len(self.times)}, c, H, W] = {expected}; "
                                    "the program and its config do not belong together")
         if not torch.isfinite(out).all():

@@ -105,7 +105,7 @@ def test_a_corrupt_last_ckpt_is_one_line(tmp_path, capsys):
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated zip")
     with pytest.raises(SystemExit) as e:
-        run_stage("train", cfg)
+        run_stage("pipeline", cfg)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: refusing to load checkpoint {run}/checkpoints/last.ckpt: it is corrupt"), err

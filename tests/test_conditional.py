@@ -22,7 +22,7 @@ from scipy.integrate import quad, solve_ivp
 
 from dsno.errors import UserError
 from dsno.schedules import VPSchedule
-from dsno.solvers import available, get, sample, timesteps, usf
+from dsno.solvers import available, get, solve, timesteps, usf
 from dsno.solvers.reference import reference_solve
 from dsno.teachers import ConditionalGaussianMixture, GaussianMixture
 from dsno.teachers.base import Teacher
@@ -78,7 +78,7 @@ def test_guidance_is_one_plus_w_conditional_minus_w_null_from_one_call_of_2b_row
     assert torch.equal(guided, (1 + w) * conditional - w * unconditional)
     assert float((guided - conditional).abs().max()) > 0.1
     teacher.calls.clear()
-    sample(teacher, x, timesteps(teacher.schedule, 5), solver="ddim", cond=y)
+    solve(teacher, x, timesteps(teacher.schedule, 5), solver="ddim", cond=y)
     assert teacher.calls == [8] * 5
 
 
@@ -107,27 +107,27 @@ def test_without_labels_a_teacher_is_solved_unchanged():
     mixture = class_mixture()
     assert mixture.conditioned(None) is mixture
     x, ts = noise(), timesteps(mixture.schedule, 6)
-    assert torch.equal(sample(mixture, x, ts, cond=None), sample(mixture.marginal(), x, ts))
+    assert torch.equal(solve(mixture, x, ts, cond=None), solve(mixture.marginal(), x, ts))
 
 
 # --- 2. every solver passes the condition through -----------------------------------------------
 
-def solve(name, teacher, x, **kw):
+def solve_with(name, teacher, x, **kw):
     spec = get(name)
-    if spec.grid is not None:                     # usf: a schedule of its own
+    if spec.grid is not None:                     # usf: a solver schedule of its own
         ts = timesteps(teacher.schedule, 6, spacing="time_quadratic")
-        return sample(teacher, x, solver=name, schedule=usf.from_solver("dpm_solver_pp", ts, 2), **kw)
+        return solve(teacher, x, solver=name, solver_schedule=usf.from_solver("dpm_solver_pp", ts, 2), **kw)
     opts = {"generator": torch.Generator().manual_seed(5)} if "generator" in spec.options else {}
-    return sample(teacher, x, timesteps(teacher.schedule, 6), solver=name, **opts, **kw)
+    return solve(teacher, x, timesteps(teacher.schedule, 6), solver=name, **opts, **kw)
 
 
 @pytest.mark.parametrize("name", available())
 def test_every_solver_takes_cond_as_the_teacher_bound_to_it(name):
     teacher, x = class_mixture(guidance=2.0), noise()
     y = torch.tensor([0, 1, 2, 1])
-    got = solve(name, teacher, x, cond=y)
-    assert torch.equal(got, solve(name, teacher.conditioned(y), x))
-    other = solve(name, teacher, x, cond=torch.tensor([2, 0, 1, 0]))
+    got = solve_with(name, teacher, x, cond=y)
+    assert torch.equal(got, solve_with(name, teacher.conditioned(y), x))
+    other = solve_with(name, teacher, x, cond=torch.tensor([2, 0, 1, 0]))
     assert float((got - other).abs().amax(dim=1).min()) > 0.05, "the labels reach the teacher of every row"
 
 
@@ -197,7 +197,7 @@ def test_exact_guided_solution_agrees_with_dop853():
 
 @pytest.mark.parametrize("solver,order,opts,expected,kind", LOGSNR, ids=[case_id(c) for c in LOGSNR])
 def test_observed_order_under_guidance(solver, order, opts, expected, kind):
-    errs = [float((sample(GUIDED, X_GUIDED, timesteps(GUIDED.schedule, n), solver=solver, order=order,
+    errs = [float((solve(GUIDED, X_GUIDED, timesteps(GUIDED.schedule, n), solver=solver, order=order,
                           cond=Y_GUIDED, **opts) - EXACT_GUIDED).abs().max()) for n in STEPS]
     check_order(errs, STEPS, expected, kind == ">=")
 
@@ -227,7 +227,7 @@ def test_guided_reference_solve_agrees_with_dop853(guided_mixture_reference):
 def test_every_solver_converges_to_the_guided_mixture_reference(guided_mixture_reference, solver, order, opts):
     teacher, x, y, ref = guided_mixture_reference
     steps = (12, 24, 48)
-    errs = [float((sample(teacher, x, timesteps(teacher.schedule, n), solver=solver, order=order, cond=y, **opts)
+    errs = [float((solve(teacher, x, timesteps(teacher.schedule, n), solver=solver, order=order, cond=y, **opts)
                    - ref).abs().max()) for n in steps]
     assert errs[0] > errs[1] > errs[2] and errs[2] < 0.3 * errs[0], errs      # first order: 0.25
 
@@ -289,7 +289,7 @@ def test_guidance_raises_the_label_accuracy_of_mnist_samples(mnist_cond):
     y = torch.arange(10).repeat(20)
     x = torch.randn(200, 1, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ts = timesteps(teacher.schedule, 20)
-    acc = {w: accuracy(classifier, sample(teacher.conditioned(y, guidance=w), x, ts).float().clamp(-1, 1), y)
+    acc = {w: accuracy(classifier, solve(teacher.conditioned(y, guidance=w), x, ts).float().clamp(-1, 1), y)
            for w in (0.0, 3.0)}
     assert acc[0.0] > 0.75 and acc[3.0] > acc[0.0] + 0.08, acc          # measured 0.855 and 0.98
 
@@ -351,7 +351,7 @@ BAD = [
 @pytest.mark.parametrize("case,make,labels,message", BAD, ids=[b[0] for b in BAD])
 def test_labels_that_do_not_fit_are_refused_in_one_line(case, make, labels, message):
     with pytest.raises(LabelError, match=message) as e:
-        sample(make(), noise(), timesteps(VPSchedule.linear(), 4), cond=labels)
+        solve(make(), noise(), timesteps(VPSchedule.linear(), 4), cond=labels)
     assert isinstance(e.value, UserError) and "\n" not in str(e.value)
 
 
@@ -375,7 +375,7 @@ def test_bad_guidance_is_refused_in_one_line(guidance, make, message):
 
 def test_guidance_without_labels_is_refused_in_one_line():
     with pytest.raises(GuidanceError, match="guidance 1.5 needs class labels: pass cond=labels") as e:
-        sample(class_mixture(guidance=1.5), noise(), timesteps(VPSchedule.linear(), 4))
+        solve(class_mixture(guidance=1.5), noise(), timesteps(VPSchedule.linear(), 4))
     assert "\n" not in str(e.value)
 
 

@@ -15,11 +15,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import TINY_RUN, compose
-from dsno.builders import build_teacher, sample_shape
+from dsno.builders import build_teacher, state_shape
 from dsno.config import ConfigError, validate
 from dsno.data import (
     CorruptShardError,
     FingerprintMismatchError,
+    Manifest,
     TrajectoryDataModule,
     TrajectoryDataset,
     check_fingerprint,
@@ -50,8 +51,8 @@ def solve(x_T, labels):
 def generate(folder, weights=WEIGHTS, **kw):
     fp = make_fingerprint(teacher={"class": "ToyConditional", "guidance": 0.0},
                           solver={"name": "toy", "order": 1, "options": {}}, grid=[1.0, 0.75, 0.5, 0.25, 0.0],
-                          times=TIMES, sample_shape=SHAPE, labels=label_rule(weights))
-    args = dict(solve=solve, fingerprint=fp, num_trajectories=11, shard_size=3, sample_shape=SHAPE, seed=SEED,
+                          times=TIMES, state_shape=SHAPE, labels=label_rule(weights))
+    args = dict(solve=solve, fingerprint=fp, num_trajectories=11, shard_size=3, state_shape=SHAPE, seed=SEED,
                 batch_size=2, progress=False)
     return generate_dataset(folder, **{**args, **kw})
 
@@ -196,7 +197,7 @@ def test_the_teacher_stage_stores_labels_and_fingerprints_guidance_and_weights(t
     rc = _run(tmp_path, "teacher.guidance=1.5")
     teacher = build_teacher(rc.teacher)
     assert teacher.num_classes == 10 and teacher.guidance == 1.5
-    trajectories.generate(rc, teacher, sample_shape(teacher), progress=False)
+    trajectories.generate(rc, teacher, state_shape(teacher), progress=False)
     ds = TrajectoryDataset(rc.data.dir, verify="full")
     labels = torch.stack([ds[i][2] for i in range(len(ds))])
     shares = teacher.class_weights.tolist()
@@ -219,9 +220,9 @@ def test_the_teacher_stage_stores_labels_and_fingerprints_guidance_and_weights(t
         rc2 = _run(tmp_path, *other)
         t2 = build_teacher(rc2.teacher)
         with pytest.raises(FingerprintMismatchError, match=key):
-            check_fingerprint(rc.data.dir, trajectories.expected_fingerprint(rc2, t2, sample_shape(t2)))
+            check_fingerprint(rc.data.dir, trajectories.expected_fingerprint(rc2, t2, state_shape(t2)))
         with pytest.raises(FingerprintMismatchError, match=key):
-            trajectories.generate(rc2, t2, sample_shape(t2), progress=False)
+            trajectories.generate(rc2, t2, state_shape(t2), progress=False)
 
 
 def test_class_weights_must_fit_the_teacher(tmp_path, small_fit):
@@ -229,24 +230,28 @@ def test_class_weights_must_fit_the_teacher(tmp_path, small_fit):
     teacher = build_teacher(rc.teacher)
     with pytest.raises(ConfigError, match=r"data\.class_weights=\[1\.0, 1\.0, 1\.0\]: needs one weight per class .* "
                                           r"\(10 classes\)"):
-        trajectories.expected_fingerprint(rc, teacher, sample_shape(teacher))
+        trajectories.expected_fingerprint(rc, teacher, state_shape(teacher))
     with pytest.raises(ConfigError, match=r"data\.class_weights=\[1\.0, -1\.0\]: must be finite numbers >= 0"):
         _run(tmp_path, "data.class_weights=[1,-1]")
     plain = validate(compose(f"run_dir={tmp_path / 'plain'}", *TINY_RUN, "data.class_weights=[1,1]"))
     teacher = build_teacher(plain.teacher)
     with pytest.raises(ConfigError, match=r"data\.class_weights=\[1\.0, 1\.0\]: is for a class-conditional teacher"):
-        trajectories.expected_fingerprint(plain, teacher, sample_shape(teacher))
+        trajectories.expected_fingerprint(plain, teacher, state_shape(teacher))
 
 
 # --- unconditional data sets and training -----------------------------------------------------------
 def test_an_unconditional_fingerprint_is_unchanged(tmp_path):
     rc = validate(compose(f"run_dir={tmp_path / 'run'}", *TINY_RUN))
     teacher = build_teacher(rc.teacher)
-    fp = trajectories.expected_fingerprint(rc, teacher, sample_shape(teacher))
-    assert sorted(fp) == ["dtype", "grid", "sample_shape", "solver", "teacher", "times"]
-    # the sha256 of this fingerprint before labels existed: the data sets made then are still found
-    assert hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest() == (
+    fp = trajectories.expected_fingerprint(rc, teacher, state_shape(teacher))
+    assert sorted(fp) == ["dtype", "grid", "solver", "state_shape", "teacher", "times"]
+    # the sha256 of this fingerprint before labels existed, as format_version 1 named its keys
+    # (state_shape was sample_shape): the data sets made then are still found
+    v1 = {("sample_shape" if k == "state_shape" else k): v for k, v in fp.items()}
+    assert hashlib.sha256(json.dumps(v1, sort_keys=True).encode()).hexdigest() == (
         "2246cfc9dc8fe14a9ebabba330475f215882a1f4c134b2728f184ccb1db56825")
+    old = {"format_version": 1, "fingerprint": v1, "seed": 0, "num_trajectories": 1, "shard_size": 1, "shards": []}
+    check_fingerprint(Manifest.from_dict(old), fp)
 
 
 def test_an_unconditional_run_keeps_its_completion_stamps(tmp_path):

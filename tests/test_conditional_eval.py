@@ -48,14 +48,14 @@ def conditional_run(tmp_path_factory):
     seen: dict[str, list[list[int]]] = {"solver": [], "reference": [], "dsno": []}
     captured = {}
     mp = pytest.MonkeyPatch()
-    sample, call, write = evaluation.sample, Sampler.__call__, evaluation.write_report
+    solve, call, write = evaluation.solve, Sampler.__call__, evaluation.write_report
 
-    def recording_sample(teacher, x, *args, cond=None, **kw):
+    def recording_solve(teacher, x, *args, cond=None, **kw):
         if cond is not None:
             seen["solver"].append(cond.tolist())
         elif isinstance(teacher, ConditionedTeacher):          # the reference solves a bound teacher
             seen["reference"].append(teacher.labels.tolist())
-        return sample(teacher, x, *args, cond=cond, **kw)
+        return solve(teacher, x, *args, cond=cond, **kw)
 
     def recording_call(self, x_T, labels=None):
         seen["dsno"].append(labels.tolist())
@@ -65,8 +65,8 @@ def conditional_run(tmp_path_factory):
         captured.update(finals=finals)
         return write(result, finals, *args, **kw)
 
-    mp.setattr(evaluation, "sample", recording_sample)            # where eval and the reference look it up
-    mp.setattr(reference, "sample", recording_sample)
+    mp.setattr(evaluation, "solve", recording_solve)            # where eval and the reference look it up
+    mp.setattr(reference, "solve", recording_solve)
     mp.setattr(Sampler, "__call__", recording_call)
     mp.setattr(evaluation, "write_report", capturing_write)
     try:

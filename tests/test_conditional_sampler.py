@@ -26,8 +26,8 @@ K = 6
 V1 = Path(__file__).parent / "data" / "sampler_v1"
 UNET = {"in_channels": 1, "out_channels": 1, "base_channels": 8, "channel_mult": [1], "num_res_blocks": 1,
         "attn_resolutions": [], "image_size": 8, "num_groups": 4, "num_classes": K}
-CONFIG = {"format_version": 1, "backbone": {"type": "unet", "kwargs": UNET}, "time_input": "continuous",
-          "times": [0.5, 0.0], "modes": 2, "skip": [0.0, 0.5], "image_shape": [1, 8, 8],
+CONFIG = {"format_version": 2, "backbone": {"type": "unet", "kwargs": UNET}, "time_input": "continuous",
+          "times": [0.5, 0.0], "modes": 2, "skip": [0.0, 0.5], "state_shape": [1, 8, 8],
           "data_range": [-1.0, 1.0], "num_classes": K}
 
 

@@ -13,7 +13,7 @@ import torch
 
 import dsno
 from dsno.schedules import VPSchedule
-from dsno.solvers import sample, timesteps
+from dsno.solvers import solve, timesteps
 from dsno.teachers.base import TeacherLoadError, wrap
 from dsno.teachers.conditional import GuidanceError, LabelError, bind
 from dsno.teachers.unet import asset_path, load_unet_teacher, read_record, remake_command
@@ -66,7 +66,7 @@ def test_guidance_makes_the_samples_the_requested_digits(cond_teacher):
     x = torch.randn(len(y), 1, 16, 16, generator=torch.Generator().manual_seed(0))
     ts, classifier = timesteps(cond_teacher.schedule, 20), load_digit_classifier(16)
     with torch.no_grad():
-        acc = {w: accuracy(classifier, sample(cond_teacher.conditioned(y, guidance=w), x, ts).clamp(-1, 1), y)
+        acc = {w: accuracy(classifier, solve(cond_teacher.conditioned(y, guidance=w), x, ts).clamp(-1, 1), y)
                for w in (0.0, 0.75)}
     assert acc[0.75] >= 0.9 and acc[0.75] > acc[0.0] + 0.05, acc   # 512 samples: 0.830 at w = 0, 0.979 at 0.75
 
@@ -103,7 +103,7 @@ def test_teacher_kind_mnist_unet_cond_takes_guidance_from_the_config():
 def test_labels_out_of_range_are_refused_in_one_line(cond_teacher):
     x = torch.randn(2, 1, 16, 16)
     with pytest.raises(LabelError) as e:
-        sample(cond_teacher, x, timesteps(cond_teacher.schedule, 2), cond=torch.tensor([3, 10]))
+        solve(cond_teacher, x, timesteps(cond_teacher.schedule, 2), cond=torch.tensor([3, 10]))
     assert "label 10, outside [0, 10)" in one_line(e)
 
 
@@ -258,8 +258,8 @@ def test_a_wrapped_conditional_function_is_bound_guided_and_sampled():
     def guided(x, t):
         return (1 + W) * class_eps(x, t, y) - W * class_eps(x, t, torch.full_like(y, 3))
 
-    expected = dsno.sample(wrap(guided, schedule, time_input="continuous"), x, ts)
-    torch.testing.assert_close(dsno.sample(teacher, x, ts, cond=y), expected, rtol=0, atol=1e-12)
+    expected = dsno.solve(wrap(guided, schedule, time_input="continuous"), x, ts)
+    torch.testing.assert_close(dsno.solve(teacher, x, ts, cond=y), expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(teacher.conditioned(y, guidance=0.0).eps(x, ts[1]), class_eps(x, ts[1].expand(4), y))
     assert teacher.fingerprint()["num_classes"] == 3 and teacher.fingerprint()["guidance"] == W
     assert "num_classes" not in wrap(lambda x, t: x, schedule, time_input="continuous").fingerprint()
@@ -276,12 +276,12 @@ def test_a_wrapped_function_with_bad_conditions_is_refused_in_one_line():
     assert "teacher toy has no unconditional (null-label) branch" in one_line(e)
     plain = wrap(lambda x, t: x, schedule, time_input="continuous", name="plain")
     with pytest.raises(LabelError) as e:
-        dsno.sample(plain, torch.randn(2, 1, 2, 2), timesteps(schedule, 2), cond=torch.tensor([0, 1]))
+        dsno.solve(plain, torch.randn(2, 1, 2, 2), timesteps(schedule, 2), cond=torch.tensor([0, 1]))
     assert "teacher plain is unconditional" in one_line(e) and one_line(e).endswith("drop cond")
     with pytest.raises(LabelError) as e:
         plain(torch.randn(2, 1, 2, 2), torch.full((2,), 0.5), labels=torch.tensor([0, 1]))
     assert "teacher plain is unconditional" in one_line(e) and one_line(e).endswith("drop cond")
     cond = wrap(class_eps, schedule, time_input="continuous", num_classes=3, name="toy")
     with pytest.raises(LabelError) as e:
-        dsno.sample(cond, torch.randn(2, 1, 2, 2), timesteps(schedule, 2), cond=torch.tensor([0, 3]))
+        dsno.solve(cond, torch.randn(2, 1, 2, 2), timesteps(schedule, 2), cond=torch.tensor([0, 3]))
     assert "label 3, outside [0, 3)" in one_line(e)

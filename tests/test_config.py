@@ -40,6 +40,42 @@ def test_unknown_key_fails_naming_it():
         _compose("trainer.max_stepz=3")
 
 
+def test_a_renamed_key_is_refused_in_one_line_naming_the_new_one(tmp_path, monkeypatch, capsys):
+    """Every key of RENAMED_KEYS, in an override (set or added), a config dict or an experiment file, and on
+    the command line (error: ..., exit 2); its new name is a key of the schema."""
+    import shutil
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from dsno.cli import prepare_cli
+    from dsno.config import RENAMED_KEYS, compose
+    assert RENAMED_KEYS == {"solver.schedule": "solver.solver_schedule"}
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    absent = object()
+    for old, new in RENAMED_KEYS.items():
+        line = f"config error: {old} was renamed: use {new}"
+        assert OmegaConf.select(_compose(), new, default=absent) is None       # the new key, unset
+        for override in (f"{old}=x.yaml", f"+{old}=x.yaml"):
+            with pytest.raises(ConfigError, match=f"^{line}$"):
+                _compose(override)
+        config = OmegaConf.create(OmegaConf.to_container(_compose()))
+        OmegaConf.update(config, old, "x.yaml", force_add=True)
+        with pytest.raises(ConfigError, match=f"^{line}$"):
+            validate(config)
+        section, key = old.rsplit(".", 1)
+        (conf / "experiment" / "old.yaml").write_text(f"# @package _global_\ndefaults:\n  - mnist_gmm\n"
+                                                      f"{section}:\n  {key}: x.yaml\n")
+        with pytest.raises(ConfigCompositionException) as e:
+            compose("experiment=old", config_dir=conf)
+        assert composition_message(e.value) == line
+        monkeypatch.setattr(sys, "argv", ["train.py", f"{old}=x.yaml"])
+        with pytest.raises(SystemExit) as exit_:
+            prepare_cli(CONF, "pipeline")
+        assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {line}\n"
+
+
 BAD = [
     ("data.num_trajectories=-5", "data.num_trajectories=-5: must be a positive integer"),
     ("data.num_trajectories=abc", "data.num_trajectories=abc: Value 'abc' of type 'str' could not be converted to Integer"),

@@ -29,14 +29,14 @@ def solve(x_T):
 
 
 FINGERPRINT = make_fingerprint(teacher={"class": "Toy"}, solver={"name": "toy", "order": 1, "options": {}},
-                               grid=[1.0, 0.75, 0.5, 0.25, 0.0], times=TIMES, sample_shape=SHAPE)
+                               grid=[1.0, 0.75, 0.5, 0.25, 0.0], times=TIMES, state_shape=SHAPE)
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trajectories")
     generate_dataset(folder, solve=solve, fingerprint=FINGERPRINT, num_trajectories=NUM, shard_size=4,
-                     sample_shape=SHAPE, seed=SEED, batch_size=3, progress=False)
+                     state_shape=SHAPE, seed=SEED, batch_size=3, progress=False)
     return folder
 
 
@@ -50,7 +50,7 @@ def copy_dataset(src, dst):
 def test_items_are_the_generated_trajectories(data_dir):
     ds = TrajectoryDataset(data_dir, verify="full", expected_fingerprint=FINGERPRINT)
     noise = trajectory_noise(SEED, 0, NUM, SHAPE)
-    assert len(ds) == NUM and ds.times == TIMES and ds.sample_shape == SHAPE
+    assert len(ds) == NUM and ds.times == TIMES and ds.state_shape == SHAPE
     for i in range(NUM):
         x_T, states = ds[i]
         assert x_T.dtype == states.dtype == torch.float32
@@ -108,14 +108,14 @@ def test_refusals(data_dir, tmp_path):
     calls = []
     with pytest.raises(KeyboardInterrupt):
         generate_dataset(unfinished, solve=fail_on_second_shard, fingerprint=FINGERPRINT, num_trajectories=NUM,
-                         shard_size=4, sample_shape=SHAPE, seed=SEED, batch_size=2, progress=False)
+                         shard_size=4, state_shape=SHAPE, seed=SEED, batch_size=2, progress=False)
     with pytest.raises(DatasetError, match=r"unfinished \(1/3 shards\)"):
         TrajectoryDataset(unfinished)
 
 
 def test_datamodule_split_is_deterministic_and_complete(data_dir):
     dm = TrajectoryDataModule(data_dir, batch_size=4, val_fraction=0.3, seed=1)
-    assert dm.times == TIMES and dm.sample_shape == SHAPE  # known before setup
+    assert dm.times == TIMES and dm.state_shape == SHAPE  # known before setup
     train, val = dm.split_indices()
     assert len(val) == 3 and sorted([*train, *val]) == list(range(NUM))
     again = TrajectoryDataModule(data_dir, batch_size=4, val_fraction=0.3, seed=1).split_indices()
@@ -131,7 +131,7 @@ def test_datamodule_split_is_deterministic_and_complete(data_dir):
     no_val = TrajectoryDataModule(data_dir, batch_size=4, val_fraction=0.0)
     assert len(no_val.split_indices()[1]) == 0
     with pytest.raises(FingerprintMismatchError):
-        TrajectoryDataModule(data_dir, batch_size=4, expected_fingerprint={"sample_shape": [1, 4, 4]})
+        TrajectoryDataModule(data_dir, batch_size=4, expected_fingerprint={"state_shape": [1, 4, 4]})
     with pytest.raises(ValueError, match="val_fraction must be in"):
         TrajectoryDataModule(data_dir, batch_size=4, val_fraction=1.0)
 

@@ -1,5 +1,6 @@
 """The generation driver: values, resume after SIGKILL, repair, refusals, bounded memory."""
 
+import json
 import logging
 import os
 import shutil
@@ -46,12 +47,12 @@ def fingerprint(**changes):
     fp = dict(teacher={"class": "Toy", "scale": 1.0}, solver={"name": "toy", "order": 1, "options": {}},
               grid=[1.0, 0.75, 0.5, 0.25, 0.0], times=TIMES)
     fp.update(changes)
-    return make_fingerprint(**fp, sample_shape=SHAPE)
+    return make_fingerprint(**fp, state_shape=SHAPE)
 
 
 def generate(folder, **kw):
     args = dict(solve=solve, fingerprint=fingerprint(), num_trajectories=10, shard_size=3,
-                sample_shape=SHAPE, seed=7, batch_size=2, progress=False)
+                state_shape=SHAPE, seed=7, batch_size=2, progress=False)
     args.update(kw)
     return generate_dataset(folder, **args)
 
@@ -94,7 +95,7 @@ def start_until(code, target):
 def test_values_are_noise_and_its_solution(tmp_path):
     m = generate(tmp_path)
     assert m.complete and [s.count for s in m.shards] == [3, 3, 3, 1]
-    assert m.times == TIMES and m.sample_shape == SHAPE and m.seed == 7
+    assert m.times == TIMES and m.state_shape == SHAPE and m.seed == 7
     x_T = np.concatenate([np.load(tmp_path / f"shard-{i:05d}.x_T.npy") for i in range(4)])
     states = np.concatenate([np.load(tmp_path / f"shard-{i:05d}.states.npy") for i in range(4)])
     noise = trajectory_noise(7, 0, 10, SHAPE)
@@ -155,6 +156,22 @@ def test_sigkill_mid_shard_then_resume_is_bitwise_identical(tmp_path, caplog):
     assert snapshot(killed) == snapshot(reference)
     assert sorted(p.name for p in killed.iterdir() if ".tmp" in p.name) == []
     verify_dataset(killed, full=True)
+
+
+def test_a_data_set_begun_by_format_version_1_resumes_bitwise_identical(tmp_path):
+    old, reference = tmp_path / "old", tmp_path / "reference"
+    generate(reference, num_trajectories=12, shard_size=4)
+    generate(old, num_trajectories=12, shard_size=4)
+    d = json.loads((old / MANIFEST_NAME).read_text())     # as dsno before format_version 2 left it after shard 0
+    d.update(format_version=1, complete=False, shards=d["shards"][:1],
+             fingerprint={("sample_shape" if k == "state_shape" else k): v for k, v in d["fingerprint"].items()})
+    (old / MANIFEST_NAME).write_text(json.dumps(d))
+    for p in old.glob("shard-0000[12].*"):
+        p.unlink()
+    resumed = generate(old, num_trajectories=12, shard_size=4)
+    assert resumed.complete and resumed.format_version == 2
+    assert snapshot(old) == snapshot(reference)
+    assert json.loads((old / MANIFEST_NAME).read_text())["fingerprint"]["state_shape"] == list(SHAPE)
 
 
 def test_rerun_of_a_complete_dataset_writes_nothing(tmp_path, caplog, monkeypatch):
@@ -230,7 +247,7 @@ def test_disk_space_is_checked_first(tmp_path, monkeypatch):
 
 
 def test_bad_solver_output_keeps_nothing(tmp_path):
-    with pytest.raises(ValueError, match=r"must return a tensor of shape \[b, M, \*sample_shape\] = \[2, 3, 1, 3, 3\]"):
+    with pytest.raises(ValueError, match=r"must return a tensor of shape \[b, M, \*state_shape\] = \[2, 3, 1, 3, 3\]"):
         generate(tmp_path, solve=lambda x: x)
 
     def nan_on_shard_1(x):
@@ -256,7 +273,7 @@ def test_argument_errors(tmp_path, monkeypatch):
     for kw, message in ((dict(num_trajectories=0), "num_trajectories must be an integer >= 1, got 0"),
                         (dict(batch_size=1.5), "batch_size must be an integer >= 1, got 1.5"),
                         (dict(seed=-1), "seed must be an integer >= 0"),
-                        (dict(sample_shape=(1, 3)), r"sample_shape \[1, 3\]"),
+                        (dict(state_shape=(1, 3)), r"state_shape \[1, 3\]"),
                         (dict(rank=2, world_size=2), "need 0 <= rank < world_size")):
         with pytest.raises(ValueError, match=message):
             generate(tmp_path, **kw)
@@ -272,9 +289,9 @@ def test_memory_stays_flat_with_10x_more_trajectories(tmp_path):
     """Peak RSS of a 10x larger run (46 MB more data) stays within a few MB of the small run."""
     code = ("import resource, torch; from dsno.data import generate_dataset, make_fingerprint; "
             "fp = make_fingerprint(teacher={{}}, solver={{}}, grid=[1.0, 0.0], times=[0.75, 0.5, 0.25, 0.0], "
-            "sample_shape=(3, 16, 16)); "
+            "state_shape=(3, 16, 16)); "
             "generate_dataset({out!r}, solve=lambda x: x[:, None].expand(-1, 4, -1, -1, -1) * 0.5, "
-            "fingerprint=fp, num_trajectories={n}, shard_size=100, sample_shape=(3, 16, 16), seed=0, "
+            "fingerprint=fp, num_trajectories={n}, shard_size=100, state_shape=(3, 16, 16), seed=0, "
             "batch_size=50, progress=False); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     procs = {n: subprocess.Popen(python_c(code.format(out=str(tmp_path / str(n)), n=n)), text=True,

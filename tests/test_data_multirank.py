@@ -23,8 +23,8 @@ def solve(x_T):
 
 def generate(folder, **kw):
     fp = make_fingerprint(teacher={"class": "Toy"}, solver={"name": "toy", "order": 1, "options": {}},
-                          grid=[1.0, 0.75, 0.5, 0.25, 0.0], times=TIMES, sample_shape=SHAPE)
-    args = dict(solve=solve, fingerprint=fp, num_trajectories=NUM, shard_size=SHARD, sample_shape=SHAPE,
+                          grid=[1.0, 0.75, 0.5, 0.25, 0.0], times=TIMES, state_shape=SHAPE)
+    args = dict(solve=solve, fingerprint=fp, num_trajectories=NUM, shard_size=SHARD, state_shape=SHAPE,
                 seed=SEED, batch_size=2, progress=False)
     return generate_dataset(folder, **{**args, **kw})
 

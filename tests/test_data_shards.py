@@ -27,7 +27,7 @@ SHAPE = (2, 3, 3)
 
 def toy_manifest(num=7, shard_size=3):
     fp = make_fingerprint(teacher={"class": "Toy"}, solver={"name": "toy", "order": 1, "options": {}},
-                          grid=[1.0, 0.5, 0.25, 0.0], times=TIMES, sample_shape=SHAPE)
+                          grid=[1.0, 0.5, 0.25, 0.0], times=TIMES, state_shape=SHAPE)
     return Manifest.new(fp, seed=0, num_trajectories=num, shard_size=shard_size)
 
 
@@ -135,13 +135,32 @@ def test_untrusted_manifest_cannot_point_outside(tmp_path):
     evil["shards"][0]["files"]["x_T"]["name"] = "../../etc/passwd"
     with pytest.raises(DatasetError, match="expected 'shard-00000.x_T.npy'"):
         Manifest.from_dict(evil)
-    for key, value, message in (("format_version", 2, "unsupported format_version 2"),
+    for key, value, message in (("format_version", 3, "unsupported format_version 3"),
                                 ("num_trajectories", -1, "num_trajectories must be an integer >= 1")):
         with pytest.raises(DatasetError, match=message):
             Manifest.from_dict({**d, key: value})
     (tmp_path / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(DatasetError, match="not valid JSON"):
         load_manifest(tmp_path)
+
+
+def test_a_format_version_1_manifest_reads_its_old_key_names_as_the_new_ones(tmp_path):
+    m, _, _ = write_toy_dataset(tmp_path)
+    d = m.to_dict()
+    fp = {("sample_shape" if k == "state_shape" else k): v for k, v in d["fingerprint"].items()}
+    old = Manifest.from_dict({**d, "format_version": 1, "fingerprint": fp})
+    assert old.state_shape == m.state_shape == (2, 3, 3) and old.fingerprint == m.fingerprint
+    assert old.to_dict()["format_version"] == 2 and "sample_shape" not in old.to_dict()["fingerprint"]
+    with pytest.raises(DatasetError, match=r"^manifest fingerprint: key 'sample_shape' is named 'state_shape' "
+                                           r"since format_version 2; rename it 'state_shape'$"):
+        Manifest.from_dict({**d, "fingerprint": fp})
+    solver = {**d["fingerprint"]["solver"], "schedule_sha256": "b501184099895c44"}     # a usf data set's entry
+    old = Manifest.from_dict({**d, "format_version": 1, "fingerprint": {**fp, "solver": solver}})
+    assert old.fingerprint["solver"]["solver_schedule_sha256"] == "b501184099895c44"
+    assert "schedule_sha256" not in old.fingerprint["solver"]
+    with pytest.raises(DatasetError, match=r"^manifest fingerprint.solver: key 'schedule_sha256' is named "
+                                           r"'solver_schedule_sha256' since format_version 2; rename it"):
+        Manifest.from_dict({**d, "fingerprint": {**d["fingerprint"], "solver": solver}})
 
 
 def test_missing_dataset_says_how_to_make_it(tmp_path):
@@ -157,7 +176,7 @@ def test_check_fingerprint_diff_and_tolerance(tmp_path):
     fp = m.fingerprint
     check_fingerprint(tmp_path, fp)
     check_fingerprint(m, {"times": [t * (1 + 1e-12) for t in TIMES]})  # within 1e-9 relative
-    check_fingerprint(m, {"sample_shape": (2, 3, 3)})  # tuples are JSON lists
+    check_fingerprint(m, {"state_shape": (2, 3, 3)})  # tuples are JSON lists
     bad = {**fp, "times": [0.75, 0.5 + 1e-6, 0.0], "teacher": {"class": "Other"},
            "solver": {**fp["solver"], "order": 3}}
     with pytest.raises(FingerprintMismatchError) as err:
@@ -175,10 +194,10 @@ def test_check_fingerprint_diff_and_tolerance(tmp_path):
 
 def test_make_fingerprint_validates():
     kw = dict(teacher={"class": "Toy"}, solver={"name": "toy"}, grid=[1.0, 0.0], times=[0.0])
-    assert make_fingerprint(**kw, sample_shape=(1, 2, 2))["dtype"] == "float32"
-    with pytest.raises(ValueError, match="sample_shape must be"):
-        make_fingerprint(**kw, sample_shape=(1, 0, 2))
+    assert make_fingerprint(**kw, state_shape=(1, 2, 2))["dtype"] == "float32"
+    with pytest.raises(ValueError, match="state_shape must be"):
+        make_fingerprint(**kw, state_shape=(1, 0, 2))
     with pytest.raises(ValueError, match=r"fingerprint.times\[0\] is nan"):
-        make_fingerprint(**{**kw, "times": [float("nan")]}, sample_shape=(1,))
+        make_fingerprint(**{**kw, "times": [float("nan")]}, state_shape=(1,))
     with pytest.raises(ValueError, match="fingerprint.teacher.fn has a value of type function"):
-        make_fingerprint(**{**kw, "teacher": {"fn": lambda: 0}}, sample_shape=(1,))
+        make_fingerprint(**{**kw, "teacher": {"fn": lambda: 0}}, state_shape=(1,))

@@ -82,11 +82,11 @@ def test_flipped_bit_is_caught_by_data_gen_by_default(tmp_path):
 
 
 def test_flipped_bit_is_caught_by_the_teacher_stage(tiny_run):
-    from dsno.builders import build_teacher, sample_shape
+    from dsno.builders import build_teacher, state_shape
     from dsno.stages.trajectories import generate as stage_generate
     rc = tiny_run()
     teacher = build_teacher(rc.teacher)
-    shape = sample_shape(teacher)
+    shape = state_shape(teacher)
     stage_generate(rc, teacher, shape, progress=False)
     folder = Path(rc.data.dir)
     digest = flip_bit(folder / "shard-00000.x_T.npy", offset=200)

@@ -9,7 +9,7 @@ from dsno.errors import UserFileNotFoundError
 from dsno.nn import DSNO, TemporalConv, build_dsno, set_temporal_impl, validate_config
 from dsno.nn.parameterization import coefficients
 from dsno.schedules import VPSchedule
-from dsno.solvers import sample, timesteps
+from dsno.solvers import solve, timesteps
 from dsno.teachers.base import convert
 
 TIMES = [0.5625, 0.25, 0.0625, 0.001]
@@ -53,10 +53,10 @@ def test_set_temporal_impl_keeps_the_state_dict_and_rejects_unknown():
 # ------------------------------------------------------------------ build config
 
 def _config(**overrides):
-    base = {"format_version": 1, "backbone": {"type": "unet", "kwargs": {
+    base = {"format_version": 2, "backbone": {"type": "unet", "kwargs": {
         "in_channels": 1, "out_channels": 1, "image_size": 8, "base_channels": 8, "attn_resolutions": []}},
         "time_input": "continuous", "times": TIMES, "modes": 2, "skip": [0.1, 0.2, 0.3, 0.4],
-        "image_shape": [1, 8, 8]}
+        "state_shape": [1, 8, 8]}
     base.update(overrides)
     return base
 
@@ -122,7 +122,7 @@ def test_denoised_coefficients_are_the_ddim_map_of_the_teachers_reading(predicti
 def _solve(teacher, x_T, steps):
     grid = timesteps(teacher.schedule, steps=steps, spacing="logsnr", t_end=TIMES[-1])
     with torch.no_grad():
-        return sample(teacher, x_T, grid, solver="dpm_solver_pp", order=3).float()
+        return solve(teacher, x_T, grid, solver="dpm_solver_pp", order=3).float()
 
 
 class ExactNet(torch.nn.Module):

@@ -18,7 +18,7 @@ from dsno.sampler import FORM_FILES, load_sampler
 from dsno.trust import check_pt2_archive, write_checksums
 
 CONFIG = {
-    "format_version": 1,
+    "format_version": 2,
     "backbone": {"type": "unet", "kwargs": {"in_channels": 1, "out_channels": 1, "base_channels": 8,
                                             "channel_mult": [1, 2], "num_res_blocks": 1,
                                             "attn_resolutions": [4], "image_size": 8, "num_groups": 4}},
@@ -26,7 +26,7 @@ CONFIG = {
     "times": [0.5625, 0.25, 0.0625, 0.0],
     "modes": 2,
     "skip": [0.0, 0.0, 0.0, 0.5],
-    "image_shape": [1, 8, 8],
+    "state_shape": [1, 8, 8],
     "data_range": [-1.0, 1.0],
     "schedule": {"kind": "linear", "beta_min": 0.1, "beta_max": 20.0},
 }
@@ -117,7 +117,7 @@ def test_newer_format_and_missing_files_are_refused(exported, tmp_path):
     newer = tmp_path / "newer"
     shutil.copytree(folder, newer)
     config = json.loads((newer / "config.json").read_text())
-    (newer / "config.json").write_text(json.dumps({**config, "format_version": 2}))
+    (newer / "config.json").write_text(json.dumps({**config, "format_version": 3}))
     write_checksums(newer, json.loads((newer / "checksums.json").read_text())["files"])   # as a newer dsno signs it
     with pytest.raises(ValueError, match="written by a newer dsno; upgrade"):
         load_sampler(newer)

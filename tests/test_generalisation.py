@@ -205,8 +205,8 @@ def test_plain_distillation_m1_trains_and_exports(tmp_path):
 
 
 def _shape(rc):
-    from dsno.builders import build_teacher, sample_shape
-    return sample_shape(build_teacher(rc.teacher))
+    from dsno.builders import build_teacher, state_shape
+    return state_shape(build_teacher(rc.teacher))
 
 
 BAD = [

@@ -219,7 +219,7 @@ def test_load_backbone_weights_into_a_built_dsno():
 
 def test_load_backbone_weights_from_a_bare_diffusers_unet():
     unet = tiny_diffusers_unet(seed=2)
-    cfg = config(backbone=diffusers_backbone_spec(unet), time_input={"discrete": 1000}, image_shape=[3, 8, 8],
+    cfg = config(backbone=diffusers_backbone_spec(unet), time_input={"discrete": 1000}, state_shape=[3, 8, 8],
                  skip=None)
     model = build_dsno(cfg).eval()
     load_backbone_weights(model, unet)
@@ -258,9 +258,9 @@ def test_exportable_copy_is_numerically_the_same():
 
 
 def config(**overrides):
-    base = {"format_version": 1, "backbone": {"type": "unet", "kwargs": dict(UNET_KWARGS)},
+    base = {"format_version": 2, "backbone": {"type": "unet", "kwargs": dict(UNET_KWARGS)},
             "time_input": "continuous", "times": TIMES, "modes": 2, "skip": [0.0, 0.0, 0.0, 1.0],
-            "image_shape": [1, 8, 8], "data_range": [-1, 1], "schedule": {"kind": "linear"}}
+            "state_shape": [1, 8, 8], "data_range": [-1, 1], "schedule": {"kind": "linear"}}
     base.update(overrides)
     return base
 
@@ -285,7 +285,7 @@ def test_an_augmented_student_emits_the_data_part_and_skips_from_its_noise():
     """A backbone taking the 2 channels of (x, m) and emitting 1 (data_channels): the output is the data
     part of each state, and the skip reads x_T's leading (data) channels."""
     kwargs = {**UNET_KWARGS, "in_channels": 2, "out_channels": 1}
-    cfg = config(backbone={"type": "unet", "kwargs": kwargs}, image_shape=[2, 8, 8], data_channels=1,
+    cfg = config(backbone={"type": "unet", "kwargs": kwargs}, state_shape=[2, 8, 8], data_channels=1,
                  skip=[0.5, 0.25, 0.125, 0.0])
     model = build_dsno(cfg).eval()
     reference = randomize_(UNet(**kwargs), seed=3).eval()
@@ -300,18 +300,18 @@ def test_an_augmented_student_emits_the_data_part_and_skips_from_its_noise():
     from dsno.nn.dsno import output_channels
     assert output_channels(cfg) == 1 and output_channels(config()) == 1
     with pytest.raises(ValueError, match=r"emit C or data_channels \(1\)"):
-        build_dsno(config(backbone={"type": "unet", "kwargs": {**kwargs, "out_channels": 3}}, image_shape=[2, 8, 8],
+        build_dsno(config(backbone={"type": "unet", "kwargs": {**kwargs, "out_channels": 3}}, state_shape=[2, 8, 8],
                           data_channels=1))
 
 
 @pytest.mark.parametrize("overrides,message", [
     ({"backbone": {"type": "resnet"}}, "backbone']\\['type'\\] must be"),
-    ({"image_shape": [3, 8, 8]}, "does not match the backbone"),
+    ({"state_shape": [3, 8, 8]}, "does not match the backbone"),
     ({"times": [0.1, 0.5]}, "strictly decreasing"),
     ({"modes": 4}, "modes must lie in"),
     ({"skip": [0.0]}, "one coefficient per time"),
     ({"time_input": "discrete"}, "time_input"),
-    ({"format_version": 2}, "newer dsno"),
+    ({"format_version": 3}, "newer dsno"),
 ])
 def test_build_dsno_rejects_bad_config(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -101,14 +101,14 @@ TRAIN = [   # (overrides, the message's start); each on a machine without a GPU
 @pytest.mark.parametrize("overrides,message", TRAIN, ids=[" ".join(c[0]) for c in TRAIN])
 def test_train_checks_every_stage_before_writing(overrides, message, tmp_path, capsys, no_hub_weights):
     run = tmp_path / "run"
-    assert preflight_error("train", run, *overrides, capsys=capsys).startswith(f"config error: {message}")
+    assert preflight_error("pipeline", run, *overrides, capsys=capsys).startswith(f"config error: {message}")
     assert not run.exists()
 
 
 def test_a_data_dir_that_cannot_be_made_is_named_by_data_and_train(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    for stage in ("data", "train"):
+    for stage in ("data", "pipeline"):
         line = preflight_error(stage, tmp_path / "run", f"data.dir={blocker}/trajectories", capsys=capsys)
         assert line == f"config error: data.dir='{blocker}/trajectories': cannot be made: {blocker} is a file, " \
                        "not a folder"
@@ -126,7 +126,24 @@ def test_each_entry_point_checks_only_the_stages_it_reaches(tmp_path):
     for stage in ("data", "eval", "search"):
         check_run(rc, stage)
     with pytest.raises(ConfigError, match=r"^config error: trainer\.accelerator='gpu'"):
+        check_run(rc, "pipeline")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_py_runs_the_pipeline_and_the_old_stage_name_is_refused_naming_it(tmp_path):
+    """"train" is the training stage only: train.py's whole run (data, train, export, eval) is "pipeline"."""
+    from dsno.cli import run_stage
+    from dsno.config import STAGES
+    assert STAGES["pipeline"] == ("data", "train", "export", "eval") and "train" not in STAGES
+    assert 'run_stage("pipeline", cfg)' in (Path(__file__).resolve().parent.parent / "train.py").read_text()
+    rc = validate(compose(f"run_dir={tmp_path / 'run'}", *TINY_RUN))
+    line = r"^stage 'train' was renamed: use 'pipeline' \(train.py's whole run: data, train, export, eval\)$"
+    with pytest.raises(ValueError, match=line):
         check_run(rc, "train")
+    with pytest.raises(ValueError, match=line):
+        run_stage("train", compose(f"run_dir={tmp_path / 'run'}", *TINY_RUN))
+    with pytest.raises(ValueError, match=r"^unknown stage 'export'; the stages are data, pipeline, eval, search$"):
+        check_run(rc, "export")
     assert not (tmp_path / "run").exists()
 
 
@@ -137,8 +154,8 @@ def test_search_keys_and_budget_are_checked_by_the_search_entry_before_writing(t
               "config error: search.pin_times=[0.5, 0.3, 0.2]: 3 pinned times need nfe >= 4"),
              (["search.seed=-5"], "config error: search.seed=-5: must be an integer >= 0"),
              (["search.batch=100000000000"], "config error: search.batch=100000000000: must be at most 65,536"),
-             ([f"search.out={tmp_path}/a-file/schedules"],
-              f"config error: search.out='{tmp_path}/a-file/schedules': cannot be made: {tmp_path}/a-file is a file")]
+             ([f"search.out={tmp_path}/a-file/solver_schedules"],
+              f"config error: search.out='{tmp_path}/a-file/solver_schedules': cannot be made: {tmp_path}/a-file is a file")]
     (tmp_path / "a-file").write_text("")
     for overrides, message in cases:
         line = preflight_error("search", run, *overrides, capsys=capsys, preflight=SearchPreflight,
@@ -165,7 +182,7 @@ def test_a_student_copied_from_a_teacher_without_network_fails_before_data(tmp_p
     run = tmp_path / "run"
     cfg = compose(f"run_dir={run}", *TINY_RUN, "model.backbone.type=teacher", "model.parameterization=denoised")
     with pytest.raises(SystemExit) as e:
-        run_stage("train", cfg)
+        run_stage("pipeline", cfg)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: config error: model.backbone.type=teacher copies the teacher's network into the "
@@ -175,10 +192,10 @@ def test_a_student_copied_from_a_teacher_without_network_fails_before_data(tmp_p
 
 def test_the_checks_cost_no_noticeable_time(tmp_path):
     rc = validate(compose(f"run_dir={tmp_path / 'run'}", *TINY_RUN))
-    check_run(rc, "train")                         # the imports (Lightning) are the training stage's anyway
+    check_run(rc, "pipeline")                         # the imports (Lightning) are the training stage's anyway
     t0 = time.perf_counter()
     for _ in range(10):
-        check_run(rc, "train")
+        check_run(rc, "pipeline")
     assert (time.perf_counter() - t0) / 10 < 0.05
 
 
@@ -205,7 +222,7 @@ def test_wandb_online_without_an_api_key_is_refused_before_the_data_stage(tmp_pa
     monkeypatch.delenv("WANDB_BASE_URL", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     run = tmp_path / "run"
-    for stage in ("data", "train", "eval"):
+    for stage in ("data", "pipeline", "eval"):
         line = preflight_error(stage, run, "logger=wandb", "logger.mode=online", capsys=capsys)
         assert line == "config error: logger.mode='online': W&B has no API key for api.wandb.ai: run `wandb login` " \
                        "or set WANDB_API_KEY; or log offline (logger.mode=offline, `wandb sync` uploads later)"
@@ -246,5 +263,5 @@ def test_gpu_settings_are_checked_against_the_machines_gpus(tmp_path, monkeypatc
     for overrides, message in cases:
         rc = validate(compose(f"run_dir={tmp_path / 'run'}", *TINY_RUN, *overrides))
         with pytest.raises(ConfigError) as e:
-            check_run(rc, "train")
+            check_run(rc, "pipeline")
         assert str(e.value) == message

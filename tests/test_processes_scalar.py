@@ -18,7 +18,7 @@ import dsno
 from dsno import FlowSchedule, VESchedule, VPSchedule
 from dsno.errors import UserError
 from dsno.processes import ProcessError, schedule_from_dict
-from dsno.solvers import sample, timesteps
+from dsno.solvers import solve, timesteps
 from dsno.teachers import GaussianMixture, wrap
 from test_solver_orders import check_order
 
@@ -152,7 +152,7 @@ def errors(teacher, x_T, solver, order, opts, spacing="logsnr", steps=STEPS, **g
     for n in steps:
         ts = timesteps(sched, n, spacing, **grid)
         exact = teacher.ode_solution(x_T, sched.T, float(ts[-1]))
-        got = sample(teacher, x_T, ts, solver=solver, order=order, **opts)
+        got = solve(teacher, x_T, ts, solver=solver, order=order, **opts)
         out.append(float(((got - exact) / exact.abs().clamp(min=1.0)).abs().max()))
     return out
 
@@ -184,8 +184,8 @@ def test_flow_velocity_teacher_samples_the_same_ode():
     assert torch.allclose(teacher(x, torch.full((4,), t, dtype=torch.float64)), eps - x0, rtol=1e-12)
     assert torch.allclose(teacher.x0(x, t), x0, rtol=1e-12) and torch.allclose(teacher.eps(x, t), eps, rtol=1e-12)
     ts = timesteps(teacher.schedule, 40)
-    got = sample(teacher, x_T, ts, solver="dpm_solver_pp", order=3)
-    assert torch.allclose(got, sample(gmm, x_T, ts, solver="dpm_solver_pp", order=3), rtol=1e-10, atol=1e-12)
+    got = solve(teacher, x_T, ts, solver="dpm_solver_pp", order=3)
+    assert torch.allclose(got, solve(gmm, x_T, ts, solver="dpm_solver_pp", order=3), rtol=1e-10, atol=1e-12)
     assert float((got - gmm.ode_solution(x_T, 0.999, 1e-3)).abs().max()) < 2e-3
 
 
@@ -204,7 +204,7 @@ def test_flow_teacher_refuses_vp_times_and_vp_velocity():
     one_line_error(lambda: gmm.x0(x, torch.tensor([0.5, 1.5])), r"takes t in \[0, 1\).*VP times", UserError)
     one_line_error(lambda: gmm.v(x, 0.5), "prediction 'v' is VP's velocity.*flow_velocity", UserError)
     vp_grid = timesteps(VPSchedule.linear(), 10)                           # starts at t = 1
-    one_line_error(lambda: sample(gmm, x, vp_grid, solver="ddim"), r"ts\[0\] = 1 lies outside .*FlowSchedule")
+    one_line_error(lambda: solve(gmm, x, vp_grid, solver="ddim"), r"ts\[0\] = 1 lies outside .*FlowSchedule")
     one_line_error(lambda: wrap(gmm.flow_velocity, VPSchedule.linear(), prediction="flow_velocity"),
                    "needs dsno.FlowSchedule", UserError)
     one_line_error(lambda: mixture(VPSchedule.linear()).flow_velocity(x, 0.5), "needs dsno.FlowSchedule", UserError)

@@ -31,7 +31,7 @@ def test_psld_experiment_runs_end_to_end_and_scores_the_data_part(tmp_path):
     run(rc, config={})
     teacher = build_teacher(rc.teacher)
     sampler = load_sampler(tmp_path / "run" / "sampler")
-    assert sampler.image_shape == (2, 16, 16) and sampler.data_channels == 1
+    assert sampler.state_shape == (2, 16, 16) and sampler.data_channels == 1
     # the operator maps (x_T, m_T) to the data part of the trajectory: its backbone emits 1 channel of 2
     assert sampler.output_channels == 1 and sampler.config["backbone"]["kwargs"]["out_channels"] == 1
     assert tuple(sampler(torch.zeros(2, 2, 16, 16)).shape) == (2, len(rc.data.times), 1, 16, 16)
@@ -51,7 +51,7 @@ def test_psld_experiment_runs_end_to_end_and_scores_the_data_part(tmp_path):
     assert "cannot spend exactly 10" in rows[("nvv", 10)]["skipped"]                     # 3 NFE per step
 
     # the eval reference is the DOP853 solve of the prior-scaled noise, data channels only
-    x_T = torch.randn(rc.eval.num_samples, *sampler.image_shape, generator=torch.Generator().manual_seed(rc.eval.seed))
+    x_T = torch.randn(rc.eval.num_samples, *sampler.state_shape, generator=torch.Generator().manual_seed(rc.eval.seed))
     ref = reference_solve(teacher, prior_state(teacher, x_T.double()), rc.solver.t_end)[:, :1]
     dsno_rmse = float((sampler(x_T)[:, -1, :1].double() - ref).square().mean().sqrt())
     assert dsno_rmse == pytest.approx(rows[("dsno", 1)]["rmse_vs_reference"], rel=1e-4)
@@ -85,9 +85,9 @@ def test_neural_psld_experiment_distils_the_score_network(tmp_path):
     assert isinstance(build_teacher(rc.teacher), PSLDUNetTeacher)
     manifest = json.loads((Path(rc.data.dir) / "manifest.json").read_text())
     assert manifest["fingerprint"]["teacher"]["class"] == "PSLDUNetTeacher"
-    assert manifest["fingerprint"]["sample_shape"] == [2, 16, 16]
+    assert manifest["fingerprint"]["state_shape"] == [2, 16, 16]
     sampler = load_sampler(tmp_path / "run" / "sampler")
-    assert sampler.output_channels == 1 and sampler.image_shape == (2, 16, 16)
+    assert sampler.output_channels == 1 and sampler.state_shape == (2, 16, 16)
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert metrics["reference"]["solver"].startswith("DOP853")
     rows = {(r["method"], r["nfe"]): r for r in metrics["rows"] if "skipped" not in r}

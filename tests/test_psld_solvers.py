@@ -19,7 +19,7 @@ from scipy.integrate import solve_ivp
 
 import dsno
 from dsno.processes import PSLD
-from dsno.solvers import available, sample, timesteps
+from dsno.solvers import available, solve, timesteps
 from dsno.solvers.psld import apply, as_augmented, lambda_ddim_weights
 from dsno.teachers import GaussianMixture, PSLDGaussianMixture
 
@@ -45,8 +45,8 @@ def test_lambda_ddim_at_zero_is_ddim(schedule, spacing):
                           0.1 + 0.2 * torch.rand(3, 6, generator=g, dtype=torch.float64), schedule=schedule)
     x_T = float(schedule.sigma(schedule.T)) * torch.randn(4, 6, generator=g, dtype=torch.float64)
     ts = timesteps(schedule, 12, spacing)
-    ddim = sample(gmm, x_T, ts, solver="ddim", return_trajectory=True)
-    ours = sample(as_augmented(gmm), x_T, ts, solver="lambda_ddim", lam=0.0, return_trajectory=True)
+    ddim = solve(gmm, x_T, ts, solver="ddim", return_trajectory=True)
+    ours = solve(as_augmented(gmm), x_T, ts, solver="lambda_ddim", lam=0.0, return_trajectory=True)
     scale = ddim.abs().max()
     assert float((ours - ddim).abs().max() / scale) < 1e-10
 
@@ -58,7 +58,7 @@ def test_lambda_ddim_on_vp_converges_for_nonzero_lam():
     exact = gmm.ode_solution(x_T, 1.0, T_END)
     steps = (20, 40, 80, 160)
     for lam in (-2.0, 2.0):
-        errs = [float((sample(as_augmented(gmm), x_T, timesteps(VP_TIMES, n), solver="lambda_ddim", lam=lam)
+        errs = [float((solve(as_augmented(gmm), x_T, timesteps(VP_TIMES, n), solver="lambda_ddim", lam=lam)
                        - exact).abs().max()) for n in steps]
         check_order(errs, steps, 1)
 
@@ -108,7 +108,7 @@ def psld_reference():
 ], ids=["euler", "lambda_ddim-0", "lambda_ddim-1"])
 def test_psld_ode_solvers_converge_at_order_one(psld_reference, solver, opts, steps):
     teacher, z_T, ref = psld_reference
-    errs = [float((sample(teacher, z_T, timesteps(VP_TIMES, n, "time_uniform"), solver=solver, **opts) - ref)
+    errs = [float((solve(teacher, z_T, timesteps(VP_TIMES, n, "time_uniform"), solver=solver, **opts) - ref)
                   .abs().max()) for n in steps]
     check_order(errs, steps, 1)
 
@@ -129,7 +129,7 @@ def em_weak_error(teacher: PSLDGaussianMixture, steps: int) -> float:
         z[2, d:] += 1.0
         unit = torch.zeros(5, 2 * d, dtype=torch.float64)
         unit[3, :d], unit[4, d:] = 1.0, 1.0
-        out = sample(teacher, z, [s, t], solver="augmented_euler_maruyama", noise_sampler=lambda a, b: unit)
+        out = solve(teacher, z, [s, t], solver="augmented_euler_maruyama", noise_sampler=lambda a, b: unit)
         cols = out - out[0]
         a = torch.stack([torch.stack([cols[1, :d], cols[1, d:]], -1), torch.stack([cols[2, :d], cols[2, d:]], -1)], -1)
         n = torch.stack([torch.stack([cols[3, :d], cols[3, d:]], -1), torch.stack([cols[4, :d], cols[4, d:]], -1)], -1)
@@ -151,7 +151,7 @@ def test_euler_maruyama_draws_from_its_generator():
     teacher = PSLDGaussianMixture(torch.zeros(1, 2), torch.ones(1), process=PSLD())
     z_T = teacher.process.sample_prior((3, 2), torch.Generator().manual_seed(0))
     ts = timesteps(VP_TIMES, 50, "time_uniform")
-    run = lambda seed: sample(teacher, z_T, ts, solver="augmented_euler_maruyama",  # noqa: E731
+    run = lambda seed: solve(teacher, z_T, ts, solver="augmented_euler_maruyama",  # noqa: E731
                               generator=torch.Generator().manual_seed(seed))
     assert torch.equal(run(3), run(3)) and not torch.equal(run(3), run(4))
 
@@ -166,11 +166,11 @@ def test_registry_keeps_augmented_solvers_apart():
     z = torch.zeros(2, 4, dtype=torch.float64)
     gmm = GaussianMixture(torch.zeros(1, 2), torch.ones(1))
     for call, match in [
-        (lambda: sample(teacher, z, timesteps(VP_TIMES, 4), solver="ddim"), "ddim.*scalar diffusion.*augmented"),
-        (lambda: sample(gmm, z[:, :2], timesteps(VP_TIMES, 4), solver="lambda_ddim"), "as_augmented"),
-        (lambda: sample(teacher, z, [1.5, 0.5], solver="lambda_ddim"), r"ts\[0\] = 1.5 lies outside .*PSLD"),
-        (lambda: sample(teacher, z[:, :3], [1.0, 0.5], solver="augmented_euler"), r"x_T must be .* shape \[B, 4\], got \(2, 3\)"),
-        (lambda: sample(teacher, z, [1.0, 0.5], solver="lambda_ddim", lam=math.inf), "lam=inf must be a finite number"),
+        (lambda: solve(teacher, z, timesteps(VP_TIMES, 4), solver="ddim"), "ddim.*scalar diffusion.*augmented"),
+        (lambda: solve(gmm, z[:, :2], timesteps(VP_TIMES, 4), solver="lambda_ddim"), "as_augmented"),
+        (lambda: solve(teacher, z, [1.5, 0.5], solver="lambda_ddim"), r"ts\[0\] = 1.5 lies outside .*PSLD"),
+        (lambda: solve(teacher, z[:, :3], [1.0, 0.5], solver="augmented_euler"), r"x_T must be .* shape \[B, 4\], got \(2, 3\)"),
+        (lambda: solve(teacher, z, [1.0, 0.5], solver="lambda_ddim", lam=math.inf), "lam=inf must be a finite number"),
     ]:
         with pytest.raises(ValueError, match=match) as err:
             call()
@@ -183,7 +183,7 @@ def test_state_keeps_its_dtype(solver):
     z_T = teacher.process.sample_prior((3, 2), torch.Generator().manual_seed(0))
     ts = timesteps(VP_TIMES, 50, "time_uniform")
     opts = {"generator": torch.Generator().manual_seed(1)} if solver == "augmented_euler_maruyama" else {}
-    low = sample(teacher, z_T.float(), ts, solver=solver, **opts)
+    low = solve(teacher, z_T.float(), ts, solver=solver, **opts)
     opts = {"generator": torch.Generator().manual_seed(1)} if opts else {}
     assert low.dtype == torch.float32
-    assert float((low.double() - sample(teacher, z_T, ts, solver=solver, **opts)).abs().max()) < 1e-5
+    assert float((low.double() - solve(teacher, z_T, ts, solver=solver, **opts)).abs().max()) < 1e-5

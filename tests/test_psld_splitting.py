@@ -24,7 +24,7 @@ from scipy.integrate import solve_ivp
 import dsno
 from dsno.errors import UserError
 from dsno.processes import PSLD
-from dsno.solvers import available, nfe, sample, steps_for_nfe, timesteps
+from dsno.solvers import available, nfe, solve, steps_for_nfe, timesteps
 from dsno.solvers.psld import apply, as_augmented
 from dsno.teachers import GaussianMixture, PSLDGaussianMixture
 
@@ -64,7 +64,7 @@ DETERMINISTIC = [("augmented_euler", {}), ("lambda_ddim", {"variant": "II", "lam
 def test_deterministic_samplers_converge_at_order_one(reference, solver, opts):
     teacher, z_T, ref = reference
     steps = (20, 40, 80)
-    errs = [float((sample(teacher, z_T, timesteps(VP_TIMES, n, "time_uniform"), solver=solver, **opts) - ref)
+    errs = [float((solve(teacher, z_T, timesteps(VP_TIMES, n, "time_uniform"), solver=solver, **opts) - ref)
                   .abs().max()) for n in steps]
     trace = f"errors {['%.2e' % e for e in errs]}, observed order {slope(errs, steps):.2f}"
     assert all(a > b for a, b in zip(errs, errs[1:])), trace
@@ -75,8 +75,8 @@ def test_deterministic_samplers_converge_at_order_one(reference, solver, opts):
 def test_csps_d_preconditioned_at_lam_zero_is_rvv(reference):
     teacher, z_T, _ = reference
     ts = timesteps(VP_TIMES, 30, "time_uniform")
-    a = sample(teacher, z_T, ts, solver="csps_d", precondition=True, return_trajectory=True)
-    b = sample(teacher, z_T, ts, solver="rvv", return_trajectory=True)
+    a = solve(teacher, z_T, ts, solver="csps_d", precondition=True, return_trajectory=True)
+    b = solve(teacher, z_T, ts, solver="rvv", return_trajectory=True)
     assert float((a - b).abs().max()) < 1e-10 * float(b.abs().max())
 
 
@@ -85,11 +85,11 @@ def test_csps_d_preconditioned_at_lam_zero_is_rvv(reference):
 def test_lambda_ddim_two_equals_one_where_it_must(reference):
     teacher, z_T, _ = reference
     ts = timesteps(VP_TIMES, 25, "time_uniform")
-    one = sample(teacher, z_T, ts, solver="lambda_ddim", lam=0.0, variant="I", return_trajectory=True)
-    two = sample(teacher, z_T, ts, solver="lambda_ddim", lam=0.0, variant="II", return_trajectory=True)
+    one = solve(teacher, z_T, ts, solver="lambda_ddim", lam=0.0, variant="I", return_trajectory=True)
+    two = solve(teacher, z_T, ts, solver="lambda_ddim", lam=0.0, variant="II", return_trajectory=True)
     assert float((one - two).abs().max()) < 1e-12 * float(one.abs().max())
-    one = sample(teacher, z_T, ts, solver="lambda_ddim", lam=0.5, variant="I")
-    two = sample(teacher, z_T, ts, solver="lambda_ddim", lam=0.5, variant="II")
+    one = solve(teacher, z_T, ts, solver="lambda_ddim", lam=0.5, variant="I")
+    two = solve(teacher, z_T, ts, solver="lambda_ddim", lam=0.5, variant="II")
     assert float((one - two).abs().max()) > 1e-3                          # B_t = lam 1 is another integrator
     g = torch.Generator().manual_seed(2)
     gmm = GaussianMixture(torch.randn(2, 3, generator=g, dtype=torch.float64), torch.full((2,), 0.2),
@@ -97,8 +97,8 @@ def test_lambda_ddim_two_equals_one_where_it_must(reference):
     x_T = torch.randn(4, 3, generator=g, dtype=torch.float64)
     grid = timesteps(VP_TIMES, 12)
     for lam in (-1.0, 0.7):
-        one = sample(as_augmented(gmm), x_T, grid, solver="lambda_ddim", lam=lam, variant="I")
-        two = sample(as_augmented(gmm), x_T, grid, solver="lambda_ddim", lam=lam, variant="II")
+        one = solve(as_augmented(gmm), x_T, grid, solver="lambda_ddim", lam=lam, variant="I")
+        two = solve(as_augmented(gmm), x_T, grid, solver="lambda_ddim", lam=lam, variant="II")
         assert float((one - two).abs().max()) < 1e-12
 
 
@@ -146,12 +146,12 @@ def test_stochastic_samplers_match_the_exact_mixture(solver, opts):
     n = 2000
     z_T = teacher.process.sample_prior((n, 1), torch.Generator().manual_seed(0))
     ts = timesteps(VP_TIMES, 300, "time_uniform")
-    z = sample(teacher, z_T, ts, solver=solver, generator=torch.Generator().manual_seed(1), **opts)
+    z = solve(teacher, z_T, ts, solver=solver, generator=torch.Generator().manual_seed(1), **opts)
     gaps = moment_gaps(teacher, z, T_END)
     assert float(gaps.abs().max()) < 1.0, gaps
     if solver == "sscs":                          # the statistic catches wrong samplers (half noise: all > 10 here)
         g = torch.Generator().manual_seed(1)
-        half = sample(teacher, z_T, ts, solver=solver, noise_sampler=lambda s, t: 0.5 * torch.randn(
+        half = solve(teacher, z_T, ts, solver=solver, noise_sampler=lambda s, t: 0.5 * torch.randn(
             z_T.shape, generator=g, dtype=torch.float64))
         assert float(moment_gaps(teacher, half, T_END).abs().max()) > 3.0
 
@@ -159,7 +159,7 @@ def test_stochastic_samplers_match_the_exact_mixture(solver, opts):
             augmented, process = True, teacher.process
             eps = staticmethod(lambda z, t: -teacher.eps(z, t))
             score = staticmethod(lambda z, t: -teacher.score(z, t))
-        wrong = sample(Flipped(), z_T, ts, solver=solver, generator=torch.Generator().manual_seed(1))
+        wrong = solve(Flipped(), z_T, ts, solver=solver, generator=torch.Generator().manual_seed(1))
         assert float(moment_gaps(teacher, wrong, T_END).abs().max()) > 3.0
 
 
@@ -177,8 +177,8 @@ def test_sscs_denoising_step_is_the_noise_free_reverse_step():
     z_T = teacher.process.sample_prior((5, 1), torch.Generator().manual_seed(0))
     ts = timesteps(VP_TIMES, 20, "time_uniform")
     assert nfe("sscs", 20, denoise_to_zero=True) == 21 and steps_for_nfe("sscs", 21, denoise_to_zero=True) == 20
-    end = sample(teacher, z_T, ts, solver="sscs", generator=torch.Generator().manual_seed(3))
-    out = sample(teacher, z_T, ts, solver="sscs", generator=torch.Generator().manual_seed(3), denoise_to_zero=True)
+    end = solve(teacher, z_T, ts, solver="sscs", generator=torch.Generator().manual_seed(3))
+    out = solve(teacher, z_T, ts, solver="sscs", generator=torch.Generator().manual_seed(3), denoise_to_zero=True)
     proc = teacher.process
     drift = apply(proc.drift(T_END), end, 2) - apply(proc.diffusion(T_END), teacher.score(end, T_END), 2)
     assert torch.allclose(out, end - T_END * drift, rtol=0, atol=1e-12)
@@ -203,17 +203,17 @@ def test_bad_input_is_one_line():
     gmm = GaussianMixture(torch.zeros(1, 2), torch.ones(1), schedule=VP_TIMES)
     scalar = as_augmented(gmm)
     for call, match in [
-        (lambda: sample(scalar, z, [1.0, 0.5], solver="rvv"), "rvv.*needs a process.*PSLD"),
-        (lambda: sample(scalar, z, [1.0, 0.5], solver="sscs"), "sscs.*needs a process.*PSLD"),
-        (lambda: sample(teacher, z, [1.0, 0.5], solver="csps_d", lam=math.nan), "lam=nan must be a finite"),
-        (lambda: sample(teacher, z, [1.0, 0.5], solver="csps_s", precondition="yes"), "precondition='yes'"),
-        (lambda: sample(teacher, z, [1.0, 0.5], solver="lambda_ddim", variant="III"), "variant='III'"),
-        (lambda: sample(teacher, z, [1.0, 0.5], solver="lambda_ddim", lam=float("inf")), "lam=inf"),
-        (lambda: sample(teacher, z, [1.0, 0.5], solver="nvv", lam=1.0), "no option 'lam'"),
-        (lambda: sample(gmm, z, [1.0, 0.5], solver="roba"), "augmented process"),
+        (lambda: solve(scalar, z, [1.0, 0.5], solver="rvv"), "rvv.*needs a process.*PSLD"),
+        (lambda: solve(scalar, z, [1.0, 0.5], solver="sscs"), "sscs.*needs a process.*PSLD"),
+        (lambda: solve(teacher, z, [1.0, 0.5], solver="csps_d", lam=math.nan), "lam=nan must be a finite"),
+        (lambda: solve(teacher, z, [1.0, 0.5], solver="csps_s", precondition="yes"), "precondition='yes'"),
+        (lambda: solve(teacher, z, [1.0, 0.5], solver="lambda_ddim", variant="III"), "variant='III'"),
+        (lambda: solve(teacher, z, [1.0, 0.5], solver="lambda_ddim", lam=float("inf")), "lam=inf"),
+        (lambda: solve(teacher, z, [1.0, 0.5], solver="nvv", lam=1.0), "no option 'lam'"),
+        (lambda: solve(gmm, z, [1.0, 0.5], solver="roba"), "augmented process"),
     ]:
         with pytest.raises(ValueError, match=match) as err:
             call()
         assert "\n" not in str(err.value)
     with pytest.raises(UserError):
-        sample(scalar, z, [1.0, 0.5], solver="nvv")
+        solve(scalar, z, [1.0, 0.5], solver="nvv")

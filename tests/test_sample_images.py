@@ -21,7 +21,7 @@ from dsno.sampler import load_sampler
 
 N, CHUNK, BATCH = 1000, 50, 25
 CONFIG = {
-    "format_version": 1,
+    "format_version": 2,
     "backbone": {"type": "unet", "kwargs": {"in_channels": 1, "out_channels": 1, "base_channels": 8,
                                             "channel_mult": [1, 2], "attn_resolutions": [], "image_size": 8,
                                             "num_groups": 4}},
@@ -29,7 +29,7 @@ CONFIG = {
     "times": [0.5, 0.0],
     "modes": 1,
     "skip": [0.0, 0.5],
-    "image_shape": [1, 8, 8],
+    "state_shape": [1, 8, 8],
     "data_range": [-1.0, 1.0],
 }
 

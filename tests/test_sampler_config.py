@@ -44,7 +44,7 @@ def _copy(tmp_path, edit=None, name="s"):
 def test_a_sampler_folder_exported_by_format_version_1_still_loads(tmp_path):
     sampler = load_sampler(_copy(tmp_path))
     expected = torch.tensor(json.loads((DATA / "sampler_v1_expected.json").read_text())["sample_n2_seed0"])
-    assert sampler.times == [0.5, 0.1, 0.001] and sampler.image_shape == (1, 8, 8)
+    assert sampler.times == [0.5, 0.1, 0.001] and sampler.state_shape == (1, 8, 8)
     assert torch.allclose(sampler.sample(2, seed=0), expected, atol=1e-6)
     assert float(expected.abs().mean()) > 0.05        # the weights are not at their (zero) init
 
@@ -55,16 +55,36 @@ def test_an_old_config_with_only_the_required_keys_builds_with_the_defaults():
                                                    "base_channels": 8, "channel_mult": [1], "attn_resolutions": []}}}
     config = SamplerConfig.from_dict(old)
     assert config.data_range == (-1.0, 1.0) and config.time_input == "continuous" and config.skip is None
-    assert config.times == (0.5, 0.1) and config.image_shape == (1, 8, 8) and config.output_channels == 1
+    assert config.times == (0.5, 0.1) and config.state_shape == (1, 8, 8) and config.output_channels == 1
     assert SamplerConfig.from_dict(config.to_dict()) == config
     model = build_dsno(old)
     assert model.skip.tolist() == [0.0, 0.0] and model.net_times.tolist() == pytest.approx([0.5, 0.1])
 
 
+def test_format_version_1_image_shape_is_read_as_state_shape_and_refused_in_a_current_config(tmp_path):
+    v1 = json.loads((V1 / "config.json").read_text())
+    assert v1["format_version"] == 1 and v1["image_shape"] == [1, 8, 8]
+    config = SamplerConfig.from_dict(v1)
+    assert config.state_shape == (1, 8, 8) and config.format_version == 2
+    written = config.to_dict()
+    assert written["state_shape"] == [1, 8, 8] and "image_shape" not in written and written["format_version"] == 2
+    assert SamplerConfig.from_dict(written) == config
+    current = {**v1, "format_version": 2}
+    with pytest.raises(ConfigError, match=r"^config: key 'image_shape' is named 'state_shape' since format_version 2; "
+                                          r"rename it 'state_shape'$"):
+        SamplerConfig.from_dict(current)
+    with pytest.raises(ConfigError, match=r"key 'image_shape' is named 'state_shape'"):
+        SamplerConfig.from_dict({**v1, "state_shape": [1, 8, 8]})      # both names: which one is meant?
+    folder = _copy(tmp_path, lambda c: c.update(format_version=2))
+    with pytest.raises(SamplerFileError, match=r"config.json: .*key 'image_shape' is named 'state_shape'") as err:
+        load_sampler(folder)
+    assert "\n" not in str(err.value)
+
+
 def test_a_config_of_a_newer_dsno_says_so_before_naming_its_new_keys():
     config = json.loads((V1 / "config.json").read_text())
-    with pytest.raises(ConfigError, match=r"format_version 2: written by a newer dsno; upgrade"):
-        SamplerConfig.from_dict({**config, "format_version": 2, "guidance": {"scale": 2.0}})
+    with pytest.raises(ConfigError, match=r"format_version 3: written by a newer dsno; upgrade"):
+        SamplerConfig.from_dict({**config, "format_version": 3, "guidance": {"scale": 2.0}})
 
 
 def _kwargs(**change):
@@ -89,7 +109,7 @@ def _image(side):
     (lambda c: c.update(data_range=["a", "b"]), r"data_range'\] lo must be a finite number"),
     (lambda c: c.update(time_input={"discrete": 10**10}), r"\['discrete'\] must be an integer in \[1, 100,000\]"),
     (lambda c: c.update(times=[1.0 - i / 5000 for i in range(5000)]), r"times must be a non-empty list of at most"),
-    (lambda c: c.update(image_shape=[64, 2048, 2048]), r"image_shape'\] \[64, 2048, 2048\] has more than"),
+    (lambda c: c.update(image_shape=[64, 2048, 2048]), r"state_shape'\] \[64, 2048, 2048\] has more than"),
     (lambda c: c.update(surprise=1), r"config has unknown keys \['surprise'\]"),
 ])
 def test_a_config_out_of_bounds_is_one_line_naming_the_file_and_key(tmp_path, edit, message):
@@ -237,8 +257,8 @@ def test_sample_checks_x_T_against_the_teacher(x_T, message):
     teacher = _shaped_teacher()
     ts = dsno.timesteps(teacher.schedule, steps=2)
     with pytest.raises(InputError, match=message):
-        dsno.sample(teacher, x_T, ts, solver="ddim")
-    good = dsno.sample(teacher, torch.randn(2, 1, 16, 16), ts, solver="ddim")
+        dsno.solve(teacher, x_T, ts, solver="ddim")
+    good = dsno.solve(teacher, torch.randn(2, 1, 16, 16), ts, solver="ddim")
     assert good.shape == (2, 1, 16, 16) and bool(torch.isfinite(good).all())
 
 

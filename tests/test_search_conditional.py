@@ -111,7 +111,7 @@ def test_a_conditional_teacher_without_an_unconditional_branch_is_searched_on_la
     x, labels = verify_batch(teacher, sc)
     bound = teacher.conditioned(labels)
     ref = reference_solve(bound, x, 1e-3, sc.reference_steps)
-    assert loop._score(bound, res["schedule"], x, ref) == pytest.approx(res["score"]["rmse_verify"], rel=1e-12)
+    assert loop._score(bound, res["solver_schedule"], x, ref) == pytest.approx(res["score"]["rmse_verify"], rel=1e-12)
     assert json.loads((tmp_path / "nfe3_timesteps.scored.json").read_text())["fingerprint"]["guidance"] == 0.0
 
 
@@ -142,6 +142,6 @@ def test_the_cli_searches_the_guided_digit_teacher_with_the_data_stages_label_we
                   "search.rounds=1", "search.proposals=10", "search.scored_per_round=3", "search.verify_top=2",
                   "search.refine=0")
     res = run(cfg)
-    fp = json.loads((tmp_path / "run" / "schedules" / "nfe3_timesteps.scored.json").read_text())["fingerprint"]
+    fp = json.loads((tmp_path / "run" / "solver_schedules" / "nfe3_timesteps.scored.json").read_text())["fingerprint"]
     assert fp["guidance"] == 1.5 and fp["labels"] == label_rule(weights) and fp["teacher"]["guidance"] == 1.5
     assert res["search"]["guidance"] == 1.5 and res["search"]["class_weights"][-1] == pytest.approx(3 / 12)

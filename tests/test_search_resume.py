@@ -40,7 +40,7 @@ def test_a_scored_file_of_the_old_search_resumes_to_the_uninterrupted_result(tmp
     again = search(teacher, 3, SearchConfig(**SMALL), tmp_path / "old", 1e-3, torch.float64, progress=False)
     assert _rows(tmp_path / "old")[: len(before)] == before
     assert _rows(tmp_path / "old") == _rows(tmp_path / "full")
-    assert again["schedule"] == full["schedule"]
+    assert again["solver_schedule"] == full["solver_schedule"]
     assert again["score"]["rmse_verify"] == full["score"]["rmse_verify"]
 
 

@@ -29,7 +29,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 from dsno.schedules import VPSchedule
-from dsno.solvers import available, get, sample, timesteps
+from dsno.solvers import available, get, solve, timesteps
 from dsno.teachers import GaussianMixture
 
 T_END = 1e-3
@@ -53,7 +53,7 @@ def errors(solver, order, opts, spacing="logsnr", steps=STEPS, t_start=1.0, t_en
     out = []
     for n in steps:
         ts = timesteps(TEACHER.schedule, n, spacing, t_start=t_start, t_end=t_end, **grid)
-        out.append(float((sample(TEACHER, x_start, ts, solver=solver, order=order, **opts) - exact).abs().max()))
+        out.append(float((solve(TEACHER, x_start, ts, solver=solver, order=order, **opts) - exact).abs().max()))
     return out
 
 
@@ -158,7 +158,7 @@ def mixture_reference():
     sol = solve_ivp(pf_ode, (1.0, T_END), x_T.reshape(-1).numpy(), method="DOP853", rtol=1e-10, atol=1e-12)
     assert sol.status == 0
     scipy_ref = torch.from_numpy(sol.y[:, -1]).reshape(x_T.shape)
-    ours = sample(teacher, x_T, timesteps(sched, 2000), solver="dpm_solver_pp", order=3)
+    ours = solve(teacher, x_T, timesteps(sched, 2000), solver="dpm_solver_pp", order=3)
     return teacher, x_T, ours, scipy_ref
 
 
@@ -179,7 +179,7 @@ MIXTURE = [
 
 
 def test_mixture_cases_cover_every_ode_solver():
-    # usf carries its own grid (a schedule per step); tests/test_usf.py checks it against these solvers
+    # usf carries its own grid (a solver schedule); tests/test_usf.py checks it against these solvers
     assert {c[0] for c in MIXTURE} == {n for n in available() if not get(n).stochastic and get(n).grid is None}
 
 
@@ -187,7 +187,7 @@ def test_mixture_cases_cover_every_ode_solver():
 def test_every_solver_converges_to_the_mixture_reference(mixture_reference, solver, order, opts):
     teacher, x_T, ref, _ = mixture_reference
     steps = (12, 24, 48)
-    errs = [float((sample(teacher, x_T, timesteps(teacher.schedule, n), solver=solver, order=order, **opts)
+    errs = [float((solve(teacher, x_T, timesteps(teacher.schedule, n), solver=solver, order=order, **opts)
                    - ref).abs().max()) for n in steps]
     assert errs[0] > errs[1] > errs[2] and errs[2] < 0.25 * errs[0], errs
 
@@ -210,7 +210,7 @@ def weak_error(solver, order, opts, steps):
         z[2 + index[s]] = 1.0
         return z
 
-    out = sample(TEACHER, x, ts, solver=solver, order=order, noise_sampler=unit_noise, **opts)
+    out = solve(TEACHER, x, ts, solver=solver, order=order, noise_sampler=unit_noise, **opts)
     gain, kicks = out[1] - out[0], out[2:] - out[0]
     var = gain**2 * var_T + (kicks**2).sum(0)
     a, s = float(sched.alpha(T_END)), float(sched.sigma(T_END))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dsno.schedules import VPSchedule
-from dsno.solvers import available, from_grid, get, nfe, sample, steps_for_nfe, timesteps
+from dsno.solvers import available, from_grid, get, nfe, solve, steps_for_nfe, timesteps
 from dsno.solvers.coefficients import fast_orders, lagrange_kernel_weights, phi
 from dsno.solvers.core import step_orders
 from dsno.solvers.dpm_solver import dynamic_threshold
@@ -70,9 +70,9 @@ def test_return_trajectory_indices_are_checked():
     ts = timesteps(teacher.schedule, 4)
     for bad in ([], [1, 1], [-1], [0.5], "all"):
         with pytest.raises(ValueError, match="return_trajectory must be True, False or a non-empty list"):
-            sample(teacher, x_T, ts, solver="ddim", return_trajectory=bad)
+            solve(teacher, x_T, ts, solver="ddim", return_trajectory=bad)
     with pytest.raises(ValueError, match="asked for grid indices up to 9, but the solve has 5 states"):
-        sample(teacher, x_T, ts, solver="ddim", return_trajectory=[0, 9])
+        solve(teacher, x_T, ts, solver="ddim", return_trajectory=[0, 9])
 
 
 def test_available_lists_every_required_solver_sorted():
@@ -120,8 +120,8 @@ def test_timesteps_defaults_and_user_grids():
     # a plain list is a grid too
     x = noise()
     t = mixture()
-    torch.testing.assert_close(sample(t, x, [1.0, 0.5, 0.01], solver="ddim"),
-                               sample(t, x, torch.tensor([1.0, 0.5, 0.01]), solver="ddim"))
+    torch.testing.assert_close(solve(t, x, [1.0, 0.5, 0.01], solver="ddim"),
+                               solve(t, x, torch.tensor([1.0, 0.5, 0.01]), solver="ddim"))
 
 
 # --- registry and NFE ------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_nfe_counts_the_model_evaluations(config, denoise):
     teacher = Counting(mixture())
     steps = 9
     ts = timesteps(teacher.schedule, steps)
-    x = sample(teacher, noise(), ts, solver=name, order=order, denoise_to_zero=denoise,
+    x = solve(teacher, noise(), ts, solver=name, order=order, denoise_to_zero=denoise,
                **({"generator": torch.Generator().manual_seed(0)} if "generator" in get(name).options else {}), **opts)
     assert teacher.calls == nfe(name, steps, order=order, denoise_to_zero=denoise, **opts)
     assert torch.isfinite(x).all()
@@ -210,14 +210,14 @@ def test_trajectory_matches_final_state(config):
     x_T = noise()
     kw = dict(solver=name, order=order, **opts)
     seeded = (lambda: {"generator": torch.Generator().manual_seed(3)}) if "generator" in get(name).options else dict
-    traj = sample(teacher, x_T, ts, return_trajectory=True, **seeded(), **kw)
+    traj = solve(teacher, x_T, ts, return_trajectory=True, **seeded(), **kw)
     assert traj.shape == (len(ts), *x_T.shape)
     assert torch.equal(traj[0], x_T)
-    torch.testing.assert_close(traj[-1], sample(teacher, x_T, ts, **seeded(), **kw), rtol=0, atol=1e-14)
-    traj_dz = sample(teacher, x_T, ts, return_trajectory=True, denoise_to_zero=True, **seeded(), **kw)
+    torch.testing.assert_close(traj[-1], solve(teacher, x_T, ts, **seeded(), **kw), rtol=0, atol=1e-14)
+    traj_dz = solve(teacher, x_T, ts, return_trajectory=True, denoise_to_zero=True, **seeded(), **kw)
     assert traj_dz.shape == (len(ts) + 1, *x_T.shape)
     # keeping only some grid indices gives exactly those states (and holds no others)
-    kept = sample(teacher, x_T, ts, return_trajectory=[5, 0, 2], **seeded(), **kw)
+    kept = solve(teacher, x_T, ts, return_trajectory=[5, 0, 2], **seeded(), **kw)
     torch.testing.assert_close(kept, traj[[0, 2, 5]], rtol=0, atol=0)
     x0 = teacher.x0(traj_dz[-2], ts[-1])
     if opts.get("thresholding"):
@@ -232,14 +232,14 @@ def test_every_prediction_type_and_discrete_time_give_the_same_solve(config):
     gmm = mixture(sched)
     ts = timesteps(sched, 7)
     x_T = noise()
-    ref = sample(gmm, x_T, ts, solver=name, order=order, **opts)
+    ref = solve(gmm, x_T, ts, solver=name, order=order, **opts)
     n = sched.num_steps
     for kind in ("eps", "x0", "v"):
         def model(x, i, kind=kind):                  # a "network" fed DDPM step indices
             t = (i.double() + 1.0) / n
             return gmm.predict(x, t, kind)
         teacher = wrap(model, sched, prediction=kind, time_input="discrete")
-        out = sample(teacher, x_T, ts, solver=name, order=order, **opts)
+        out = solve(teacher, x_T, ts, solver=name, order=order, **opts)
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
 
@@ -248,8 +248,8 @@ def test_float32_state_stays_float32_and_close_to_float64():
     ts = timesteps(teacher.schedule, 10)
     x64 = noise()
     for name, order in (("dpm_solver_pp", 3), ("unipc", 3), ("deis", 3), ("heun", 2)):
-        y32 = sample(teacher, x64.float(), ts, solver=name, order=order)
-        y64 = sample(teacher, x64, ts, solver=name, order=order)
+        y32 = solve(teacher, x64.float(), ts, solver=name, order=order)
+        y64 = solve(teacher, x64, ts, solver=name, order=order)
         assert y32.dtype == torch.float32
         torch.testing.assert_close(y32.double(), y64, rtol=1e-5, atol=1e-5)
 
@@ -259,9 +259,9 @@ def test_stochastic_solvers_follow_the_generator():
     ts = timesteps(teacher.schedule, 5)
     x_T = noise()
     for name, opts in (("ddpm", {}), ("sde_dpm_solver_pp", {}), ("ddim", {"eta": 1.0})):
-        a = sample(teacher, x_T, ts, solver=name, generator=torch.Generator().manual_seed(5), **opts)
-        b = sample(teacher, x_T, ts, solver=name, generator=torch.Generator().manual_seed(5), **opts)
-        c = sample(teacher, x_T, ts, solver=name, generator=torch.Generator().manual_seed(6), **opts)
+        a = solve(teacher, x_T, ts, solver=name, generator=torch.Generator().manual_seed(5), **opts)
+        b = solve(teacher, x_T, ts, solver=name, generator=torch.Generator().manual_seed(5), **opts)
+        c = solve(teacher, x_T, ts, solver=name, generator=torch.Generator().manual_seed(6), **opts)
         assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
@@ -269,9 +269,9 @@ def test_thresholding_bounds_the_data_prediction():
     teacher = mixture()
     ts = timesteps(teacher.schedule, 8)
     x_T = noise() * 3.0
-    out = sample(teacher, x_T, ts, solver="dpm_solver_pp", thresholding=True, ratio=0.9, max_val=1.2,
+    out = solve(teacher, x_T, ts, solver="dpm_solver_pp", thresholding=True, ratio=0.9, max_val=1.2,
                  denoise_to_zero=True)
-    plain = sample(teacher, x_T, ts, solver="dpm_solver_pp", denoise_to_zero=True)
+    plain = solve(teacher, x_T, ts, solver="dpm_solver_pp", denoise_to_zero=True)
     assert float(out.abs().max()) <= 1.0 + 1e-12 < float(plain.abs().max())
 
 
@@ -287,13 +287,13 @@ def test_first_order_methods_are_all_ddim():
     teacher = mixture()
     ts = random_grid(teacher.schedule)
     x_T = noise()
-    ref = sample(teacher, x_T, ts, solver="ddim")
+    ref = solve(teacher, x_T, ts, solver="ddim")
     same = [("euler", 1, {}), ("ipndm", 1, {}), ("dpm_solver", 1, {}), ("dpm_solver_pp", 1, {}),
             ("dpm_solver_pp", 1, {"method": "singlestep"}), ("unipc", 1, {"use_corrector": False}),
             ("unipc", 1, {"use_corrector": False, "predict_x0": False}),
             *[("deis", 1, {"variant": v}) for v in ("tab", "logrho", "rhoab", "rhork")]]
     for name, order, opts in same:
-        torch.testing.assert_close(sample(teacher, x_T, ts, solver=name, order=order, **opts), ref,
+        torch.testing.assert_close(solve(teacher, x_T, ts, solver=name, order=order, **opts), ref,
                                    rtol=1e-12, atol=1e-12, msg=f"{name} {opts}")
 
 
@@ -303,7 +303,7 @@ def test_higher_order_identities():
     x_T = noise()
 
     def run(name, order, **o):
-        return sample(teacher, x_T, ts, solver=name, order=order, **o)
+        return solve(teacher, x_T, ts, solver=name, order=order, **o)
 
     # EDM's Heun in sigma space is rhoRK-DEIS with two stages
     torch.testing.assert_close(run("heun", 2), run("deis", 2, variant="rhork"), rtol=1e-12, atol=1e-12)
@@ -313,18 +313,18 @@ def test_higher_order_identities():
     torch.testing.assert_close(run("unipc", 2, use_corrector=False), run("dpm_solver_pp", 2), rtol=1e-12, atol=1e-12)
     # the fast mix of order 2 on an even NFE grid is singlestep DPM-Solver-2 on every other point
     grid = timesteps(teacher.schedule, 8)
-    torch.testing.assert_close(sample(teacher, x_T, grid, solver="dpm_solver", order=2, method="fast"),
-                               sample(teacher, x_T, grid[::2], solver="dpm_solver", order=2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(solve(teacher, x_T, grid, solver="dpm_solver", order=2, method="fast"),
+                               solve(teacher, x_T, grid[::2], solver="dpm_solver", order=2), rtol=1e-12, atol=1e-12)
     # the fast mix's outer steps are equal in log-SNR (DPM-Solver reference, k-diffusion), whatever
     # their order and the grid's interior points: NFE 9 of order 3 = steps of orders 3, 3, 2, 1
     outer = timesteps(teacher.schedule, 4, t_start=float(ts[0]), t_end=float(ts[-1]))
     x = x_T
     for i, k in enumerate((3, 3, 2, 1)):
-        x = sample(teacher, x, outer[i:i + 2], solver="dpm_solver", order=k)
+        x = solve(teacher, x, outer[i:i + 2], solver="dpm_solver", order=k)
     nine = torch.linspace(float(ts[0]), float(ts[-1]), 10, dtype=torch.float64)
-    torch.testing.assert_close(sample(teacher, x_T, nine, solver="dpm_solver", order=3, method="fast"), x,
+    torch.testing.assert_close(solve(teacher, x_T, nine, solver="dpm_solver", order=3, method="fast"), x,
                                rtol=1e-10, atol=1e-10)
-    grid_rule = sample(teacher, x_T, nine, solver="dpm_solver", order=3, method="fast", fast_outer="grid")
+    grid_rule = solve(teacher, x_T, nine, solver="dpm_solver", order=3, method="fast", fast_outer="grid")
     assert not torch.allclose(grid_rule, x, rtol=1e-6)
     # the shipped 3M is not the corrected one
     assert not torch.allclose(run("dpm_solver_pp", 3), run("dpm_solver_pp", 3, shipped_3m=True), rtol=1e-6)
@@ -334,7 +334,7 @@ def test_ddpm_is_the_first_order_sde_solver_and_ddim_eta_one():
     teacher = mixture()
     ts = random_grid(teacher.schedule)
     x_T = noise()
-    out = [sample(teacher, x_T, ts, solver=name, generator=torch.Generator().manual_seed(9), **o)
+    out = [solve(teacher, x_T, ts, solver=name, generator=torch.Generator().manual_seed(9), **o)
            for name, o in (("ddpm", {}), ("sde_dpm_solver_pp", {"order": 1}), ("ddim", {"eta": 1.0}))]
     torch.testing.assert_close(out[1], out[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out[2], out[0], rtol=1e-10, atol=1e-10)

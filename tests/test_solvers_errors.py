@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsno.schedules import VPSchedule
-from dsno.solvers import from_grid, nfe, sample, steps_for_nfe, timesteps
+from dsno.solvers import from_grid, nfe, solve, steps_for_nfe, timesteps
 from dsno.teachers import GaussianMixture
 
 SCHED = VPSchedule.linear()
@@ -18,7 +18,7 @@ GRID = torch.tensor([1.0, 0.5, 0.1, 0.01], dtype=torch.float64)
 
 
 def run(ts=GRID, **kw):
-    return lambda: sample(TEACHER, X, ts, **kw)
+    return lambda: solve(TEACHER, X, ts, **kw)
 
 
 CASES = [
@@ -51,8 +51,8 @@ CASES = [
     ("grid beyond T", run(ts=[1.5, 0.5, 0.01]), "ts[0] = 1.5 lies outside [t_min, T] = [1e-05, 1]"),
     ("grid below t_min", run(ts=[1.0, 0.5, 0.0]), "ts[2] = 0 lies outside [t_min, T]"),
     ("grid of one point", run(ts=[0.5]), "at least 2 times"),
-    ("not a teacher", lambda: sample(lambda x, t: x, X, GRID), "teacher must provide .schedule, .eps(x, t)"),
-    ("integer state", lambda: sample(TEACHER, torch.zeros(2, 4, dtype=torch.int64), GRID), "floating-point tensor"),
+    ("not a teacher", lambda: solve(lambda x, t: x, X, GRID), "teacher must provide .schedule, .eps(x, t)"),
+    ("integer state", lambda: solve(TEACHER, torch.zeros(2, 4, dtype=torch.int64), GRID), "floating-point tensor"),
     ("timesteps: t_end above t_start", lambda: timesteps(SCHED, 10, t_start=0.5, t_end=0.7),
      "t_start = 0.5 must be greater than t_end = 0.7"),
     ("timesteps: t_end below t_min", lambda: timesteps(SCHED, 10, t_end=1e-7), "t_end = 1e-07 lies outside"),

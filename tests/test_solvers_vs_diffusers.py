@@ -26,7 +26,7 @@ from diffusers import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistep
                        UniPCMultistepScheduler)
 
 from dsno.schedules import VPSchedule  # noqa: E402
-from dsno.solvers import from_grid, sample, timesteps  # noqa: E402
+from dsno.solvers import from_grid, solve, timesteps  # noqa: E402
 from dsno.teachers import GaussianMixture, wrap  # noqa: E402
 
 SCHED = VPSchedule.ddpm_linear()
@@ -85,14 +85,14 @@ def with_sigma_min(grid):
 @pytest.mark.parametrize("steps", [10, 20])
 def test_ddim(steps):
     x, grid, _ = diffusers_run(DDIMScheduler(timestep_spacing="trailing", clip_sample=False), steps)
-    assert rel(sample(TEACHER, X_T, grid, solver="ddim", denoise_to_zero=True), x) < TOL
+    assert rel(solve(TEACHER, X_T, grid, solver="ddim", denoise_to_zero=True), x) < TOL
 
 
 @pytest.mark.parametrize("steps", [10, 20])
 @pytest.mark.parametrize("order,solver_type", [(1, "midpoint"), (2, "midpoint"), (2, "heun"), (3, "midpoint")])
 def test_dpm_solver_pp_multistep(order, solver_type, steps):
     x, grid, _ = diffusers_run(DPMSolverMultistepScheduler(solver_order=order, solver_type=solver_type), steps)
-    ours = sample(TEACHER, X_T, grid, solver="dpm_solver_pp", order=order, solver_type=solver_type,
+    ours = solve(TEACHER, X_T, grid, solver="dpm_solver_pp", order=order, solver_type=solver_type,
                   shipped_3m=True, denoise_to_zero=True)
     assert rel(ours, x) < TOL
 
@@ -103,8 +103,8 @@ def test_dpm_solver_pp_dynamic_thresholding(order):
                                             sample_max_value=1.5)
     x, grid, _ = diffusers_run(scheduler, 10)
     kw = dict(solver="dpm_solver_pp", order=order, shipped_3m=True, denoise_to_zero=True)
-    assert rel(sample(TEACHER, X_T, grid, thresholding=True, ratio=0.9, max_val=1.5, **kw), x) < TOL
-    assert rel(sample(TEACHER, X_T, grid, **kw), x) > 0.1          # thresholding matters here
+    assert rel(solve(TEACHER, X_T, grid, thresholding=True, ratio=0.9, max_val=1.5, **kw), x) < TOL
+    assert rel(solve(TEACHER, X_T, grid, **kw), x) > 0.1          # thresholding matters here
 
 
 @pytest.mark.parametrize("order,solver_type", [(1, "midpoint"), (2, "midpoint"), (2, "heun")])
@@ -115,7 +115,7 @@ def test_sde_dpm_solver_pp_with_the_same_noise(order, solver_type):
                                             solver_type=solver_type)
     x, grid, _ = diffusers_run(scheduler, 10, noises)
     step_of = {float(t): i for i, t in enumerate(grid)}
-    ours = sample(TEACHER, X_T, grid, solver="sde_dpm_solver_pp", order=order, solver_type=solver_type,
+    ours = solve(TEACHER, X_T, grid, solver="sde_dpm_solver_pp", order=order, solver_type=solver_type,
                   denoise_to_zero=True, noise_sampler=lambda s, t: noises[step_of[s]])
     assert rel(ours, x) < TOL
 
@@ -128,8 +128,8 @@ def test_unipc(variant, order):
     x, grid, _ = diffusers_run(UniPCMultistepScheduler(solver_order=order, solver_type=variant,
                                                        final_sigmas_type=final), 10)
     kw = dict(solver="unipc", order=order, variant=variant)
-    ours = sample(TEACHER, X_T, grid, denoise_to_zero=True, **kw) if final == "zero" else \
-        sample(TEACHER, X_T, with_sigma_min(grid), **kw)
+    ours = solve(TEACHER, X_T, grid, denoise_to_zero=True, **kw) if final == "zero" else \
+        solve(TEACHER, X_T, with_sigma_min(grid), **kw)
     assert rel(ours, x) < TOL
 
 
@@ -137,10 +137,10 @@ def test_unipc(variant, order):
 def test_unipc_noise_prediction_and_without_corrector(order):
     x, grid, _ = diffusers_run(UniPCMultistepScheduler(solver_order=order, predict_x0=False,
                                                        final_sigmas_type="sigma_min"), 10)
-    ours = sample(TEACHER, X_T, with_sigma_min(grid), solver="unipc", order=order, predict_x0=False)
+    ours = solve(TEACHER, X_T, with_sigma_min(grid), solver="unipc", order=order, predict_x0=False)
     assert rel(ours, x) < TOL
     x, grid, _ = diffusers_run(UniPCMultistepScheduler(solver_order=order, disable_corrector=list(range(10))), 10)
-    ours = sample(TEACHER, X_T, grid, solver="unipc", order=order, use_corrector=False, denoise_to_zero=True)
+    ours = solve(TEACHER, X_T, grid, solver="unipc", order=order, use_corrector=False, denoise_to_zero=True)
     assert rel(ours, x) < TOL
 
 
@@ -148,7 +148,7 @@ def test_unipc_noise_prediction_and_without_corrector(order):
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_deis_log_rho(order, steps):
     x, grid, _ = diffusers_run(DEISMultistepScheduler(solver_order=order), steps)
-    ours = sample(TEACHER, X_T, with_sigma_min(grid), solver="deis", order=order, variant="logrho")
+    ours = solve(TEACHER, X_T, with_sigma_min(grid), solver="deis", order=order, variant="logrho")
     assert rel(ours, x) < 1e-10                          # both float64
 
 
@@ -157,12 +157,12 @@ def test_deis_log_rho(order, steps):
 def test_corrected_3m_differs_from_diffusers_and_converges_faster():
     """diffusers' 3M halves the second difference D2 (order 2); ours estimates h^2 x0'' (order 3)."""
     x, grid, _ = diffusers_run(DPMSolverMultistepScheduler(solver_order=3), 10)
-    corrected = sample(TEACHER, X_T, grid, solver="dpm_solver_pp", order=3, denoise_to_zero=True)
+    corrected = solve(TEACHER, X_T, grid, solver="dpm_solver_pp", order=3, denoise_to_zero=True)
     assert rel(corrected, x) > 10 * TOL
-    reference = sample(TEACHER, X_T, timesteps(SCHED, 500), solver="dpm_solver_pp", order=3)
+    reference = solve(TEACHER, X_T, timesteps(SCHED, 500), solver="dpm_solver_pp", order=3)
     err = {}
     for shipped in (False, True):
-        err[shipped] = [rel(sample(TEACHER, X_T, timesteps(SCHED, n), solver="dpm_solver_pp", order=3,
+        err[shipped] = [rel(solve(TEACHER, X_T, timesteps(SCHED, n), solver="dpm_solver_pp", order=3,
                                    shipped_3m=shipped), reference) for n in (40, 80)]
     order_corrected, order_shipped = (np.log2(e[0] / e[1]) for e in (err[False], err[True]))
     assert err[False][0] < err[True][0] and err[False][1] < 0.5 * err[True][1]
@@ -176,15 +176,15 @@ def test_unipc_lower_order_final_rule():
     logSNR grid it changes nothing at 20 steps, and keeping the order is what the order tests measure."""
     x, grid, _ = diffusers_run(UniPCMultistepScheduler(solver_order=3), 20)
     kw = dict(solver="unipc", order=3, denoise_to_zero=True)
-    always = sample(TEACHER, X_T, grid, lower_order_final="always", **kw)
-    default = sample(TEACHER, X_T, grid, **kw)
+    always = solve(TEACHER, X_T, grid, lower_order_final="always", **kw)
+    default = solve(TEACHER, X_T, grid, **kw)
     assert rel(always, x) < 1e-10 and rel(default, x) > 10 * TOL
-    reference = sample(TEACHER, X_T, timesteps(SCHED, 500, t_end=float(grid[-1])), solver="dpm_solver_pp", order=3,
+    reference = solve(TEACHER, X_T, timesteps(SCHED, 500, t_end=float(grid[-1])), solver="dpm_solver_pp", order=3,
                        denoise_to_zero=True)
     assert rel(always, reference) < rel(default, reference)
     logsnr = timesteps(SCHED, 20)
-    reference = sample(TEACHER, X_T, timesteps(SCHED, 500), solver="dpm_solver_pp", order=3)
-    err = [rel(sample(TEACHER, X_T, logsnr, solver="unipc", order=3, lower_order_final=lof), reference)
+    reference = solve(TEACHER, X_T, timesteps(SCHED, 500), solver="dpm_solver_pp", order=3)
+    err = [rel(solve(TEACHER, X_T, logsnr, solver="unipc", order=3, lower_order_final=lof), reference)
            for lof in (True, "always")]
     assert abs(err[0] - err[1]) < 0.05 * err[1]
 
@@ -192,7 +192,7 @@ def test_unipc_lower_order_final_rule():
 def test_unipc_bh1_final_sigma_zero_is_nan_in_diffusers_but_not_here():
     x, grid, _ = diffusers_run(UniPCMultistepScheduler(solver_order=2, solver_type="bh1"), 10)
     assert torch.isnan(x).all()                          # B(h) = h = inf times a zero residual
-    ours = sample(TEACHER, X_T, grid, solver="unipc", order=2, variant="bh1", denoise_to_zero=True)
+    ours = solve(TEACHER, X_T, grid, solver="unipc", order=2, variant="bh1", denoise_to_zero=True)
     assert torch.isfinite(ours).all()
     x_bh2, _, _ = diffusers_run(UniPCMultistepScheduler(solver_order=2, solver_type="bh2"), 10)
     assert rel(ours, x_bh2) < 0.05                       # and close to the bh2 solve, as it should be

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_RUN, compose
-from dsno.builders import build_teacher, sample_shape
+from dsno.builders import build_teacher, state_shape
 from dsno.config import ConfigError, check_trainer_hardware, validate
 from dsno.data import DatasetError, TrajectoryDataset, load_manifest
 from dsno.data.stream import FreshStream, fresh_indices
@@ -57,7 +57,7 @@ def test_fresh_trajectories_are_those_the_teacher_stage_stores_past_the_stored_s
                    f"data.dir={tmp_path / 'more'}")
     teacher = build_teacher(rc.teacher)
     for c in (rc, more):
-        trajectories.generate(c, teacher, sample_shape(teacher), progress=False)
+        trajectories.generate(c, teacher, state_shape(teacher), progress=False)
     oracle = TrajectoryDataset(more.data.dir)
     fresh = _data(rc, teacher, f).fresh
     assert fresh.stream.num_stored == 16 and fresh.stream.seed == rc.seed
@@ -85,7 +85,7 @@ def test_fresh_indices_never_meet_each_other_nor_the_stored_set():
             assert sorted(seen) == list(range(N, N + 7 * world * f))      # packed right after the stored set
     assert fresh_indices(N, 3, step=5, rank=1, world_size=2) == range(N + 33, N + 36)
     assert len(fresh_indices(N, 0, 5)) == 0
-    stream = FreshStream(seed=3, num_stored=N, per_step=2, sample_shape=(1, 4, 4))
+    stream = FreshStream(seed=3, num_stored=N, per_step=2, state_shape=(1, 4, 4))
     a, labels = stream.inputs(4, 1, 2)
     assert labels is None and a.shape == (2, 1, 4, 4)
     assert torch.equal(a, stream.inputs(4, 1, 2)[0])                            # a function of (step, rank, world)
@@ -155,7 +155,7 @@ def test_all_fresh_reads_no_stored_training_trajectory(tmp_path):
     pipeline.make_data(rc)
     data = _data(rc, build_teacher(rc.teacher), B)
     x_T, states = next(iter(data.train_dataloader()))
-    shape = tuple(data.sample_shape)
+    shape = tuple(data.state_shape)
     assert x_T.shape == (0, *shape) and states.shape == (0, len(rc.data.times), *shape)
     assert data.stored_per_step == 0 and _data(rc, None, 0).stored_per_step == B and _data(rc, None, 0).fresh is None
 

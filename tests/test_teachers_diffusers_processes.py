@@ -19,7 +19,7 @@ import torch
 
 from dsno.builders import build_teacher
 from dsno.schedules import FlowSchedule, VESchedule
-from dsno.solvers import sample, timesteps
+from dsno.solvers import solve, timesteps
 from dsno.teachers.base import TeacherLoadError
 from dsno.teachers.diffusers import (DiffusersEDMTeacher, DiffusersFlowTeacher, DiffusersTeacher,
                                      DiffusersTeacherConfig, EDMPreconditioning, load_diffusers_teacher)
@@ -83,7 +83,7 @@ def test_edm_scheduler_step_equals_our_ddim_step(tmp_path, cls):
         scheduler.set_begin_index(i)
         out = unet(scheduler.scale_model_input(x, t), t).sample
         ref = scheduler.step(out, t, x).prev_sample
-        ours = sample(teacher, x, torch.tensor([float(s0), float(s1)], dtype=torch.float64), solver="ddim")
+        ours = solve(teacher, x, torch.tensor([float(s0), float(s1)], dtype=torch.float64), solver="ddim")
     assert float((ref - x).abs().mean()) > 1e-2 * float(s0)    # the step moves
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * float(s0))
 
@@ -143,7 +143,7 @@ def test_flow_scheduler_step_equals_our_ddim_step(tmp_path, make):
         scheduler.set_begin_index(i)
         out = unet(x, torch.tensor(s0 * 1000, dtype=torch.float32)).sample
         ref = scheduler.step(out, t, x).prev_sample
-        ours = sample(teacher, x, torch.tensor([s0, s1], dtype=torch.float64), solver="ddim")
+        ours = solve(teacher, x, torch.tensor([s0, s1], dtype=torch.float64), solver="ddim")
     assert 0 < s1 < s0 < 1 and float((ref - x).abs().mean()) > 1e-3
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
@@ -243,6 +243,6 @@ def test_solvers_run_end_to_end_on_edm_and_flow_teachers(tmp_path, scheduler, so
     x_T = torch.randn(2, *teacher.shape, generator=torch.Generator().manual_seed(5)) * float(
         (teacher.schedule.alpha(grid[0]) ** 2 * 0.25 + teacher.schedule.sigma(grid[0]) ** 2).sqrt())
     with torch.no_grad():
-        traj = sample(teacher, x_T, grid, solver=solver, order=order, return_trajectory=True)
+        traj = solve(teacher, x_T, grid, solver=solver, order=order, return_trajectory=True)
     assert traj.shape == (5, 2, 3, 8, 8) and torch.isfinite(traj).all()
     assert float((traj[-1] - traj[0]).abs().mean()) > 1e-3

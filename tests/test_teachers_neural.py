@@ -226,14 +226,14 @@ def test_shipped_teacher_matches_its_record():
 def test_float64_solve_of_a_float32_network_matches_the_all_float64_solve():
     """Eval's reference solves a network teacher in float64 with the network left in float32: its
     rounding must stay far below the reference's own step error (60 against 240 steps: about 7e-3)."""
-    from dsno.solvers import sample, timesteps
+    from dsno.solvers import solve, timesteps
     teacher = load_unet_teacher()
     x_T = torch.randn(4, *teacher.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     grid = timesteps(teacher.schedule, steps=20, spacing="logsnr", t_end=1e-3)
     with torch.no_grad():
-        mixed = sample(teacher, x_T, grid, solver="dpm_solver_pp", order=3)
+        mixed = solve(teacher, x_T, grid, solver="dpm_solver_pp", order=3)
         teacher.double()
-        full = sample(teacher, x_T, grid, solver="dpm_solver_pp", order=3)
+        full = solve(teacher, x_T, grid, solver="dpm_solver_pp", order=3)
     assert mixed.dtype == full.dtype == torch.float64
     gap = float((mixed - full).square().mean().sqrt())
     assert 0 < gap < 1e-5
@@ -467,8 +467,8 @@ def test_build_dsno_from_the_teachers_config_and_weights_starts_equal_to_it(tmp_
         write_folder(tmp_path)
         teacher = load_diffusers_teacher(tmp_path)
     times = [1.0, 0.5, 0.25, 0.025]
-    config = {"format_version": 1, "backbone": teacher.backbone_config, "time_input": teacher.time_input_spec,
-              "times": times, "modes": 2, "image_shape": list(teacher.shape), "schedule": teacher.schedule.to_dict()}
+    config = {"format_version": 2, "backbone": teacher.backbone_config, "time_input": teacher.time_input_spec,
+              "times": times, "modes": 2, "state_shape": list(teacher.shape), "schedule": teacher.schedule.to_dict()}
     model = build_dsno(json.loads(json.dumps(config))).eval()
     load_backbone_weights(model, teacher.network)
     x_T = torch.randn(2, *teacher.shape)

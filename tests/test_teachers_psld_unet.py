@@ -209,13 +209,13 @@ def test_shipped_psld_teacher_is_a_trained_score_of_the_digits():
 @pytest.mark.parametrize("solver", ["lambda_ddim", "nvv", "csps_d", "rvv"])
 def test_psld_samplers_run_on_the_network_teacher_in_float32_and_float64(solver):
     from dsno.builders import prior_state
-    from dsno.solvers import sample, timesteps
+    from dsno.solvers import solve, timesteps
     teacher = load_psld_unet_teacher()
     grid = timesteps(teacher.process, steps=4, spacing="time_quadratic", t_end=1e-3)
     noise = torch.randn(3, 2, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        out32 = sample(teacher, prior_state(teacher, noise), grid, solver=solver)
-        out64 = sample(teacher, prior_state(teacher, noise.double()), grid, solver=solver)
+        out32 = solve(teacher, prior_state(teacher, noise), grid, solver=solver)
+        out64 = solve(teacher, prior_state(teacher, noise.double()), grid, solver=solver)
     assert out32.dtype == torch.float32 and out64.dtype == torch.float64 and out32.shape == (3, 2, 16, 16)
     assert bool(torch.isfinite(out64).all())
     assert float((out32.double() - out64)[:, :1].abs().max()) < 1e-2 * max(1.0, float(out64[:, :1].abs().max()))

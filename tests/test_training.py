@@ -71,10 +71,10 @@ def test_ema_copies_first_then_follows_the_warmup_rule():
 def test_loss_falls_over_a_few_steps():
     from dsno.nn import build_dsno
     torch.manual_seed(0)
-    cfg = {"format_version": 1, "backbone": {"type": "unet", "kwargs": {
+    cfg = {"format_version": 2, "backbone": {"type": "unet", "kwargs": {
         "in_channels": 1, "out_channels": 1, "image_size": 8, "base_channels": 8, "channel_mult": [1, 2],
         "num_res_blocks": 1, "attn_resolutions": []}}, "time_input": "continuous",
-        "times": [0.5, 0.25, 0.1, 0.001], "modes": 2, "skip": [0.0] * 4, "image_shape": [1, 8, 8],
+        "times": [0.5, 0.25, 0.1, 0.001], "modes": 2, "skip": [0.0] * 4, "state_shape": [1, 8, 8],
         "data_range": [-1, 1], "schedule": {"kind": "linear", "beta_min": 0.1, "beta_max": 20.0}}
     model = build_dsno(cfg)
     x = torch.randn(16, 1, 8, 8)

@@ -1,5 +1,5 @@
-"""USF schedules: YAML round trip, the executor equals the named solvers (float64, exact teachers),
-and each invalid schedule is refused with one clear line."""
+"""USF solver schedules: YAML round trip, the executor equals the named solvers (float64, exact teachers),
+and each invalid solver schedule is refused with one clear line."""
 
 import math
 from dataclasses import replace
@@ -13,7 +13,7 @@ import dsno
 from dsno.errors import UserError
 from dsno.solvers import nfe, steps_for_nfe, timesteps, usf
 from dsno.solvers.coefficients import ADAMS_BASHFORTH, adams_weights
-from dsno.solvers.usf import Schedule, ScheduleError, Step
+from dsno.solvers.usf import SolverSchedule, SolverScheduleError, Step
 from dsno.teachers import GaussianMixture
 
 CASES = [
@@ -50,17 +50,17 @@ def single_gaussian():
 @pytest.mark.parametrize("teacher_fn", [mixture, single_gaussian])
 @pytest.mark.parametrize("steps", [3, 7, 12])
 @pytest.mark.parametrize("name,order,opts", CASES)
-def test_schedule_equals_named_solver(teacher_fn, steps, name, order, opts):
+def test_solver_schedule_equals_named_solver(teacher_fn, steps, name, order, opts):
     teacher = teacher_fn()
     x = torch.randn(6, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ts = timesteps(teacher.schedule, steps=steps, spacing="time_quadratic")
-    want = dsno.sample(teacher, x, ts, solver=name, order=order, **opts)
+    want = dsno.solve(teacher, x, ts, solver=name, order=order, **opts)
     sched = usf.from_solver(name, ts, order, **dict(opts))
-    got = dsno.sample(teacher, x, solver="usf", schedule=sched)
+    got = dsno.solve(teacher, x, solver="usf", solver_schedule=sched)
     assert float((got - want).abs().max()) < 1e-10
-    traj = dsno.sample(teacher, x, solver="usf", schedule=sched, return_trajectory=True)
+    traj = dsno.solve(teacher, x, solver="usf", solver_schedule=sched, return_trajectory=True)
     assert traj.shape == (steps + 1, *x.shape) and torch.equal(traj[-1], got)
-    assert nfe("usf", steps, schedule=sched) == nfe(name, steps, order=order, **opts) == sched.nfe
+    assert nfe("usf", steps, solver_schedule=sched) == nfe(name, steps, order=order, **opts) == sched.nfe
 
 
 def test_adams_weights_are_adams_bashforth_and_moulton():
@@ -88,10 +88,10 @@ def test_adams_corrector_raises_the_order_on_a_single_gaussian():
         for steps in (8, 16, 32):
             ts = timesteps(teacher.schedule, steps=steps, spacing="time_uniform")
             base = usf.from_solver("ipndm", ts, 2, lower_order_final=False)
-            sched = Schedule(ts=base.ts, steps=tuple(replace(st, corrector=corr if i < steps - 1 else "none")
+            sched = SolverSchedule(ts=base.ts, steps=tuple(replace(st, corrector=corr if i < steps - 1 else "none")
                                                      for i, st in enumerate(base.steps))).declared()
             assert sched.cost == steps
-            errs[corr, steps] = float((dsno.sample(teacher, x, solver="usf", schedule=sched) - exact).abs().max())
+            errs[corr, steps] = float((dsno.solve(teacher, x, solver="usf", solver_schedule=sched) - exact).abs().max())
     assert all(errs["pseudo", n] < errs["none", n] for n in (8, 16, 32))
     order = {c: math.log2(errs[c, 16] / errs[c, 32]) for c in ("none", "pseudo")}
     assert 1.6 < order["none"] < 2.1 and order["pseudo"] > order["none"] + 0.7, order
@@ -101,16 +101,16 @@ def test_yaml_round_trip(tmp_path):
     ts = timesteps(dsno.VPSchedule.linear(), steps=5, spacing="logsnr").tolist()
     steps = [Step(), Step("noise", 2, (1,), 1, "linear", 0.137, "pseudo"), Step("data", 3, (1, 2), 2, "bh2"),
              Step("data", 2, (1, 3, 2), 2, "linear", -0.02, "pseudo"), Step("noise", 4, (1, 2, 3), 3, "adams")]
-    s = Schedule(ts=tuple(ts), steps=tuple(steps), afs="mean", info={"score": {"rmse": 0.1}}).declared()
+    s = SolverSchedule(ts=tuple(ts), steps=tuple(steps), afs="mean", info={"score": {"rmse": 0.1}}).declared()
     p = usf.save(s, tmp_path / "s.yaml")
     back = usf.load(p)
     assert back == s and back.ts == s.ts and back.info["score"] == {"rmse": 0.1} and back.nfe == 4
     assert yaml.safe_load(p.read_text())["nfe"] == 4
     assert usf.load(usf.to_dict(back)) == s
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
-    assert torch.equal(dsno.sample(mixture(), x, solver="usf", schedule=str(p)),
-                       dsno.sample(mixture(), x, solver="usf", schedule=s))
-    assert steps_for_nfe("usf", 4, schedule=s) == 5
+    assert torch.equal(dsno.solve(mixture(), x, solver="usf", solver_schedule=str(p)),
+                       dsno.solve(mixture(), x, solver="usf", solver_schedule=s))
+    assert steps_for_nfe("usf", 4, solver_schedule=s) == 5
 
 
 def test_afs_saves_one_evaluation_and_uses_the_mean():
@@ -122,16 +122,16 @@ def test_afs_saves_one_evaluation_and_uses_the_mean():
     base = usf.from_solver("unipc", ts, 3)
     for afs, cost in (("none", 6), ("zero", 5), ("mean", 5)):
         calls.clear()
-        s = Schedule(ts=base.ts, steps=base.steps, afs=afs).declared()
-        dsno.sample(teacher, torch.randn(4, 1, 4, 4, dtype=torch.float64), solver="usf", schedule=s)
+        s = SolverSchedule(ts=base.ts, steps=base.steps, afs=afs).declared()
+        dsno.solve(teacher, torch.randn(4, 1, 4, 4, dtype=torch.float64), solver="usf", solver_schedule=s)
         assert len(calls) == cost == s.nfe
     mean = usf.data_mean(teacher)
     w = teacher.log_weights.exp()
     assert torch.allclose(mean.reshape(-1), (w[:, None] * teacher.means).sum(0))
 
 
-def test_schedule_converges_on_single_gaussian():
-    """A third-order data schedule with pseudo-correctors converges at order > 2 to the exact solution."""
+def test_solver_schedule_converges_on_single_gaussian():
+    """A third-order data solver schedule with pseudo-correctors converges at order > 2 to the exact solution."""
     teacher = single_gaussian()
     x = torch.randn(8, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     errs = []
@@ -139,7 +139,7 @@ def test_schedule_converges_on_single_gaussian():
         ts = timesteps(teacher.schedule, steps=n, spacing="logsnr")
         exact = teacher.ode_solution(x, float(ts[0]), float(ts[-1]))
         s = usf.from_solver("unipc", ts, 3)
-        errs.append(float((dsno.sample(teacher, x, solver="usf", schedule=s) - exact).abs().max()))
+        errs.append(float((dsno.solve(teacher, x, solver="usf", solver_schedule=s) - exact).abs().max()))
     assert math.log2(errs[0] / errs[1]) > 2.5
 
 
@@ -177,30 +177,36 @@ BAD = [
 
 
 @pytest.mark.parametrize("d,msg", BAD)
-def test_bad_schedules_one_line(d, msg, tmp_path):
+def test_bad_solver_schedules_one_line(d, msg, tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text(yaml.safe_dump(d))
-    with pytest.raises(ScheduleError) as e:
+    with pytest.raises(SolverScheduleError) as e:
         usf.load(p)
     text = str(e.value)
-    assert msg in text and "\n" not in text and str(p) in text
+    assert msg in text and "\n" not in text and text.startswith(f"solver schedule {p}: ")
     assert isinstance(e.value, UserError)
 
 
 def test_bad_use_one_line(tmp_path):
     teacher = mixture()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
-    with pytest.raises(ScheduleError, match=r"schedule file .*missing\.yaml does not exist"):
-        dsno.sample(teacher, x, solver="usf", schedule=str(tmp_path / "missing.yaml"))
-    with pytest.raises(ScheduleError, match="solver 'usf' needs schedule=PATH"):
-        dsno.sample(teacher, x, solver="usf")
+    with pytest.raises(SolverScheduleError, match=r"^solver schedule file .*missing\.yaml does not exist; .*"
+                                                  r"runs/<experiment>/solver_schedules/nfe<N>\.yaml"):
+        dsno.solve(teacher, x, solver="usf", solver_schedule=str(tmp_path / "missing.yaml"))
+    with pytest.raises(SolverScheduleError, match="solver 'usf' needs solver_schedule=PATH .*solver.solver_schedule=PATH"):
+        dsno.solve(teacher, x, solver="usf")
     s = usf.from_solver("unipc", timesteps(teacher.schedule, steps=5), 3)
-    with pytest.raises(ScheduleError, match="differs from the schedule's timesteps"):
-        dsno.sample(teacher, x, timesteps(teacher.schedule, steps=6), solver="usf", schedule=s)
-    with pytest.raises(ScheduleError, match="uses Taylor order 3, above order=2"):
-        dsno.sample(teacher, x, solver="usf", order=2, schedule=s)
+    with pytest.raises(SolverScheduleError, match="differs from the solver schedule's timesteps"):
+        dsno.solve(teacher, x, timesteps(teacher.schedule, steps=6), solver="usf", solver_schedule=s)
+    with pytest.raises(SolverScheduleError, match="uses Taylor order 3, above order=2"):
+        dsno.solve(teacher, x, solver="usf", order=2, solver_schedule=s)
     (tmp_path / "junk.yaml").write_text("nfe: [1\n")
-    with pytest.raises(ScheduleError, match="not valid YAML"):
+    with pytest.raises(SolverScheduleError, match="not valid YAML"):
         usf.load(tmp_path / "junk.yaml")
     with pytest.raises(ValueError, match="needs a grid ts"):
-        dsno.sample(teacher, x, solver="ddim")
+        dsno.solve(teacher, x, solver="ddim")
+    with pytest.raises(ValueError, match="solver 'usf' has no option 'schedule'; its options are: solver_schedule"):
+        dsno.solve(teacher, x, solver="usf", schedule=s)          # the old name of the option
+    with pytest.raises(AttributeError, match=r"^dsno.solvers.usf.Schedule was renamed: use "
+                                             r"dsno.solvers.usf.SolverSchedule$"):
+        usf.Schedule

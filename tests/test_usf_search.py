@@ -1,5 +1,5 @@
 """The S^3 search: the predictor ranks held-out candidates better than chance, an interrupted
-search resumes to the same result, bad settings are one line, and searched schedules reach
+search resumes to the same result, bad settings are one line, and searched solver schedules reach
 data_gen and eval."""
 
 import json
@@ -15,7 +15,7 @@ import torch
 import dsno
 from dsno.search import Predictor, SearchConfig, SearchError, Space, kendall_tau, search
 from dsno.search import loop
-from dsno.search.space import encode, mutate, random_schedule
+from dsno.search.space import encode, mutate, random_solver_schedule
 from dsno.solvers import timesteps, usf
 from dsno.teachers import GaussianMixture
 
@@ -33,13 +33,13 @@ TINY = dict(batch=32, verify_batch=32, reference_steps=60, initial=20, rounds=2,
             verify_top=3)
 
 
-def test_random_and_mutated_schedules_are_valid_and_keep_the_budget():
+def test_random_and_mutated_solver_schedules_are_valid_and_keep_the_budget():
     teacher = mixture()
     space = Space(schedule=teacher.schedule, nfe=5, t_start=1.0, t_end=1e-3, pins=(0.25, 0.0625))
     rng = np.random.default_rng(0)
     seen_adams = False
     for _ in range(200):
-        s = random_schedule(space, rng)
+        s = random_solver_schedule(space, rng)
         for c in (s, mutate(space, s, rng)):
             assert usf.validate(c).cost == 5
             assert 0.25 in c.ts and 0.0625 in c.ts and c.ts[0] == 1.0 and c.ts[-1] == 1e-3
@@ -49,14 +49,14 @@ def test_random_and_mutated_schedules_are_valid_and_keep_the_budget():
 
 
 def test_predictor_ranks_held_out_candidates_better_than_chance():
-    """Kendall tau on 80 held-out random schedules, predictor trained on 160 others: measured 0.365
+    """Kendall tau on 80 held-out random solver schedules, predictor trained on 160 others: measured 0.365
     (chance: 0)."""
     teacher = mixture()
     space = Space(schedule=teacher.schedule, nfe=4, t_start=1.0, t_end=1e-3)
     x = torch.randn(64, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ref = loop.reference(teacher, x, 1e-3, 200, None)
     rng = np.random.default_rng(1)
-    cands = [random_schedule(space, rng) for _ in range(240)]
+    cands = [random_solver_schedule(space, rng) for _ in range(240)]
     y = np.log(np.minimum([loop._score(teacher, s, x, ref) for s in cands], loop.MAX_RMSE))
     f = np.stack([encode(space, s) for s in cands])
     pred = Predictor(seed=0).fit(f[:160], y[:160]).predict(f[160:])
@@ -79,8 +79,8 @@ def test_reference_of_a_network_teacher_keeps_its_float32_network_and_a_float64_
     assert ref.dtype == torch.float64 and next(teacher.parameters()).dtype == torch.float32
     grid = timesteps(teacher.schedule, steps=20, spacing="logsnr", t_end=1e-3)
     with torch.no_grad():
-        assert torch.equal(ref, dsno.sample(teacher, x.double(), grid, solver="dpm_solver_pp", order=3))
-        all64 = dsno.sample(teacher.double(), x.double(), grid, solver="dpm_solver_pp", order=3)
+        assert torch.equal(ref, dsno.solve(teacher, x.double(), grid, solver="dpm_solver_pp", order=3))
+        all64 = dsno.solve(teacher.double(), x.double(), grid, solver="dpm_solver_pp", order=3)
     gap = float((ref - all64).abs().max())
     assert 0.0 < gap < 1e-4, gap
     assert torch.equal(loop.reference(teacher, x, 1e-3, 20, cache), ref)
@@ -110,7 +110,7 @@ def test_search_resumes_to_the_same_result(tmp_path, monkeypatch):
     again = search(teacher, 4, sc, tmp_path / "b", 1e-3, torch.float64, progress=False)
     scored_b = json.loads((tmp_path / "b" / "nfe4.scored.json").read_text())["scored"]
     assert [r["rmse"] for r in scored_b] == [r["rmse"] for r in scored_a]
-    assert again["schedule"] == full["schedule"]
+    assert again["solver_schedule"] == full["solver_schedule"]
     assert again["score"]["rmse_verify"] == full["score"]["rmse_verify"]
     written = usf.load(tmp_path / "b" / "nfe4.yaml")
     assert written.nfe == 4 and written.info["cost"]["teacher_calls"] > 0
@@ -123,15 +123,15 @@ def test_search_resumes_to_the_same_result(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("base,order", [(b, o) for b in loop.BASES for o in (1, 3) if not (b == "ddim" and o > 1)])
 def test_timestep_only_mode_runs_every_base(base, order):
-    """Every search.base draws schedules of that solver (deis through its logrho variant), and the
+    """Every search.base draws solver schedules of that solver (deis through its logrho variant), and the
     seeds are the base on each library spacing."""
     teacher = mixture()
     space = Space(schedule=teacher.schedule, nfe=4, t_start=1.0, t_end=1e-3, mode="timesteps", base=base,
                   base_order=order)
-    s = random_schedule(space, np.random.default_rng(0))
+    s = random_solver_schedule(space, np.random.default_rng(0))
     opts = {"variant": "logrho"} if base == "deis" else {}
     assert s.steps == usf.from_solver(base, s.ts, order, **opts).steps and s.cost == 4
-    seeds = loop.seeded_schedules(space)
+    seeds = loop.seeded_solver_schedules(space)
     assert len(seeds) == 4 and all(x.steps == s.steps for x in seeds)
 
 
@@ -158,7 +158,7 @@ def test_search_beats_its_seeds_and_timestep_only_mode_keeps_the_base(tmp_path):
     res = search(teacher, 4, SearchConfig(**TINY), tmp_path, 1e-3, torch.float64, progress=False)
     ts_only = search(teacher, 4, SearchConfig(**{**TINY, "mode": "timesteps"}), tmp_path, 1e-3, torch.float64,
                      progress=False)
-    s = ts_only["schedule"]
+    s = ts_only["solver_schedule"]
     base = usf.from_solver("unipc", s.ts, 3)
     assert s.steps == base.steps and s.afs == "none" and (tmp_path / "nfe4_timesteps.yaml").is_file()
     x = torch.randn(32, 1, 4, 4, generator=torch.Generator().manual_seed(loop.noise_seeds(0)[1])).double()
@@ -182,7 +182,7 @@ def test_cli_bad_settings_are_one_line(tmp_path, args, msg):
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], p.stderr
-    assert not (tmp_path / "run" / "schedules").exists()
+    assert not (tmp_path / "run" / "solver_schedules").exists()
 
 
 def test_an_experiment_sizes_its_search_and_train_checks_those_keys():
@@ -211,13 +211,13 @@ def _pinned_schedule(tmp_path, times):
     return usf.save(s, tmp_path / "pinned.yaml"), s, teacher
 
 
-def test_data_gen_makes_trajectories_with_a_schedule(tiny_run, tmp_path):
+def test_data_gen_makes_trajectories_with_a_solver_schedule(tiny_run, tmp_path):
     from dsno.config import ConfigError
     from dsno.builders import solver_grid
     from dsno.stages import trajectories
     times = [0.5625, 0.25, 0.0625, 0.001]
     path, s, _ = _pinned_schedule(tmp_path, times)
-    rc = tiny_run("solver=usf", f"solver.schedule={path}")
+    rc = tiny_run("solver=usf", f"solver.solver_schedule={path}")
     from dsno.builders import build_teacher
     teacher = build_teacher(rc.teacher)
     grid = solver_grid(teacher, rc.solver, times)
@@ -225,30 +225,49 @@ def test_data_gen_makes_trajectories_with_a_schedule(tiny_run, tmp_path):
     solve = trajectories.make_solve(teacher, rc.solver, grid, times)
     x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     states = solve(x)
-    direct = dsno.sample(teacher, x.double(), solver="usf", schedule=s, return_trajectory=True)
+    direct = dsno.solve(teacher, x.double(), solver="usf", solver_schedule=s, return_trajectory=True)
     idx = [s.ts.index(t) for t in times]
     assert states.shape == (3, 4, 1, 16, 16)
     assert torch.allclose(states, direct[idx].transpose(0, 1).float())
-    assert "schedule_sha256" in trajectories.solver_spec(rc.solver)
+    assert "solver_schedule_sha256" in trajectories.solver_spec(rc.solver)
     off = usf.save(usf.from_solver("unipc", timesteps(teacher.schedule, steps=5), 3), tmp_path / "off.yaml")
     with pytest.raises(ConfigError, match=r"does not pass through the output times \[0.5625, 0.25, 0.0625\]"):
-        tiny_run("solver=usf", f"solver.schedule={off}")
-    with pytest.raises(ConfigError, match="solver=usf needs solver.schedule=PATH"):
+        tiny_run("solver=usf", f"solver.solver_schedule={off}")
+    with pytest.raises(ConfigError, match="solver=usf needs solver.solver_schedule=PATH"):
         tiny_run("solver=usf")
 
 
-def test_eval_lists_every_schedule(tiny_run, tmp_path):
-    from dsno.stages.evaluation import schedule_runs
+def test_eval_lists_every_solver_schedule(tiny_run, tmp_path):
+    from dsno.stages.evaluation import solver_schedule_runs
     rc = tiny_run()
-    d = Path(rc.run_dir) / "schedules"
+    d = Path(rc.run_dir) / "solver_schedules"
     teacher = mixture()
     usf.save(usf.from_solver("unipc", timesteps(teacher.schedule, steps=5), 3), d / "nfe5.yaml")
     usf.save(usf.from_solver("ddim", timesteps(teacher.schedule, steps=3), 1), d / "nfe3_timesteps.yaml")
     (d / "broken.yaml").write_text("nfe: 3\n")
-    runs = {r.method: r for r in schedule_runs(rc)}
+    runs = {r.method: r for r in solver_schedule_runs(rc)}
     assert set(runs) == {"usf nfe5", "usf nfe3_timesteps", "usf broken"}
     assert runs["usf nfe5"].nfe == 5 and runs["usf nfe3_timesteps"].nfe == 3
     assert "missing key 'timesteps'" in runs["usf broken"].skipped
+
+
+def test_a_run_folder_with_the_old_schedules_folder_is_refused_before_eval_or_search(tiny_run, tmp_path):
+    from dsno.config import check_run
+    from dsno.errors import UserError
+    from dsno.stages.evaluation import solver_schedule_runs
+    rc = tiny_run()
+    check_run(rc, "eval")
+    old = Path(rc.run_dir) / "schedules"
+    usf.save(usf.from_solver("ddim", timesteps(mixture().schedule, steps=3), 1), old / "nfe3.yaml")
+    line = (rf"^{old} is the old name of the folder of solver schedules: rename it "
+            rf"\(mv {old} {Path(rc.run_dir) / 'solver_schedules'}\)$")
+    for check in (lambda: check_run(rc, "eval"), lambda: check_run(rc, "pipeline"), lambda: check_run(rc, "search"),
+                  lambda: solver_schedule_runs(rc)):
+        with pytest.raises(UserError, match=line):
+            check()
+    check_run(tiny_run(f"search.out={tmp_path / 'elsewhere'}"), "search")      # a search that writes elsewhere
+    old.rename(Path(rc.run_dir) / "solver_schedules")
+    assert [r.method for r in solver_schedule_runs(rc)] == ["usf nfe3"]
 
 
 def test_data_set_fingerprints_are_pinned(tiny_run, tmp_path):
@@ -256,16 +275,21 @@ def test_data_set_fingerprints_are_pinned(tiny_run, tmp_path):
     solver's and usf's, whose entries its registry hook supplies)."""
     import hashlib
     import json
-    from dsno.builders import build_teacher, sample_shape
+    from dsno.builders import build_teacher, state_shape
+    from dsno.data.manifest import Manifest, check_fingerprint
     from dsno.stages.trajectories import expected_fingerprint
     path, _, _ = _pinned_schedule(tmp_path, [0.5625, 0.25, 0.0625, 0.001])
     digests = {}
-    for name, extra in (("default", ()), ("usf", ("solver=usf", f"solver.schedule={path}"))):
+    for name, extra in (("default", ()), ("usf", ("solver=usf", f"solver.solver_schedule={path}"))):
         rc = tiny_run(*extra)
         teacher = build_teacher(rc.teacher)
-        fp = expected_fingerprint(rc, teacher, sample_shape(teacher))
-        digests[name] = hashlib.sha256(json.dumps(fp).encode()).hexdigest()
-    assert fp["solver"]["schedule_sha256"] == "b501184099895c44"
+        fp = expected_fingerprint(rc, teacher, state_shape(teacher))
+        v1 = {("sample_shape" if k == "state_shape" else k): v for k, v in fp.items()}    # format_version 1's names
+        v1["solver"] = {("schedule_sha256" if k == "solver_schedule_sha256" else k): v for k, v in fp["solver"].items()}
+        digests[name] = hashlib.sha256(json.dumps(v1).encode()).hexdigest()
+        old = {"format_version": 1, "fingerprint": v1, "seed": 0, "num_trajectories": 1, "shard_size": 1, "shards": []}
+        check_fingerprint(Manifest.from_dict(old), fp)          # such a data set's manifest reads as this one
+    assert fp["solver"]["solver_schedule_sha256"] == "b501184099895c44"
     assert digests == {"default": "4005cdeb4627aee9ecd0f92ecbcdfc8a3865e62efec15bc59347046a8ab5e15e",
                        "usf": "adf9243fe8282426f0583eaa1fe37034559534458a0b71e89f21251ffcc2bf29"}
 
@@ -282,7 +306,7 @@ def own_grid_solver():
             raise OptionError("options.scale", options["scale"], "must be 1.0 for this run")
 
     def own_grid(teacher, x, ts, *, order=1, return_trajectory=False, scale=1.0):
-        return dsno.sample(teacher, x * scale, ts, solver="euler", return_trajectory=return_trajectory)
+        return dsno.solve(teacher, x * scale, ts, solver="euler", return_trajectory=return_trajectory)
 
     register("own_grid", orders=(1,), cost=lambda steps, order, options: steps, cost_rule="1 per step",
              grid=lambda options: ts, fingerprint=lambda options: {"grid_id": f"six-{options['scale']}"},
@@ -304,15 +328,15 @@ def test_the_stages_use_a_solvers_own_grid_fingerprint_and_checks(tiny_run, own_
     assert solver_spec(rc.solver) == {"name": "own_grid", "order": 1, "steps": 12, "spacing": "logsnr",
                                       "t_end": 0.001, "options": {}, "grid_id": "six-1.0"}
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    direct = dsno.sample(teacher, x.double(), torch.tensor(own_grid_solver, dtype=torch.float64), solver="euler",
+    direct = dsno.solve(teacher, x.double(), torch.tensor(own_grid_solver, dtype=torch.float64), solver="euler",
                          return_trajectory=True)
     idx = [own_grid_solver.index(t) for t in times]
     assert torch.allclose(make_solve(teacher, rc.solver, grid, times)(x), direct[idx].transpose(0, 1).float())
     with pytest.raises(ConfigError, match=r"^config error: solver.options.scale=2.0: must be 1.0 for this run$"):
         tiny_run("solver.name=own_grid", "solver.order=1", "+solver.options.scale=2.0")
-    with pytest.raises(ConfigError, match=r"solver.schedule='x.yaml': applies to solver=usf only, not "
+    with pytest.raises(ConfigError, match=r"solver.solver_schedule='x.yaml': applies to solver=usf only, not "
                        r"solver=own_grid"):
-        tiny_run("solver.name=own_grid", "solver.order=1", "solver.schedule=x.yaml")
+        tiny_run("solver.name=own_grid", "solver.order=1", "solver.solver_schedule=x.yaml")
 
 
 def test_shape_mismatch_is_one_report():

@@ -1,7 +1,7 @@
 """Trajectory data sets: teacher trajectories stored as checksummed, memory-mappable shards.
 
     manifest = generate_dataset(out_dir, solve=solve, fingerprint=fp, num_trajectories=N,
-                                shard_size=S, sample_shape=(C, H, W), seed=0, batch_size=B)
+                                shard_size=S, state_shape=(C, H, W), seed=0, batch_size=B)
     verify_dataset(out_dir)                      # sha256 + finite values of every shard, or CorruptShardError
     ds = TrajectoryDataset(out_dir)              # ds[i] -> (x_T [C, H, W], states [M, C, H, W]), and
                                                  # label (int64 scalar) in a conditional data set; each

@@ -93,8 +93,8 @@ class TrajectoryDataset(Dataset):
         return self.manifest.times
 
     @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.manifest.sample_shape
+    def state_shape(self) -> tuple[int, ...]:
+        return self.manifest.state_shape
 
     @property
     def has_labels(self) -> bool:
@@ -156,7 +156,7 @@ class VerifyFirst(Sampler):
 class TrajectoryDataModule(L.LightningDataModule):
     """Train/val loaders over a trajectory data set, split deterministically by `seed`.
 
-    `times`, `sample_shape` are read from the manifest at construction (before `setup`). Under
+    `times`, `state_shape` are read from the manifest at construction (before `setup`). Under
     DDP, Lightning puts its distributed sampler on these loaders.
     """
 
@@ -188,8 +188,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         return self.manifest.times
 
     @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.manifest.sample_shape
+    def state_shape(self) -> tuple[int, ...]:
+        return self.manifest.state_shape
 
     def split_indices(self) -> tuple[np.ndarray, np.ndarray]:
         """(train, val) trajectory indices: a permutation by `seed`, the first ones for val."""

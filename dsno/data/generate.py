@@ -57,7 +57,7 @@ from dsno.seeding import LABEL, NOISE, index_seed
 
 log = logging.getLogger(__name__)
 
-NOISE_DESCRIPTION = ("x_T of trajectory g = torch.randn(sample_shape, dtype=float32, generator="
+NOISE_DESCRIPTION = ("x_T of trajectory g = torch.randn(state_shape, dtype=float32, generator="
                      "torch.Generator().manual_seed(blake2b-64(seed, g)))")
 _PART_RE = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.json")
 _MANIFEST_TEMP_RE = re.compile(r"manifest(\.part-\d+-of-\d+)?\.json\.tmp\.r(\d+)")
@@ -75,16 +75,16 @@ def noise_seed(seed: int, index: int) -> int:
     return index_seed(seed, index, NOISE)
 
 
-def trajectory_noise(seed: int, start: int, stop: int, sample_shape: Sequence[int]) -> torch.Tensor:
-    """x_T of trajectories [start, stop): float32 [stop - start, *sample_shape], on the CPU.
+def trajectory_noise(seed: int, start: int, stop: int, state_shape: Sequence[int]) -> torch.Tensor:
+    """x_T of trajectories [start, stop): float32 [stop - start, *state_shape], on the CPU.
 
     Each trajectory has its own generator, so the values do not depend on batching or sharding.
     """
-    out = torch.empty((stop - start, *sample_shape), dtype=torch.float32)
+    out = torch.empty((stop - start, *state_shape), dtype=torch.float32)
     gen = torch.Generator()
     for j, g in enumerate(range(start, stop)):
         gen.manual_seed(noise_seed(seed, g))
-        torch.randn(tuple(sample_shape), generator=gen, out=out[j])
+        torch.randn(tuple(state_shape), generator=gen, out=out[j])
     return out
 
 
@@ -301,7 +301,7 @@ def _solve_batches(solve: Solve, target: Manifest, index: int, batch_size: int, 
     rule = target.fingerprint.get(LABELS)
     start = index * target.shard_size
     stop = start + target.expected_count(index)
-    shape = target.sample_shape
+    shape = target.state_shape
     for g0 in range(start, stop, batch_size):
         g1 = min(g0 + batch_size, stop)
         x_T = trajectory_noise(target.seed, g0, g1, shape)
@@ -313,7 +313,7 @@ def _solve_batches(solve: Solve, target: Manifest, index: int, batch_size: int, 
         if not isinstance(states, torch.Tensor) or tuple(states.shape) != want:
             got = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
             raise ValueError(f"solve(x_T [{g1 - g0}, {', '.join(map(str, shape))}]) must return a tensor "
-                             f"of shape [b, M, *sample_shape] = {list(want)}, got {got}")
+                             f"of shape [b, M, *state_shape] = {list(want)}, got {got}")
         states = states.detach().to("cpu", torch.float32)
         bad = ~torch.isfinite(states).flatten(2).all(2)  # [b, M]: trajectory b is non-finite at time m
         if bad.any():
@@ -323,13 +323,13 @@ def _solve_batches(solve: Solve, target: Manifest, index: int, batch_size: int, 
 
 
 def generate_dataset(out_dir: str | os.PathLike, *, solve: Solve, fingerprint: Mapping[str, Any],
-                     num_trajectories: int, shard_size: int, sample_shape: Sequence[int], seed: int,
+                     num_trajectories: int, shard_size: int, state_shape: Sequence[int], seed: int,
                      batch_size: int, rank: int | None = None, world_size: int | None = None,
                      repair: bool = False, progress: bool = True,
                      noise_dtype: torch.dtype = torch.float32, verify: str = "quick") -> Manifest:
     """Generate (or resume, or repair) a trajectory data set in `out_dir`.
 
-    solve: x_T [b, *sample_shape] (dtype `noise_dtype`, CPU) -> states [b, M, *sample_shape], the
+    solve: x_T [b, *state_shape] (dtype `noise_dtype`, CPU) -> states [b, M, *state_shape], the
         teacher's solution at the M = len(fingerprint["times"]) output times (any device/float dtype;
         stored as float32). When the fingerprint has `labels` ({class_weights: [w_0, ...], ...}),
         solve(x_T, labels) gets each trajectory's class label (int64 [b], `trajectory_labels`),
@@ -350,7 +350,7 @@ def generate_dataset(out_dir: str | os.PathLike, *, solve: Solve, fingerprint: M
     _check_args(num_trajectories, shard_size, seed, batch_size, noise_dtype)
     if verify not in VERIFY_CHOICES:
         raise ValueError(f"verify must be one of {VERIFY_CHOICES}, got {verify!r}")
-    fp = normalize_fingerprint(fingerprint, sample_shape)
+    fp = normalize_fingerprint(fingerprint, state_shape)
     target = Manifest.new(fp, seed, num_trajectories, shard_size, NOISE_DESCRIPTION, torch.__version__)
     if not folder.is_dir():  # nothing to resume: refuse before creating anything
         _check_disk_space(folder, *_planned_bytes(target, ()))

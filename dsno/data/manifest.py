@@ -1,9 +1,10 @@
 """The manifest of a trajectory data set: what was generated (fingerprint) and which shards are whole.
 
 A data set is a folder holding `manifest.json` and shard files (see `dsno.data.shards`).
-The manifest is JSON, `format_version` 1:
+The manifest is JSON, `format_version` 2 (version 1 named the fingerprint's `state_shape` `sample_shape`
+and its solver's `solver_schedule_sha256` `schedule_sha256`; such a manifest still reads, under the new names):
 
-    fingerprint   {teacher, solver, grid, times, sample_shape, dtype, ...}: what the data means
+    fingerprint   {teacher, solver, grid, times, state_shape, dtype, ...}: what the data means
     seed, num_trajectories, shard_size: which trajectories (noise of trajectory g depends on (seed, g))
     shards        [{index, count, files: {role: {name, bytes, sha256}}}], sorted by index; the roles
                   are x_T and states, and labels (int64 [n]) when the fingerprint has `labels`
@@ -27,8 +28,11 @@ from typing import Any, Iterable, Mapping, Sequence
 from dsno.atomic import atomic_write_text
 from dsno.errors import UserError
 from dsno.jsonfile import excerpt, read_json_file
+from dsno.renamed import read_renamed_keys
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+RENAMED_FINGERPRINT_KEYS = {"sample_shape": ("state_shape", 2)}    # old key -> (new key, the version that renamed it)
+RENAMED_SOLVER_KEYS = {"schedule_sha256": ("solver_schedule_sha256", 2)}    # the same, in fingerprint.solver (usf)
 MANIFEST_NAME = "manifest.json"
 ROLES = ("x_T", "states")
 LABELS = "labels"            # the class label of each trajectory: a role only of a conditional data set
@@ -168,9 +172,9 @@ class Manifest:
         return len(self.fingerprint["times"])
 
     @property
-    def sample_shape(self) -> tuple[int, ...]:
-        """Shape of one sample, e.g. (C, H, W)."""
-        return tuple(int(s) for s in self.fingerprint["sample_shape"])
+    def state_shape(self) -> tuple[int, ...]:
+        """Shape of one solver state, e.g. (C, H, W); PSLD's augmented (2C, H, W)."""
+        return tuple(int(s) for s in self.fingerprint["state_shape"])
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -189,11 +193,11 @@ class Manifest:
         return min(self.shard_size, self.num_trajectories - index * self.shard_size)
 
     def expected_shape(self, index: int, role: str) -> tuple[int, ...]:
-        """Array shape of shard file `role`: [n, *sample_shape], [n, M, *sample_shape] or [n] (labels)."""
+        """Array shape of shard file `role`: [n, *state_shape], [n, M, *state_shape] or [n] (labels)."""
         n = self.expected_count(index)
         if role == LABELS:
             return (n,)
-        return (n, *self.sample_shape) if role == "x_T" else (n, self.num_times, *self.sample_shape)
+        return (n, *self.state_shape) if role == "x_T" else (n, self.num_times, *self.state_shape)
 
     def layout(self) -> dict[str, Any]:
         """What must match for a rerun to resume this data set (not just the fingerprint)."""
@@ -215,12 +219,19 @@ class Manifest:
         if not isinstance(d, Mapping):
             raise DatasetError(f"{source}: expected a JSON object, got {type(d).__name__}")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
             raise DatasetError(f"{source}: unsupported format_version {version!r}; "
-                               f"this dsno reads format_version {FORMAT_VERSION}")
+                               f"this dsno reads format_version {FORMAT_VERSION} (and older)")
         for key in ("fingerprint", "seed", "num_trajectories", "shard_size", "shards"):
             if key not in d:
                 raise DatasetError(f"{source}: missing key {key!r}")
+        if isinstance(d["fingerprint"], Mapping):
+            fingerprint = read_renamed_keys(d["fingerprint"], version, RENAMED_FINGERPRINT_KEYS, f"{source} fingerprint",
+                                            DatasetError)
+            if isinstance(fingerprint.get("solver"), Mapping):
+                fingerprint["solver"] = read_renamed_keys(fingerprint["solver"], version, RENAMED_SOLVER_KEYS,
+                                                          f"{source} fingerprint.solver", DatasetError)
+            d = {**d, "fingerprint": fingerprint}
         if not isinstance(d["shards"], list):
             raise DatasetError(f"{source}: 'shards' must be a list of shard records, not a JSON "
                                f"{type(d['shards']).__name__}")
@@ -345,11 +356,11 @@ def to_jsonable(obj: Any, path: str = "fingerprint") -> Any:
 
 
 def normalize_fingerprint(fingerprint: Mapping[str, Any],
-                          sample_shape: Sequence[int] | None = None) -> dict[str, Any]:
-    """Validate a fingerprint and fill in `sample_shape` and `dtype`.
+                          state_shape: Sequence[int] | None = None) -> dict[str, Any]:
+    """Validate a fingerprint and fill in `state_shape` and `dtype`.
 
     Needs teacher (dict), solver (dict), grid (floats), times (M >= 1 floats); other keys are
-    kept. `sample_shape`, when given, must agree with one already in the fingerprint.
+    kept. `state_shape`, when given, must agree with one already in the fingerprint.
     """
     if not isinstance(fingerprint, Mapping):
         raise ValueError(f"fingerprint must be a dict, got {type(fingerprint).__name__}")
@@ -367,36 +378,36 @@ def normalize_fingerprint(fingerprint: Mapping[str, Any],
                                                    and not isinstance(t, bool) for t in v)):
             raise ValueError(f"fingerprint.{key} must be a non-empty list of numbers, got {v!r}")
         fp[key] = [float(t) for t in v]
-    if sample_shape is not None:
-        shape = check_sample_shape(sample_shape)
-        if "sample_shape" in fp and list(fp["sample_shape"]) != shape:
-            raise ValueError(f"fingerprint.sample_shape {fp['sample_shape']} differs from "
-                             f"sample_shape {shape}")
-        fp["sample_shape"] = shape
-    if "sample_shape" not in fp:
-        raise ValueError("fingerprint needs sample_shape (or pass sample_shape=...)")
-    fp["sample_shape"] = check_sample_shape(fp["sample_shape"])
+    if state_shape is not None:
+        shape = check_state_shape(state_shape)
+        if "state_shape" in fp and list(fp["state_shape"]) != shape:
+            raise ValueError(f"fingerprint.state_shape {fp['state_shape']} differs from "
+                             f"state_shape {shape}")
+        fp["state_shape"] = shape
+    if "state_shape" not in fp:
+        raise ValueError("fingerprint needs state_shape (or pass state_shape=...)")
+    fp["state_shape"] = check_state_shape(fp["state_shape"])
     fp.setdefault("dtype", DTYPE)
     if fp["dtype"] != DTYPE:
         raise ValueError(f"fingerprint.dtype {fp['dtype']!r} is not supported; data is stored as {DTYPE!r}")
     return fp
 
 
-def check_sample_shape(shape: Any) -> list[int]:
+def check_state_shape(shape: Any) -> list[int]:
     if not (isinstance(shape, (list, tuple)) and shape
             and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
-        raise ValueError(f"sample_shape must be a non-empty sequence of positive ints, e.g. (1, 16, 16), "
+        raise ValueError(f"state_shape must be a non-empty sequence of positive ints, e.g. (1, 16, 16), "
                          f"got {shape!r}")
     return list(shape)
 
 
 def make_fingerprint(*, teacher: Mapping[str, Any], solver: Mapping[str, Any], grid: Iterable[float],
-                     times: Iterable[float], sample_shape: Sequence[int], **extra: Any) -> dict[str, Any]:
+                     times: Iterable[float], state_shape: Sequence[int], **extra: Any) -> dict[str, Any]:
     """The fingerprint of a data set: teacher (e.g. `teacher.fingerprint()`), solver
-    {name, order, options}, full solver grid, the M output times, sample_shape, extra keys."""
+    {name, order, options}, full solver grid, the M output times, state_shape, extra keys."""
     return normalize_fingerprint({"teacher": dict(teacher), "solver": dict(solver),
                                   "grid": [float(t) for t in grid], "times": [float(t) for t in times],
-                                  **extra}, sample_shape)
+                                  **extra}, state_shape)
 
 
 def differences(actual: Any, expected: Any, path: str = "") -> list[tuple[str, Any, Any]]:
@@ -462,7 +473,7 @@ def check_fingerprint(manifest_or_dir: Manifest | str | os.PathLike, expected: M
     """Raise `FingerprintMismatchError` if the data set's fingerprint differs from `expected`.
 
     Only the top-level keys present in `expected` are compared (so a trainer can require just
-    `times` and `sample_shape`); nested values are compared in full.
+    `times` and `state_shape`); nested values are compared in full.
     """
     if isinstance(manifest_or_dir, Manifest):
         manifest, where = manifest_or_dir, where or "the data set"

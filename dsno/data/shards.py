@@ -1,8 +1,8 @@
 """Shard files: atomic, checksummed, memory-mappable `.npy` arrays.
 
 A shard `i` is two files in the data set folder:
-    shard-0000i.x_T.npy     float32 [n, *sample_shape]       the noise x_T
-    shard-0000i.states.npy  float32 [n, M, *sample_shape]    the states at the M output times
+    shard-0000i.x_T.npy     float32 [n, *state_shape]       the noise x_T
+    shard-0000i.states.npy  float32 [n, M, *state_shape]    the states at the M output times
     shard-0000i.labels.npy  int64 [n]                        the class labels (conditional data sets only)
 Plain NumPy `.npy` (version 1.0 header, little-endian, C order), so `np.load(path, mmap_mode="r")`
 reads them and `sha256sum` reproduces the manifest's checksums.

@@ -40,12 +40,12 @@ def fresh_indices(num_stored: int, per_step: int, step: int, rank: int = 0, worl
 @dataclass(frozen=True)
 class FreshStream:
     """The fresh trajectories' inputs for a stored set of `num_stored` trajectories made with `seed`
-    (sample_shape [C, H, W]; class_weights: its label rule's weights, None when unconditional)."""
+    (state_shape [C, H, W]; class_weights: its label rule's weights, None when unconditional)."""
 
     seed: int
     num_stored: int
     per_step: int
-    sample_shape: tuple[int, ...]
+    state_shape: tuple[int, ...]
     class_weights: tuple[float, ...] | None = None
 
     @classmethod
@@ -58,7 +58,7 @@ class FreshStream:
                                f"(`{GENERATE_HINT}`) or set train.fresh_per_step=0")
         rule = manifest.fingerprint.get(LABELS)
         weights = None if rule is None else tuple(float(w) for w in rule["class_weights"])
-        return cls(manifest.seed, manifest.num_trajectories, per_step, tuple(manifest.sample_shape), weights)
+        return cls(manifest.seed, manifest.num_trajectories, per_step, tuple(manifest.state_shape), weights)
 
     def indices(self, step: int, rank: int = 0, world_size: int = 1) -> range:
         """`fresh_indices` of (step, rank, world_size) for this stream."""
@@ -67,14 +67,14 @@ class FreshStream:
     def inputs(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x_T float32 [f, C, H, W] on the CPU, labels int64 [f] or None) of (step, rank, world_size)."""
         g = self.indices(step, rank, world_size)
-        return trajectory_inputs(self.seed, g, self.sample_shape, self.class_weights)
+        return trajectory_inputs(self.seed, g, self.state_shape, self.class_weights)
 
 
-def trajectory_inputs(seed: int, indices: range, sample_shape: Sequence[int],
+def trajectory_inputs(seed: int, indices: range, state_shape: Sequence[int],
                       class_weights: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x_T, labels or None) of the trajectories `indices` (a contiguous range) of data set `seed`: the
     teacher stage's `trajectory_noise` and, given class_weights, `trajectory_labels`."""
-    x_T = trajectory_noise(seed, indices.start, indices.stop, sample_shape)
+    x_T = trajectory_noise(seed, indices.start, indices.stop, state_shape)
     if class_weights is None:
         return x_T, None
     return x_T, torch.from_numpy(trajectory_labels(seed, indices.start, indices.stop, class_weights))

@@ -9,19 +9,21 @@ bounds (BOUNDS_HINT) hold before any tensor is made: a config from another insta
 for a 65536-pixel image, a 200,000-channel layer or 10^10 time steps. The same bounds check the
 backbone records of teacher weights (`check_unet_kwargs`, `check_diffusers_unet_config`).
 
-    {"format_version": 1,
+    {"format_version": 2,
      "backbone": {"type": "unet", "kwargs": {...UNet kwargs}}
                | {"type": "diffusers_unet2d", "config": {...UNet2DModel config}},
      "time_input": "continuous" | {"discrete": N},
      "times": [t_1, ..., t_M], "modes": k, "skip": [c_1, ..., c_M] (optional),
      "out_scale", "in_scale", "net_times": [M] each (optional; defaults 1, 1, times: old configs),
      "parameterization": {"kind": "state" | "denoised", ...} (optional, a record),
-     "image_shape": [C, H, W], "data_range": [lo, hi], "schedule": {...} (VPSchedule.to_dict()),
+     "state_shape": [C, H, W], "data_range": [lo, hi], "schedule": {...} (VPSchedule.to_dict()),
      "data_channels": c (optional: an augmented process's states [C, H, W] hold the data in the first c
      channels, the momentum after them; "process": its record), "experiment": name (optional),
      "num_classes": K (optional: a class-conditional DSNO, called with labels [B] in [0, K))}
-The backbone takes image_shape's C channels and emits C (whole states) or data_channels (the data
-part of each state, an augmented student's; see `SamplerConfig.output_channels`).
+The backbone takes state_shape's C channels and emits C (whole states) or data_channels (the data
+part of each state, an augmented student's; see `SamplerConfig.output_channels`). state_shape is the
+shape of one solver state (x_T and every output), which is the image's only for a non-augmented process.
+format_version 1 named it "image_shape": such a config (an older sampler folder or run) still reads.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ from typing import Any, Optional, Union
 from dsno.errors import UserError
 from dsno.jsonfile import excerpt as show
 from dsno.nn.unet import UNet
+from dsno.renamed import read_renamed_keys
 
-CONFIG_FORMAT_VERSION = 1
+CONFIG_FORMAT_VERSION = 2
+RENAMED_KEYS = {"image_shape": ("state_shape", 2)}     # old key -> (new key, the format_version that renamed it)
 
-MAX_CHANNELS = 64               # channels of a state (image_shape's C) or a backbone's input / output
+MAX_CHANNELS = 64               # channels of a state (state_shape's C) or a backbone's input / output
 MAX_IMAGE_SIDE = 2048           # pixels per side
 MAX_STATE_ELEMENTS = 1 << 24    # C * H * W of one state (64 MiB in float32)
 MAX_WIDTH = 8192                # channels of any backbone layer
@@ -237,7 +241,7 @@ class SamplerConfig:
     backbone: dict[str, Any]
     times: tuple[float, ...]
     modes: int
-    image_shape: tuple[int, int, int]
+    state_shape: tuple[int, int, int]
     time_input: Union[str, dict[str, int]] = "continuous"
     skip: PerTime = None
     out_scale: PerTime = None
@@ -264,13 +268,13 @@ class SamplerConfig:
                 self._put(key, tuple(check_per_time(f"config[{key!r}]", getattr(self, key), len(times))))
         if self.net_times is not None and not all(0.0 <= t <= 1.0 for t in self.net_times):
             raise ConfigError(f"config['net_times'] must lie in [0, 1], got {show(list(self.net_times))}")
-        shape = check_list("config['image_shape'] ([C, H, W])", self.image_shape, 3, 3)
-        check_int("config['image_shape'] C", shape[0], 1, MAX_CHANNELS)
+        shape = check_list("config['state_shape'] ([C, H, W])", self.state_shape, 3, 3)
+        check_int("config['state_shape'] C", shape[0], 1, MAX_CHANNELS)
         for side in shape[1:]:
-            check_int("config['image_shape'] H and W", side, 1, MAX_IMAGE_SIDE)
+            check_int("config['state_shape'] H and W", side, 1, MAX_IMAGE_SIDE)
         if math.prod(shape) > MAX_STATE_ELEMENTS:
-            raise ConfigError(f"config['image_shape'] {shape} has more than {MAX_STATE_ELEMENTS:,} elements")
-        self._put("image_shape", tuple(shape))
+            raise ConfigError(f"config['state_shape'] {shape} has more than {MAX_STATE_ELEMENTS:,} elements")
+        self._put("state_shape", tuple(shape))
         lo, hi = check_list("config['data_range'] ([lo, hi])", self.data_range, 2, 2)
         if check_number("config['data_range'] lo", lo) >= check_number("config['data_range'] hi", hi):
             raise ConfigError(f"config['data_range'] must be [lo, hi] with lo < hi, got {show(self.data_range)}")
@@ -305,12 +309,12 @@ class SamplerConfig:
         check_int("config['time_input']['discrete']", spec["discrete"], 1, MAX_TRAIN_TIMESTEPS)
 
     def _check_backbone_shape(self) -> None:
-        c, h, w = self.image_shape
+        c, h, w = self.state_shape
         c_in, c_out, sizes = backbone_io(self.backbone)
         sizes = sizes or (h, w)
         data_channels = self.data_channels or c
         if (c_in, *sizes) != (c, h, w) or c_out not in (c, data_channels):
-            raise ConfigError(f"config['image_shape'] {list(self.image_shape)} does not match the backbone "
+            raise ConfigError(f"config['state_shape'] {list(self.state_shape)} does not match the backbone "
                               f"(in_channels={c_in}, out_channels={c_out}, image size={list(sizes)}); it must take "
                               f"C channels and emit C or data_channels ({data_channels})")
 
@@ -325,16 +329,19 @@ class SamplerConfig:
 
     @property
     def output_channels(self) -> int:
-        """The channels the DSNO emits per time: image_shape's C, or data_channels for a backbone that
+        """The channels the DSNO emits per time: state_shape's C, or data_channels for a backbone that
         emits only the data part of an augmented state."""
         return int(backbone_io(self.backbone)[1])
 
     @classmethod
     def from_dict(cls, config: Any) -> "SamplerConfig":
-        """The config of a JSON dict (unknown or missing keys refused by name)."""
+        """The config of a JSON dict (unknown or missing keys refused by name), in the current format: an
+        older format's renamed keys are read under their new names (RENAMED_KEYS)."""
         if not isinstance(config, dict):
             raise ConfigError(f"config must be a dict (a JSON object), got {type(config).__name__}")
-        check_format_version(config.get("format_version"))      # first: a newer dsno's keys are not unknown here
+        version = check_format_version(config.get("format_version"))  # first: a newer dsno's keys are not unknown
+        config = {**read_renamed_keys(config, version, RENAMED_KEYS, "config", ConfigError),
+                  "format_version": CONFIG_FORMAT_VERSION}
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(config) - set(names))
         if unknown:

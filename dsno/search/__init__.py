@@ -1,5 +1,5 @@
 """S^3-style search of USF solver schedules (`dsno.solvers.usf`) for one teacher and NFE budget:
-`python -m dsno.search experiment=mnist_gmm nfe=5` writes runs/<experiment>/schedules/nfe5.yaml.
+`python -m dsno.search experiment=mnist_gmm nfe=5` writes runs/<experiment>/solver_schedules/nfe5.yaml.
 
 space: the candidates (draws, mutation, crossover, encoding); predictor: the performance
 predictor; records: a scored candidate and the search state (<name>.scored.json); conditioning: the

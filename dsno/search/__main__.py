@@ -5,7 +5,7 @@ Keys: nfe, and search.* (dsno.search.config.SearchConfig, which an experiment ma
 (e.g. data.times, to make DSNO's training data with solver=usf). A class-conditional teacher
 (teacher=mnist_gmm_cond teacher.guidance=W) is searched on labels drawn with data.class_weights under
 its guidance. Writes
-<run_dir>/schedules/nfe<N>.yaml (nfe<N>_timesteps.yaml) and resumes from <name>.scored.json."""
+<run_dir>/solver_schedules/nfe<N>.yaml (nfe<N>_timesteps.yaml) and resumes from <name>.scored.json."""
 
 import sys
 from pathlib import Path
@@ -20,7 +20,7 @@ from dsno.search.cli import run
 
 @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with report_errors("the candidates scored so far are kept (<name>.scored.json beside the schedule); the "
+    with report_errors("the candidates scored so far are kept (<name>.scored.json beside the solver schedule); the "
                        "same command resumes from them"):
         run(cfg)
 

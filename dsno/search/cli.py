@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dsno.builders import build_teacher, sample_shape
+from dsno.builders import build_teacher, state_shape
 from dsno.cli import Preflight
 from dsno.config import check_run, check_search, validate
+from dsno.run_files import solver_schedules_dir
 from dsno.search.loop import search
 from dsno.stages.trajectories import class_weights
 
@@ -57,9 +58,9 @@ def run(cfg: DictConfig) -> dict:
     if sc.threads:
         torch.set_num_threads(sc.threads)
     teacher = build_teacher(rc.teacher)
-    out = Path(sc.out) if sc.out else Path(rc.run_dir) / "schedules"
+    out = Path(sc.out) if sc.out else solver_schedules_dir(rc.run_dir)
     result = search(teacher, nfe, sc, out, rc.solver.t_end, teacher.solve_dtype,
-                    shape=sample_shape(teacher), class_weights=label_weights(rc, teacher))
+                    shape=state_shape(teacher), class_weights=label_weights(rc, teacher))
     c = result["cost"]
     print(f"wrote {result['path']}: RMSE {result['score']['rmse_verify']:.4g} on {sc.verify_batch} verify samples; "
           f"{c['wall_s']:.0f} s ({c['cpu_s']:.0f} s CPU), {c['teacher_calls']} teacher calls ({c['teacher_sample_evals']} sample evaluations), "

@@ -60,7 +60,7 @@ class Conditioning:
         return {LABELS: label_rule(self.class_weights), "guidance": self.guidance}
 
     def describe(self) -> dict[str, Any]:
-        """The record of a searched schedule's `info.search`: the guidance scale and the normalised weights."""
+        """The record of a searched solver schedule's `info.search`: the guidance scale and the normalised weights."""
         return {"guidance": self.guidance, "class_weights": label_rule(self.class_weights)["class_weights"]}
 
     def labels(self, seed: int, size: int) -> torch.Tensor:

@@ -44,7 +44,7 @@ class SearchConfig:
     pin_times: list = doc_field(doc="times every searched grid passes through (e.g. data.times)", factory=list)
     seed: int = doc_field(0, "seed of the search's draws and noise")
     resume: bool = doc_field(True, "continue from <name>.scored.json when it exists")
-    out: Optional[str] = doc_field(None, "the folder of the schedules; default: <run_dir>/schedules")
+    out: Optional[str] = doc_field(None, "the folder of the solver schedules; default: <run_dir>/solver_schedules")
     threads: int = doc_field(1, "torch CPU threads (0: torch's default); small batches run best on one")
 
     def __post_init__(self) -> None:

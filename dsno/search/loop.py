@@ -1,6 +1,6 @@
-"""S^3: search the USF schedule that best fits one teacher at one NFE.
+"""S^3: search the USF solver schedule that best fits one teacher at one NFE.
 
-1. score a population (hand-designed solvers as schedules on every library spacing, then random
+1. score a population (hand-designed solvers as solver schedules on every library spacing, then random
    draws) by the cheap metric: RMSE of the final state against the teacher's reference solution
    (a long float64 DPM-Solver++ 3M solve) on a small noise batch;
 2. each round: train the performance predictor on everything scored, breed `proposals`
@@ -39,7 +39,7 @@ from dsno.search.conditioning import Conditioning
 from dsno.search.config import BASES, MODES, NOISE_SEED_STRIDE, SearchConfig, check_search  # noqa: F401
 from dsno.search.predictor import Predictor, kendall_tau
 from dsno.search.records import Scored, SearchError, SearchState
-from dsno.search.space import BASE_OPTIONS, Space, _build, _tidy, crossover, encode, mutate, random_schedule
+from dsno.search.space import BASE_OPTIONS, Space, _build, _tidy, crossover, encode, mutate, random_solver_schedule
 from dsno.solvers import usf
 from dsno.solvers.grids import SPACINGS, timesteps
 from dsno.solvers.reference import REFERENCE_LABEL, reference_solve, rmse
@@ -52,14 +52,14 @@ RUN_ONLY = ("rounds", "refine", "verify_top", "resume", "out", "threads")   # se
 SAVE_EVERY = 25                   # initial candidates scored between saves of the scored file
 
 
-def _key(s: usf.Schedule) -> str:
+def _key(s: usf.SolverSchedule) -> str:
     d = usf.to_dict(s)
     d["timesteps"] = [round(t, 10) for t in d["timesteps"]]
     return json.dumps(d, sort_keys=True)
 
 
-def _score(teacher, s: usf.Schedule, x: torch.Tensor, ref: torch.Tensor) -> float:
-    """RMSE of the schedule's final state against the reference; inf when not finite."""
+def _score(teacher, s: usf.SolverSchedule, x: torch.Tensor, ref: torch.Tensor) -> float:
+    """RMSE of the solver schedule's final state against the reference; inf when not finite."""
     with torch.no_grad():
         v = rmse(usf.run(teacher, x, s), ref)
     return v if math.isfinite(v) else math.inf
@@ -95,15 +95,15 @@ class NoiseBatch:
     teacher: Any
     ref: torch.Tensor
 
-    def score(self, s: usf.Schedule) -> float:
+    def score(self, s: usf.SolverSchedule) -> float:
         return _score(self.teacher, s, self.x, self.ref)
 
 
 @dataclass(frozen=True)
 class Winner:
-    """The verified best candidate: its schedule, its RMSE on the verification and on the search batch."""
+    """The verified best candidate: its solver schedule, its RMSE on the verification and on the search batch."""
 
-    schedule: usf.Schedule
+    solver_schedule: usf.SolverSchedule
     rmse_verify: float
     rmse_search: float
 
@@ -141,14 +141,14 @@ class Ledger:
         self.state, self.path, self.batch, self.meter, self.bar, self.task = state, path, batch, meter, bar, task
         self.seen = {_key(r.candidate()): r.rmse for r in state.scored if not r.duplicate}
 
-    def score(self, s: usf.Schedule, rnd: int, predicted: float | None = None, explore: bool = False) -> Scored:
+    def score(self, s: usf.SolverSchedule, rnd: int, predicted: float | None = None, explore: bool = False) -> Scored:
         """Score s on the search batch and record it."""
         row = Scored(usf.to_dict(s), self.batch.score(s), rnd, predicted, explore)
         self.state.scored.append(row)
         self.seen[_key(s)] = row.rmse
         return row
 
-    def metric(self, s: usf.Schedule, rnd: int) -> float:
+    def metric(self, s: usf.SolverSchedule, rnd: int) -> float:
         """The search-batch RMSE of s: from the record when it is there (a resumed refinement replays its
         moves), else scored now, recorded and saved."""
         k = _key(s)
@@ -241,7 +241,7 @@ def _run(space: Space, sc: SearchConfig, state: SearchState, scored_path: Path, 
          verify: NoiseBatch, meter: CostMeter, progress: bool,
          conditioning: Conditioning | None) -> tuple[Winner, dict[str, Any]]:
     """Score the population, run the rounds, refine, verify; the winner and the summary."""
-    seeds = seeded_schedules(space)
+    seeds = seeded_solver_schedules(space)
     n_initial = len(seeds) + sc.initial
     total = n_initial + sc.rounds * sc.scored_per_round + sc.verify_top + 2 * sc.refine * space.nfe
     with progress_bar(progress) as bar:
@@ -258,12 +258,12 @@ def _run(space: Space, sc: SearchConfig, state: SearchState, scored_path: Path, 
     return winner, summary(space, sc, state, winner, conditioning)
 
 
-def score_population(space: Space, sc: SearchConfig, ledger: Ledger, seeds: list[usf.Schedule]) -> None:
+def score_population(space: Space, sc: SearchConfig, ledger: Ledger, seeds: list[usf.SolverSchedule]) -> None:
     """Step 1: the seeds, then search.initial random draws (draw i seeded by (seed, 0, i)); a draw already
     scored gets a duplicate row. Resumes after the last round-0 row; saved every SAVE_EVERY and at the end."""
     done = sum(1 for r in ledger.state.scored if r.round == 0)
     for idx in range(done, len(seeds) + sc.initial):
-        s = seeds[idx] if idx < len(seeds) else random_schedule(space, np.random.default_rng([sc.seed, 0, idx]))
+        s = seeds[idx] if idx < len(seeds) else random_solver_schedule(space, np.random.default_rng([sc.seed, 0, idx]))
         if _key(s) not in ledger.seen:
             ledger.score(s, 0)
         else:
@@ -319,11 +319,11 @@ def summary(space: Space, sc: SearchConfig, state: SearchState, winner: Winner,
 
 def write_winner(winner: Winner, info: dict[str, Any], path: Path, verify_batch: int) -> dict[str, Any]:
     """Step 5: save the winner with its info to `path`; the summary dict `search` returns."""
-    sched = usf.Schedule(ts=winner.schedule.ts, steps=winner.schedule.steps, afs=winner.schedule.afs,
-                         info=info).declared()
-    usf.save(sched, path)
+    best = winner.solver_schedule
+    solver_schedule = usf.SolverSchedule(ts=best.ts, steps=best.steps, afs=best.afs, info=info).declared()
+    usf.save(solver_schedule, path)
     log.info("search: wrote %s (RMSE %.4g on %d verify samples)", path, info["score"]["rmse_verify"], verify_batch)
-    return {"path": str(path), "schedule": sched, **info}
+    return {"path": str(path), "solver_schedule": solver_schedule, **info}
 
 
 def _teacher_id(teacher) -> Any:
@@ -334,13 +334,13 @@ def _has_mean(teacher) -> bool:
     try:
         usf.data_mean(teacher)
         return True
-    except usf.ScheduleError:
+    except usf.SolverScheduleError:
         return False
 
 
 # --- the steps' mathematics ------------------------------------------------------------------------
 
-def seeded_schedules(space: Space) -> list[usf.Schedule]:
+def seeded_solver_schedules(space: Space) -> list[usf.SolverSchedule]:
     """The hand-designed solvers of the space on every library spacing (and, in full mode, with
     each allowed analytic first step on one more step)."""
     out = []
@@ -358,11 +358,11 @@ def seeded_schedules(space: Space) -> list[usf.Schedule]:
                 for pin in space.pins:
                     ts[int(np.argmin(np.abs(np.asarray(ts) - pin)))] = pin
                 s = usf.from_solver(name, ts, order, **dict(opts))
-                out.append(usf.Schedule(ts=s.ts, steps=s.steps, afs=afs).declared())
+                out.append(usf.SolverSchedule(ts=s.ts, steps=s.steps, afs=afs).declared())
     return out
 
 
-def _refine(space: Space, sc: SearchConfig, best: Scored, metric: Callable[[usf.Schedule, int], float],
+def _refine(space: Space, sc: SearchConfig, best: Scored, metric: Callable[[usf.SolverSchedule, int], float],
             rnd: int) -> None:
     """Coordinate descent on the free interior times of the best candidate (GITS / LD3-like, its
     other decisions kept): sweep k = 0..refine-1 moves each time by 0.2 / 2^k of the gap towards
@@ -414,8 +414,8 @@ def _round(space: Space, sc: SearchConfig, ledger: Ledger, rnd: int) -> None:
     ledger.state.taus.append(tau)
 
 
-def _breed(space: Space, sc: SearchConfig, parents: list[usf.Schedule], seen: dict[str, Any],
-           rng: np.random.Generator) -> list[usf.Schedule]:
+def _breed(space: Space, sc: SearchConfig, parents: list[usf.SolverSchedule], seen: dict[str, Any],
+           rng: np.random.Generator) -> list[usf.SolverSchedule]:
     """Up to search.proposals new children (not in `seen`, no two alike) in at most 5x as many tries:
     10% fresh draws, 45% crossovers of two parents (half of them mutated), 45% mutated parents."""
     proposals, keys = [], set()
@@ -424,7 +424,7 @@ def _breed(space: Space, sc: SearchConfig, parents: list[usf.Schedule], seen: di
             break
         p = rng.random()
         if p < 0.1:
-            c = random_schedule(space, rng)
+            c = random_solver_schedule(space, rng)
         else:
             a = parents[rng.integers(len(parents))]
             if p < 0.55:

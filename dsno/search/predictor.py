@@ -1,4 +1,4 @@
-"""The performance predictor of S^3: a small MLP ensemble from schedule features to log RMSE,
+"""The performance predictor of S^3: a small MLP ensemble from solver schedule features to log RMSE,
 trained on the candidates scored so far, used to rank unscored ones."""
 
 from __future__ import annotations

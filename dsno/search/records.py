@@ -13,6 +13,7 @@ from dsno.jsonfile import read_json_file
 from dsno.solvers import usf
 
 VERSION = 1
+ROW_KEY = "schedule"      # the key of a row's solver schedule in a scored file (its format since version 1)
 
 
 class SearchError(UserError):
@@ -21,32 +22,33 @@ class SearchError(UserError):
 
 @dataclass(frozen=True)
 class Scored:
-    """One candidate as scored: its schedule (the `usf.to_dict` form it is stored in), its RMSE on the
+    """One candidate as scored: its solver schedule (the `usf.to_dict` form it is stored in, under the row
+    key "schedule": the file format of every scored file so far, kept so they resume), its RMSE on the
     search batch (inf when not finite; None for a duplicate), the round that scored it (0: the initial
     population, 1..rounds: the rounds, rounds + 1: the refinement), the predictor's log-RMSE guess and
     whether it was one of the round's random (explore) picks. A duplicate is an initial draw already
     scored: it keeps its row so that a resume counts the population's draws."""
 
-    schedule: dict[str, Any]
+    solver_schedule: dict[str, Any]
     rmse: float | None
     round: int
     predicted: float | None = None
     explore: bool = False
     duplicate: bool = False
 
-    def candidate(self) -> usf.Schedule:
-        return usf.from_dict(self.schedule)
+    def candidate(self) -> usf.SolverSchedule:
+        return usf.from_dict(self.solver_schedule)
 
     def to_json(self) -> dict[str, Any]:
         if self.duplicate:
-            return {"schedule": self.schedule, "rmse": None, "round": self.round, "duplicate": True}
-        return {"schedule": self.schedule, "rmse": self.rmse, "round": self.round, "predicted": self.predicted,
+            return {ROW_KEY: self.solver_schedule, "rmse": None, "round": self.round, "duplicate": True}
+        return {ROW_KEY: self.solver_schedule, "rmse": self.rmse, "round": self.round, "predicted": self.predicted,
                 "explore": self.explore}
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> "Scored":
-        return cls(schedule=row["schedule"], rmse=row["rmse"], round=int(row["round"]), predicted=row.get("predicted"),
-                   explore=bool(row.get("explore", False)), duplicate=bool(row.get("duplicate", False)))
+        return cls(solver_schedule=row[ROW_KEY], rmse=row["rmse"], round=int(row["round"]),
+                   predicted=row.get("predicted"), explore=bool(row.get("explore", False)), duplicate=bool(row.get("duplicate", False)))
 
 
 @dataclass

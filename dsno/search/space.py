@@ -1,4 +1,4 @@
-"""The search space of USF schedules at one NFE: random draws, mutation, crossover, repair, and a
+"""The search space of USF solver schedules at one NFE: random draws, mutation, crossover, repair, and a
 fixed-length encoding for the performance predictor.
 
 Times are handled as u in (0, 1): the position of lambda between lambda(ts[0]) and lambda(t_end)
@@ -17,18 +17,18 @@ import numpy as np
 import torch
 
 from dsno.solvers.grids import SPACINGS, timesteps
-from dsno.solvers.usf import AFS, Schedule, Step, from_solver, validate
+from dsno.solvers.usf import AFS, SolverSchedule, Step, from_solver, validate
 
 ORDER_PRIOR = {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.1}
 MIN_GAP = 1e-3
 STEP_FEATURES = 17
-BASE_OPTIONS = {"deis": {"variant": "logrho"}}      # the options that make a base solver a USF schedule
+BASE_OPTIONS = {"deis": {"variant": "logrho"}}      # the options that make a base solver a USF solver schedule
 RELAX_PRIOR = {"bh1": 0.1, "bh2": 0.2, "adams": 0.15, "linear": 0.55}
 
 
 @dataclass(frozen=True)
 class Space:
-    """What a search may vary. schedule: the teacher's VP schedule; nfe: the budget; t_start,
+    """What a search may vary. schedule: the teacher's VP (noise) schedule; nfe: the budget; t_start,
     t_end: the fixed ends; pins: times every grid passes through; mode: "full" (every decision)
     or "timesteps" (only the interior times of `base`-`base_order`, GITS / LD3-style); afs: the
     analytic first steps allowed."""
@@ -107,7 +107,7 @@ def _random_step(rng: np.random.Generator, i: int, last: bool) -> Step:
                 relax=relax, coef=coef, corrector="pseudo" if (not last and rng.random() < 0.5) else "none")
 
 
-def _build(space: Space, u: np.ndarray, steps: Sequence[Step], afs: str) -> Schedule:
+def _build(space: Space, u: np.ndarray, steps: Sequence[Step], afs: str) -> SolverSchedule:
     ts = space.t_of_u(np.concatenate([[0.0], u, [1.0]]))
     for pin in space.pins:                                   # exactly, not through the lambda round trip
         j = int(np.argmin(np.abs(np.asarray(ts) - pin)))
@@ -115,11 +115,11 @@ def _build(space: Space, u: np.ndarray, steps: Sequence[Step], afs: str) -> Sche
     ts = tuple(ts)
     if space.mode == "timesteps":
         return from_solver(space.base, ts, space.base_order, **BASE_OPTIONS.get(space.base, {}))
-    return repair(Schedule(ts=ts, steps=tuple(steps), afs=afs))
+    return repair(SolverSchedule(ts=ts, steps=tuple(steps), afs=afs))
 
 
-def random_schedule(space: Space, rng: np.random.Generator) -> Schedule:
-    """A random valid schedule of the space."""
+def random_solver_schedule(space: Space, rng: np.random.Generator) -> SolverSchedule:
+    """A random valid solver schedule of the space."""
     if space.mode == "timesteps":
         return _build(space, _grid_u(space, rng, space.nfe), [], "none")
     afs = space.afs[rng.integers(len(space.afs))]
@@ -129,8 +129,8 @@ def random_schedule(space: Space, rng: np.random.Generator) -> Schedule:
     return _build(space, u, [_random_step(rng, i, i == n - 1) for i in range(n)], afs)
 
 
-def repair(s: Schedule) -> Schedule:
-    """The nearest valid schedule: orders and lags capped by the evaluations that exist, est_order
+def repair(s: SolverSchedule) -> SolverSchedule:
+    """The nearest valid solver schedule: orders and lags capped by the evaluations that exist, est_order
     in [order - 1, 3] (exactly order - 1 with as many lags for relax=adams), no corrector on the
     last step, coef 0 off relax=linear; nfe declared."""
     steps = []
@@ -150,7 +150,7 @@ def repair(s: Schedule) -> Schedule:
     return validate(replace(s, steps=tuple(steps), nfe=None, info={}).declared())
 
 
-def mutate(space: Space, s: Schedule, rng: np.random.Generator) -> Schedule:
+def mutate(space: Space, s: SolverSchedule, rng: np.random.Generator) -> SolverSchedule:
     """A child of `s`: the public USF code's mutations (AFS toggle with a step added / dropped at
     p 0.2; per step p 0.3: time jitter sigma 0.03 in u, order, prediction, relaxation, estimation
     order, lags, corrector)."""
@@ -213,7 +213,7 @@ def _mutate_step(st: Step, rng: np.random.Generator, i: int) -> Step:
     return replace(st, corrector="none" if st.corrector == "pseudo" else "pseudo")
 
 
-def crossover(space: Space, a: Schedule, b: Schedule, rng: np.random.Generator) -> Schedule:
+def crossover(space: Space, a: SolverSchedule, b: SolverSchedule, rng: np.random.Generator) -> SolverSchedule:
     """Whole times from one parent; per step decisions from either (parents of equal length)."""
     if len(a.steps) != len(b.steps):
         return a
@@ -222,8 +222,8 @@ def crossover(space: Space, a: Schedule, b: Schedule, rng: np.random.Generator) 
     return _build(space, space.u_of_t(base.ts)[1:-1], steps, base.afs)
 
 
-def encode(space: Space, s: Schedule) -> np.ndarray:
-    """Fixed-length features [(nfe + 1) * STEP_FEATURES + 3] of a schedule (float32)."""
+def encode(space: Space, s: SolverSchedule) -> np.ndarray:
+    """Fixed-length features [(nfe + 1) * STEP_FEATURES + 3] of a solver schedule (float32)."""
     slots = space.nfe + 1
     out = np.zeros((slots, STEP_FEATURES), dtype=np.float32)
     u = space.u_of_t(s.ts)

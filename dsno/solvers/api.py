@@ -1,4 +1,4 @@
-"""`sample`: run any registered solver on a teacher from noise x_T along a grid."""
+"""`solve`: run any registered solver on a teacher from noise x_T along a grid."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from dsno.solvers.registry import get
 from dsno.teachers.conditional import bind
 
 
-def sample(teacher, x_T: torch.Tensor, ts: Any = None, solver: str = "dpm_solver_pp", order: int | None = None,
-           return_trajectory: bool | Sequence[int] = False, cond: Any = None, **options: Any) -> torch.Tensor:
+def solve(teacher, x_T: torch.Tensor, ts: Any = None, solver: str = "dpm_solver_pp", order: int | None = None,
+          return_trajectory: bool | Sequence[int] = False, cond: Any = None, **options: Any) -> torch.Tensor:
     """Solve the teacher's probability-flow ODE (or reverse SDE) from x_T at ts[0] along ts.
 
     teacher: a dsno Teacher (eps / x0 / v prediction, continuous or discrete time).
@@ -20,7 +20,7 @@ def sample(teacher, x_T: torch.Tensor, ts: Any = None, solver: str = "dpm_solver
     when the teacher declares its state shape (else `dsno.inputs.InputError`).
     ts: decreasing schedule times [N + 1] (`timesteps(...)`, `timesteps.from_grid(...)`, or any
     tensor / sequence; validated); None for a solver that carries its own (solver="usf",
-    schedule=PATH_OR_SCHEDULE). order: None for the solver's default.
+    solver_schedule=PATH_OR_SOLVER_SCHEDULE). order: None for the solver's default.
     Returns the state at ts[-1] [B, ...] (the data prediction there with denoise_to_zero=True),
     or with return_trajectory=True the states [len(ts), B, ...] (traj[0] is x_T, traj[i] the state at
     ts[i]; with denoise_to_zero the denoised output is appended as one more entry). A list of

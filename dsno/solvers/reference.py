@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dsno.solvers import sample, timesteps
+from dsno.solvers import solve, timesteps
 from dsno.solvers.psld import apply
 
 
@@ -48,7 +48,7 @@ def reference_solve(teacher: Any, x: torch.Tensor, t_end: float, steps: int = 50
     if not getattr(teacher, "augmented", False):
         grid = timesteps(teacher.schedule, steps=steps, spacing="logsnr", t_end=t_end)
         stats["calls"] = steps
-        return sample(teacher, x, grid, solver=REFERENCE_SOLVER[0], order=REFERENCE_SOLVER[1])
+        return solve(teacher, x, grid, solver=REFERENCE_SOLVER[0], order=REFERENCE_SOLVER[1])
     return _dop853(teacher, x, t_end, rtol, stats)
 
 

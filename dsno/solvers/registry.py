@@ -34,7 +34,7 @@ class SolverSpec:
     noise, so it converges to the data distribution, not to the ODE's sample path); grid(options):
     the grid used when ts is omitted (a solver that carries its own timesteps, e.g. usf), else None;
     fingerprint(options): entries beyond name, order and options that identify what it computes (e.g.
-    the hash of a schedule's decisions, not its path), else None; check(options, order, t_end, times):
+    the hash of a solver schedule's decisions, not its path), else None; check(options, order, t_end, times):
     raises OptionError when the options can't make a solve ending at t_end through `times`, else None;
     process: "scalar" (a Teacher on a VP / VE / flow schedule) or "augmented" (a teacher of a linear
     process with k components per pixel, e.g. PSLD; `dsno.solvers.psld`)."""
@@ -112,7 +112,7 @@ def register(name: str, *, orders: Sequence[int], cost: Cost, cost_rule: str, st
 
 class OptionError(ValueError):
     """A solver's option (or order) that can't make the solve asked for: `option` names it (e.g.
-    "schedule", "order"), `value` is what was given (NO_VALUE: the message shows what is wrong with
+    "solver_schedule", "order"), `value` is what was given (NO_VALUE: the message shows what is wrong with
     it), the message says why and how to fix it."""
 
     NO_VALUE = object()

@@ -1,7 +1,7 @@
 """Solver schedules of the unified sampling framework (USF, Liu et al. 2024): one set of
 decisions per step, read and written as YAML, and the executor that runs them.
 
-A schedule of N steps holds the times ts[0] > ... > ts[N] and, for step i (ts[i] -> ts[i+1]):
+A solver schedule of N steps holds the times ts[0] > ... > ts[N] and, for step i (ts[i] -> ts[i+1]):
 
 - prediction: "data" (x0, the data form of the exponential integrator) or "noise" (eps);
 - order k (1..4): the Taylor order in lambda = log(alpha / sigma) of the update
@@ -24,8 +24,8 @@ A schedule of N steps holds the times ts[0] > ... > ts[N] and, for step i (ts[i]
 
 afs (analytic first step): "none", "zero" (x0 := 0 at ts[0], i.e. eps := x_T / sigma_T) or
 "mean" (x0 := the data mean) replaces the first model evaluation: NFE = N - 1 instead of N.
-Every fixed multistep solver of the library that the framework covers is a schedule
-(`from_solver`), and runs to the same result.
+Every fixed multistep solver of the library that the framework covers is a solver schedule
+(`from_solver`), and runs to the same result. ("schedule" alone is the noise schedule, alpha_t and sigma_t.)
 """
 
 from __future__ import annotations
@@ -44,11 +44,15 @@ import yaml
 
 from dsno.atomic import atomic_write_text
 from dsno.errors import UserError
+from dsno.renamed import refuse_renamed
+from dsno.run_files import SOLVER_SCHEDULES_DIR
 from dsno.solvers.coefficients import adams_weights, exponential_frame, phi
 from dsno.solvers.core import Point, Trajectory, combine, grid_points, step_orders
 from dsno.solvers.registry import OptionError, register
 
-NAME = "usf"                     # the registry name; a searched schedule runs with this solver
+NAME = "usf"                     # the registry name; a searched solver schedule runs with this solver
+OPTION = "solver_schedule"       # the solver's option (and the config key solver.solver_schedule): its YAML path
+FINGERPRINT_KEY = "solver_schedule_sha256"      # what identifies it in a data set's fingerprint
 PREDICTIONS = ("data", "noise")
 RELAXATIONS = ("linear", "bh1", "bh2", "adams")
 CORRECTORS = ("none", "pseudo")
@@ -58,7 +62,7 @@ _TOP_KEYS = ("nfe", "afs", "timesteps", "steps", "score", "cost", "search")
 _STEP_KEYS = ("prediction", "order", "points", "est_order", "relax", "coef", "corrector")
 
 
-class ScheduleError(UserError):
+class SolverScheduleError(UserError):
     """A solver schedule is invalid; the message names the file / key and the fix."""
 
 
@@ -76,8 +80,8 @@ class Step:
 
 
 @dataclass(frozen=True)
-class Schedule:
-    """ts: N + 1 decreasing schedule times; steps: N Steps; afs; nfe: the declared model
+class SolverSchedule:
+    """ts: N + 1 decreasing times of the noise schedule; steps: N Steps; afs; nfe: the declared model
     evaluations (checked); info: free metadata kept in the YAML (score, cost, search)."""
 
     ts: tuple[float, ...]
@@ -95,37 +99,37 @@ class Schedule:
     def max_order(self) -> int:
         return max(s.order for s in self.steps)
 
-    def declared(self) -> "Schedule":
-        """This schedule with its nfe declared (= cost)."""
+    def declared(self) -> "SolverSchedule":
+        """This solver schedule with its nfe declared (= cost)."""
         return replace(self, nfe=self.cost)
 
 
 def _where(source: str | None) -> str:
-    return f"schedule {source}" if source else "schedule"
+    return f"solver schedule {source}" if source else "solver schedule"
 
 
-def validate(s: Schedule, source: str | None = None) -> Schedule:
-    """Return `s` if it is a valid schedule, else raise ScheduleError (one line, naming the key)."""
+def validate(s: SolverSchedule, source: str | None = None) -> SolverSchedule:
+    """Return `s` if it is a valid solver schedule, else raise SolverScheduleError (one line, naming the key)."""
     w = _where(source)
     ts = list(s.ts)
     if len(ts) < 2:
-        raise ScheduleError(f"{w}: timesteps must hold at least 2 times (start and end), got {len(ts)}")
+        raise SolverScheduleError(f"{w}: timesteps must hold at least 2 times (start and end), got {len(ts)}")
     for i, t in enumerate(ts):
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-            raise ScheduleError(f"{w}: timesteps[{i}] = {t!r} must be a finite number")
+            raise SolverScheduleError(f"{w}: timesteps[{i}] = {t!r} must be a finite number")
     for i in range(len(ts) - 1):
         if not ts[i] > ts[i + 1]:
-            raise ScheduleError(f"{w}: timesteps must strictly decrease (noise to data), but timesteps[{i + 1}] = "
+            raise SolverScheduleError(f"{w}: timesteps must strictly decrease (noise to data), but timesteps[{i + 1}] = "
                                 f"{ts[i + 1]!r} follows timesteps[{i}] = {ts[i]!r}; sort them and drop repeats")
     if len(s.steps) != len(ts) - 1:
-        raise ScheduleError(f"{w}: {len(ts)} timesteps make {len(ts) - 1} steps, but steps lists {len(s.steps)}; "
+        raise SolverScheduleError(f"{w}: {len(ts)} timesteps make {len(ts) - 1} steps, but steps lists {len(s.steps)}; "
                             f"give one entry per step")
     if s.afs not in AFS:
-        raise ScheduleError(f"{w}: afs={s.afs!r} must be one of {', '.join(AFS)}")
+        raise SolverScheduleError(f"{w}: afs={s.afs!r} must be one of {', '.join(AFS)}")
     for i, st in enumerate(s.steps):
         _validate_step(st, i, len(s.steps), w)
     if s.nfe is not None and (isinstance(s.nfe, bool) or s.nfe != s.cost):
-        raise ScheduleError(f"{w}: declares nfe={s.nfe!r}, but its {len(s.steps)} steps with afs={s.afs} cost "
+        raise SolverScheduleError(f"{w}: declares nfe={s.nfe!r}, but its {len(s.steps)} steps with afs={s.afs} cost "
                             f"{s.cost} model evaluations; set nfe: {s.cost}")
     return s
 
@@ -133,46 +137,46 @@ def validate(s: Schedule, source: str | None = None) -> Schedule:
 def _validate_step(st: Step, i: int, n_steps: int, w: str) -> None:
     key = f"{w}: steps[{i}]"
     if st.prediction not in PREDICTIONS:
-        raise ScheduleError(f"{key}.prediction={st.prediction!r} must be one of {', '.join(PREDICTIONS)}")
+        raise SolverScheduleError(f"{key}.prediction={st.prediction!r} must be one of {', '.join(PREDICTIONS)}")
     if isinstance(st.order, bool) or not isinstance(st.order, int) or not 1 <= st.order <= MAX_ORDER:
-        raise ScheduleError(f"{key}.order={st.order!r} must be an integer in 1..{MAX_ORDER}")
+        raise SolverScheduleError(f"{key}.order={st.order!r} must be an integer in 1..{MAX_ORDER}")
     if isinstance(st.est_order, bool) or not isinstance(st.est_order, int) or st.est_order < 0:
-        raise ScheduleError(f"{key}.est_order={st.est_order!r} must be an integer >= 0")
+        raise SolverScheduleError(f"{key}.est_order={st.est_order!r} must be an integer >= 0")
     if st.order - 1 > st.est_order:
-        raise ScheduleError(f"{key}.order={st.order} needs est_order >= {st.order - 1} derivatives, got "
+        raise SolverScheduleError(f"{key}.order={st.order} needs est_order >= {st.order - 1} derivatives, got "
                             f"est_order={st.est_order}; raise est_order or lower the order")
     if any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in st.points) or \
             len(set(st.points)) != len(st.points):
-        raise ScheduleError(f"{key}.points={list(st.points)} must be distinct lags >= 1 (1 = the previous "
+        raise SolverScheduleError(f"{key}.points={list(st.points)} must be distinct lags >= 1 (1 = the previous "
                             f"evaluation)")
     if len(st.points) < st.est_order:
-        raise ScheduleError(f"{key}.est_order={st.est_order} needs at least {st.est_order} past points, got "
+        raise SolverScheduleError(f"{key}.est_order={st.est_order} needs at least {st.est_order} past points, got "
                             f"points={list(st.points)}")
     if st.points and max(st.points) > i:
         have = f"only {i} exist" if i else "none exist"
-        raise ScheduleError(f"{key}.points={list(st.points)} uses the evaluation {max(st.points)} steps back, but "
+        raise SolverScheduleError(f"{key}.points={list(st.points)} uses the evaluation {max(st.points)} steps back, but "
                             f"{have} before step {i}; use lags <= {i} and an order <= {i + 1}")
     if st.relax not in RELAXATIONS:
-        raise ScheduleError(f"{key}.relax={st.relax!r} must be one of {', '.join(RELAXATIONS)}")
+        raise SolverScheduleError(f"{key}.relax={st.relax!r} must be one of {', '.join(RELAXATIONS)}")
     if isinstance(st.coef, bool) or not isinstance(st.coef, (int, float)) or not math.isfinite(st.coef):
-        raise ScheduleError(f"{key}.coef={st.coef!r} must be a finite number")
+        raise SolverScheduleError(f"{key}.coef={st.coef!r} must be a finite number")
     if st.relax == "adams" and not (st.est_order == len(st.points) == st.order - 1):
-        raise ScheduleError(f"{key}: relax=adams of order={st.order} takes exactly {st.order - 1} points and "
+        raise SolverScheduleError(f"{key}: relax=adams of order={st.order} takes exactly {st.order - 1} points and "
                             f"est_order={st.order - 1} (one past evaluation per order above 1), got "
                             f"points={list(st.points)}, est_order={st.est_order}")
     if st.relax != "linear" and st.coef != 0.0:
-        raise ScheduleError(f"{key}.coef={st.coef!r} applies to relax=linear only; set coef: 0 for relax={st.relax}")
+        raise SolverScheduleError(f"{key}.coef={st.coef!r} applies to relax=linear only; set coef: 0 for relax={st.relax}")
     if st.corrector not in CORRECTORS:
-        raise ScheduleError(f"{key}.corrector={st.corrector!r} must be one of {', '.join(CORRECTORS)}")
+        raise SolverScheduleError(f"{key}.corrector={st.corrector!r} must be one of {', '.join(CORRECTORS)}")
     if st.corrector == "pseudo" and i == n_steps - 1:
-        raise ScheduleError(f"{key}.corrector=pseudo on the last step would cost one more model evaluation; "
+        raise SolverScheduleError(f"{key}.corrector=pseudo on the last step would cost one more model evaluation; "
                             f"set corrector: none there")
 
 
 # --- YAML ----------------------------------------------------------------------------------
 
-def to_dict(s: Schedule) -> dict[str, Any]:
-    """The YAML mapping of a schedule (plain Python types)."""
+def to_dict(s: SolverSchedule) -> dict[str, Any]:
+    """The YAML mapping of a solver schedule (plain Python types)."""
     out: dict[str, Any] = {"nfe": s.cost, "afs": s.afs, "timesteps": [float(t) for t in s.ts],
                            "steps": [{**asdict(st), "points": list(st.points), "coef": float(st.coef)}
                                      for st in s.steps]}
@@ -180,32 +184,32 @@ def to_dict(s: Schedule) -> dict[str, Any]:
     return out
 
 
-def from_dict(d: Any, source: str | None = None) -> Schedule:
-    """A validated Schedule from its mapping (as `to_dict` writes it)."""
+def from_dict(d: Any, source: str | None = None) -> SolverSchedule:
+    """A validated SolverSchedule from its mapping (as `to_dict` writes it)."""
     w = _where(source)
     if not isinstance(d, Mapping):
-        raise ScheduleError(f"{w}: must be a mapping with keys nfe, afs, timesteps, steps; got {type(d).__name__}")
+        raise SolverScheduleError(f"{w}: must be a mapping with keys nfe, afs, timesteps, steps; got {type(d).__name__}")
     unknown = sorted(set(d) - set(_TOP_KEYS))
     if unknown:
-        raise ScheduleError(f"{w}: unknown key {unknown[0]!r}; the keys are: {', '.join(_TOP_KEYS)}")
+        raise SolverScheduleError(f"{w}: unknown key {unknown[0]!r}; the keys are: {', '.join(_TOP_KEYS)}")
     for k in ("nfe", "timesteps", "steps"):
         if k not in d:
-            raise ScheduleError(f"{w}: missing key {k!r} (a schedule needs nfe, timesteps and steps)")
+            raise SolverScheduleError(f"{w}: missing key {k!r} (a solver schedule needs nfe, timesteps and steps)")
     if not isinstance(d["timesteps"], (list, tuple)) or not isinstance(d["steps"], (list, tuple)):
-        raise ScheduleError(f"{w}: timesteps and steps must be lists")
+        raise SolverScheduleError(f"{w}: timesteps and steps must be lists")
     steps = []
     for i, st in enumerate(d["steps"]):
         if not isinstance(st, Mapping):
-            raise ScheduleError(f"{w}: steps[{i}] must be a mapping of {', '.join(_STEP_KEYS)}")
+            raise SolverScheduleError(f"{w}: steps[{i}] must be a mapping of {', '.join(_STEP_KEYS)}")
         bad = sorted(set(st) - set(_STEP_KEYS))
         if bad:
-            raise ScheduleError(f"{w}: steps[{i}] has unknown key {bad[0]!r}; the keys are: {', '.join(_STEP_KEYS)}")
+            raise SolverScheduleError(f"{w}: steps[{i}] has unknown key {bad[0]!r}; the keys are: {', '.join(_STEP_KEYS)}")
         if "order" not in st:
-            raise ScheduleError(f"{w}: steps[{i}] lacks 'order'")
+            raise SolverScheduleError(f"{w}: steps[{i}] lacks 'order'")
         order = st["order"]
         points = st.get("points", list(range(1, order)) if isinstance(order, int) else [])
         if not isinstance(points, (list, tuple)):
-            raise ScheduleError(f"{w}: steps[{i}].points={points!r} must be a list of lags")
+            raise SolverScheduleError(f"{w}: steps[{i}].points={points!r} must be a list of lags")
         est = st.get("est_order", len(points))
         steps.append(Step(prediction=st.get("prediction", "data"), order=order, points=tuple(points), est_order=est,
                           relax=st.get("relax", "linear"), coef=st.get("coef", 0.0),
@@ -213,30 +217,31 @@ def from_dict(d: Any, source: str | None = None) -> Schedule:
     info = {k: d[k] for k in ("score", "cost", "search") if k in d}
     ts = d["timesteps"]
     ts = tuple(float(t) if isinstance(t, int) and not isinstance(t, bool) else t for t in ts)
-    return validate(Schedule(ts=ts, steps=tuple(steps), afs=d.get("afs", "none"), nfe=d["nfe"], info=info), source)
+    return validate(SolverSchedule(ts=ts, steps=tuple(steps), afs=d.get("afs", "none"), nfe=d["nfe"], info=info), source)
 
 
-def load(src: "str | os.PathLike | Schedule | Mapping") -> Schedule:
-    """A validated Schedule from a YAML path, a mapping or a Schedule."""
-    if isinstance(src, Schedule):
+def load(src: "str | os.PathLike | SolverSchedule | Mapping") -> SolverSchedule:
+    """A validated SolverSchedule from a YAML path, a mapping or a SolverSchedule."""
+    if isinstance(src, SolverSchedule):
         return validate(src)
     if isinstance(src, Mapping):
         return from_dict(src)
     if not isinstance(src, (str, os.PathLike)):
-        raise ScheduleError(f"schedule must be a YAML path, a mapping or a dsno.solvers.usf.Schedule, got "
+        raise SolverScheduleError(f"solver_schedule must be a YAML path, a mapping or a dsno.solvers.usf.SolverSchedule, "
+                                  f"got "
                             f"{type(src).__name__}")
     p = Path(src)
     if not p.is_file():
-        raise ScheduleError(f"schedule file {p} does not exist; give the YAML that python -m dsno.search wrote "
-                            f"(runs/<experiment>/schedules/nfe<N>.yaml)")
+        raise SolverScheduleError(f"solver schedule file {p} does not exist; give the YAML that python -m dsno.search "
+                                  f"wrote (runs/<experiment>/{SOLVER_SCHEDULES_DIR}/nfe<N>.yaml)")
     try:
         d = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ScheduleError(f"schedule {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise SolverScheduleError(f"solver schedule {p}: not valid YAML ({str(e).splitlines()[0]})") from None
     return from_dict(d, str(p))
 
 
-def save(s: Schedule, path: "str | os.PathLike") -> Path:
+def save(s: SolverSchedule, path: "str | os.PathLike") -> Path:
     """Write `s` as YAML atomically (`dsno.atomic`); returns the path."""
     validate(s)
     p = Path(path)
@@ -244,11 +249,11 @@ def save(s: Schedule, path: "str | os.PathLike") -> Path:
     return p
 
 
-# --- the fixed solvers as schedules ---------------------------------------------------------
+# --- the fixed solvers as solver schedules ---------------------------------------------------------
 
-def from_solver(name: str, ts: Sequence[float], order: int = 3, **options: Any) -> Schedule:
-    """The schedule of a fixed multistep solver on grid ts (the same result as
-    `sample(..., solver=name, order=order, **options)`): ddim; dpm_solver_pp (multistep,
+def from_solver(name: str, ts: Sequence[float], order: int = 3, **options: Any) -> SolverSchedule:
+    """The solver schedule of a fixed multistep solver on grid ts (the same result as
+    `solve(..., solver=name, order=order, **options)`): ddim; dpm_solver_pp (multistep,
     solver_type midpoint / heun, lower_order_final); unipc (variant, use_corrector, predict_x0,
     lower_order_final); deis (variant="logrho", lower_order_final); ipndm (lower_order_final)."""
     ts = tuple(float(t) for t in (ts.tolist() if isinstance(ts, torch.Tensor) else ts))
@@ -271,19 +276,20 @@ def from_solver(name: str, ts: Sequence[float], order: int = 3, **options: Any) 
                  for i, k in enumerate(step_orders(order, n, lof))]
     elif name == "deis":
         if options.pop("variant", "tab") != "logrho":
-            raise ScheduleError("deis is a USF schedule with variant='logrho' only (the others interpolate in t or rho)")
+            raise SolverScheduleError("deis is a USF solver schedule with variant='logrho' only (the others interpolate in t or rho)")
         _no_options(name, options)
         steps = [_multistep(k, "noise", "linear") for k in step_orders(order, n, lof)]
     elif name == "ipndm":
         if options.pop("denoise_to_zero", False):
-            raise ScheduleError("ipndm's denoise_to_zero has no USF schedule equivalent (a schedule ends at its last "
+            raise SolverScheduleError("ipndm's denoise_to_zero has no USF solver schedule equivalent (a solver schedule ends "
+                                      "at its last "
                                 "time); set denoise_to_zero=False")
         _no_options(name, options)
         steps = [_multistep(k, "noise", "adams") for k in step_orders(order, n, lof)]
     else:
-        raise ScheduleError(f"solver {name!r} has no USF schedule; use one of ddim, dpm_solver_pp, unipc, deis, "
+        raise SolverScheduleError(f"solver {name!r} has no USF solver schedule; use one of ddim, dpm_solver_pp, unipc, deis, "
                             f"ipndm")
-    return validate(Schedule(ts=ts, steps=tuple(steps)).declared())
+    return validate(SolverSchedule(ts=ts, steps=tuple(steps)).declared())
 
 
 def _multistep(k: int, prediction: str, relax: str) -> Step:
@@ -292,7 +298,7 @@ def _multistep(k: int, prediction: str, relax: str) -> Step:
 
 def _no_options(name: str, options: Mapping[str, Any]) -> None:
     if options:
-        raise ScheduleError(f"option {next(iter(options))!r} of {name} has no USF schedule equivalent")
+        raise SolverScheduleError(f"option {next(iter(options))!r} of {name} has no USF solver schedule equivalent")
 
 
 # --- the executor ----------------------------------------------------------------------------
@@ -336,7 +342,7 @@ def data_mean(teacher) -> torch.Tensor:
     """The teacher's data mean (for afs=mean): its `data_mean` capability (a mixture's sum_k w_k mu_k)."""
     mean = getattr(teacher, "data_mean", None)      # any teacher-like object may be solved, not only a Teacher
     if mean is None:
-        raise ScheduleError(f"afs=mean needs the data mean, which a {type(teacher).__name__} teacher does not provide "
+        raise SolverScheduleError(f"afs=mean needs the data mean, which a {type(teacher).__name__} teacher does not provide "
                             f"(set teacher.data_mean to a tensor of one sample's shape); or use afs: zero")
     return torch.as_tensor(mean)
 
@@ -380,14 +386,15 @@ def _update(x: torch.Tensor, s: Point, t: Point, st: Step, cur: _Eval, pts: list
     return combine(terms)
 
 
-def run(teacher, x: torch.Tensor, schedule: Schedule, return_trajectory: bool = False) -> torch.Tensor:
-    """Run a (validated) schedule from x = x_T [B, ...] at ts[0]; the state at ts[-1] [B, ...], or
-    the states at every time [N + 1, B, ...]. Model evaluations: schedule.cost."""
-    pts = grid_points(teacher.schedule, torch.tensor(schedule.ts, dtype=torch.float64))
+def run(teacher, x: torch.Tensor, solver_schedule: SolverSchedule, return_trajectory: bool = False) -> torch.Tensor:
+    """Run a (validated) solver schedule from x = x_T [B, ...] at ts[0]; the state at ts[-1] [B, ...], or
+    the states at every time [N + 1, B, ...]. Model evaluations: solver_schedule.cost."""
+    pts = grid_points(teacher.schedule, torch.tensor(solver_schedule.ts, dtype=torch.float64))
     traj = Trajectory(x, return_trajectory)
     evals: list[_Eval] = []
-    pending: _Eval | None = _analytic(teacher, x, pts[0], schedule.afs) if schedule.afs != "none" else None
-    for i, (s, t, st) in enumerate(zip(pts[:-1], pts[1:], schedule.steps)):
+    pending: _Eval | None = (_analytic(teacher, x, pts[0], solver_schedule.afs)
+                              if solver_schedule.afs != "none" else None)
+    for i, (s, t, st) in enumerate(zip(pts[:-1], pts[1:], solver_schedule.steps)):
         cur = pending if pending is not None else _evaluate(teacher, x, s)
         evals.append(cur)
         past = [evals[i - lag] for lag in st.points]
@@ -404,57 +411,61 @@ def run(teacher, x: torch.Tensor, schedule: Schedule, return_trajectory: bool = 
 
 # --- the registry entry -----------------------------------------------------------------------
 
-def _schedule_of(options: Mapping[str, Any]) -> Schedule:
-    if options.get("schedule") is None:
-        raise ScheduleError("solver 'usf' needs schedule=PATH (a YAML of python -m dsno.search) or a "
-                            "dsno.solvers.usf.Schedule; from a config: solver.schedule=PATH")
-    return load(options["schedule"])
+def _solver_schedule_of(options: Mapping[str, Any]) -> SolverSchedule:
+    if options.get(OPTION) is None:
+        raise SolverScheduleError(f"solver 'usf' needs {OPTION}=PATH (a YAML of python -m dsno.search) or a "
+                                  f"dsno.solvers.usf.SolverSchedule; from a config: solver.{OPTION}=PATH")
+    return load(options[OPTION])
 
 
 def _cost(steps: int, order: int, options: Mapping[str, Any]) -> int:
-    return steps - (_schedule_of(options).afs != "none")
+    return steps - (_solver_schedule_of(options).afs != "none")
 
 
 def _fingerprint(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The schedule's decisions, not its path, identify what the solver computes."""
-    d = to_dict(_schedule_of(options))
+    """The solver schedule's decisions, not its path, identify what the solver computes."""
+    d = to_dict(_solver_schedule_of(options))
     decisions = {k: d[k] for k in ("afs", "timesteps", "steps")}
-    return {"schedule_sha256": hashlib.sha256(json.dumps(decisions, sort_keys=True).encode()).hexdigest()[:16]}
+    return {FINGERPRINT_KEY: hashlib.sha256(json.dumps(decisions, sort_keys=True).encode()).hexdigest()[:16]}
 
 
 def _check(options: Mapping[str, Any], order: int, t_end: float, times: Sequence[float]) -> None:
-    """A valid schedule within `order`, ending at t_end and passing through the output times; else OptionError."""
-    given = options.get("schedule")
+    """A valid solver schedule within `order`, ending at t_end and passing through the output times; else
+    OptionError."""
+    given = options.get(OPTION)
     if given is None:
-        raise OptionError("schedule", None, "solver=usf needs solver.schedule=PATH (a YAML of python -m dsno.search)")
+        raise OptionError(OPTION, None, f"solver=usf needs solver.{OPTION}=PATH (a YAML of python -m dsno.search)")
     try:
         s = load(given)
-    except ScheduleError as e:
-        raise OptionError("schedule", OptionError.NO_VALUE, str(e)) from None
+    except SolverScheduleError as e:
+        raise OptionError(OPTION, OptionError.NO_VALUE, str(e)) from None
     if s.max_order > order:
-        raise OptionError("order", order, f"the schedule uses Taylor order {s.max_order}; set solver.order="
+        raise OptionError("order", order, f"the solver schedule uses Taylor order {s.max_order}; set solver.order="
                           f"{s.max_order}")
     if abs(s.ts[-1] - t_end) > 1e-12:
-        raise OptionError("schedule", given, f"ends at t={s.ts[-1]:g}, not solver.t_end={t_end:g}")
+        raise OptionError(OPTION, given, f"ends at t={s.ts[-1]:g}, not solver.t_end={t_end:g}")
     missing = [t for t in times if min(abs(t - u) for u in s.ts) > 1e-9]
     if missing:
-        raise OptionError("schedule", given, f"does not pass through the output times {missing} of data.times; "
+        raise OptionError(OPTION, given, f"does not pass through the output times {missing} of data.times; "
                           f"search one that does: python -m dsno.search nfe=N "
                           f"'search.pin_times={[t for t in times[:-1]]}'")
 
 
-@register(NAME, orders=(1, 2, 3, 4), cost=_cost, grid=lambda o: list(_schedule_of(o).ts),
+@register(NAME, orders=(1, 2, 3, 4), cost=_cost, grid=lambda o: list(_solver_schedule_of(o).ts),
           fingerprint=_fingerprint, check=_check,
-          cost_rule="1 per step, minus 1 with an analytic first step; the schedule fixes its steps")
+          cost_rule="1 per step, minus 1 with an analytic first step; the solver schedule fixes its steps")
 def usf(teacher, x: torch.Tensor, ts: torch.Tensor, *, order: int = 4, return_trajectory: bool = False,
-        schedule: Any = None) -> torch.Tensor:
-    """Run a USF schedule (a YAML path, a mapping or a Schedule); ts may be omitted (the schedule
-    carries its timesteps) or must equal them. order: the highest Taylor order the schedule may use."""
-    sched = _schedule_of({"schedule": schedule})
-    if len(ts) != len(sched.ts) or float(torch.max(torch.abs(ts - torch.tensor(sched.ts, dtype=ts.dtype)))) > 1e-12:
-        raise ScheduleError(f"ts ({len(ts)} times) differs from the schedule's timesteps ({len(sched.ts)}); omit ts, "
-                            f"a schedule carries its own")
-    if sched.max_order > order:
-        raise ScheduleError(f"the schedule uses Taylor order {sched.max_order}, above order={order}; raise order "
-                            f"(solver.order) to {sched.max_order}")
-    return run(teacher, x, sched, return_trajectory)
+        solver_schedule: Any = None) -> torch.Tensor:
+    """Run a USF solver schedule (a YAML path, a mapping or a SolverSchedule); ts may be omitted (the solver
+    schedule carries its timesteps) or must equal them. order: the highest Taylor order it may use."""
+    plan = _solver_schedule_of({OPTION: solver_schedule})
+    if len(ts) != len(plan.ts) or float(torch.max(torch.abs(ts - torch.tensor(plan.ts, dtype=ts.dtype)))) > 1e-12:
+        raise SolverScheduleError(f"ts ({len(ts)} times) differs from the solver schedule's timesteps "
+                                  f"({len(plan.ts)}); omit ts, a solver schedule carries its own")
+    if plan.max_order > order:
+        raise SolverScheduleError(f"the solver schedule uses Taylor order {plan.max_order}, above order={order}; "
+                                  f"raise order (solver.order) to {plan.max_order}")
+    return run(teacher, x, plan, return_trajectory)
+
+
+__getattr__ = refuse_renamed("dsno.solvers.usf", {"Schedule": "SolverSchedule", "ScheduleError": "SolverScheduleError"})

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dsno.atomic import atomic_write_text
-from dsno.config import RunConfig
+from dsno.config import RENAMED_KEYS, RunConfig
 from dsno.jsonfile import read_bookkeeping
 from dsno.run_files import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS
 
@@ -43,6 +43,10 @@ def stamp(rc: RunConfig, stage: str) -> str:
     for (section, key), default in LATER_KEYS.items():
         if section in values and values[section].get(key, default) == default:
             values[section].pop(key, None)
+    for old, new in RENAMED_KEYS.items():        # a renamed key is hashed under the name runs were stamped with
+        (section, key), (_, old_key) = new.split("."), old.split(".")
+        if section in values and key in values[section]:
+            values[section][old_key] = values[section].pop(key)
     text = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -3,7 +3,7 @@ teacher, the same labels under its guidance), scored against a float64 reference
 teacher's ODE, with torch-fidelity and, for digits, the digit classifier's label accuracy; a report out.
 
 `run` is a straight line of named steps: load_setup -> eval_inputs -> cost_unit -> solve_reference ->
-the Planned runs (dsno_run, teacher_run, solver_runs, schedule_runs) -> run_methods (a MethodRun each,
+the Planned runs (dsno_run, teacher_run, solver_runs, solver_schedule_runs) -> run_methods (a MethodRun each,
 whose row() is its line of metrics.json) -> FID -> eval_result -> publish."""
 
 from __future__ import annotations
@@ -23,17 +23,17 @@ import numpy as np
 import torch
 
 from dsno import loggers
-from dsno.builders import build_teacher, data_shape, prior_state, sample_shape, solver_grid
+from dsno.builders import build_teacher, data_shape, prior_state, state_shape, solver_grid
 from dsno.config import RunConfig
 from dsno.data.generate import trajectory_labels
 from dsno.data.manifest import load_manifest
 from dsno.errors import UserError, UserFileNotFoundError
 from dsno.progress import counter
-from dsno.run_files import CHECKPOINT_DIR, TRAIN_TIME_FILE
+from dsno.run_files import CHECKPOINT_DIR, TRAIN_TIME_FILE, solver_schedules_dir
 from dsno.sampler import load_sampler
-from dsno.solvers import get, nfe as nfe_of, sample, steps_for_nfe, timesteps
+from dsno.solvers import get, nfe as nfe_of, solve, steps_for_nfe, timesteps
 from dsno.solvers.reference import calls_per_batch, describe, reference_solve, rmse
-from dsno.solvers.usf import NAME, ScheduleError, load
+from dsno.solvers.usf import NAME, OPTION as SOLVER_SCHEDULE, SolverScheduleError, load
 from dsno.stages.report import teacher_ratio, write_report
 from dsno.teachers.conditional import bind, teacher_class_weights
 from dsno.teachers.registry import teacher_kinds
@@ -177,22 +177,22 @@ def solver_runs(rc: RunConfig) -> list[Planned]:
     return runs
 
 
-def schedule_runs(rc: RunConfig) -> list[Planned]:
-    """One entry per USF schedule in <run_dir>/schedules/*.yaml (python -m dsno.search): method
-    "usf <file stem>", the schedule, its NFE; or, for one that can't run here, why."""
+def solver_schedule_runs(rc: RunConfig) -> list[Planned]:
+    """One entry per USF solver schedule in <run_dir>/solver_schedules/*.yaml (python -m dsno.search): method
+    "usf <file stem>", the solver schedule, its NFE; or, for one that can't run here, why."""
     runs = []
-    for path in sorted((Path(rc.run_dir) / "schedules").glob("*.yaml")):
+    for path in sorted(solver_schedules_dir(rc.run_dir).glob("*.yaml")):
         method = f"{NAME} {path.stem}"
         try:
             s = load(path)
-        except ScheduleError as e:
+        except SolverScheduleError as e:
             runs.append(Planned(method, None, skipped=str(e)))
             continue
         if abs(s.ts[-1] - rc.solver.t_end) > 1e-12:
             runs.append(Planned(method, s.cost, skipped=f"ends at t={s.ts[-1]:g}, not solver.t_end={rc.solver.t_end:g}"))
             continue
-        runs.append(Planned(method, s.cost, solver=NAME, options={"schedule": s},
-                            grid=torch.tensor(s.ts, dtype=torch.float64), extra={"note": f"searched schedule {path}"}))
+        runs.append(Planned(method, s.cost, solver=NAME, options={SOLVER_SCHEDULE: s},
+                            grid=torch.tensor(s.ts, dtype=torch.float64), extra={"note": f"searched solver schedule {path}"}))
     return runs
 
 
@@ -268,8 +268,8 @@ class Setup:
     rc: RunConfig
     sampler: Any
     teacher: Any
-    shape: tuple[int, ...]
-    image_shape: tuple[int, ...]
+    state_shape: tuple[int, ...]       # a solver state (and a sampler's x_T): PSLD's [2C, H, W]
+    image_shape: tuple[int, ...]       # the data part of a state, the image FID and the grids see: [C, H, W]
     fidelity: dict[str, Any]
     device: str
     grid: torch.Tensor
@@ -325,7 +325,7 @@ def run(rc: RunConfig, logger=None, sampler_path: str | Path | None = None) -> d
     inputs = eval_inputs(setup)
     unit = cost_unit(setup, inputs)
     reference = solve_reference(setup, inputs, unit)
-    plans = [dsno_run(setup.sampler), teacher_run(rc, setup.grid), *solver_runs(rc), *schedule_runs(rc)]
+    plans = [dsno_run(setup.sampler), teacher_run(rc, setup.grid), *solver_runs(rc), *solver_schedule_runs(rc)]
     runs = run_methods(setup, inputs, reference, unit, plans)
     rows = [r.row() for r in runs]
     finals = {"reference": reference.samples, **{r.key: r.samples for r in runs if r.samples is not None}}
@@ -344,11 +344,11 @@ def load_setup(rc: RunConfig, sampler_path: str | Path | None) -> Setup:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sampler = load_sampler(sampler_path, device=device, trust_program=rc.eval.trust_program)
     teacher = build_teacher(rc.teacher).to(device)
-    shape, image_shape = sample_shape(teacher), data_shape(teacher)     # a solver state; the data part of it
+    shape, image_shape = state_shape(teacher), data_shape(teacher)     # a solver state; the data part of it
     check_prerequisites(rc, image_shape)
     fidelity = fidelity_plan(rc, image_shape)
-    if list(sampler.config.get("image_shape", shape)) != list(shape):
-        raise UserError(f"sampler at {sampler_path} makes images of shape {sampler.config['image_shape']}, "
+    if list(sampler.state_shape) != list(shape):
+        raise UserError(f"sampler at {sampler_path} makes images of shape {list(sampler.state_shape)}, "
                         f"the teacher of experiment {rc.experiment} {list(shape)}")
     if abs(sampler.times[-1] - rc.solver.t_end) > 1e-12:
         raise UserError(f"sampler's last time {sampler.times[-1]} differs from solver.t_end {rc.solver.t_end}")
@@ -361,7 +361,7 @@ def eval_inputs(setup: Setup) -> Inputs:
     """eval.num_samples noise draws from eval.seed, and for a conditional teacher their labels (`eval_labels`)."""
     rc = setup.rc
     n = rc.eval.num_samples
-    x_T = torch.randn(n, *setup.shape, generator=torch.Generator().manual_seed(rc.eval.seed))
+    x_T = torch.randn(n, *setup.state_shape, generator=torch.Generator().manual_seed(rc.eval.seed))
     return Inputs(x_T, eval_labels(rc, setup.teacher, n), rc.eval.batch_size, setup.device)
 
 
@@ -422,7 +422,7 @@ def method_call(setup: Setup, p: Planned) -> Method:
     if p.stochastic:
         options["generator"] = torch.Generator(setup.device).manual_seed(rc.eval.seed + 1)
     dtype = teacher.solve_dtype
-    return lambda x, y: sample(teacher, prior_state(teacher, x.to(dtype)), grid, solver=p.solver, cond=y,
+    return lambda x, y: solve(teacher, prior_state(teacher, x.to(dtype)), grid, solver=p.solver, cond=y,
                                **options)[:, :c].float()
 
 

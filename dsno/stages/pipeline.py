@@ -1,5 +1,6 @@
-"""The stages composed: data (made when missing) -> train -> export -> eval, each stage its own
-W&B run of the experiment's group. `python train.py` runs all four."""
+"""The pipeline: the stages composed, data (made when missing) -> train -> export -> eval, each stage
+its own W&B run of the experiment's group. `python train.py` runs the pipeline; "train" is its
+training stage only."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dsno import loggers
-from dsno.builders import build_teacher, data_shape, sample_shape, teacher_backbone_config
+from dsno.builders import build_teacher, data_shape, state_shape, teacher_backbone_config
 from dsno.config import ConfigError, RunConfig
 from dsno.data import DatasetError, load_manifest
 from dsno.export import export_run
@@ -31,7 +32,7 @@ def make_data(rc: RunConfig, teacher=None, config: dict[str, Any] | None = None)
     """The teacher stage: (re)make or resume rc's trajectories, log the manifest as a W&B artifact
     of a `data` run; return the data folder."""
     teacher = teacher if teacher is not None else build_teacher(rc.teacher)
-    trajectories.generate(rc, teacher, sample_shape(teacher))
+    trajectories.generate(rc, teacher, state_shape(teacher))
     data_dir = Path(rc.data.dir)
     if int(os.environ.get("RANK", "0")) == 0:
         logger = loggers.stage_logger(rc, "data", config)
@@ -54,7 +55,7 @@ def check_student_source(rc: RunConfig, teacher) -> None:
 
 
 def run(rc: RunConfig, config: dict[str, Any] | None = None, through: str = "eval") -> Path:
-    """Run the stages up to and including `through` (train | export | eval); returns the run dir.
+    """Run the pipeline's stages up to and including `through` (train | export | eval); returns the run dir.
     The trajectories are made first when missing or incomplete (or with data.repair=true). Stages
     already complete for this config are not run again (force=true: export and eval are).
     config: the composed config, recorded in each stage's W&B run."""

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from dsno.atomic import atomic_save_safetensors, atomic_write_text, refuse_link
-from dsno.builders import build_student, build_teacher, sample_shape
+from dsno.builders import build_student, build_teacher, state_shape
 from dsno.config import RunConfig, check_trainer_hardware
 from dsno.errors import UserError
 from dsno.loggers import quiet_lightning
@@ -116,7 +116,7 @@ def run(rc: RunConfig, logger=None, teacher=None) -> Path | None:
     run_dir = Path(rc.run_dir)
     L.seed_everything(rc.seed, workers=True, verbose=False)
     teacher = teacher if teacher is not None else build_teacher(rc.teacher)
-    shape = sample_shape(teacher)
+    shape = state_shape(teacher)
     if rc.train.loss == "lpips":            # the VGG weights file is checked before any work
         vgg_weights_path(rc.train.perceptual_weights)
     expected = trajectories.expected_fingerprint(rc, teacher, shape)

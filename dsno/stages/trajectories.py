@@ -13,14 +13,14 @@ from dsno.checks import fail
 from dsno.config import RunConfig, SolverConfig
 from dsno.data import generate_dataset
 from dsno.data.generate import LABELS, label_rule
-from dsno.solvers import get as get_solver, sample
+from dsno.solvers import get as get_solver, solve
 from dsno.teachers.base import Teacher
 from dsno.teachers.conditional import teacher_class_weights
 
 
 def solver_spec(sc: SolverConfig) -> dict[str, Any]:
     """The teacher solve's part of the data set's fingerprint, with the solver's own entries (usf: its
-    schedule's hash)."""
+    solver schedule's hash)."""
     spec = {"name": sc.name, "order": sc.order, "steps": sc.steps, "spacing": sc.spacing,
             "t_end": sc.t_end, "options": dict(sc.options)}
     solver = get_solver(sc.name)
@@ -49,14 +49,14 @@ def make_solve(teacher: Teacher, sc: SolverConfig, grid: torch.Tensor, times: li
     autocast = dtype == torch.float32 and precision == "bf16"
 
     @torch.no_grad()
-    def solve(x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def solve_batch(x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = prior_state(teacher, x_T.to(device=device, dtype=dtype))
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-            traj = sample(teacher, x, grid, solver=sc.name, order=sc.order, return_trajectory=idx, cond=labels,
-                          **sc.solve_options())
+            traj = solve(teacher, x, grid, solver=sc.name, order=sc.order, return_trajectory=idx, cond=labels,
+                         **sc.solve_options())
         return traj.transpose(0, 1).to(torch.float32).cpu()
 
-    return solve
+    return solve_batch
 
 
 def fingerprint(rc: RunConfig, teacher: Teacher, grid: torch.Tensor, shape: tuple[int, ...]) -> dict[str, Any]:
@@ -65,7 +65,7 @@ def fingerprint(rc: RunConfig, teacher: Teacher, grid: torch.Tensor, shape: tupl
               else "float64"}
     fp = {"teacher": teacher.fingerprint(), "solver": solver,
           "grid": [float(t) for t in grid], "times": [float(t) for t in rc.data.times],
-          "sample_shape": list(shape), "dtype": "float32"}
+          "state_shape": list(shape), "dtype": "float32"}
     weights = class_weights(rc, teacher)
     if weights:
         fp[LABELS] = label_rule(weights)
@@ -108,7 +108,8 @@ def generate(rc: RunConfig, teacher: Teacher, shape: tuple[int, ...], progress: 
     fp = expected_fingerprint(rc, teacher, shape)
     return generate_dataset(
         Path(rc.data.dir), solve=teacher_solve(rc, teacher, device), fingerprint=fp,
-        num_trajectories=rc.data.num_trajectories, shard_size=rc.data.shard_size, sample_shape=shape, seed=rc.seed, batch_size=rc.data.batch_size,
+        num_trajectories=rc.data.num_trajectories, shard_size=rc.data.shard_size, state_shape=shape, seed=rc.seed,
+        batch_size=rc.data.batch_size,
         repair=rc.data.repair, progress=progress, verify=rc.data.verify)
 
 

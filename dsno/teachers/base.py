@@ -365,7 +365,7 @@ def wrap(fn: Callable[..., torch.Tensor], schedule: VPSchedule,
 
     Class-conditional (num_classes K): fn(x, t, labels) with labels [B] long in [0, K], K the null label
     (always passed; a teacher without a null branch only ever gets [0, K)). supports_guidance: fn has that
-    unconditional branch (trained with label dropout), so `bind` / `dsno.sample(..., cond=)` may guide it
+    unconditional branch (trained with label dropout), so `bind` / `dsno.solve(..., cond=)` may guide it
     with scale w = guidance: (1 + w) fn(x, t, y) - w fn(x, t, K)."""
     return WrappedTeacher(fn, schedule, prediction, time_input, name, num_classes, supports_guidance, guidance)
 

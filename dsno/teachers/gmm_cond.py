@@ -23,7 +23,7 @@ class ConditionalGaussianMixture(GaussianMixture):
     """means: [K, *shape]; variances: [K, *shape] or [K]; component_labels: [K] integers, the class of
     each component, in [0, num_classes) (None: max + 1), every class with at least one component;
     weights: [K] global (normalised here; None equal); guidance: the scale w of
-    (1 + w) f(x, t, y) - w f(x, t, null) that `conditioned` and `dsno.sample(..., cond=)` use.
+    (1 + w) f(x, t, y) - w f(x, t, null) that `conditioned` and `dsno.solve(..., cond=)` use.
 
     forward(x, t, labels=None): labels [B] in [0, num_classes], num_classes (or None) the null label.
     What takes no labels (eps / x0 unbound, score, log_prob, sample_data, data_mean) is the

@@ -74,7 +74,7 @@ class StepTrajectoryData(TrajectoryDataModule):
     def empty_batch(self) -> tuple[torch.Tensor, ...]:
         """A batch of no stored trajectory, shaped as a loaded one: (x_T [0, C, H, W], states
         [0, M, C, H, W], and labels [0] in a conditional data set)."""
-        shape = tuple(self.sample_shape)
+        shape = tuple(self.state_shape)
         batch = (torch.zeros((0, *shape)), torch.zeros((0, len(self.times), *shape)))
         return (*batch, torch.zeros(0, dtype=torch.int64)) if LABELS in self.manifest.roles else batch
 

@@ -142,8 +142,10 @@ def test_an_unconditional_eval_records_no_labels(tmp_path):
     rc = validate(compose(f"run_dir={tmp_path / 'run'}", *TINY_RUN, "data.num_trajectories=16", "data.shard_size=16",
                           "data.batch_size=16", "trainer.max_steps=2", "eval.num_samples=10", "eval.nfe=[1]"))
     result = pipeline.run(rc) and json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
-    assert sorted(result) == ["device", "distillation", "experiment", "fidelity", "num_samples", "reference", "rows",
-                              "teacher_eval"]
+    assert sorted(result) == ["device", "distillation", "dsno_vs_teacher", "experiment", "fidelity", "num_samples",
+                              "reference", "rows", "teacher_eval"]
+    dsno, teacher = (next(r for r in result["rows"] if r["method"].startswith(m)) for m in ("dsno", "teacher"))
+    assert dsno.get("fid") is None and result["dsno_vs_teacher"] is None     # this tiny eval computes no FID
     assert [r for r in result["rows"] if "label_accuracy" in r] == []
     assert "label accuracy" not in (tmp_path / "run" / "eval" / "report.md").read_text()
 

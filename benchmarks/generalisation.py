@@ -201,10 +201,12 @@ def main() -> None:
     ap.add_argument("--probe", type=int, default=512, help="training noises scored for the gap")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override for every variant")
+    ap.add_argument("--check-flip", action="store_true",
+                    help="measure how far the teacher's ODE map is from commuting with a horizontal flip")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    names = args.variants.split(",")
+    names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
@@ -230,6 +232,12 @@ def main() -> None:
     solve_error = float((check[:, -1] - s_all[:len(check), -1]).abs().max())
     teacher_fid = {"held_out": digit_fid(final_held), "train": digit_fid(s_all[:args.probe, -1])}
 
+    if args.check_flip:     # is a horizontal flip an augmentation the teacher's ODE map respects?
+        with torch.no_grad():
+            flipped = solve(x_held.flip(-1))[:, -1].flip(-1)
+        gap = float((flipped.double() - final_held.double()).square().mean().sqrt())
+        print(f"Flip check: the teacher's final state from flipped held-out noise, flipped back, is RMSE {gap:.4f} "
+              f"from the final state of the noise itself (0 if the ODE map commuted with the flip)", flush=True)
     started, results, budget = time.time(), [], args.budget
     steps_first = sorted(names, key=lambda v: VARIANTS[v]["stop"] != "steps")
     for name in steps_first:

@@ -6,8 +6,9 @@ The data set (`python -m data_gen experiment=mnist_unet_cpu run_dir=runs/gen dat
 gives variant n<K>k its first K*1024 trajectories; the held-out noise is --held-out-data (the same teacher
 and solve on noise of another data seed: `python -m data_gen experiment=mnist_unet_cpu run_dir=runs/held
 seed=1 data.num_trajectories=512`; a variant on --data-m4, the same teacher at other output times, is scored
-against that set's own solve of it), else the last --held-out trajectories of each data set, never trained on. Every variant starts from the experiment's student (by default the copied
-teacher read as a denoiser, M = 2) and trains with the library's loss, time weights, EMA and (AdamW) Adam +
+against that set's own solve of it), else the last --held-out trajectories of each data set, never trained
+on. Every variant starts from the experiment's student (by default the copied teacher read as a denoiser,
+M = 2) and trains with the library's loss, time weights, EMA and (AdamW) Adam +
 warm-up in a plain loop on one torch thread. It ends either after --steps optimizer steps ("steps"
 variants) or when its process CPU time reaches the budget ("time" variants: the first steps variant's CPU
 time in this run, or --budget; CPU time, so another process on the machine does not change what is
@@ -50,10 +51,9 @@ from dsno_study import compose, digit_fid, load_trajectories  # noqa: E402
 BASE_N = 2048
 
 # name -> options: n (stored training trajectories), stop ("steps" | "time"), steps_factor (a steps variant
-# trains that many times --steps), overrides (Hydra), fresh
-# (teacher trajectories solved per step, in place of stored ones), dropout (on the copied backbone's
-# residual blocks), times (the output times kept, a subset of the data's), temporal (False: frozen at the
-# identity), data ("m4": the --data-m4 set)
+# trains that many times --steps), overrides (Hydra), fresh (teacher trajectories solved per step, in place
+# of stored ones), dropout (on the copied backbone's residual blocks), times (the output times kept, a
+# subset of the data's), temporal (False: frozen at the identity), data ("m4": the --data-m4 set)
 VARIANTS: dict[str, dict] = {
     "n2k": {"n": 2048, "stop": "steps"},
     "n8k": {"n": 8192, "stop": "steps"},

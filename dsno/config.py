@@ -618,8 +618,8 @@ def check_trainer_hardware(c: RunConfig) -> None:
     batches = train_size // stored
     less = f" less train.fresh_per_step={fresh}" if fresh else ""
     if batches == 0:
-        what = f"less train.fresh_per_step={fresh} leaves {stored} stored trajectories a step, which" if fresh else ""
-        fail("train.batch_size", c.train.batch_size, f"{what}{' ' if fresh else ''}exceeds the {train_size} training "
+        what = f"less train.fresh_per_step={fresh} leaves {stored} stored trajectories a step, which " if fresh else ""
+        fail("train.batch_size", c.train.batch_size, f"{what}exceeds the {train_size} training "
               f"trajectories of data.num_trajectories={n} (data.val_fraction={c.data.val_fraction:g} held out); use "
               f"at most {train_size + fresh} or make more trajectories")
     if batches < world:
@@ -693,7 +693,7 @@ def check_run(c: RunConfig, stage: str) -> None:
                   f"use eval.num_samples>={MIN_IMAGES} or eval.fidelity=false")
     if "search" in reached and c.search.out is not None:
         _check_creatable("search.out", c.search.out, c.run_dir)
-    if "eval" in reached or "search" in reached and c.search.out is None:
+    if "eval" in reached or ("search" in reached and c.search.out is None):
         solver_schedules_dir(c.run_dir)      # the run folder does not hold them under their old folder name
 
 
